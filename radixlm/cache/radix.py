@@ -1,0 +1,310 @@
+"""RadixAttention's prefix cache: a radix tree over token ids whose nodes own KV slots."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from radixlm.cache.pool import SlotAllocator
+
+
+@dataclass(slots=True, eq=False)
+class TreeNode:
+    """One edge of the tree: a run of token ids and the slots holding their K/V."""
+
+    key: list[int]
+    value: torch.Tensor  # int64 slot ids, len(value) == len(key)
+    parent: TreeNode | None  # None for the root and for evicted nodes
+    depth: int  # tokens from the root through the end of key; a split keeps it for this node
+    id: int  # tie-break for equal access times, so the heap never compares nodes
+    children: dict[int, TreeNode] = field(default_factory=dict)  # keyed by key[0] of the child
+    # Number of locks held on this node or any descendant; a locked node is never evicted.
+    lock_ref: int = 0
+    last_access: int = 0
+
+
+@dataclass(slots=True)
+class MatchResult:
+    """The longest cached prefix of a token sequence: its slots and the node where it ends."""
+
+    # int64, one slot per matched token; may share memory with the tree, so read only.
+    slots: torch.Tensor
+    node: TreeNode  # deepest matched node; the root when nothing matched
+
+
+def common_prefix_len(key: list[int], ids: list[int], start: int) -> int:
+    """Length of the common prefix of key and ids[start:]."""
+    n = min(len(key), len(ids) - start)
+    # Slice comparison runs in C; bisecting on it beats an element loop by 3-10x on long runs.
+    if key[:n] == ids[start : start + n]:
+        return n
+    lo, hi = 0, n  # invariant: key[:lo] matches, the first mismatch is before hi
+    while hi - lo > 16:
+        mid = (lo + hi) // 2
+        if key[lo:mid] == ids[start + lo : start + mid]:
+            lo = mid
+        else:
+            hi = mid
+    while key[lo] == ids[start + lo]:
+        lo += 1
+    return lo
+
+
+class RadixCache:
+    """Prefix cache over the slot allocator; every slot it holds is in exactly one node."""
+
+    def __init__(self, allocator: SlotAllocator, disable: bool = False) -> None:
+        self.allocator = allocator
+        self.disable = disable
+        self._ids = itertools.count()
+        self._clock = itertools.count(1)
+        self._empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
+        # The root outlives flushes: requests that matched nothing hold it as their node.
+        self.root = TreeNode(key=[], value=self._empty, parent=None, depth=0, id=next(self._ids))
+        self.root.lock_ref = 1  # never evicted, never counted in the sizes
+        self._reset()
+
+    def _reset(self) -> None:
+        self.root.children.clear()
+        self._evictable_size = 0  # tokens in nodes with lock_ref == 0
+        self._protected_size = 0  # tokens in nodes with lock_ref > 0
+        self._num_nodes = 0  # excluding the root
+        # Min-heap of (last_access, id, node) over evictable leaves, with lazy deletion: an
+        # entry may be stale (node locked, grown children, evicted, or touched since); evict()
+        # checks on pop. Every node that becomes an evictable leaf gets a fresh entry.
+        self._heap: list[tuple[int, int, TreeNode]] = []
+
+    @property
+    def evictable_size(self) -> int:
+        """Tokens held by unlocked nodes: what evict() can free."""
+        return self._evictable_size
+
+    @property
+    def protected_size(self) -> int:
+        """Tokens held by locked nodes."""
+        return self._protected_size
+
+    def total_size(self) -> int:
+        """Slots held by the tree."""
+        return self._evictable_size + self._protected_size
+
+    def match_prefix(self, ids: Sequence[int]) -> MatchResult:
+        """Longest cached prefix of ids; splits the node the match ends inside; refreshes LRU."""
+        if self.disable:
+            return MatchResult(self._empty, self.root)
+        ids = _as_list(ids)
+        node, pos, tick = self.root, 0, next(self._clock)
+        values: list[torch.Tensor] = []
+        while pos < len(ids):
+            child = node.children.get(ids[pos])
+            if child is None:
+                break
+            child.last_access = tick
+            m = common_prefix_len(child.key, ids, pos)
+            if m < len(child.key):
+                # The upper half has one child, whose first token differs from ids[pos + m]:
+                # the next lookup ends the walk.
+                child = self._split(child, m)
+            values.append(child.value)
+            node, pos = child, pos + m
+        return MatchResult(_cat(values, self._empty), node)
+
+    def lock(self, node: TreeNode) -> None:
+        """Protect node and its ancestors from eviction (one more holder)."""
+        while node is not self.root:
+            parent = node.parent
+            assert parent is not None, "lock() on an evicted node"
+            if node.lock_ref == 0:
+                self._evictable_size -= len(node.key)
+                self._protected_size += len(node.key)
+            node.lock_ref += 1
+            node = parent
+
+    def unlock(self, node: TreeNode) -> None:
+        """Drop one lock taken by lock(node)."""
+        while node is not self.root:
+            parent = node.parent
+            assert parent is not None and node.lock_ref > 0, "unlock() without a matching lock()"
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self._evictable_size += len(node.key)
+                self._protected_size -= len(node.key)
+                if not node.children:
+                    self._push(node)
+            node = parent
+
+    def cache_finished(self, ids: Sequence[int], slots: torch.Tensor, node: TreeNode) -> None:
+        """Insert a finished request's tokens and take ownership of all its slots; drops its lock on node.
+
+        ids are the tokens with K/V, slots their slots; slots[: node.depth] are the tree's own
+        (node is the request's locked node). Afterwards the caller owns none of these slots.
+        """
+        ids = _as_list(ids)
+        assert len(ids) == slots.numel(), "one slot per token"
+        if self.disable:
+            self.allocator.free(slots[node.depth :])
+        else:
+            prefix_len, _ = self._insert(ids, slots)
+            assert prefix_len >= node.depth, "ids must extend the locked node's prefix"
+            # The tree already held ids[:prefix_len]; the request's own copies are duplicates.
+            self.allocator.free(slots[node.depth : prefix_len])
+        self.unlock(node)
+
+    def cache_unfinished(
+        self, ids: Sequence[int], slots: torch.Tensor, node: TreeNode
+    ) -> MatchResult:
+        """Share a running request's computed prefix; returns its new slots and node, which the tree locks.
+
+        As for cache_finished, slots[: node.depth] are the tree's own. Afterwards the request
+        must use the returned slots for ids (duplicates it held were freed) and the returned
+        node; the lock moves from node to the returned node. Slots past len(ids) stay private.
+        """
+        ids = _as_list(ids)
+        assert len(ids) == slots.numel(), "one slot per token"
+        if self.disable:
+            return MatchResult(slots, node)
+        prefix_len, new_node = self._insert(ids, slots)
+        assert prefix_len >= node.depth, "ids must extend the locked node's prefix"
+        self.allocator.free(slots[node.depth : prefix_len])
+        self.lock(new_node)
+        self.unlock(node)
+        return MatchResult(self._path_slots(new_node), new_node)
+
+    def evict(self, num_tokens: int) -> int:
+        """Free unlocked leaves, least recently used first, until num_tokens are freed or none is left; returns the number freed."""
+        freed = 0
+        chunks: list[torch.Tensor] = []
+        while freed < num_tokens and self._heap:
+            access, _, node = heapq.heappop(self._heap)
+            parent = node.parent
+            if parent is None or node.children or node.lock_ref > 0:
+                continue  # stale entry: evicted, grew children, or locked since pushed
+            if access < node.last_access:
+                self._push(node)  # touched since pushed: requeue at its real age
+                continue
+            del parent.children[node.key[0]]
+            node.parent = None
+            chunks.append(node.value)
+            freed += len(node.key)
+            self._evictable_size -= len(node.key)
+            self._num_nodes -= 1
+            if not parent.children and parent.lock_ref == 0:
+                self._push(parent)
+        if chunks:
+            self.allocator.free(torch.cat(chunks))
+        return freed
+
+    def flush(self) -> bool:
+        """Drop the whole tree, returning its slots to the allocator; False, with nothing changed, if any node is locked."""
+        if self._protected_size > 0:
+            return False
+        self.allocator.free(self.all_slots())
+        for node in self._nodes():
+            node.parent = None  # handles still held by callers now read as evicted
+        self._reset()
+        return True
+
+    def all_slots(self) -> torch.Tensor:
+        """Every slot id the tree holds (for tests and debugging)."""
+        return _cat([node.value for node in self._nodes()], self._empty)
+
+    def pretty(self) -> str:
+        """The tree as indented text, one node per line (for debugging)."""
+        lines = [f"root evictable={self._evictable_size} protected={self._protected_size}"]
+
+        def visit(node: TreeNode, indent: int) -> None:
+            for child in node.children.values():
+                key = str(child.key[:8])[:-1] + (", ...]" if len(child.key) > 8 else "]")
+                lines.append(
+                    f"{'  ' * indent}{key} len={len(child.key)} slots={child.value.tolist()[:8]}"
+                    f" lock={child.lock_ref} access={child.last_access}"
+                )
+                visit(child, indent + 1)
+
+        visit(self.root, 1)
+        return "\n".join(lines)
+
+    def _insert(self, ids: list[int], slots: torch.Tensor) -> tuple[int, TreeNode]:
+        """Make the tree hold ids; returns how many leading tokens it already held and the node ending at len(ids)."""
+        node, pos, tick = self.root, 0, next(self._clock)
+        while pos < len(ids):
+            child = node.children.get(ids[pos])
+            if child is None:
+                # Cloned: the caller's tensor is often a view of a table it will overwrite.
+                leaf = self._new_node(ids[pos:], slots[pos:].clone(), node, tick)
+                self._evictable_size += len(leaf.key)
+                self._push(leaf)
+                return pos, leaf
+            child.last_access = tick
+            m = common_prefix_len(child.key, ids, pos)
+            if m < len(child.key):
+                child = self._split(child, m)  # ids end or branch off inside this edge
+            node, pos = child, pos + m
+        return pos, node
+
+    def _split(self, node: TreeNode, m: int) -> TreeNode:
+        """Cut node's edge after m tokens; returns the new upper node. node keeps its identity, depth, locks and heap entry."""
+        parent = node.parent
+        assert parent is not None and 0 < m < len(node.key)
+        upper = self._new_node(node.key[:m], node.value[:m], parent, node.last_access)
+        upper.lock_ref = node.lock_ref
+        node.key = node.key[m:]
+        node.value = node.value[m:]
+        node.parent = upper
+        upper.children[node.key[0]] = node
+        return upper
+
+    def _new_node(
+        self, key: list[int], value: torch.Tensor, parent: TreeNode, tick: int
+    ) -> TreeNode:
+        node = TreeNode(key, value, parent, parent.depth + len(key), next(self._ids))
+        node.last_access = tick
+        parent.children[key[0]] = node
+        self._num_nodes += 1
+        return node
+
+    def _push(self, node: TreeNode) -> None:
+        heapq.heappush(self._heap, (node.last_access, node.id, node))
+        # Stale entries pile up when nothing is evicted for a long time; rebuild from the
+        # current evictable leaves once they dominate, which keeps pushes amortised O(log n).
+        if len(self._heap) > 2 * self._num_nodes + 64:
+            self._heap = [
+                (n.last_access, n.id, n)
+                for n in self._nodes()
+                if not n.children and n.lock_ref == 0
+            ]
+            heapq.heapify(self._heap)
+
+    def _path_slots(self, node: TreeNode) -> torch.Tensor:
+        values: list[torch.Tensor] = []
+        while node is not self.root:
+            values.append(node.value)
+            assert node.parent is not None
+            node = node.parent
+        values.reverse()
+        return _cat(values, self._empty)
+
+    def _nodes(self) -> Iterator[TreeNode]:
+        """Every node but the root."""
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+
+def _as_list(ids: Sequence[int]) -> list[int]:
+    # Keys are lists, and a list never compares equal to a tuple slice.
+    if isinstance(ids, torch.Tensor):
+        raise TypeError("token ids must be a Sequence[int], not a tensor; use .tolist()")
+    return ids if isinstance(ids, list) else list(ids)
+
+
+def _cat(values: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    if not values:
+        return empty
+    return values[0] if len(values) == 1 else torch.cat(values)

@@ -1,0 +1,77 @@
+"""Command line: `radixlm generate` to try a model, `radixlm serve` to run the HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from radixlm.engine.args import EngineArgs
+
+_ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--model-path", {"help": "HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)"}),
+    ("--served-model-name", {"help": "model name reported by the API (default: from the path)"}),
+    ("--disable-radix-cache", {"action": "store_true", "help": "turn prefix caching off (ablation)"}),
+    ("--schedule-policy", {"default": "lpm", "choices": ["lpm", "fcfs", "dfs-weight"], "help": "admission order of waiting requests"}),
+    ("--max-total-tokens", {"type": int, "help": "KV pool size in tokens (default: from free memory)"}),
+    ("--chunked-prefill-size", {"type": int, "help": "max tokens per forward pass"}),
+    ("--max-running-requests", {"type": int, "help": "max requests decoding at once"}),
+    ("--context-length", {"type": int, "help": "cap on prompt + output tokens (default: the model's)"}),
+    ("--device", {"default": "auto", "help": "cpu, cuda, cuda:N or auto"}),
+    ("--dtype", {"default": "auto", "choices": ["auto", "float32", "bfloat16", "float16"], "help": "weight and KV dtype"}),
+    ("--random-seed", {"type": int, "help": "seed of the sampler's RNG"}),
+]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that build an EngineArgs."""
+    for flag, kw in _ENGINE_FLAGS:
+        parser.add_argument(flag, **kw)
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    """Collect the engine flags of a parsed command line."""
+    names = [flag[2:].replace("-", "_") for flag, _ in _ENGINE_FLAGS]
+    return EngineArgs(**{n: getattr(ns, n) for n in names})
+
+
+def _generate(ns: argparse.Namespace) -> None:
+    from radixlm.engine.engine import Engine
+
+    t0 = time.perf_counter()
+    with Engine(**engine_args_from(ns).to_dict()) as engine:
+        prompt = ns.prompt
+        if ns.chat:
+            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        params = {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature}
+        first = True
+        shown = 0
+        for chunk in engine.generate(prompt, params, stream=True):
+            assert isinstance(chunk, dict)
+            if first:
+                print(f"[first token after {time.perf_counter() - t0:.2f}s]", file=sys.stderr)
+                first = False
+            sys.stdout.write(chunk["text"][shown:])
+            sys.stdout.flush()
+            shown = len(chunk["text"])
+        print()
+        print(json.dumps(chunk["meta_info"]), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `radixlm` command."""
+    parser = argparse.ArgumentParser(prog="radixlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate a completion for one prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    add_engine_args(gen)
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if ns.command == "generate":
+        _generate(ns)

@@ -1,0 +1,35 @@
+"""Engine arguments: the few knobs a user of SGLang's Engine expects, with the same names."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """How to build an engine; None means "pick a good value for this model and machine"."""
+
+    model_path: str | None = None  # HF folder or .gguf file; None = embedded SmolLM2-135M-Instruct
+    served_model_name: str | None = None
+    disable_radix_cache: bool = False
+    schedule_policy: str = "lpm"
+    max_total_tokens: int | None = None  # KV pool size in tokens
+    chunked_prefill_size: int | None = None  # tokens per forward (prefill chunks + decodes)
+    max_running_requests: int | None = None
+    context_length: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    random_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_total_tokens", "chunked_prefill_size", "max_running_requests"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError(f"context_length must be >= 2, got {self.context_length}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The arguments as a plain dict (server_info)."""
+        return asdict(self)

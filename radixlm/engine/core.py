@@ -1,0 +1,126 @@
+"""The engine core: model, cache and scheduler behind a message loop (thread or process)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from radixlm.cache import RadixCache, SlotAllocator
+from radixlm.engine.args import EngineArgs
+from radixlm.engine.io import AbortRequest, ControlReply, ControlRequest, GenerateRequest
+from radixlm.models.default import default_model_path
+from radixlm.models.loader import load_model_files
+from radixlm.runner.runner import ModelRunner, default_num_slots, resolve_device, resolve_dtype
+from radixlm.sampling import Sampler
+from radixlm.scheduler.scheduler import Scheduler, SchedulerConfig
+from radixlm.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Message = GenerateRequest | AbortRequest | ControlRequest | None  # None asks the loop to stop
+
+
+class EngineCore:
+    """Loads the model and owns everything the forward pass touches."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        t0 = time.perf_counter()
+        self.args = args
+        self.model_path = args.model_path or default_model_path()
+        config, weights = load_model_files(self.model_path)
+        self.tokenizer = Tokenizer.load(self.model_path)
+        self.model_config = config
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        num_slots = args.max_total_tokens or default_num_slots(config, device, dtype)
+        self.runner = ModelRunner(config, weights, device, dtype, num_slots)
+        del weights
+        self.allocator = SlotAllocator(num_slots)
+        self.cache = RadixCache(self.allocator, disable=args.disable_radix_cache)
+        context_len = min(args.context_length or config.max_position_embeddings,
+                          config.max_position_embeddings)
+        default_chunk = 8192 if device.type == "cuda" else 2048
+        sched_config = SchedulerConfig(
+            context_len=context_len,
+            chunked_prefill_size=args.chunked_prefill_size or default_chunk,
+            max_running_requests=args.max_running_requests or (1024 if device.type == "cuda" else 256),
+            schedule_policy=args.schedule_policy,
+        )
+        self.scheduler = Scheduler(
+            self.runner,
+            self.cache,
+            self.allocator,
+            self.tokenizer,
+            sched_config,
+            Sampler(device, seed=args.random_seed),
+        )
+        self.load_seconds = time.perf_counter() - t0
+        logger.info(
+            "loaded %s in %.1fs on %s (%s): %d KV slots, context %d",
+            self.model_path, self.load_seconds, device, dtype, num_slots, context_len,
+        )
+
+    def handle(self, msg: GenerateRequest | AbortRequest | ControlRequest) -> ControlReply | None:
+        """Apply one incoming message; control calls are answered at once."""
+        if isinstance(msg, GenerateRequest):
+            self.scheduler.add(msg)
+        elif isinstance(msg, AbortRequest):
+            self.scheduler.abort(msg.rid, msg.message)
+        else:
+            return ControlReply(msg.call_id, self.control(msg.kind, msg.args))
+        return None
+
+    def control(self, kind: str, args: dict[str, Any]) -> Any:
+        """Synchronous calls: cache flush, statistics, the slot invariant check."""
+        if kind == "flush_cache":
+            return self.scheduler.flush_cache()
+        if kind == "stats":
+            return self.stats()
+        if kind == "check_invariant":
+            self.scheduler.check_invariant()
+            return True
+        raise ValueError(f"unknown control call {kind!r}")
+
+    def stats(self) -> dict[str, Any]:
+        """Numbers for /metrics, /server_info and tests."""
+        s = self.scheduler
+        used = self.allocator.num_slots - self.allocator.num_free - self.cache.evictable_size
+        return {
+            "num_running_reqs": len(s.running),
+            "num_queue_reqs": len(s.waiting),
+            "num_used_tokens": used,
+            "token_usage": used / self.allocator.num_slots,
+            "max_total_num_tokens": self.allocator.num_slots,
+            "cached_tree_tokens": self.cache.total_size(),
+            "num_forward_passes": s.num_forward_passes,
+            "num_retractions": s.num_retractions,
+        }
+
+    def run(
+        self,
+        receive: Callable[[bool], list[Message]],
+        emit: Callable[[list[Any]], None],
+    ) -> None:
+        """The loop: take messages (blocking only when idle), step, emit outputs; None stops."""
+        with torch.inference_mode():
+            while True:
+                replies: list[Any] = []
+                for msg in receive(not self.scheduler.has_work):
+                    if msg is None:
+                        return
+                    try:
+                        reply = self.handle(msg)
+                    except Exception as e:  # a bad control call must not kill the loop
+                        reply = ControlReply(getattr(msg, "call_id", -1), e)
+                    if reply is not None:
+                        replies.append(reply)
+                if replies:
+                    emit(replies)
+                if self.scheduler.has_work:
+                    outputs = self.scheduler.step()
+                    if outputs:
+                        emit(outputs)

@@ -1,0 +1,228 @@
+"""The in-process Engine: SGLang's offline API over an engine core running in a thread."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from radixlm.engine.args import EngineArgs
+from radixlm.engine.core import EngineCore, Message
+from radixlm.engine.frontend import GenerateInput, RequestState, tokenize_input
+from radixlm.engine.io import AbortRequest, ControlReply, ControlRequest, TokenOutput
+
+_POLL_S = 0.5  # how often a waiting caller re-checks that the engine thread is alive
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core stopped (it crashed or was shut down)."""
+
+
+class Engine:
+    """Offline generation with SGLang's `Engine` shape: `generate`, `flush_cache`, `shutdown`."""
+
+    def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
+        self.args = EngineArgs(model_path=model_path, **kwargs)
+        self.core = EngineCore(self.args)
+        self.tokenizer = self.core.tokenizer
+        self._inbox: queue.Queue[Message] = queue.Queue()
+        self._streams: dict[str, queue.Queue[TokenOutput | BaseException]] = {}
+        self._calls: dict[int, queue.Queue[Any]] = {}
+        self._call_ids = itertools.count()
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="radixlm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the core thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            self.core.run(self._receive, self._emit)
+            self._error = EngineDeadError("the engine was shut down")
+        except BaseException as e:  # surfaces in every caller instead of hanging them
+            self._error = EngineDeadError(f"the engine core failed: {e!r}")
+            self._error.__cause__ = e
+        with self._lock:
+            waiters = list(self._streams.values()) + list(self._calls.values())
+        for q in waiters:
+            q.put(self._error)
+
+    def _receive(self, block: bool) -> list[Message]:
+        msgs: list[Message] = []
+        try:
+            msgs.append(self._inbox.get(block=block))
+            while True:
+                msgs.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return msgs
+
+    def _emit(self, items: list[Any]) -> None:
+        with self._lock:
+            for item in items:
+                if isinstance(item, TokenOutput):
+                    q = self._streams.get(item.rid)
+                else:
+                    assert isinstance(item, ControlReply)
+                    q = self._calls.pop(item.call_id, None)
+                    item = item.value
+                if q is not None:
+                    q.put(item)
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _control(self, kind: str, **args: Any) -> Any:
+        self._check_alive()
+        q: queue.Queue[Any] = queue.Queue()
+        call_id = next(self._call_ids)
+        with self._lock:
+            self._calls[call_id] = q
+        self._inbox.put(ControlRequest(kind, call_id, args))
+        value = self._wait(q)
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def _wait(self, q: queue.Queue[Any]) -> Any:
+        while True:
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise self._error or EngineDeadError("the engine thread is gone") from None
+
+    # ---- public API ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] | None = None,
+        top_logprobs_num: int | list[int] | None = None,
+        return_text_in_logprobs: bool = False,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
+        """Generate for one prompt (a dict back) or a batch (a list); stream=True yields dicts
+        whose text and output_ids are cumulative. Bad input raises ValueError."""
+        inp = GenerateInput(
+            text=prompt,
+            input_ids=input_ids,
+            sampling_params=sampling_params,
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num,
+            return_text_in_logprobs=return_text_in_logprobs,
+            stream=stream,
+            rid=rid,
+        )
+        states = self._submit(inp)
+        if stream:
+            return self._stream(states)
+        try:
+            for s in states:
+                while not s.finished:
+                    self._next(s, block=True)
+        finally:
+            self._close(states)
+        outs = [s.to_dict() for s in states]
+        return outs if inp.is_batch or len(outs) > 1 else outs[0]
+
+    def _submit(self, inp: GenerateInput) -> list[RequestState]:
+        self._check_alive()
+        cfg = self.core.scheduler.config
+        reqs = tokenize_input(inp, self.tokenizer, self.core.model_config.vocab_size, cfg.context_len)
+        states = [RequestState(r, self.tokenizer, inp.return_text_in_logprobs) for r in reqs]
+        with self._lock:
+            for r in reqs:
+                if r.rid in self._streams:
+                    raise ValueError(f"a request with rid {r.rid!r} is already running")
+            for r in reqs:
+                self._streams[r.rid] = queue.Queue()
+        for r in reqs:
+            self._inbox.put(r)
+        return states
+
+    def _next(self, state: RequestState, block: bool) -> bool:
+        """Apply the request's next output; False if none is queued (only when not blocking)."""
+        try:
+            item = self._wait(self._streams[state.req.rid]) if block else (
+                self._streams[state.req.rid].get_nowait()
+            )
+        except queue.Empty:
+            return False
+        if isinstance(item, BaseException):
+            raise item
+        state.apply(item)
+        return True
+
+    def _stream(self, states: list[RequestState]) -> Iterator[dict[str, Any]]:
+        try:
+            pending = list(states)
+            while pending:
+                progressed = False
+                for i, s in enumerate(states):
+                    if s.finished:
+                        continue
+                    got = self._next(s, block=len(states) == 1)
+                    while not s.finished and self._next(s, block=False):
+                        pass
+                    if got:
+                        progressed = True
+                        out = s.to_dict()
+                        yield out if len(states) == 1 else {"index": i, **out}
+                    if s.finished:
+                        pending.remove(s)
+                if not progressed:
+                    self._check_alive()
+                    time.sleep(0.001)
+        finally:
+            self._close(states)
+
+    def _close(self, states: list[RequestState]) -> None:
+        for s in states:
+            if not s.finished:
+                self._inbox.put(AbortRequest(s.req.rid))
+        with self._lock:
+            for s in states:
+                self._streams.pop(s.req.rid, None)
+
+    def abort_request(self, rid: str) -> None:
+        """Abort a running request by its rid."""
+        self._inbox.put(AbortRequest(rid))
+
+    def flush_cache(self) -> bool:
+        """Drop the radix cache; False (nothing changes) while requests are running."""
+        return bool(self._control("flush_cache"))
+
+    def get_stats(self) -> dict[str, Any]:
+        """Scheduler and cache counters."""
+        return dict(self._control("stats"))
+
+    def check_invariant(self) -> None:
+        """Raise AssertionError unless every KV slot has exactly one owner (for tests)."""
+        self._control("check_invariant")
+
+    def get_server_info(self) -> dict[str, Any]:
+        """The resolved arguments plus live statistics."""
+        return {**self.args.to_dict(), "model_path": self.core.model_path, **self.get_stats()}
+
+    def shutdown(self) -> None:
+        """Stop the core thread; pending calls fail with EngineDeadError."""
+        if self._thread.is_alive():
+            self._inbox.put(None)
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,203 @@
+"""The tokenizer side of a request: normalise inputs, detokenize outputs, shape SGLang's dicts."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from radixlm.engine.io import GenerateRequest, LogprobEntry, TokenOutput
+from radixlm.sampling import SamplingParams
+from radixlm.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateInput:
+    """One `generate` call's arguments in SGLang's shape, before tokenization."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] | None = None
+    top_logprobs_num: int | list[int] | None = None
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    rid: str | list[str] | None = None
+
+    @property
+    def is_batch(self) -> bool:
+        """Whether a list was given (the answer is then a list too)."""
+        if self.text is not None:
+            return isinstance(self.text, list)
+        return bool(self.input_ids) and isinstance(self.input_ids[0], list)
+
+
+def _per_item(value: Any, n: int, name: str) -> list[Any]:
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for a batch of {n}")
+        return value
+    return [value] * n
+
+
+def _check_int(value: Any, name: str, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return value
+
+
+def tokenize_input(
+    inp: GenerateInput, tokenizer: Tokenizer, vocab_size: int, context_len: int
+) -> list[GenerateRequest]:
+    """Validate and tokenize; one GenerateRequest per (prompt, sample). Raises ValueError."""
+    if (inp.text is None) == (inp.input_ids is None):
+        raise ValueError("exactly one of text and input_ids must be given")
+    if inp.text is not None:
+        texts = inp.text if isinstance(inp.text, list) else [inp.text]
+        for t in texts:
+            if not isinstance(t, str):
+                raise ValueError(f"text must be a string or a list of strings, got {type(t).__name__}")
+        prompts = [tokenizer.encode(t) for t in texts]
+    else:
+        assert inp.input_ids is not None
+        raw = inp.input_ids if inp.is_batch else [inp.input_ids]
+        prompts = []
+        for ids in raw:
+            if not isinstance(ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in ids
+            ):
+                raise ValueError("input_ids must be a list of integers or a list of such lists")
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise ValueError(f"input_ids holds {bad[0]}, outside the vocabulary [0, {vocab_size})")
+            prompts.append(list(ids))
+    n = len(prompts)
+    if n == 0:
+        raise ValueError("the batch is empty")
+    params = [SamplingParams.from_dict(p) for p in _per_item(inp.sampling_params, n, "sampling_params")]
+    for p in params:
+        p.validate(vocab_size)
+    logprob = _per_item(inp.return_logprob, n, "return_logprob")
+    start = _per_item(inp.logprob_start_len, n, "logprob_start_len")
+    top = _per_item(inp.top_logprobs_num, n, "top_logprobs_num")
+    rids = _per_item(inp.rid, n, "rid")
+    reqs: list[GenerateRequest] = []
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= context_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, but the context length is {context_len} "
+                f"(prompts may have at most {context_len - 1})"
+            )
+        s = -1 if start[i] is None else _check_int(start[i], "logprob_start_len", -1)
+        k = 0 if top[i] is None else _check_int(top[i], "top_logprobs_num", 0)
+        rid = rids[i] or uuid.uuid4().hex
+        p = params[i]
+        for j in range(p.n):
+            pj = p
+            if p.n > 1 and p.sampling_seed is not None:
+                pj = replace(p, sampling_seed=p.sampling_seed + j)
+            reqs.append(
+                GenerateRequest(
+                    rid=rid if p.n == 1 else f"{rid}-{j}",
+                    input_ids=ids,
+                    params=pj,
+                    return_logprob=bool(logprob[i]),
+                    logprob_start_len=s,
+                    top_logprobs_num=k,
+                )
+            )
+    return reqs
+
+
+@dataclass
+class RequestState:
+    """Accumulates one request's outputs and renders SGLang's response dict."""
+
+    req: GenerateRequest
+    tokenizer: Tokenizer
+    return_text_in_logprobs: bool = False
+    created: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: dict[str, Any] | None = None
+    cached_tokens: int = 0
+    input_logprobs: list[LogprobEntry] = field(default_factory=list)
+    input_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
+    output_logprobs: list[LogprobEntry] = field(default_factory=list)
+    output_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
+    first_token_time: float | None = None
+    detok: IncrementalDetokenizer = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.req.params
+        self.detok = IncrementalDetokenizer(
+            self.tokenizer, p.skip_special_tokens, p.spaces_between_special_tokens
+        )
+
+    @property
+    def finished(self) -> bool:
+        """True after the last output arrived."""
+        return self.finish_reason is not None
+
+    def apply(self, out: TokenOutput) -> None:
+        """Take in one TokenOutput of this request."""
+        if out.new_ids and self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        self.output_ids.extend(out.new_ids)
+        self.detok.push(out.new_ids)
+        self.cached_tokens = out.cached_tokens
+        self.input_logprobs.extend(out.input_logprobs)
+        self.input_top_logprobs.extend(out.input_top_logprobs)
+        self.output_logprobs.extend(out.output_logprobs)
+        self.output_top_logprobs.extend(out.output_top_logprobs)
+        if out.finish_reason is not None:
+            self.finish_reason = out.finish_reason
+
+    @property
+    def text(self) -> str:
+        """The text so far: cut at a matched stop string; while running, a partial stop held back."""
+        text = self.detok.text
+        stops = self.req.params.stop
+        if not stops:
+            return text
+        matched = (self.finish_reason or {}).get("matched")
+        if isinstance(matched, str):
+            if self.req.params.no_stop_trim:
+                idx = text.find(matched)
+                return text[: idx + len(matched)] if idx >= 0 else text
+            idx = text.find(matched)
+            return text[:idx] if idx >= 0 else text
+        if self.finished:
+            return text
+        hold = max(
+            (k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0
+        )
+        return text[: len(text) - hold]
+
+    def to_dict(self) -> dict[str, Any]:
+        """SGLang's response: text, output_ids and meta_info (text and ids are cumulative)."""
+        meta: dict[str, Any] = {
+            "id": self.req.rid,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": len(self.req.input_ids),
+            "completion_tokens": len(self.output_ids),
+            "cached_tokens": self.cached_tokens,
+            "e2e_latency": time.perf_counter() - self.created,
+        }
+        if self.req.return_logprob:
+            meta["input_token_logprobs"] = self._triples(self.input_logprobs)
+            meta["output_token_logprobs"] = self._triples(self.output_logprobs)
+            if self.req.top_logprobs_num:
+                meta["input_top_logprobs"] = [self._triples(t) for t in self.input_top_logprobs]
+                meta["output_top_logprobs"] = [self._triples(t) for t in self.output_top_logprobs]
+        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
+
+    def _triples(self, entries: list[LogprobEntry]) -> list[list[Any]]:
+        tok = self.tokenizer
+        if self.return_text_in_logprobs:
+            return [[lp, i, tok.token_text(i)] for lp, i in entries]
+        return [[lp, i, None] for lp, i in entries]

@@ -1,0 +1,116 @@
+"""The engine core in its own process, so the forward pass never stalls an event loop."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+from multiprocessing.connection import Connection
+from typing import Any
+
+from radixlm.engine.args import EngineArgs
+from radixlm.engine.core import EngineCore, Message
+
+logger = logging.getLogger(__name__)
+
+
+def _engine_main(args: EngineArgs, inbox: Connection, outbox: Connection) -> None:
+    # The parent owns Ctrl-C: it asks this process to stop and then waits for it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        core = EngineCore(args)
+    except BaseException as e:
+        outbox.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    outbox.send(("ready", core_info(core)))
+
+    def receive(block: bool) -> list[Message]:
+        msgs: list[Message] = []
+        try:
+            if block or inbox.poll():
+                msgs.append(inbox.recv())
+            while inbox.poll():
+                msgs.append(inbox.recv())
+        except EOFError:  # the parent is gone
+            msgs.append(None)
+        return msgs
+
+    def emit(items: list[Any]) -> None:
+        try:
+            outbox.send(items)
+        except (BrokenPipeError, EOFError, OSError):
+            os._exit(0)
+
+    core.run(receive, emit)
+
+
+def core_info(core: EngineCore) -> dict[str, Any]:
+    """What the frontend needs to know about a started core."""
+    return {
+        "model_path": core.model_path,
+        "context_len": core.scheduler.config.context_len,
+        "vocab_size": core.model_config.vocab_size,
+        "max_total_num_tokens": core.allocator.num_slots,
+        "chunked_prefill_size": core.scheduler.config.chunked_prefill_size,
+        "max_running_requests": core.scheduler.config.max_running_requests,
+        "device": str(core.runner.device),
+        "dtype": str(core.runner.dtype).removeprefix("torch."),
+        "load_seconds": core.load_seconds,
+    }
+
+
+class EngineProcess:
+    """Parent-side handle: start the core process, send messages, receive output batches."""
+
+    def __init__(self, args: EngineArgs, start_timeout_s: float = 600.0) -> None:
+        ctx = mp.get_context("spawn")
+        self._to_child, child_in = ctx.Pipe(duplex=False)[::-1]
+        child_out, self._from_child = ctx.Pipe(duplex=False)[::-1]
+        # Pipe(duplex=False) returns (reader, writer); reversed above to (writer, reader).
+        self.process = ctx.Process(
+            target=_engine_main, args=(args, child_in, child_out), name="radixlm-engine", daemon=True
+        )
+        self.process.start()
+        child_in.close()
+        child_out.close()
+        if not self._from_child.poll(start_timeout_s):
+            self.kill()
+            raise RuntimeError(f"the engine did not start within {start_timeout_s:.0f}s")
+        try:
+            kind, payload = self._from_child.recv()
+        except EOFError:
+            raise RuntimeError("the engine process died while starting") from None
+        if kind == "error":
+            self.process.join(timeout=5)
+            raise RuntimeError(f"the engine failed to start: {payload}")
+        self.info: dict[str, Any] = payload
+
+    def send(self, msg: Message) -> None:
+        """Send one message to the core (raises OSError/BrokenPipeError if it is gone)."""
+        self._to_child.send(msg)
+
+    def recv(self) -> list[Any]:
+        """Block for the next batch of outputs; EOFError when the process is gone."""
+        return self._from_child.recv()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the core process is still running."""
+        return self.process.is_alive()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Ask the core to stop, then make sure it has."""
+        try:
+            self._to_child.send(None)
+        except OSError:
+            pass
+        self.process.join(timeout=timeout_s)
+        self.kill()
+
+    def kill(self) -> None:
+        """Stop the process at once."""
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5)

@@ -1,0 +1,138 @@
+"""The model runner: builds the flat forward batch from scheduled sequences and runs the model."""
+
+from __future__ import annotations
+
+import torch
+
+from radixlm.cache import KVPool
+from radixlm.models.config import ModelConfig
+from radixlm.models.llama import LlamaForCausalLM
+from radixlm.runner.batch import ExtendSeq, ForwardBatch, ScheduledSeq
+
+# Share of the memory left after the weights that the KV pool takes when no size is given.
+_CPU_KV_SHARE = 0.15
+_GPU_KV_SHARE = 0.80
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`None`/"auto" picks CUDA when present, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" is bfloat16 on GPUs and float32 on the CPU (where fp32 GEMMs are fastest)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    return table[dtype]
+
+
+def build_model(
+    config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> LlamaForCausalLM:
+    """Create the model without a random init, then copy the checkpoint in."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.rope.__init__(  # type: ignore[misc]  # buffers are lost on meta; recompute them
+        config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+    )
+    model.rope.to(device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.load_weights(weights)
+    return model.eval()
+
+
+def default_num_slots(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> int:
+    """Size the pool from the memory left on the device."""
+    per_slot = KVPool.bytes_per_slot(config.num_layers, config.num_kv_heads, config.head_dim, dtype)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free * _GPU_KV_SHARE
+    else:
+        budget = _available_ram() * _CPU_KV_SHARE
+    return max(int(budget // per_slot), 256)
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+class ModelRunner:
+    """Owns the model and the KV pool; one call runs one forward over a mixed batch."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        device: torch.device,
+        dtype: torch.dtype,
+        num_slots: int,
+    ) -> None:
+        self.config, self.device, self.dtype = config, device, dtype
+        self.model = build_model(config, weights, device, dtype)
+        self.pool = KVPool(
+            num_slots, config.num_layers, config.num_kv_heads, config.head_dim, dtype, device
+        )
+
+    @torch.inference_mode()
+    def forward(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
+        """Logits (float32) for every sequence's rows [logit_from, end), in order.
+
+        The caller orders extends (several tokens, or a first token) before decodes.
+        """
+        batch = self.build_batch(seqs)
+        return self.model(batch, self.pool.k, self.pool.v)
+
+    def build_batch(self, seqs: list[ScheduledSeq]) -> ForwardBatch:
+        """Flatten scheduled sequences into the tensors the model reads."""
+        dev = self.device
+        ids: list[int] = []
+        positions: list[int] = []
+        out_slots: list[torch.Tensor] = []
+        logits_index: list[int] = []
+        extends: list[ExtendSeq] = []
+        decode_kv: list[torch.Tensor] = []
+        num_extend = 0
+        for seq in seqs:
+            q_start, q_len = len(ids), len(seq.new_ids)
+            ids.extend(seq.new_ids)
+            positions.extend(range(seq.start, seq.end))
+            out_slots.append(seq.kv_slots[seq.start : seq.end])
+            logits_index.extend(range(q_start + seq.logit_from - seq.start, q_start + q_len))
+            if q_len == 1 and seq.start > 0:
+                decode_kv.append(seq.kv_slots)
+                continue
+            assert not decode_kv, "extends must come before decodes"
+            mask = None
+            if seq.start > 0:
+                mask = torch.ones(q_len, seq.end, dtype=torch.bool, device=dev).tril(seq.start)
+            extends.append(ExtendSeq(q_start, q_len, seq.start, seq.kv_slots.to(dev), mask))
+            num_extend += q_len
+        kv = mask_d = None
+        if decode_kv:
+            lens = torch.tensor([t.shape[0] for t in decode_kv], device=dev)
+            kv = torch.nn.utils.rnn.pad_sequence(decode_kv, batch_first=True).to(dev)
+            mask_d = (torch.arange(kv.shape[1], device=dev) < lens[:, None])[:, None, None, :]
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            out_slots=torch.cat(out_slots).to(dev),
+            extends=extends,
+            num_extend_tokens=num_extend,
+            decode_kv=kv,
+            decode_mask=mask_d,
+            logits_index=torch.tensor(logits_index, dtype=torch.int64, device=dev),
+        )

@@ -1,0 +1,89 @@
+"""The scheduler's per-request state."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from radixlm.cache import TreeNode
+from radixlm.engine.io import GenerateRequest, LogprobEntry
+from radixlm.sampling import SamplingParams
+
+_EMPTY = torch.empty(0, dtype=torch.int64)
+
+
+@dataclass(slots=True, eq=False)
+class Req:
+    """A request from admission to finish.
+
+    Invariant: `slots[i]` holds the K/V of `fill_ids[i]` for i < kv_len; slots[:tree_len] belong
+    to the radix tree (locked through `node`), the rest are this request's private tail.
+    """
+
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    eos_ids: tuple[int, ...]
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    slots: torch.Tensor = field(default_factory=lambda: _EMPTY)
+    node: TreeNode | None = None
+    tree_len: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the cache at (first) admission
+    admitted: bool = False
+    finish_reason: dict[str, Any] | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    # logprobs waiting to be sent with the next output
+    input_logprobs: list[LogprobEntry] = field(default_factory=list)
+    input_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
+    output_logprobs: list[LogprobEntry] = field(default_factory=list)
+    output_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
+    input_lp_next: int = 0  # next prompt token whose logprob is owed
+
+    @classmethod
+    def from_message(cls, msg: GenerateRequest, eos_ids: tuple[int, ...]) -> Req:
+        """Build from a GenerateRequest; eos_ids are the ids that end it (model eos + stop ids)."""
+        return cls(
+            rid=msg.rid,
+            input_ids=list(msg.input_ids),
+            params=msg.params,
+            eos_ids=eos_ids,
+            return_logprob=msg.return_logprob,
+            logprob_start_len=msg.logprob_start_len,
+            top_logprobs_num=msg.top_logprobs_num,
+        )
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Prompt plus generated tokens: what the KV must cover before the next sample."""
+        return self.input_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        """Length of fill_ids without building it."""
+        return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def kv_len(self) -> int:
+        """Tokens whose K/V sit in the pool."""
+        return int(self.slots.shape[0])
+
+    @property
+    def finished(self) -> bool:
+        """True once a finish reason is set."""
+        return self.finish_reason is not None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether prompt-token logprobs were asked for."""
+        return self.return_logprob and 0 <= self.logprob_start_len < len(self.input_ids)
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        """Tokens it may still generate."""
+        return self.params.max_new_tokens - len(self.output_ids)

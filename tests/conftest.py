@@ -1,0 +1,229 @@
+"""Shared fixtures: tiny random models (Hugging Face folders and GGUF files) and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from radixlm.models.config import ModelConfig
+from radixlm.models.default import default_model_path
+from radixlm.models.gguf import convert_gguf
+
+SMOLLM2_VOCAB_SIZE = 49152
+_HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def radixlm_cache_dir(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """Point the conversion cache at pytest's own cache, so runs share it and ~/.cache stays clean."""
+    cache = request.config.cache
+    path = cache.mkdir("radixlm") if cache is not None else tmp_path_factory.mktemp("radixlm-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RADIXLM_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The embedded SmolLM2-135M-Instruct GGUF file."""
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(radixlm_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny random-weight Llama folder with the SmolLM2 tokenizer."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def tiny_config(arch: str = "llama", **overrides: Any) -> dict[str, Any]:
+    """The config.json of a tiny model; qwen2 gets q/k/v biases, qwen3 qk-norm and head_dim 32."""
+    config: dict[str, Any] = {
+        "architectures": [_HF_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": SMOLLM2_VOCAB_SIZE,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+    if arch == "qwen3":
+        # Deliberately not hidden_size // num_attention_heads, to catch code that assumes it.
+        config.update(head_dim=32, attention_bias=False)
+    config.update(overrides)
+    return config
+
+
+def tiny_weights(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded random weights (std 0.02, norms near 1) under Hugging Face names."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, mean: float = 0.0) -> torch.Tensor:
+        return mean + 0.02 * torch.randn(*shape, generator=gen)
+
+    h, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size
+    q_rows, kv_rows = config.num_heads * hd, config.num_kv_heads * hd
+    w = {"model.embed_tokens.weight": randn(config.vocab_size, h)}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = randn(h, mean=1.0)
+        w[p + "self_attn.q_proj.weight"] = randn(q_rows, h)
+        w[p + "self_attn.k_proj.weight"] = randn(kv_rows, h)
+        w[p + "self_attn.v_proj.weight"] = randn(kv_rows, h)
+        w[p + "self_attn.o_proj.weight"] = randn(h, q_rows)
+        if config.attention_bias:
+            w[p + "self_attn.q_proj.bias"] = randn(q_rows)
+            w[p + "self_attn.k_proj.bias"] = randn(kv_rows)
+            w[p + "self_attn.v_proj.bias"] = randn(kv_rows)
+        if config.qk_norm:
+            w[p + "self_attn.q_norm.weight"] = randn(hd, mean=1.0)
+            w[p + "self_attn.k_norm.weight"] = randn(hd, mean=1.0)
+        w[p + "post_attention_layernorm.weight"] = randn(h, mean=1.0)
+        w[p + "mlp.gate_proj.weight"] = randn(inter, h)
+        w[p + "mlp.up_proj.weight"] = randn(inter, h)
+        w[p + "mlp.down_proj.weight"] = randn(h, inter)
+    w["model.norm.weight"] = randn(h, mean=1.0)
+    if not config.tie_word_embeddings:
+        w["lm_head.weight"] = randn(config.vocab_size, h)
+    return w
+
+
+def write_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides: Any) -> Path:
+    """Write a complete tiny Hugging Face model folder (weights, config, SmolLM2 tokenizer) to `path`."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    config = tiny_config(arch, **overrides)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(tiny_weights(ModelConfig.from_hf(config), seed), str(path / "model.safetensors"))
+    tokenizer_files = convert_gguf(default_model_path(), weights=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_files / name, path / name)
+    return path
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are spelled in."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+TINY_GGUF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_GGUF_MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a"]
+
+
+def tiny_gguf_vocab() -> tuple[list[str], list[int]]:
+    """A small byte-level vocabulary: three control tokens, the 256 bytes, and a few merges."""
+    tokens = TINY_GGUF_SPECIALS + list(bytes_to_unicode().values())
+    tokens += [m.replace(" ", "") for m in TINY_GGUF_MERGES]
+    types = [3] * len(TINY_GGUF_SPECIALS) + [1] * (len(tokens) - len(TINY_GGUF_SPECIALS))
+    return tokens, types
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute`, applied to Q and K of llama models."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def write_tiny_gguf(
+    path: Path, arch: str = "llama", seed: int = 0, pre: str = "smollm", **overrides: Any
+) -> tuple[Path, ModelConfig, dict[str, torch.Tensor]]:
+    """Write a tiny float32 GGUF the way llama.cpp's converter would; returns it with its HF config and weights."""
+    import gguf
+
+    tokens, types = tiny_gguf_vocab()
+    hf = tiny_config(arch, vocab_size=len(tokens), **overrides)
+    config = ModelConfig.from_hf(hf)
+    weights = tiny_weights(config, seed)
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config.num_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(TINY_GGUF_MERGES)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
+
+    gguf_names = {
+        "model.embed_tokens": "token_embd",
+        "model.norm": "output_norm",
+        "lm_head": "output",
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for name, tensor in weights.items():
+        stem, suffix = name.rsplit(".", 1)
+        array = tensor.numpy()
+        if not stem.startswith("model.layers."):
+            gguf_name = f"{gguf_names[stem]}.{suffix}"
+        else:
+            _, _, layer, module = stem.split(".", 3)
+            gguf_name = f"blk.{layer}.{gguf_names[module]}.{suffix}"
+            if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = config.num_heads if module == "self_attn.q_proj" else config.num_kv_heads
+                array = llama_cpp_permute(array, heads)
+        writer.add_tensor(gguf_name, np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, config, weights

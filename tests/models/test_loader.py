@@ -1,0 +1,168 @@
+"""Loading config and weights from Hugging Face folders and GGUF files, against references."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config, write_tiny_gguf, write_tiny_model
+from safetensors.torch import load_file
+
+from radixlm.models.config import ModelConfig
+from radixlm.models.default import default_model_path
+from radixlm.models.gguf import METADATA_FILES, WEIGHTS_FILE, gguf_cache_path
+from radixlm.models.loader import load_model_files
+
+
+def test_default_model_path_finds_the_embedded_gguf() -> None:
+    path = Path(default_model_path())
+    assert path.is_file() and path.suffix == ".gguf"
+    assert path.read_bytes()[:4] == b"GGUF"
+
+
+def test_tiny_hf_folder_round_trip(tiny_model_dir: Path) -> None:
+    config, tensors = load_model_files(str(tiny_model_dir))
+    expected = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert config == ModelConfig.from_hf(json.loads((tiny_model_dir / "config.json").read_text()))
+    assert (config.architecture, config.vocab_size, config.num_layers) == ("llama", 49152, 2)
+    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (4, 2, 16)
+    assert config.eos_token_ids == (2,) and not config.tie_word_embeddings
+    assert tensors.keys() == expected.keys()
+    assert "lm_head.weight" in tensors
+    for name, tensor in expected.items():
+        assert torch.equal(tensors[name], tensor), name
+    # Seeded weights with a sensible spread, so model outputs are not degenerate.
+    std = tensors["model.layers.0.self_attn.q_proj.weight"].std().item()
+    assert 0.015 < std < 0.025
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_variants(tmp_path: Path, arch: str) -> None:
+    config, tensors = load_model_files(str(write_tiny_model(tmp_path, arch=arch)))
+    assert config.architecture == arch
+    assert config.attention_bias == (arch == "qwen2")
+    assert config.qk_norm == (arch == "qwen3")
+    assert ("model.layers.1.self_attn.q_proj.bias" in tensors) == (arch == "qwen2")
+    assert ("model.layers.1.self_attn.k_norm.weight" in tensors) == (arch == "qwen3")
+    if arch == "qwen3":
+        assert config.head_dim == 32
+        assert tensors["model.layers.0.self_attn.q_proj.weight"].shape == (4 * 32, 64)
+
+
+def test_tied_hf_folder_has_no_lm_head(tmp_path: Path) -> None:
+    folder = write_tiny_model(tmp_path, vocab_size=512, tie_word_embeddings=True)
+    config, tensors = load_model_files(str(folder))
+    assert config.tie_word_embeddings and "lm_head.weight" not in tensors
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_matches_the_weights_it_was_converted_from(
+    tmp_path: Path, arch: str, tied: bool
+) -> None:
+    path, expected_config, expected = write_tiny_gguf(
+        tmp_path / "tiny.gguf", arch=arch, tie_word_embeddings=tied
+    )
+    config, tensors = load_model_files(str(path))
+    assert config == expected_config
+    # Exact equality for llama checks that the Q/K rows llama.cpp interleaved are put back.
+    assert tensors.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert tensors[name].dtype == torch.float32
+        assert torch.equal(tensors[name], tensor), name
+
+
+def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADIXLM_CACHE_DIR", str(tmp_path / "cache"))
+    path, _, expected = write_tiny_gguf(tmp_path / "tiny.gguf")
+    load_model_files(str(path))
+    folder = gguf_cache_path(path)
+    assert folder.parent.parent == tmp_path / "cache"
+    assert all((folder / name).is_file() for name in (*METADATA_FILES, WEIGHTS_FILE))
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+    # Garble the file but keep its size and mtime (the cache key): a warm load must not read it.
+    stat = path.stat()
+    path.write_bytes(b"GGUF" + b"\0" * (stat.st_size - 4))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    config, tensors = load_model_files(str(path))
+    assert all(torch.equal(tensors[name], t) for name, t in expected.items())
+
+    # A changed file (new mtime) is a new cache entry, converted afresh.
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert gguf_cache_path(path) != folder
+    with pytest.raises(ValueError):
+        load_model_files(str(path))
+
+
+def test_bad_paths(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model_files(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="neither"):
+        load_model_files(str(tmp_path))
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_text("not a gguf")
+    with pytest.raises(ValueError, match="neither"):
+        load_model_files(str(not_gguf))
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(json.dumps(tiny_config()))
+    with pytest.raises(ValueError, match="safetensors"):
+        load_model_files(str(no_weights))
+    (no_weights / "config.json").write_text(
+        json.dumps(tiny_config() | {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
+    with pytest.raises(ValueError, match="unsupported"):
+        load_model_files(str(no_weights))
+
+
+def test_gguf_with_unsupported_architecture(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "phi.gguf"
+    writer = gguf.GGUFWriter(str(path), "phi2")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'phi2'"):
+        load_model_files(str(path))
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers(smollm2_path: str) -> None:
+    """Dequantization and the Q/K un-permutation, against transformers' GGUF loader."""
+    from transformers import AutoModelForCausalLM
+
+    config, tensors = load_model_files(smollm2_path)
+    path = Path(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+    reference = model.state_dict()
+    hf = model.config
+
+    assert config.tie_word_embeddings and hf.tie_word_embeddings
+    assert reference.keys() - tensors.keys() == {"lm_head.weight"}
+    assert tensors.keys() <= reference.keys()
+    for name, tensor in tensors.items():
+        assert tensor.dtype == torch.float32
+        # Bit-identical with transformers 5.x; the tolerance allows other dequantization kernels.
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-6, msg=name)
+    assert (config.num_layers, config.hidden_size, config.intermediate_size) == (
+        hf.num_hidden_layers,
+        hf.hidden_size,
+        hf.intermediate_size,
+    )
+    assert (config.num_heads, config.num_kv_heads, config.head_dim, config.vocab_size) == (
+        hf.num_attention_heads,
+        hf.num_key_value_heads,
+        hf.head_dim,
+        hf.vocab_size,
+    )
+    assert config.max_position_embeddings == hf.max_position_embeddings
+    assert config.rms_norm_eps == pytest.approx(hf.rms_norm_eps)
+    assert config.rope_theta == hf.rope_parameters["rope_theta"]
+    assert (config.bos_token_id, config.eos_token_ids) == (1, (2,))
