@@ -8,8 +8,38 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from radixlm.engine.engine import Engine
+    from radixlm.lang import *  # noqa: F403
 
-__all__ = ["Engine", "__version__"]
+# The frontend language's names (`radixlm.function`, `radixlm.gen`, ...), as in `sglang`.
+_LANG_NAMES = frozenset(
+    {
+        "OpenAI",
+        "RuntimeEndpoint",
+        "assistant",
+        "assistant_begin",
+        "assistant_end",
+        "flush_cache",
+        "function",
+        "gen",
+        "gen_int",
+        "gen_string",
+        "get_server_info",
+        "greedy_token_selection",
+        "image",
+        "select",
+        "set_default_backend",
+        "system",
+        "system_begin",
+        "system_end",
+        "token_length_normalized",
+        "unconditional_likelihood_normalized",
+        "user",
+        "user_begin",
+        "user_end",
+    }
+)
+
+__all__ = ["Engine", "__version__", *sorted(_LANG_NAMES)]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +48,8 @@ def __getattr__(name: str) -> Any:
         from radixlm.engine.engine import Engine
 
         return Engine
+    if name in _LANG_NAMES:
+        import radixlm.lang
+
+        return getattr(radixlm.lang, name)
     raise AttributeError(f"module 'radixlm' has no attribute {name!r}")

@@ -12,16 +12,42 @@ from typing import Any
 from radixlm.engine.args import EngineArgs
 
 _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--model-path", {"help": "HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)"}),
+    (
+        "--model-path",
+        {"help": "HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)"},
+    ),
     ("--served-model-name", {"help": "model name reported by the API (default: from the path)"}),
-    ("--disable-radix-cache", {"action": "store_true", "help": "turn prefix caching off (ablation)"}),
-    ("--schedule-policy", {"default": "lpm", "choices": ["lpm", "fcfs", "dfs-weight"], "help": "admission order of waiting requests"}),
-    ("--max-total-tokens", {"type": int, "help": "KV pool size in tokens (default: from free memory)"}),
+    (
+        "--disable-radix-cache",
+        {"action": "store_true", "help": "turn prefix caching off (ablation)"},
+    ),
+    (
+        "--schedule-policy",
+        {
+            "default": "lpm",
+            "choices": ["lpm", "fcfs", "dfs-weight"],
+            "help": "admission order of waiting requests",
+        },
+    ),
+    (
+        "--max-total-tokens",
+        {"type": int, "help": "KV pool size in tokens (default: from free memory)"},
+    ),
     ("--chunked-prefill-size", {"type": int, "help": "max tokens per forward pass"}),
     ("--max-running-requests", {"type": int, "help": "max requests decoding at once"}),
-    ("--context-length", {"type": int, "help": "cap on prompt + output tokens (default: the model's)"}),
+    (
+        "--context-length",
+        {"type": int, "help": "cap on prompt + output tokens (default: the model's)"},
+    ),
     ("--device", {"default": "auto", "help": "cpu, cuda, cuda:N or auto"}),
-    ("--dtype", {"default": "auto", "choices": ["auto", "float32", "bfloat16", "float16"], "help": "weight and KV dtype"}),
+    (
+        "--dtype",
+        {
+            "default": "auto",
+            "choices": ["auto", "float32", "bfloat16", "float16"],
+            "help": "weight and KV dtype",
+        },
+    ),
     ("--random-seed", {"type": int, "help": "seed of the sampler's RNG"}),
 ]
 
@@ -61,6 +87,12 @@ def _generate(ns: argparse.Namespace) -> None:
         print(json.dumps(chunk["meta_info"]), file=sys.stderr)
 
 
+def _serve(ns: argparse.Namespace) -> int:
+    from radixlm.server.launch import serve
+
+    return serve(engine_args_from(ns), ns.host, ns.port, ns.api_key)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `radixlm` command."""
     parser = argparse.ArgumentParser(prog="radixlm", description=__doc__)
@@ -71,7 +103,22 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     add_engine_args(gen)
+    srv = sub.add_parser("serve", help="run the HTTP server (SGLang's native API and OpenAI's)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument("--port", type=int, default=30000, help="port to listen on (0: any free port)")
+    srv.add_argument(
+        "--api-key", help="require `Authorization: Bearer KEY` (health and metrics stay open)"
+    )
+    add_engine_args(srv)
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if ns.command == "generate":
         _generate(ns)
+    elif ns.command == "serve":
+        try:
+            code = _serve(ns)
+        except KeyboardInterrupt:  # a second Ctrl-C, or the one uvicorn re-raises after shutdown
+            code = 130
+        sys.exit(code)

@@ -14,7 +14,7 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "radixlm"
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp)` on a temporary file next to `path`, then rename it over `path`.
 
     Readers see either no file or a complete one, so concurrent processes can share a cache.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ def radixlm_cache_dir(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Path]:
     """Point the conversion cache at pytest's own cache, so runs share it and ~/.cache stays clean."""
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     path = cache.mkdir("radixlm") if cache is not None else tmp_path_factory.mktemp("radixlm-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RADIXLM_CACHE_DIR", str(path))
@@ -40,6 +40,24 @@ def radixlm_cache_dir(
 def smollm2_path() -> str:
     """The embedded SmolLM2-135M-Instruct GGUF file."""
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(radixlm_cache_dir: Path) -> Callable[..., Path]:
+    """`write_tiny_model`, for tests (importing conftest breaks once a subfolder has its own)."""
+    return write_tiny_model
+
+
+@pytest.fixture(scope="session")
+def make_tiny_gguf() -> Callable[..., tuple[Path, ModelConfig, dict[str, torch.Tensor]]]:
+    """`write_tiny_gguf`, for tests."""
+    return write_tiny_gguf
+
+
+@pytest.fixture
+def gguf_tokenizer_metadata() -> dict[str, Any]:
+    """The tokenizer metadata of the tiny GGUF, as `GGUFReader` field contents."""
+    return tiny_gguf_tokenizer_metadata()
 
 
 @pytest.fixture(scope="session")
@@ -143,12 +161,26 @@ TINY_GGUF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_GGUF_MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a"]
 
 
-def tiny_gguf_vocab() -> tuple[list[str], list[int]]:
-    """A small byte-level vocabulary: three control tokens, the 256 bytes, and a few merges."""
+def tiny_gguf_tokenizer_metadata() -> dict[str, Any]:
+    """Tokenizer metadata of a small byte-level vocabulary: 3 control tokens, 256 bytes, 4 merges."""
     tokens = TINY_GGUF_SPECIALS + list(bytes_to_unicode().values())
     tokens += [m.replace(" ", "") for m in TINY_GGUF_MERGES]
     types = [3] * len(TINY_GGUF_SPECIALS) + [1] * (len(tokens) - len(TINY_GGUF_SPECIALS))
-    return tokens, types
+    return {
+        "general.architecture": "llama",
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": list(TINY_GGUF_MERGES),
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.chat_template": (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+            "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        ),
+    }
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -166,8 +198,8 @@ def write_tiny_gguf(
     """Write a tiny float32 GGUF the way llama.cpp's converter would; returns it with its HF config and weights."""
     import gguf
 
-    tokens, types = tiny_gguf_vocab()
-    hf = tiny_config(arch, vocab_size=len(tokens), **overrides)
+    tok = tiny_gguf_tokenizer_metadata()
+    hf = tiny_config(arch, vocab_size=len(tok["tokenizer.ggml.tokens"]), **overrides)
     config = ModelConfig.from_hf(hf)
     weights = tiny_weights(config, seed)
 
@@ -182,17 +214,15 @@ def write_tiny_gguf(
     writer.add_value_length(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(tok["tokenizer.ggml.model"])
     writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(TINY_GGUF_MERGES)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    )
+    writer.add_token_list(tok["tokenizer.ggml.tokens"])
+    writer.add_token_types(tok["tokenizer.ggml.token_type"])
+    writer.add_token_merges(tok["tokenizer.ggml.merges"])
+    writer.add_bos_token_id(tok["tokenizer.ggml.bos_token_id"])
+    writer.add_eos_token_id(tok["tokenizer.ggml.eos_token_id"])
+    writer.add_add_bos_token(tok["tokenizer.ggml.add_bos_token"])
+    writer.add_chat_template(tok["tokenizer.chat_template"])
 
     gguf_names = {
         "model.embed_tokens": "token_embd",

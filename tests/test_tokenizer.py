@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import pytest
-from conftest import write_tiny_gguf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -121,9 +121,8 @@ def test_add_bos_token(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert tok.encode("") == [bos]
 
 
-def test_gguf_add_bos_uses_a_post_processor() -> None:
-    metadata = _tiny_metadata(**{"tokenizer.ggml.add_bos_token": True})
-    backend = hf_tokenizer(metadata)
+def test_gguf_add_bos_uses_a_post_processor(gguf_tokenizer_metadata: dict[str, Any]) -> None:
+    backend = hf_tokenizer(gguf_tokenizer_metadata | {"tokenizer.ggml.add_bos_token": True})
     assert backend.encode("the").ids[0] == 1
     assert backend.encode("the", add_special_tokens=False).ids[0] != 1
 
@@ -137,17 +136,19 @@ def test_gguf_add_bos_uses_a_post_processor() -> None:
         ("gpt2", "ab 12345", ["ab", "Ġ12345"]),
     ],
 )
-def test_gguf_pre_tokenizers(pre: str, text: str, pieces: list[str]) -> None:
-    backend = hf_tokenizer(_tiny_metadata(**{"tokenizer.ggml.pre": pre}))
+def test_gguf_pre_tokenizers(
+    gguf_tokenizer_metadata: dict[str, Any], pre: str, text: str, pieces: list[str]
+) -> None:
+    backend = hf_tokenizer(gguf_tokenizer_metadata | {"tokenizer.ggml.pre": pre})
     assert backend.pre_tokenizer is not None
     assert [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(text)] == pieces
 
 
 def test_tokenizer_from_gguf_converts_only_metadata(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_tiny_gguf: Callable[..., Any]
 ) -> None:
     monkeypatch.setenv("RADIXLM_CACHE_DIR", str(tmp_path / "cache"))
-    path, _, _ = write_tiny_gguf(tmp_path / "tiny.gguf")
+    path, _, _ = make_tiny_gguf(tmp_path / "tiny.gguf")
     tok = Tokenizer.load(str(path))
     folder = gguf_cache_path(path)
     assert all((folder / name).is_file() for name in METADATA_FILES)
@@ -273,20 +274,3 @@ def test_incremental_property_on_arbitrary_ids(
         assert full.startswith(detok.text)
     detok.flush()
     assert detok.text == full
-
-
-def _tiny_metadata(**overrides: Any) -> dict[str, Any]:
-    from conftest import TINY_GGUF_MERGES, tiny_gguf_vocab
-
-    tokens, types = tiny_gguf_vocab()
-    metadata: dict[str, Any] = {
-        "general.architecture": "llama",
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "smollm",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.merges": TINY_GGUF_MERGES,
-        "tokenizer.ggml.bos_token_id": 1,
-        "tokenizer.ggml.eos_token_id": 2,
-    }
-    return metadata | overrides

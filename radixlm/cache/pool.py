@@ -64,10 +64,12 @@ class SlotAllocator:
 
     def reset(self) -> None:
         """Mark every slot free again."""
-        # Free ids are self._free followed by the chunks in self._pending. Freed chunks are
-        # concatenated lazily, on the first alloc that needs them, so a free costs O(len(slots))
-        # rather than a copy of the whole free list.
+        # The free ids are self._free[self._head :] followed by the chunks in self._pending.
+        # Alloc only moves the head (one slice); freed chunks are concatenated lazily, on the
+        # first alloc that needs them, so a free costs O(len(slots)), not a copy of the list.
         self._free = torch.arange(1, self.num_slots + 1, dtype=torch.int64, device=self.device)
+        self._head = 0
+        self._free_len = self.num_slots
         self._pending: list[torch.Tensor] = []
         self._num_free = self.num_slots
         if self.check:
@@ -80,28 +82,30 @@ class SlotAllocator:
         return self._num_free
 
     def alloc(self, n: int) -> torch.Tensor | None:
-        """Take n slot ids (int64); None, with nothing changed, when fewer than n are free."""
+        """Take n slot ids (int64, 1-D); None, with nothing changed, when fewer than n are free."""
         if n > self._num_free:
             return None
-        if n > self._free.numel():
-            self._free = torch.cat([self._free, *self._pending])
+        end = self._head + n
+        if end > self._free_len:
+            self._free = torch.cat([self._free[self._head :], *self._pending])
             self._pending.clear()
+            self._head, end, self._free_len = 0, n, self._num_free
         # A view of the free list is safe to hand out: the list is only ever sliced or replaced
         # by a new tensor, never written in place.
-        slots = self._free[:n]
-        self._free = self._free[n:]
+        slots = self._free[self._head : end]
+        self._head = end
         self._num_free -= n
         if self.check:
             self._is_free[slots] = False
         return slots
 
     def free(self, slots: torch.Tensor) -> None:
-        """Return slot ids to the free list; the caller must no longer use them."""
+        """Return 1-D slot ids to the free list; the caller must no longer use them."""
         n = slots.numel()
         if n == 0:
             return
         # Copied because the caller's tensor is often a view of a table it will reuse.
-        slots = slots.to(device=self.device, dtype=torch.int64).flatten().clone()
+        slots = slots.to(self.device, torch.int64, copy=True)
         if self.check:
             self._check_free(slots)
         self._pending.append(slots)
@@ -109,9 +113,11 @@ class SlotAllocator:
 
     def free_slots(self) -> torch.Tensor:
         """Every free slot id, in allocation order (for tests and debugging)."""
-        return torch.cat([self._free, *self._pending])
+        return torch.cat([self._free[self._head :], *self._pending])
 
     def _check_free(self, slots: torch.Tensor) -> None:
+        if slots.dim() != 1:
+            raise ValueError(f"slot ids must be 1-D, got shape {tuple(slots.shape)}")
         if int(slots.min()) < 1 or int(slots.max()) > self.num_slots:
             raise ValueError(f"slot ids outside 1..{self.num_slots}: {slots.tolist()}")
         if slots.unique().numel() != slots.numel():

@@ -18,10 +18,11 @@ class TreeNode:
 
     key: list[int]
     value: torch.Tensor  # int64 slot ids, len(value) == len(key)
-    parent: TreeNode | None  # None for the root and for evicted nodes
+    # None for the root and for evicted nodes. Not in repr, which would print the whole tree.
+    parent: TreeNode | None = field(repr=False)
     depth: int  # tokens from the root through the end of key; a split keeps it for this node
-    id: int  # tie-break for equal access times, so the heap never compares nodes
-    children: dict[int, TreeNode] = field(default_factory=dict)  # keyed by key[0] of the child
+    uid: int  # tie-break for equal access times, so the heap never compares nodes
+    children: dict[int, TreeNode] = field(default_factory=dict, repr=False)  # keyed by key[0]
     # Number of locks held on this node or any descendant; a locked node is never evicted.
     lock_ref: int = 0
     last_access: int = 0
@@ -64,7 +65,7 @@ class RadixCache:
         self._clock = itertools.count(1)
         self._empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
         # The root outlives flushes: requests that matched nothing hold it as their node.
-        self.root = TreeNode(key=[], value=self._empty, parent=None, depth=0, id=next(self._ids))
+        self.root = TreeNode(key=[], value=self._empty, parent=None, depth=0, uid=next(self._ids))
         self.root.lock_ref = 1  # never evicted, never counted in the sizes
         self._reset()
 
@@ -73,7 +74,7 @@ class RadixCache:
         self._evictable_size = 0  # tokens in nodes with lock_ref == 0
         self._protected_size = 0  # tokens in nodes with lock_ref > 0
         self._num_nodes = 0  # excluding the root
-        # Min-heap of (last_access, id, node) over evictable leaves, with lazy deletion: an
+        # Min-heap of (last_access, uid, node) over evictable leaves, with lazy deletion: an
         # entry may be stale (node locked, grown children, evicted, or touched since); evict()
         # checks on pop. Every node that becomes an evictable leaf gets a fresh entry.
         self._heap: list[tuple[int, int, TreeNode]] = []
@@ -268,12 +269,12 @@ class RadixCache:
         return node
 
     def _push(self, node: TreeNode) -> None:
-        heapq.heappush(self._heap, (node.last_access, node.id, node))
+        heapq.heappush(self._heap, (node.last_access, node.uid, node))
         # Stale entries pile up when nothing is evicted for a long time; rebuild from the
         # current evictable leaves once they dominate, which keeps pushes amortised O(log n).
         if len(self._heap) > 2 * self._num_nodes + 64:
             self._heap = [
-                (n.last_access, n.id, n)
+                (n.last_access, n.uid, n)
                 for n in self._nodes()
                 if not n.children and n.lock_ref == 0
             ]

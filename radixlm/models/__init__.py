@@ -1,0 +1,1 @@
+"""Model definitions, and reading their configs and weights from files."""

@@ -199,9 +199,8 @@ def hf_tokenizer_config(metadata: dict[str, Any]) -> dict[str, Any]:
 
 def hf_tokenizer(metadata: dict[str, Any]) -> tokenizers.Tokenizer:
     """A `tokenizers.Tokenizer` equivalent to llama.cpp's for a byte-level BPE ("gpt2") vocabulary."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
     from tokenizers import pre_tokenizers as pre
-    from tokenizers import processors
 
     kind = metadata.get("tokenizer.ggml.model")
     if kind != "gpt2":
@@ -210,6 +209,8 @@ def hf_tokenizer(metadata: dict[str, Any]) -> tokenizers.Tokenizer:
         )
     tokens: list[str] = metadata["tokenizer.ggml.tokens"]
     types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise ValueError("GGUF tokenizer has a token_type list of the wrong length")
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
     pre_type = metadata.get("tokenizer.ggml.pre", "default")
 
@@ -250,7 +251,7 @@ def hf_tokenizer(metadata: dict[str, Any]) -> tokenizers.Tokenizer:
     tok.add_special_tokens(
         [
             AddedToken(t, special=True, normalized=False)
-            for t, kind_id in zip(tokens, types)
+            for t, kind_id in zip(tokens, types, strict=True)
             if kind_id == _TOKEN_CONTROL
         ]
     )
@@ -259,7 +260,7 @@ def hf_tokenizer(metadata: dict[str, Any]) -> tokenizers.Tokenizer:
     tok.add_tokens(
         [
             AddedToken(t, special=False, normalized=False)
-            for t, kind_id in zip(tokens, types)
+            for t, kind_id in zip(tokens, types, strict=True)
             if kind_id == _TOKEN_USER_DEFINED
         ]
     )

@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from radixlm.runner.batch import ForwardBatch
@@ -75,6 +74,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+# Query rows per block of extend attention: small blocks skip most of the masked-out half of
+# a causal score matrix and keep the block's scores in cache.
+_Q_BLOCK = 128
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -88,34 +92,68 @@ def paged_attention(
 
     q [T, H, D], k/v [T, KVH, D]; the caches are [num_slots + 1, KVH, D]. Returns [T, H, D].
     """
-    k_cache[batch.out_slots] = k
-    v_cache[batch.out_slots] = v
+    k_cache.index_copy_(0, batch.out_slots, k)
+    v_cache.index_copy_(0, batch.out_slots, v)
     out = torch.empty_like(q)
     for seq in batch.extends:
         lo, hi = seq.q_start, seq.q_start + seq.q_len
-        qs = q[lo:hi].transpose(0, 1)
         if seq.prefix_len == 0:
-            ks, vs = k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1)
+            ks, vs = k[lo:hi], v[lo:hi]
         else:
-            ks = k_cache[seq.kv_slots].transpose(0, 1)
-            vs = v_cache[seq.kv_slots].transpose(0, 1)
-        o = F.scaled_dot_product_attention(
-            qs,
-            ks,
-            vs,
-            attn_mask=seq.causal_mask,
-            is_causal=seq.prefix_len == 0,
-            scale=scale,
-            enable_gqa=True,
-        )
-        out[lo:hi] = o.transpose(0, 1)
+            ks = k_cache.index_select(0, seq.kv_slots)
+            vs = v_cache.index_select(0, seq.kv_slots)
+        out[lo:hi] = extend_attention(q[lo:hi], ks, vs, seq.prefix_len, scale)
     if batch.decode_kv is not None:
         start = batch.num_extend_tokens
-        qd = q[start:].unsqueeze(2)  # [B, H, 1, D]
-        kd = k_cache[batch.decode_kv].transpose(1, 2)  # [B, KVH, L, D]
-        vd = v_cache[batch.decode_kv].transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=batch.decode_mask, scale=scale, enable_gqa=True
-        )
-        out[start:] = o.squeeze(2)
+        out[start:] = decode_attention(q[start:], k_cache, v_cache, batch, scale)
     return out
+
+
+def extend_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int, scale: float
+) -> torch.Tensor:
+    """Causal attention of q [T, H, D] (positions prefix_len..) over k/v [prefix_len + T, KVH, D].
+
+    Grouped-query heads share one batched matmul per KV head; queries go in blocks so that
+    keys after a block's last query are never touched.
+    """
+    t, h, d = q.shape
+    kvh = k.shape[1]
+    g = h // kvh
+    kt = k.permute(1, 2, 0)  # [KVH, D, L]
+    vt = v.transpose(0, 1)  # [KVH, L, D]
+    qg = q.view(t, kvh, g, d).transpose(0, 1)  # [KVH, T, G, D]
+    out = torch.empty(kvh, t, g, d, dtype=q.dtype, device=q.device)
+    for s in range(0, t, _Q_BLOCK):
+        e = min(s + _Q_BLOCK, t)
+        n_keys = prefix_len + e
+        qb = qg[:, s:e].reshape(kvh, (e - s) * g, d)
+        scores = torch.bmm(qb, kt[:, :, :n_keys]).mul_(scale).view(kvh, e - s, g, n_keys)
+        q_pos = torch.arange(prefix_len + s, prefix_len + e, device=q.device)
+        hidden = torch.arange(n_keys, device=q.device).view(1, -1) > q_pos.view(-1, 1)
+        scores.masked_fill_(hidden.view(1, e - s, 1, n_keys), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(kvh, (e - s) * g, n_keys)
+        out[:, s:e] = torch.bmm(probs, vt[:, :n_keys]).view(kvh, e - s, g, d)
+    return out.transpose(0, 1).reshape(t, h, d)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:
+    """One query per row of batch.decode_kv over that row's slots (padding masked out)."""
+    assert batch.decode_kv is not None and batch.decode_mask is not None
+    b, h, d = q.shape
+    n = batch.decode_kv.shape[1]
+    kvh = k_cache.shape[1]
+    g = h // kvh
+    flat = batch.decode_kv.view(-1)
+    kd = k_cache.index_select(0, flat).view(b, n, kvh, d).permute(0, 2, 3, 1)  # [B, KVH, D, N]
+    vd = v_cache.index_select(0, flat).view(b, n, kvh, d).transpose(1, 2)  # [B, KVH, N, D]
+    scores = torch.matmul(q.view(b, kvh, g, d), kd).mul_(scale)  # [B, KVH, G, N]
+    scores.masked_fill_(~batch.decode_mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, vd).view(b, h, d)

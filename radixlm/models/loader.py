@@ -39,7 +39,13 @@ def load_model_files(model_path: str) -> tuple[ModelConfig, dict[str, torch.Tens
 
     folder = resolve_model_folder(model_path)
     config = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
-    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        # The index names the shards; other *.safetensors (e.g. a consolidated copy) are not ours.
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        files = [folder / shard for shard in sorted(shards)]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{model_path!r} has a config.json but no *.safetensors weights")
     tensors: dict[str, torch.Tensor] = {}

@@ -15,7 +15,6 @@ class ExtendSeq:
     q_len: int
     prefix_len: int  # tokens whose K/V are already in the pool before this forward
     kv_slots: torch.Tensor  # int64 [prefix_len + q_len]: the request's slots, position by position
-    causal_mask: torch.Tensor | None  # bool [q_len, prefix_len + q_len] when prefix_len > 0
 
 
 @dataclass(slots=True)

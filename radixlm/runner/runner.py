@@ -116,10 +116,7 @@ class ModelRunner:
                 decode_kv.append(seq.kv_slots)
                 continue
             assert not decode_kv, "extends must come before decodes"
-            mask = None
-            if seq.start > 0:
-                mask = torch.ones(q_len, seq.end, dtype=torch.bool, device=dev).tril(seq.start)
-            extends.append(ExtendSeq(q_start, q_len, seq.start, seq.kv_slots.to(dev), mask))
+            extends.append(ExtendSeq(q_start, q_len, seq.start, seq.kv_slots.to(dev)))
             num_extend += q_len
         kv = mask_d = None
         if decode_kv:

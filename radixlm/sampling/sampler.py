@@ -18,6 +18,10 @@ _CANDIDATE_GROWTH = 8
 # Tokens per block of the two-level inverse CDF.
 _CDF_BLOCK = 256
 
+# topk looks only inside the k blocks of this many tokens with the best maxima, when they are a
+# small part of the row: 2-5x faster than topk over the whole row for k up to ~100.
+_TOPK_BLOCK = 32
+
 # Rows per log_softmax chunk: bounds the float32 temporary at 64 MiB for long prompts.
 _LOGPROB_CHUNK_ELEMENTS = 1 << 24
 
@@ -155,6 +159,29 @@ def _index(rows: list[int], num_rows: int, device: torch.device) -> slice | torc
     return slice(None) if len(rows) == num_rows else torch.tensor(rows, device=device)
 
 
+def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x.topk(k, dim=-1): the values (best first) and their ids, for a 2-D float `x`."""
+    num_rows, vocab = x.shape
+    if k * _TOPK_BLOCK * 4 > vocab:
+        top = x.topk(k, dim=-1)
+        return top.values, top.indices
+    # The k best values lie in the k blocks with the best maxima: a block left out has k blocks
+    # whose maxima are all at least its own, which are already k values that good.
+    full = vocab - vocab % _TOPK_BLOCK
+    maxima = [x[:, :full].view(num_rows, -1, _TOPK_BLOCK).amax(dim=-1)]
+    if full < vocab:
+        maxima.append(x[:, full:].amax(dim=-1, keepdim=True))
+    blocks = torch.cat(maxima, dim=1).topk(k, dim=-1).indices
+    columns = (
+        blocks.unsqueeze(2) * _TOPK_BLOCK + torch.arange(_TOPK_BLOCK, device=x.device)
+    ).flatten(1)
+    candidates = torch.where(
+        columns < vocab, x.gather(1, columns.clamp(max=vocab - 1)), float("-inf")
+    )
+    top = candidates.topk(k, dim=-1)
+    return top.values, columns.gather(1, top.indices)
+
+
 def compute_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log_softmax(logits)[i, ids[i]] as float32 [N], in row chunks of bounded memory."""
     return _logprobs(logits, ids, 0)[0]
@@ -182,9 +209,9 @@ def _logprobs(
         logprobs = torch.log_softmax(chunk.float(), dim=-1)
         chosen.append(logprobs.gather(1, chunk_ids.unsqueeze(1)).squeeze(1))
         if k > 0:
-            top = logprobs.topk(k, dim=-1)
-            top_ids.append(top.indices)
-            top_values.append(top.values)
+            values, indices = _topk(logprobs, k)
+            top_ids.append(indices)
+            top_values.append(values)
     if k == 0:
         return torch.cat(chosen), None, None
     return torch.cat(chosen), torch.cat(top_ids), torch.cat(top_values)
@@ -206,10 +233,24 @@ def _process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if not (repetition or penalised or too_short or mask is not None):
         return logits
 
-    # Never edit the caller's tensor: raw logprobs are read from it afterwards.
-    work = logits.to(torch.float32, copy=True)
-    device = work.device
-    vocab = work.shape[1]
+    # Never edit the caller's tensor: raw logprobs are read from it afterwards. The grammar mask,
+    # when there is one, makes the working copy; applying it before the penalties is the same as
+    # after, since a penalty leaves -inf at -inf.
+    device = logits.device
+    num_rows, vocab = logits.shape
+    if mask is None:
+        work = logits.to(torch.float32, copy=True)
+    else:
+        mask = mask.to(device=device, non_blocking=True)
+        width = mask.shape[1]
+        if mask.shape[0] != num_rows or width > vocab:
+            raise ValueError(
+                f"allowed_mask must be [{num_rows}, <={vocab}], got {list(mask.shape)}"
+            )
+        work = torch.where(mask, logits[:, :width].float(), float("-inf"))
+        if width < vocab:
+            # Columns past the grammar's vocabulary are padding the tokenizer cannot produce.
+            work = torch.nn.functional.pad(work, (0, vocab - width), value=float("-inf"))
 
     # Penalties touch only the (row, token) pairs in a row's history, never the whole vocabulary.
     if repetition:
@@ -235,17 +276,6 @@ def _process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         # occurrence; every increment of a cell is equal, so the sum is order-independent.
         work[rows, ids] = work[rows, ids] - presence[local]
         work.index_put_((rows, ids), -frequency[local], accumulate=True)
-
-    if mask is not None:
-        mask = mask.to(device=device, non_blocking=True)
-        width = mask.shape[1]
-        if mask.shape[0] != work.shape[0] or width > vocab:
-            raise ValueError(
-                f"allowed_mask must be [{work.shape[0]}, <={vocab}], got {list(mask.shape)}"
-            )
-        # Columns past the grammar's vocabulary are padding the tokenizer cannot produce.
-        work[:, :width].masked_fill_(~mask, float("-inf"))
-        work[:, width:] = float("-inf")
 
     if too_short:
         rows, ids, local = _history_index(too_short, [batch.eos_ids[i] for i in too_short], device)
@@ -290,8 +320,10 @@ def _top_k_top_p_threshold(
     while pending:
         r = _index(pending, num_rows, device)
         k, p = k_all[r], p_all[r]
-        values, ids = x[r].topk(candidates, dim=-1)
+        values, ids = _topk(x[r], candidates)
+        # Masked tokens among the candidates (a grammar allowing fewer than k) carry no mass.
         in_k = torch.arange(candidates, device=device).unsqueeze(0) < k.unsqueeze(1)
+        in_k &= values > float("-inf")
         kept = torch.where(in_k, probs[r].gather(1, ids), 0.0).double()
         # Prefix sums only, so a row's threshold does not depend on how many candidates it got.
         cumulative = kept.cumsum(dim=-1)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_config, write_tiny_gguf, write_tiny_model
 from safetensors.torch import load_file
 
 from radixlm.models.config import ModelConfig
@@ -40,8 +41,8 @@ def test_tiny_hf_folder_round_trip(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_qwen_variants(tmp_path: Path, arch: str) -> None:
-    config, tensors = load_model_files(str(write_tiny_model(tmp_path, arch=arch)))
+def test_qwen_variants(tmp_path: Path, make_tiny_model: Callable[..., Path], arch: str) -> None:
+    config, tensors = load_model_files(str(make_tiny_model(tmp_path, arch=arch)))
     assert config.architecture == arch
     assert config.attention_bias == (arch == "qwen2")
     assert config.qk_norm == (arch == "qwen3")
@@ -52,8 +53,35 @@ def test_qwen_variants(tmp_path: Path, arch: str) -> None:
         assert tensors["model.layers.0.self_attn.q_proj.weight"].shape == (4 * 32, 64)
 
 
-def test_tied_hf_folder_has_no_lm_head(tmp_path: Path) -> None:
-    folder = write_tiny_model(tmp_path, vocab_size=512, tie_word_embeddings=True)
+def test_sharded_hf_folder_reads_the_shards_its_index_names(
+    tmp_path: Path, make_tiny_model: Callable[..., Path]
+) -> None:
+    from safetensors.torch import save_file
+
+    folder = make_tiny_model(tmp_path, vocab_size=512)
+    expected = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(expected)
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
+    for shard, shard_names in shards.items():
+        save_file({n: expected[n] for n in shard_names}, str(folder / shard))
+    weight_map = {n: shard for shard, shard_names in shards.items() for n in shard_names}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    save_file(
+        {"layers.0.attention.wq.weight": torch.zeros(1)}, str(folder / "consolidated.safetensors")
+    )
+    _, tensors = load_model_files(str(folder))
+    assert tensors.keys() == expected.keys()
+    assert all(torch.equal(tensors[n], t) for n, t in expected.items())
+
+
+def test_tied_hf_folder_has_no_lm_head(
+    tmp_path: Path, make_tiny_model: Callable[..., Path]
+) -> None:
+    folder = make_tiny_model(tmp_path, vocab_size=512, tie_word_embeddings=True)
     config, tensors = load_model_files(str(folder))
     assert config.tie_word_embeddings and "lm_head.weight" not in tensors
 
@@ -61,9 +89,9 @@ def test_tied_hf_folder_has_no_lm_head(tmp_path: Path) -> None:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_gguf_matches_the_weights_it_was_converted_from(
-    tmp_path: Path, arch: str, tied: bool
+    tmp_path: Path, make_tiny_gguf: Callable[..., Any], arch: str, tied: bool
 ) -> None:
-    path, expected_config, expected = write_tiny_gguf(
+    path, expected_config, expected = make_tiny_gguf(
         tmp_path / "tiny.gguf", arch=arch, tie_word_embeddings=tied
     )
     config, tensors = load_model_files(str(path))
@@ -75,9 +103,11 @@ def test_gguf_matches_the_weights_it_was_converted_from(
         assert torch.equal(tensors[name], tensor), name
 
 
-def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gguf_conversion_is_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_tiny_gguf: Callable[..., Any]
+) -> None:
     monkeypatch.setenv("RADIXLM_CACHE_DIR", str(tmp_path / "cache"))
-    path, _, expected = write_tiny_gguf(tmp_path / "tiny.gguf")
+    path, _, expected = make_tiny_gguf(tmp_path / "tiny.gguf")
     load_model_files(str(path))
     folder = gguf_cache_path(path)
     assert folder.parent.parent == tmp_path / "cache"
@@ -98,7 +128,7 @@ def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         load_model_files(str(path))
 
 
-def test_bad_paths(tmp_path: Path) -> None:
+def test_bad_paths(tmp_path: Path, make_tiny_model: Callable[..., Path]) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model_files(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="neither"):
@@ -107,16 +137,15 @@ def test_bad_paths(tmp_path: Path) -> None:
     not_gguf.write_text("not a gguf")
     with pytest.raises(ValueError, match="neither"):
         load_model_files(str(not_gguf))
-    no_weights = tmp_path / "no-weights"
-    no_weights.mkdir()
-    (no_weights / "config.json").write_text(json.dumps(tiny_config()))
+    folder = make_tiny_model(tmp_path / "model", vocab_size=512)
+    (folder / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="safetensors"):
-        load_model_files(str(no_weights))
-    (no_weights / "config.json").write_text(
-        json.dumps(tiny_config() | {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
-    )
+        load_model_files(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="unsupported"):
-        load_model_files(str(no_weights))
+        load_model_files(str(folder))
 
 
 def test_gguf_with_unsupported_architecture(tmp_path: Path) -> None:

@@ -1,0 +1,87 @@
+"""The FastAPI application: routes, API key check, and errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from radixlm.server.errors import ApiError, error_body
+from radixlm.server.http import json_response
+from radixlm.server.native_api import native_router
+from radixlm.server.openai_api import openai_router
+from radixlm.server.tokenizer_manager import TokenizerManager
+
+logger = logging.getLogger(__name__)
+
+# Probes and scrapers must work without the key (as in SGLang): /health, /health_generate, /metrics.
+OPEN_PREFIXES = ("/health", "/metrics")
+
+
+class ApiKeyMiddleware:
+    """401 unless `Authorization: Bearer <key>`; a plain ASGI wrapper, so streams pass untouched."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the header, then hand over to the app."""
+        if scope["type"] == "http" and scope["method"] != "OPTIONS":
+            path: str = scope["path"]
+            if not path.startswith(OPEN_PREFIXES):
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(given, self.expected):
+                    body = error_body(
+                        401, "missing or wrong API key (send Authorization: Bearer <key>)"
+                    )
+                    await json_response(body, 401)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    manager: TokenizerManager,
+    api_key: str | None = None,
+    server_args: Mapping[str, Any] | None = None,
+) -> FastAPI:
+    """The app over a manager whose engine starts with the app and stops with it."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        manager.start()
+        try:
+            yield
+        finally:
+            manager.shutdown()
+
+    app = FastAPI(
+        title="radixlm", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None
+    )
+    app.include_router(native_router(manager, server_args or {}))
+    app.include_router(openai_router(manager))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return json_response(exc.body(), exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return json_response(error_body(exc.status_code, str(exc.detail)), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unexpected error on %s", request.url.path)
+        return json_response(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), 500)
+
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    return app

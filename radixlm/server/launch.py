@@ -1,0 +1,62 @@
+"""Start the HTTP server: bind the port, start the engine in the background, serve until a signal."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from radixlm.engine.args import EngineArgs
+from radixlm.server.app import create_app
+from radixlm.server.tokenizer_manager import TokenizerManager
+
+logger = logging.getLogger(__name__)
+
+# Seconds that streams still running at Ctrl-C / SIGTERM get before they are cut.
+GRACEFUL_SHUTDOWN_S = 5
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Listen on host:port (port 0 picks a free one); fails before any model is loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048)
+
+
+def serve(
+    engine_args: EngineArgs, host: str = "127.0.0.1", port: int = 30000, api_key: str | None = None
+) -> int:
+    """Run the server until Ctrl-C or SIGTERM; the exit status (1 if the engine failed to start)."""
+    import uvicorn
+
+    try:
+        sock = bind(host, port)
+    except OSError as e:  # the port is taken, or the address is not ours
+        logger.error("cannot listen on %s:%d: %s", host, port, e)
+        return 1
+    port = sock.getsockname()[1]
+    manager = TokenizerManager(engine_args)
+    app = create_app(manager, api_key, {"host": host, "port": port})
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="info",
+            access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+    )
+
+    def stop(reason: str) -> None:
+        server.should_exit = True
+
+    manager.on_start_failure = stop
+    url_host = f"[{host}]" if ":" in host else host
+    # Tests and scripts read this line to learn the port (with --port 0).
+    logger.info(
+        "radixlm listening on http://%s:%d, loading model %r from %s",
+        url_host, port, manager.served_model_name, manager.model_path,
+    )  # fmt: skip
+    try:
+        server.run(sockets=[sock])
+    finally:
+        manager.shutdown()  # idempotent; covers exits that skip the app's shutdown
+        sock.close()
+    return 1 if manager.engine is None and manager.failure is not None else 0

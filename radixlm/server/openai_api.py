@@ -1,0 +1,413 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions and /v1/chat/completions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from radixlm.engine.frontend import GenerateInput, RequestState
+from radixlm.engine.io import LogprobEntry
+from radixlm.server.errors import ApiError
+from radixlm.server.http import (
+    DONE,
+    EventStream,
+    json_response,
+    sse,
+    sse_error,
+    submit,
+    wait_finished,
+)
+from radixlm.server.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from radixlm.server.tokenizer_manager import EngineUnavailable, RequestGroup, TokenizerManager
+from radixlm.tokenizer import Tokenizer
+
+# SamplingParams names the SGLang keys; an OpenAI client sent these instead.
+_OPENAI_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "sampling_seed": "seed",
+}
+
+
+def openai_names(message: str) -> str:
+    """An engine validation message, with SGLang's parameter names turned into OpenAI's."""
+    for sglang, openai in _OPENAI_NAMES.items():
+        message = message.replace(sglang, openai)
+    return message
+
+
+# ---- requests -> GenerateInput ---------------------------------------------------------------
+
+
+def completion_input(req: CompletionRequest) -> GenerateInput:
+    """The engine input of a completion request (one entry per prompt; n fans out later)."""
+    prompt = req.prompt
+    if not prompt and not isinstance(prompt, str):
+        raise ApiError(400, "prompt must not be empty", "prompt")
+    text: str | list[str] | None = None
+    ids: list[int] | list[list[int]] | None = None
+    if isinstance(prompt, str) or isinstance(prompt[0], str):
+        text = prompt  # type: ignore[assignment]
+    else:
+        ids = prompt  # type: ignore[assignment]
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    return GenerateInput(
+        text=text,
+        input_ids=ids,
+        sampling_params=req.sampling_params(max_tokens),
+        return_logprob=req.logprobs is not None,
+        # echo with logprobs scores the prompt too
+        logprob_start_len=0 if req.echo and req.logprobs is not None else -1,
+        top_logprobs_num=req.logprobs or 0,
+        stream=req.stream,
+    )
+
+
+def echo_texts(req: CompletionRequest, tokenizer: Tokenizer) -> list[str]:
+    """Each prompt as text, for echo."""
+    p = req.prompt
+    if isinstance(p, str):
+        return [p]
+    if isinstance(p[0], str):
+        return list(p)  # type: ignore[arg-type]
+    if isinstance(p[0], int):
+        return [tokenizer.decode(p)]  # type: ignore[arg-type]
+    return [tokenizer.decode(ids) for ids in p]  # type: ignore[union-attr]
+
+
+def chat_prompt_ids(req: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
+    """Render the conversation with the model's chat template and tokenize it."""
+    try:
+        text = tokenizer.apply_chat_template(
+            req.conversation(), add_generation_prompt=True, **(req.chat_template_kwargs or {})
+        )
+    except ApiError:
+        raise
+    except Exception as e:  # a template's raise_exception, a missing template, bad kwargs
+        raise ApiError(400, f"messages: the chat template failed: {e}", "messages") from None
+    # The rendered prompt carries its own BOS where the template wants one.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def chat_input(req: ChatCompletionRequest, ids: list[int], context_len: int) -> GenerateInput:
+    """The engine input of a chat request; no max_tokens means up to the context length."""
+    max_tokens = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
+    if max_tokens is None:
+        max_tokens = max(context_len - len(ids), 0)
+    return GenerateInput(
+        input_ids=ids,
+        sampling_params=req.sampling_params(max_tokens),
+        return_logprob=req.logprobs,
+        top_logprobs_num=req.top_logprobs or 0,
+        stream=req.stream,
+    )
+
+
+# ---- GenerateInput results -> OpenAI shapes ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """What every chunk and answer of one call repeats."""
+
+    id: str
+    created: int
+    model: str
+    tokenizer: Tokenizer
+    n: int
+
+    def envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+
+def finish_fields(state: RequestState) -> dict[str, Any]:
+    """finish_reason ("stop", "length" or "abort") and SGLang's matched_stop."""
+    fr = state.finish_reason
+    if fr is None:
+        return {"finish_reason": None}
+    return {"finish_reason": fr["type"], "matched_stop": fr.get("matched")}
+
+
+def abort_message(states: list[RequestState]) -> str | None:
+    """The message of the first aborted request, if one was."""
+    for s in states:
+        if s.finish_reason is not None and s.finish_reason["type"] == "abort":
+            return f"the request was aborted: {s.finish_reason.get('message', '')}"
+    return None
+
+
+def usage(states: list[RequestState], n: int) -> dict[str, Any]:
+    """Token counts; a prompt sampled n times counts once."""
+    firsts = states[::n]
+    prompt = sum(len(s.req.input_ids) for s in firsts)
+    completion = sum(len(s.output_ids) for s in states)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(s.cached_tokens for s in firsts)},
+    }
+
+
+def legacy_logprobs(
+    tok: Tokenizer, entries: list[LogprobEntry], tops: list[list[LogprobEntry]] | None, offset: int
+) -> dict[str, Any]:
+    """/v1/completions logprobs: tokens, token_logprobs, top_logprobs and text_offset."""
+    tokens = [tok.token_text(i) for _, i in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for lp, _ in entries],
+        "top_logprobs": None
+        if tops is None
+        else [{tok.token_text(i): lp for lp, i in t} or None for t in tops],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(
+    tok: Tokenizer, entries: list[LogprobEntry], tops: list[list[LogprobEntry]]
+) -> list[dict[str, Any]]:
+    """/v1/chat/completions logprobs.content entries."""
+
+    def item(lp: float | None, i: int) -> dict[str, Any]:
+        text = tok.token_text(i)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return [
+        {**item(lp, i), "top_logprobs": [item(tlp, ti) for tlp, ti in (tops[j] if tops else [])]}
+        for j, (lp, i) in enumerate(entries)
+    ]
+
+
+class _Progress:
+    """How much of one choice a stream has sent."""
+
+    __slots__ = ("text", "input_lp", "output_lp", "offset", "started")
+
+    def __init__(self) -> None:
+        self.text = self.input_lp = self.output_lp = self.offset = 0
+        self.started = False
+
+    def delta(self, state: RequestState) -> str:
+        text = state.text
+        new = text[self.text :]
+        self.text = max(self.text, len(text))
+        return new
+
+
+def _completion_choice(
+    reply: _Reply, req: CompletionRequest, k: int, s: RequestState, prompts: list[str]
+) -> dict[str, Any]:
+    prefix = prompts[k // reply.n] if req.echo else ""
+    logprobs = None
+    if req.logprobs is not None:
+        entries = (s.input_logprobs if req.echo else []) + s.output_logprobs
+        tops = None
+        if req.logprobs:
+            tops = (s.input_top_logprobs if req.echo else []) + s.output_top_logprobs
+        logprobs = legacy_logprobs(reply.tokenizer, entries, tops, 0)
+    return {"index": k, "text": prefix + s.text, "logprobs": logprobs, **finish_fields(s)}
+
+
+async def _completion_events(
+    reply: _Reply, req: CompletionRequest, group: RequestGroup, prompts: list[str]
+) -> AsyncGenerator[bytes, None]:
+    progress = [_Progress() for _ in group.states]
+    try:
+        while not group.finished:
+            for k in await group.updates():
+                s, p = group.states[k], progress[k]
+                if (message := abort_message([s])) is not None:
+                    yield sse_error(400, message)
+                    yield DONE
+                    return
+                text = p.delta(s)
+                if not p.started and req.echo:
+                    text = prompts[k // reply.n] + text
+                logprobs = None
+                if req.logprobs is not None:
+                    entries = s.output_logprobs[p.output_lp :]
+                    tops = s.output_top_logprobs[p.output_lp :] if req.logprobs else None
+                    if req.echo:
+                        entries = s.input_logprobs[p.input_lp :] + entries
+                        if tops is not None:
+                            tops = s.input_top_logprobs[p.input_lp :] + tops
+                    p.input_lp, p.output_lp = len(s.input_logprobs), len(s.output_logprobs)
+                    logprobs = legacy_logprobs(reply.tokenizer, entries, tops, p.offset)
+                    p.offset += sum(map(len, logprobs["tokens"]))
+                p.started = True
+                if text or s.finished or (logprobs and logprobs["tokens"]):
+                    choice = {"index": k, "text": text, "logprobs": logprobs, **finish_fields(s)}
+                    yield sse(reply.envelope("text_completion", [choice]))
+    except EngineUnavailable as e:
+        yield sse_error(503, str(e))
+        yield DONE
+        return
+    if req.include_usage:
+        yield sse({**reply.envelope("text_completion", []), "usage": usage(group.states, reply.n)})
+    yield DONE
+
+
+def _chat_choice(
+    reply: _Reply, req: ChatCompletionRequest, k: int, s: RequestState
+) -> dict[str, Any]:
+    logprobs = None
+    if req.logprobs:
+        logprobs = {
+            "content": chat_logprobs(reply.tokenizer, s.output_logprobs, s.output_top_logprobs)
+        }
+    return {
+        "index": k,
+        "message": {"role": "assistant", "content": s.text},
+        "logprobs": logprobs,
+        **finish_fields(s),
+    }
+
+
+async def _chat_events(
+    reply: _Reply, req: ChatCompletionRequest, group: RequestGroup
+) -> AsyncGenerator[bytes, None]:
+    progress = [_Progress() for _ in group.states]
+    try:
+        while not group.finished:
+            for k in await group.updates():
+                s, p = group.states[k], progress[k]
+                if (message := abort_message([s])) is not None:
+                    yield sse_error(400, message)
+                    yield DONE
+                    return
+                delta: dict[str, Any] = {"role": "assistant"} if not p.started else {}
+                text = p.delta(s)
+                if text or not p.started:
+                    delta["content"] = text
+                logprobs = None
+                if req.logprobs:
+                    content = chat_logprobs(
+                        reply.tokenizer,
+                        s.output_logprobs[p.output_lp :],
+                        s.output_top_logprobs[p.output_lp :],
+                    )
+                    p.output_lp = len(s.output_logprobs)
+                    logprobs = {"content": content}
+                p.started = True
+                if delta or s.finished or (logprobs and logprobs["content"]):
+                    choice = {"index": k, "delta": delta, "logprobs": logprobs, **finish_fields(s)}
+                    yield sse(reply.envelope("chat.completion.chunk", [choice]))
+    except EngineUnavailable as e:
+        yield sse_error(503, str(e))
+        yield DONE
+        return
+    if req.include_usage:
+        yield sse(
+            {**reply.envelope("chat.completion.chunk", []), "usage": usage(group.states, reply.n)}
+        )
+    yield DONE
+
+
+# ---- routes ---------------------------------------------------------------------------------
+
+
+def openai_router(manager: TokenizerManager) -> APIRouter:
+    """The /v1 routes over one tokenizer manager."""
+    router = APIRouter()
+    created = int(time.time())
+
+    def ready_tokenizer() -> Tokenizer:
+        try:
+            manager.check_ready()
+        except EngineUnavailable as e:
+            raise ApiError(503, str(e)) from None
+        assert manager.tokenizer is not None
+        return manager.tokenizer
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in (manager.served_model_name, manager.model_path):
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist; this server serves {manager.served_model_name!r}",
+                "model",
+            )
+
+    def reply_for(kind: str, tokenizer: Tokenizer, n: int) -> _Reply:
+        return _Reply(
+            f"{kind}-{uuid.uuid4().hex}", int(time.time()), manager.served_model_name, tokenizer, n
+        )
+
+    def on_close(group: RequestGroup) -> Callable[[], None]:
+        return lambda: manager.abort_unfinished(group)
+
+    @router.get("/v1/models")
+    async def models() -> Response:
+        ready_tokenizer()
+        card = {
+            "id": manager.served_model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "radixlm",
+            "root": manager.model_path,
+            "max_model_len": manager.info["context_len"],
+        }
+        return json_response({"object": "list", "data": [card]})
+
+    @router.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_body(CompletionRequest, await request.body())
+        check_model(req.model)
+        req.check_supported()
+        tokenizer = ready_tokenizer()
+        group = await submit(manager, completion_input(req), openai_names)
+        reply = reply_for("cmpl", tokenizer, req.n)
+        prompts = echo_texts(req, tokenizer) if req.echo else []
+        if req.stream:
+            return EventStream(_completion_events(reply, req, group, prompts), on_close(group))
+        await wait_finished(request, manager, group)
+        if (message := abort_message(group.states)) is not None:
+            raise ApiError(400, message)
+        choices = [
+            _completion_choice(reply, req, k, s, prompts) for k, s in enumerate(group.states)
+        ]
+        return json_response(
+            {**reply.envelope("text_completion", choices), "usage": usage(group.states, req.n)}
+        )
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_body(ChatCompletionRequest, await request.body())
+        check_model(req.model)
+        req.check_supported()
+        tokenizer = ready_tokenizer()
+        size = sum(len(m.content) if isinstance(m.content, str) else 0 for m in req.messages)
+        ids = await manager.offload(size, chat_prompt_ids, req, tokenizer)
+        inp = chat_input(req, ids, manager.info["context_len"])
+        group = await submit(manager, inp, openai_names)
+        reply = reply_for("chatcmpl", tokenizer, req.n)
+        if req.stream:
+            return EventStream(_chat_events(reply, req, group), on_close(group))
+        await wait_finished(request, manager, group)
+        if (message := abort_message(group.states)) is not None:
+            raise ApiError(400, message)
+        choices = [_chat_choice(reply, req, k, s) for k, s in enumerate(group.states)]
+        return json_response(
+            {**reply.envelope("chat.completion", choices), "usage": usage(group.states, req.n)}
+        )
+
+    return router

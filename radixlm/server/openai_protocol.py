@@ -1,0 +1,180 @@
+"""OpenAI's request bodies for /v1/completions and /v1/chat/completions, with SGLang's extras."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from radixlm.server.errors import ApiError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Strict(BaseModel):
+    # Unknown fields are errors (OpenAI rejects them too); "1" is not a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    """`stream_options`: whether the last event carries the usage."""
+
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # SGLang's extra body fields.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    # Structured output: parsed so that the answer can say "not supported yet" rather than
+    # "unknown field".
+    regex: str | None = None
+    ebnf: str | None = None
+    json_schema: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def sampling_params(self, max_new_tokens: int) -> dict[str, Any]:
+        """SGLang's sampling_params for these fields (unset ones keep SGLang's defaults)."""
+        params = {
+            "max_new_tokens": max_new_tokens,
+            "min_new_tokens": self.min_tokens,
+            "n": self.n,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "ignore_eos": self.ignore_eos,
+            "sampling_seed": self.seed,
+            "skip_special_tokens": self.skip_special_tokens,
+        }
+        return {k: v for k, v in params.items() if v is not None}
+
+    def check_supported(self) -> None:
+        """400 for fields that parse but name a feature radixlm does not have (yet)."""
+        for key in ("regex", "ebnf", "json_schema"):
+            if getattr(self, key) is not None:
+                raise ApiError(400, f"structured output ({key}) is not supported yet", key)
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise ApiError(
+                400, f"response_format of type {kind!r} is not supported yet", "response_format"
+            )
+        if self.logit_bias:
+            raise ApiError(400, "logit_bias is not supported", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(
+                400, "stream_options is only allowed when stream is true", "stream_options"
+            )
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingFields):
+    """The body of /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation; extra keys (name, tool_calls) reach the chat template."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """The body of /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        """As for completions, plus tools and a top_logprobs without logprobs."""
+        super().check_supported()
+        if self.tools:
+            raise ApiError(400, "tools are not supported", "tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ApiError(400, "tool_choice is not supported", "tool_choice")
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(400, "top_logprobs requires logprobs: true", "top_logprobs")
+
+    def conversation(self) -> list[dict[str, Any]]:
+        """The messages as the chat template expects them: text parts joined into a string."""
+        out = []
+        for i, m in enumerate(self.messages):
+            msg = m.model_dump(exclude_none=True)
+            if isinstance(m.content, list):
+                texts = []
+                for part in m.content:
+                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise ApiError(
+                            400,
+                            f"messages[{i}].content: only text parts are supported",
+                            f"messages.{i}.content",
+                        )
+                    texts.append(part["text"])
+                msg["content"] = "\n".join(texts)
+            elif m.content is None:
+                msg["content"] = ""
+            out.append(msg)
+        return out
+
+
+# Union members appear in pydantic's error locations ("prompt.list[int].0"); readers want fields.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def parse_body(model: type[M], raw: bytes) -> M:
+    """Validate a JSON body; the first problem becomes a 400 naming its field."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [
+            str(x)
+            for x in err["loc"]
+            if isinstance(x, int) or (x not in _TYPE_TAGS and "[" not in x and "-" not in x)
+        ]
+        if not loc:
+            if err["type"] == "json_invalid":
+                raise ApiError(400, f"the body is not valid JSON: {err['msg']}") from None
+            raise ApiError(400, f"the body must be a JSON object: {err['msg']}") from None
+        field = ".".join(loc)
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ApiError(400, f"{field}: {msg}", field) from None
