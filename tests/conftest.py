@@ -36,6 +36,14 @@ def radixlm_cache_dir(
         yield path
 
 
+@pytest.fixture
+def tmp_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty conversion cache for one test (cold starts; nothing left behind)."""
+    path = tmp_path / "radixlm-cache"
+    monkeypatch.setenv("RADIXLM_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """The embedded SmolLM2-135M-Instruct GGUF file."""
@@ -193,9 +201,16 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny_gguf(
-    path: Path, arch: str = "llama", seed: int = 0, pre: str = "smollm", **overrides: Any
+    path: Path,
+    arch: str = "llama",
+    seed: int = 0,
+    tokenizer_model: str = "gpt2",
+    **overrides: Any,
 ) -> tuple[Path, ModelConfig, dict[str, torch.Tensor]]:
-    """Write a tiny float32 GGUF the way llama.cpp's converter would; returns it with its HF config and weights."""
+    """Write a tiny float32 GGUF as llama.cpp's converter would; returns it, its config and weights.
+
+    `overrides` go to the config.json the weights are made from (`tie_word_embeddings=True`, ...).
+    """
     import gguf
 
     tok = tiny_gguf_tokenizer_metadata()
@@ -214,8 +229,8 @@ def write_tiny_gguf(
     writer.add_value_length(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_tokenizer_model(tok["tokenizer.ggml.model"])
-    writer.add_tokenizer_pre(pre)
+    writer.add_tokenizer_model(tokenizer_model)
+    writer.add_tokenizer_pre(tok["tokenizer.ggml.pre"])
     writer.add_token_list(tok["tokenizer.ggml.tokens"])
     writer.add_token_types(tok["tokenizer.ggml.token_type"])
     writer.add_token_merges(tok["tokenizer.ggml.merges"])

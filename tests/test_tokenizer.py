@@ -12,7 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from radixlm.models.gguf import METADATA_FILES, WEIGHTS_FILE, gguf_cache_path, hf_tokenizer
+from radixlm.models.gguf import (
+    CONFIG_FILES,
+    TOKENIZER_FILES,
+    WEIGHTS_FILE,
+    gguf_cache_path,
+    hf_tokenizer,
+)
 from radixlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
@@ -145,13 +151,12 @@ def test_gguf_pre_tokenizers(
 
 
 def test_tokenizer_from_gguf_converts_only_metadata(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_tiny_gguf: Callable[..., Any]
+    tmp_path: Path, tmp_cache_dir: Path, make_tiny_gguf: Callable[..., Any]
 ) -> None:
-    monkeypatch.setenv("RADIXLM_CACHE_DIR", str(tmp_path / "cache"))
     path, _, _ = make_tiny_gguf(tmp_path / "tiny.gguf")
     tok = Tokenizer.load(str(path))
     folder = gguf_cache_path(path)
-    assert all((folder / name).is_file() for name in METADATA_FILES)
+    assert all((folder / name).is_file() for name in (*CONFIG_FILES, *TOKENIZER_FILES))
     assert not (folder / WEIGHTS_FILE).exists()
     assert tok.encode(" the<|im_end|>") == [261, 2]  # the merged " the", then a control token
     assert tok.decode([261, 2]) == " the"

@@ -6,7 +6,12 @@ import torch
 
 
 class KVPool:
-    """Per-layer K and V tensors of [num_slots + 1, num_kv_heads, head_dim]; slot 0 is a padding sink that is never allocated (padded gathers/writes point at it)."""
+    """Per-layer K and V tensors of [num_kv_heads, num_slots + 1, head_dim]; slot 0 is a padding
+    sink that is never allocated (padded gathers point at it).
+
+    Head-major, so that a gather of many slots yields [kv_heads, tokens, head_dim] blocks that
+    batched matmuls read without another copy.
+    """
 
     def __init__(
         self,
@@ -25,15 +30,16 @@ class KVPool:
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = torch.device(device)
-        shape = (num_slots + 1, num_kv_heads, head_dim)
-        # Zeros, not empty: padded reads of slot 0 must be finite, or a masked score times NaN
-        # would still poison the attention output.
-        self.k: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
-        ]
-        self.v: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
-        ]
+        shape = (num_kv_heads, num_slots + 1, head_dim)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        for _ in range(num_layers):
+            for store in (self.k, self.v):
+                # Empty, not zeros: a slot is always written before it is read, so only the
+                # padding slot needs finite values (a masked score times NaN is still NaN).
+                t = torch.empty(shape, dtype=dtype, device=self.device)
+                t[:, 0].zero_()
+                store.append(t)
 
     @staticmethod
     def bytes_per_slot(

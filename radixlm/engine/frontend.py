@@ -156,6 +156,7 @@ class RequestState:
         self.output_top_logprobs.extend(out.output_top_logprobs)
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
+            self.detok.flush()
 
     @property
     def text(self) -> str:

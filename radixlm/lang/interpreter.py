@@ -13,7 +13,6 @@ from radixlm.lang.ir import (
     CommitPrefix,
     ConcatForks,
     Expr,
-    ExprList,
     Gen,
     GenParams,
     RoleBegin,
@@ -22,10 +21,11 @@ from radixlm.lang.ir import (
     Text,
     VarScopeBegin,
     VarScopeEnd,
+    flatten,
     variable_names,
 )
 
-SPEC_MAX_TRIES = 3  # chat-model speculation: attempts before giving up on the format
+SPEC_MAX_TRIES = 3  # chat-model speculation: sampled attempts before giving up on the format
 
 
 class Executor:
@@ -66,13 +66,14 @@ class Executor:
         self._role_start = 0
         self._scopes: dict[str, int] = {}
         self._speculated = ""  # completion-model speculation: generated text not yet consumed
+        self._speculated_to_eos = False  # ... which ends where the model itself stopped
         self._spec_segments: list[Text | Gen] | None = None  # chat speculation in an assistant turn
 
     # ---- the program side ------------------------------------------------------------------
 
     def submit(self, expr: Expr) -> None:
         """Queue an expression; returns before it runs (unless inline)."""
-        items = expr.items if isinstance(expr, ExprList) else [expr]
+        items = flatten(expr)
         with self._cond:
             if self.error is not None:
                 return  # a failed state runs nothing more; readers see the error
@@ -150,11 +151,13 @@ class Executor:
     def text_iter(self, name: str | None) -> Iterator[str]:
         """Pieces of the text (or of variable `name`) as they are generated."""
         seen = 0
+
+        def news() -> bool:
+            return len(self._streamed(name)) > seen or self._stream_done(name)
+
         while True:
             with self._cond:
-                self._cond.wait_for(
-                    lambda n=seen: len(self._streamed(name)) > n or self._stream_done(name)
-                )  # type: ignore[misc]
+                self._cond.wait_for(news)
                 value = self._streamed(name)
                 done = self._stream_done(name)
             if len(value) > seen:
@@ -290,12 +293,17 @@ class Executor:
             ask = replace(params, max_new_tokens=ahead, stop=None, n=None)
             comp, meta = self.backend.generate(self._prompt(), ask)
             self._speculated = comp[0] if isinstance(comp, list) else comp
+            self._speculated_to_eos = _stopped_by_model(meta)
         cuts = [p for s in stops if (p := self._speculated.find(s)) >= 0]
-        if not cuts:  # the speculation ran out before the gen ended: ask for the rest
+        if cuts:
+            cut = min(cuts)
+        elif self._speculated_to_eos:  # the model ended there: the gen would end there too
+            cut = len(self._speculated)
+        else:  # the speculation ran out before the gen ended: ask for the rest
             self._speculated = ""
             comp, meta = self.backend.generate(self._prompt(), params)
             return (comp[0] if isinstance(comp, list) else comp), meta
-        value, self._speculated = self._speculated[: min(cuts)], self._speculated[min(cuts) :]
+        value, self._speculated = self._speculated[:cut], self._speculated[cut:]
         return value, meta
 
     def _role_begin(self, role: str) -> None:
@@ -328,7 +336,9 @@ class Executor:
         meta: Any = {}
         if gens:
             ask = replace(gens[0].params, max_new_tokens=self.spec_tokens, stop=None, n=None)
-            for _ in range(SPEC_MAX_TRIES):
+            # A greedy reply would only repeat itself; a sampled one may follow the format next time.
+            tries = SPEC_MAX_TRIES if (ask.temperature or 0.0) > 0.0 else 1
+            for _ in range(tries):
                 comp, meta = self.backend.generate(self._prompt(), ask)
                 reply = comp[0] if isinstance(comp, list) else comp
                 values = match_segments(segments, reply)
@@ -344,6 +354,14 @@ class Executor:
             self._append(value)
             if isinstance(seg, Gen) and seg.name is not None:
                 self.set_var(seg.name, value, meta)
+
+
+def _stopped_by_model(meta: Any) -> bool:
+    """Whether a generation ended on an end-of-sequence token (not a length limit)."""
+    reason = meta.get("finish_reason") if isinstance(meta, dict) else None
+    if isinstance(reason, dict):  # native: {"type": "stop", "matched": ...}
+        reason = reason.get("type")
+    return reason == "stop"
 
 
 def match_segments(segments: list[Text | Gen], reply: str) -> list[str] | None:

@@ -147,6 +147,9 @@ class Gen(Expr):
     name: str | None
     params: GenParams
 
+    def __repr__(self) -> str:
+        return f"Gen({self.name!r})"
+
 
 @dataclass(eq=False)
 class Select(Expr):
@@ -196,6 +199,13 @@ class ConcatForks(Expr):
     """Append the text each fork added after the fork point (join mode concate_and_append)."""
 
     forks: list[Executor] = field(default_factory=list)
+
+
+def flatten(expr: Expr) -> list[Expr]:
+    """The expression as a flat sequence (ExprLists nest when programs compose them)."""
+    if isinstance(expr, ExprList):
+        return [leaf for e in expr.items for leaf in flatten(e)]
+    return [expr]
 
 
 def variable_names(expr: Expr) -> list[str]:

@@ -28,9 +28,10 @@ _default_backend: Backend | None = None
 
 
 def set_default_backend(backend: Any) -> None:
-    """Use `backend` (a Backend, an Engine or an object with `.endpoint`) when run() names none."""
+    """Use `backend` (a Backend, an Engine or an object with `.endpoint`) when run() names none;
+    None clears it."""
     global _default_backend
-    _default_backend = as_backend(backend)
+    _default_backend = None if backend is None else as_backend(backend)
 
 
 def get_default_backend() -> Backend | None:

@@ -24,12 +24,8 @@ if TYPE_CHECKING:
     import tokenizers
 
 GGUF_MAGIC = b"GGUF"
-METADATA_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WEIGHTS_FILE = "model.safetensors"
 # Part of the cache key: bump it when the conversion's output changes, so stale entries are ignored.
 _CONVERTER_VERSION = 1
@@ -99,14 +95,14 @@ def gguf_cache_path(path: str | Path) -> Path:
 def convert_gguf(path: str | Path, *, weights: bool = True) -> Path:
     """Convert a GGUF file into a Hugging Face folder in the cache, unless done, and return it.
 
-    With `weights=False` only the config and tokenizer files are made (all a tokenizer needs).
+    With `weights=True` the folder gets the config and the weights, and the tokenizer files when
+    the tokenizer is supported; with `weights=False` the config and the tokenizer files.
     """
     if not is_gguf_file(path):
         raise ValueError(f"{path} is not a GGUF file")
     folder = gguf_cache_path(path)
-    missing_metadata = any(not (folder / name).exists() for name in METADATA_FILES)
-    missing_weights = weights and not (folder / WEIGHTS_FILE).exists()
-    if not (missing_metadata or missing_weights):
+    wanted = (*CONFIG_FILES, WEIGHTS_FILE) if weights else (*CONFIG_FILES, *TOKENIZER_FILES)
+    if all((folder / name).exists() for name in wanted):
         return folder
 
     import gguf
@@ -115,17 +111,23 @@ def convert_gguf(path: str | Path, *, weights: bool = True) -> Path:
     metadata = {name: field.contents() for name, field in reader.fields.items()}
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
     config = hf_config(metadata, shapes)
-    # The metadata files are cheap once the reader has parsed the file, so a weights conversion
-    # always (re)writes them too: the tokenizer then never has to parse the GGUF again.
     _write_json(folder / "config.json", config)
     _write_json(
         folder / "generation_config.json",
         {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]},
     )
-    _write_json(folder / "tokenizer_config.json", hf_tokenizer_config(metadata))
-    tokenizer = hf_tokenizer(metadata)
-    atomic_write(folder / "tokenizer.json", lambda tmp: tokenizer.save(str(tmp)))
-    if missing_weights:
+    # The tokenizer files are cheap once the reader has parsed the file, so a weights conversion
+    # writes them too and the tokenizer never has to parse the GGUF again. An unsupported
+    # tokenizer only fails the conversion that asks for it.
+    try:
+        tokenizer = hf_tokenizer(metadata)
+    except ValueError:
+        if not weights:
+            raise
+    else:
+        _write_json(folder / "tokenizer_config.json", hf_tokenizer_config(metadata))
+        atomic_write(folder / "tokenizer.json", lambda tmp: tokenizer.save(str(tmp)))
+    if weights and not (folder / WEIGHTS_FILE).exists():
         _write_weights(reader, config, folder / WEIGHTS_FILE)
     return folder
 
@@ -139,7 +141,10 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> d
         )
 
     def get(key: str, default: Any = None) -> Any:
-        return metadata.get(f"{arch}.{key}", default)
+        value = metadata.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata lacks {arch}.{key}")
+        return value
 
     hidden = int(get("embedding_length"))
     heads = int(get("attention.head_count"))

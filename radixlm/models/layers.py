@@ -90,18 +90,20 @@ def paged_attention(
 ) -> torch.Tensor:
     """Write this step's k/v into the pool, then attend each token over its request's slots.
 
-    q [T, H, D], k/v [T, KVH, D]; the caches are [num_slots + 1, KVH, D]. Returns [T, H, D].
+    q [T, H, D], k/v [T, KVH, D]; the caches are head-major [KVH, num_slots + 1, D].
+    Returns [T, H, D].
     """
-    k_cache.index_copy_(0, batch.out_slots, k)
-    v_cache.index_copy_(0, batch.out_slots, v)
+    kh, vh = k.transpose(0, 1), v.transpose(0, 1)  # [KVH, T, D]
+    k_cache.index_copy_(1, batch.out_slots, kh)
+    v_cache.index_copy_(1, batch.out_slots, vh)
     out = torch.empty_like(q)
     for seq in batch.extends:
         lo, hi = seq.q_start, seq.q_start + seq.q_len
         if seq.prefix_len == 0:
-            ks, vs = k[lo:hi], v[lo:hi]
+            ks, vs = kh[:, lo:hi], vh[:, lo:hi]
         else:
-            ks = k_cache.index_select(0, seq.kv_slots)
-            vs = v_cache.index_select(0, seq.kv_slots)
+            ks = k_cache.index_select(1, seq.kv_slots)
+            vs = v_cache.index_select(1, seq.kv_slots)
         out[lo:hi] = extend_attention(q[lo:hi], ks, vs, seq.prefix_len, scale)
     if batch.decode_kv is not None:
         start = batch.num_extend_tokens
@@ -112,28 +114,27 @@ def paged_attention(
 def extend_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int, scale: float
 ) -> torch.Tensor:
-    """Causal attention of q [T, H, D] (positions prefix_len..) over k/v [prefix_len + T, KVH, D].
+    """Causal attention of q [T, H, D] (positions prefix_len..) over k/v [KVH, prefix_len + T, D].
 
     Grouped-query heads share one batched matmul per KV head; queries go in blocks so that
     keys after a block's last query are never touched.
     """
     t, h, d = q.shape
-    kvh = k.shape[1]
+    kvh = k.shape[0]
     g = h // kvh
-    kt = k.permute(1, 2, 0)  # [KVH, D, L]
-    vt = v.transpose(0, 1)  # [KVH, L, D]
     qg = q.view(t, kvh, g, d).transpose(0, 1)  # [KVH, T, G, D]
     out = torch.empty(kvh, t, g, d, dtype=q.dtype, device=q.device)
     for s in range(0, t, _Q_BLOCK):
         e = min(s + _Q_BLOCK, t)
         n_keys = prefix_len + e
         qb = qg[:, s:e].reshape(kvh, (e - s) * g, d)
-        scores = torch.bmm(qb, kt[:, :, :n_keys]).mul_(scale).view(kvh, e - s, g, n_keys)
+        scores = torch.bmm(qb, k[:, :n_keys].transpose(1, 2)).mul_(scale)
+        scores = scores.view(kvh, e - s, g, n_keys)
         q_pos = torch.arange(prefix_len + s, prefix_len + e, device=q.device)
         hidden = torch.arange(n_keys, device=q.device).view(1, -1) > q_pos.view(-1, 1)
         scores.masked_fill_(hidden.view(1, e - s, 1, n_keys), float("-inf"))
         probs = torch.softmax(scores, dim=-1).view(kvh, (e - s) * g, n_keys)
-        out[:, s:e] = torch.bmm(probs, vt[:, :n_keys]).view(kvh, e - s, g, d)
+        out[:, s:e] = torch.bmm(probs, v[:, :n_keys]).view(kvh, e - s, g, d)
     return out.transpose(0, 1).reshape(t, h, d)
 
 
@@ -148,12 +149,14 @@ def decode_attention(
     assert batch.decode_kv is not None and batch.decode_mask is not None
     b, h, d = q.shape
     n = batch.decode_kv.shape[1]
-    kvh = k_cache.shape[1]
+    kvh = k_cache.shape[0]
     g = h // kvh
     flat = batch.decode_kv.view(-1)
-    kd = k_cache.index_select(0, flat).view(b, n, kvh, d).permute(0, 2, 3, 1)  # [B, KVH, D, N]
-    vd = v_cache.index_select(0, flat).view(b, n, kvh, d).transpose(1, 2)  # [B, KVH, N, D]
-    scores = torch.matmul(q.view(b, kvh, g, d), kd).mul_(scale)  # [B, KVH, G, N]
-    scores.masked_fill_(~batch.decode_mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, vd).view(b, h, d)
+    # Gathered head-major, [KVH * B, N, D] is one strided batch for bmm: no further copies.
+    kd = k_cache.index_select(1, flat).view(kvh * b, n, d)
+    vd = v_cache.index_select(1, flat).view(kvh * b, n, d)
+    qh = q.view(b, kvh, g, d).transpose(0, 1).reshape(kvh * b, g, d)
+    scores = torch.bmm(qh, kd.transpose(1, 2)).mul_(scale).view(kvh, b, g, n)
+    scores.masked_fill_(~batch.decode_mask.view(1, b, 1, n), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(kvh * b, g, n)
+    return torch.bmm(probs, vd).view(kvh, b, g, d).transpose(0, 1).reshape(b, h, d)

@@ -18,8 +18,9 @@ _CANDIDATE_GROWTH = 8
 # Tokens per block of the two-level inverse CDF.
 _CDF_BLOCK = 256
 
-# topk looks only inside the k blocks of this many tokens with the best maxima, when they are a
-# small part of the row: 2-5x faster than topk over the whole row for k up to ~100.
+# argmax and topk look at per-block maxima first (a vectorised reduction), then inside the best
+# blocks only; on CPU this is ~6x faster than argmax, and 2-5x faster than topk for k up to ~100.
+_ARGMAX_BLOCK = 64
 _TOPK_BLOCK = 32
 
 # Rows per log_softmax chunk: bounds the float32 temporary at 64 MiB for long prompts.
@@ -82,12 +83,12 @@ class Sampler:
         work = _process_logits(logits, batch)
         sampled = [i for i, p in enumerate(params) if not p.is_greedy]
         if not sampled:
-            next_ids = work.argmax(dim=-1)
+            next_ids = _argmax(work)
         elif len(sampled) == num_rows:
             next_ids = self._sample_rows(work, batch, sampled)
         else:
             # One argmax over every row is cheaper than gathering the greedy rows first.
-            next_ids = work.argmax(dim=-1)
+            next_ids = _argmax(work)
             index = torch.tensor(sampled, device=logits.device)
             next_ids[index] = self._sample_rows(work[index], batch, sampled)
 
@@ -128,8 +129,11 @@ class Sampler:
             log_min_p = torch.tensor([params[j].min_p for j in min_p_rows], device=device).log()
             # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p)
             threshold[m] = torch.maximum(threshold[m], x[m].amax(dim=-1) + log_min_p)
-        f = _index(filtered, len(rows), device)
-        probs[f] = torch.where(x[f] >= threshold[f].unsqueeze(1), probs[f], 0.0)
+        if len(filtered) == len(rows):
+            probs = torch.where(x >= threshold.unsqueeze(1), probs, 0.0)
+        else:
+            f = torch.tensor(filtered, device=device)
+            probs[f] = torch.where(x[f] >= threshold[f].unsqueeze(1), probs[f], 0.0)
         return _inverse_cdf(probs, self._uniforms(batch, rows, device))
 
     def _uniforms(
@@ -159,27 +163,43 @@ def _index(rows: list[int], num_rows: int, device: torch.device) -> slice | torc
     return slice(None) if len(rows) == num_rows else torch.tensor(rows, device=device)
 
 
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) for a 2-D `x`, ties to the first index as argmax does."""
+    vocab = x.shape[1]
+    if vocab < 4 * _ARGMAX_BLOCK:
+        return x.argmax(dim=-1)
+    block = _block_maxima(x, _ARGMAX_BLOCK).argmax(dim=-1, keepdim=True)
+    columns = block * _ARGMAX_BLOCK + torch.arange(_ARGMAX_BLOCK, device=x.device)
+    # Past the end of the last block the clamp repeats the last column, which comes first.
+    inside = x.gather(1, columns.clamp(max=vocab - 1)).argmax(dim=-1, keepdim=True)
+    return (block * _ARGMAX_BLOCK + inside).squeeze(1)
+
+
 def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x.topk(k, dim=-1): the values (best first) and their ids, for a 2-D float `x`."""
-    num_rows, vocab = x.shape
-    if k * _TOPK_BLOCK * 4 > vocab:
+    """x.topk(k, dim=-1) for a 2-D float `x`: the values, best first, and their ids."""
+    vocab = x.shape[1]
+    # Whole blocks only: a short last block would need padding columns, which a row with fewer
+    # than k finite values could return as ids.
+    if vocab % _TOPK_BLOCK or k * _TOPK_BLOCK * 4 > vocab:
         top = x.topk(k, dim=-1)
         return top.values, top.indices
     # The k best values lie in the k blocks with the best maxima: a block left out has k blocks
     # whose maxima are all at least its own, which are already k values that good.
-    full = vocab - vocab % _TOPK_BLOCK
-    maxima = [x[:, :full].view(num_rows, -1, _TOPK_BLOCK).amax(dim=-1)]
-    if full < vocab:
-        maxima.append(x[:, full:].amax(dim=-1, keepdim=True))
-    blocks = torch.cat(maxima, dim=1).topk(k, dim=-1).indices
-    columns = (
-        blocks.unsqueeze(2) * _TOPK_BLOCK + torch.arange(_TOPK_BLOCK, device=x.device)
-    ).flatten(1)
-    candidates = torch.where(
-        columns < vocab, x.gather(1, columns.clamp(max=vocab - 1)), float("-inf")
-    )
-    top = candidates.topk(k, dim=-1)
+    blocks = _block_maxima(x, _TOPK_BLOCK).topk(k, dim=-1).indices
+    offsets = torch.arange(_TOPK_BLOCK, device=x.device)
+    columns = (blocks.unsqueeze(2) * _TOPK_BLOCK + offsets).flatten(1)
+    top = x.gather(1, columns).topk(k, dim=-1)
     return top.values, columns.gather(1, top.indices)
+
+
+def _block_maxima(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The maximum of each run of `block` columns of `x` [R, V] (the last run may be short)."""
+    num_rows, vocab = x.shape
+    full = vocab - vocab % block
+    maxima = x[:, :full].view(num_rows, full // block, block).amax(dim=-1)
+    if full == vocab:
+        return maxima
+    return torch.cat([maxima, x[:, full:].amax(dim=-1, keepdim=True)], dim=1)
 
 
 def compute_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -312,7 +332,7 @@ def _top_k_top_p_threshold(
     num_rows, vocab = x.shape
     k_all = torch.tensor(top_k, device=device)
     p_all = torch.tensor(top_p, device=device, dtype=torch.float64)
-    threshold = torch.empty(num_rows, device=device)
+    threshold = torch.full((num_rows,), float("-inf"), device=device)
     pending = list(range(num_rows))
     finite_k = [k for k in top_k if k < vocab]
     wants_p = any(p < 1.0 for p in top_p)
@@ -339,9 +359,8 @@ def _top_k_top_p_threshold(
         found = values.gather(1, (count - 1).unsqueeze(1)).squeeze(1)
         # A top-p row without top-k is settled once its candidates hold top_p of the mass.
         settled = has_k | (p >= 1.0) | (cumulative[:, -1] >= limit) | (candidates == vocab)
-        rows = torch.tensor(pending, device=device)
-        threshold[rows[settled]] = found[settled]
-        pending = [pending[j] for j in (~settled).nonzero().flatten().tolist()]
+        threshold[r] = torch.where(settled, found, threshold[r])
+        pending = [i for i, done in zip(pending, settled.tolist(), strict=True) if not done]
         candidates = min(vocab, candidates * _CANDIDATE_GROWTH)
     return threshold
 
@@ -355,7 +374,7 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """
     num_rows, vocab = probs.shape
     full = vocab - vocab % _CDF_BLOCK
-    sums = [probs[:, :full].view(num_rows, -1, _CDF_BLOCK).sum(dim=-1)]
+    sums = [probs[:, :full].view(num_rows, full // _CDF_BLOCK, _CDF_BLOCK).sum(dim=-1)]
     if full < vocab:
         sums.append(probs[:, full:].sum(dim=-1, keepdim=True))
     block_cdf = torch.cat(sums, dim=1).double().cumsum(dim=-1)

@@ -154,7 +154,7 @@ class Scheduler:
                 break
             seen_runs.add(run)
             self.waiting.remove(req)
-            req.node, req.slots, req.tree_len = match.node, match.slots, prefix
+            req.node, req.slots, req.tree_len = match.node, match.slots, match.node.depth
             if not req.admitted:
                 req.cached_tokens, req.admitted = prefix, True
             self.running.append(req)
@@ -333,7 +333,7 @@ class Scheduler:
         assert req.node is not None
         ids = req.fill_ids[: req.kv_len]
         match = self.cache.cache_unfinished(ids, req.slots, req.node)
-        req.slots, req.node, req.tree_len = match.slots, match.node, len(match.slots)
+        req.slots, req.node, req.tree_len = match.slots, match.node, match.node.depth
 
     def _finish_reason(self, req: Req, token: int) -> dict | None:
         p = req.params

@@ -5,14 +5,30 @@ from __future__ import annotations
 import logging
 import socket
 
+import uvicorn
+
 from radixlm.engine.args import EngineArgs
 from radixlm.server.app import create_app
 from radixlm.server.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
 
-# Seconds that streams still running at Ctrl-C / SIGTERM get before they are cut.
+# Seconds that responses still being written at Ctrl-C / SIGTERM get before they are cut.
 GRACEFUL_SHUTDOWN_S = 5
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which on shutdown first ends running generations with an error event,
+    so that their streams close at once instead of being cut after the graceful timeout."""
+
+    def __init__(self, config: uvicorn.Config, manager: TokenizerManager) -> None:
+        super().__init__(config)
+        self.manager = manager
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Fail running requests, then uvicorn's own shutdown (drain, lifespan)."""
+        self.manager.stop_serving("the server is shutting down")
+        await super().shutdown(sockets)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -24,9 +40,7 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(
     engine_args: EngineArgs, host: str = "127.0.0.1", port: int = 30000, api_key: str | None = None
 ) -> int:
-    """Run the server until Ctrl-C or SIGTERM; the exit status (1 if the engine failed to start)."""
-    import uvicorn
-
+    """Run the server until Ctrl-C or SIGTERM; the exit status (1 if it could not start)."""
     try:
         sock = bind(host, port)
     except OSError as e:  # the port is taken, or the address is not ours
@@ -35,14 +49,10 @@ def serve(
     port = sock.getsockname()[1]
     manager = TokenizerManager(engine_args)
     app = create_app(manager, api_key, {"host": host, "port": port})
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level="info",
-            access_log=False,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        )
+    config = uvicorn.Config(
+        app, log_level="info", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
     )
+    server = _Server(config, manager)
 
     def stop(reason: str) -> None:
         server.should_exit = True

@@ -50,6 +50,11 @@ def parse_generate(data: Mapping[str, Any]) -> GenerateInput:
     for key in ("stream", "return_text_in_logprobs"):
         if not isinstance(data.get(key, False), bool):
             raise ApiError(400, f"{key} must be true or false", key)
+    _check_type(data, "text", str)
+    if not isinstance(data.get("input_ids", []), list):
+        raise ApiError(
+            400, "input_ids must be a list of token ids or a list of such lists", "input_ids"
+        )
     _check_type(data, "return_logprob", bool)
     _check_type(data, "logprob_start_len", int)
     _check_type(data, "top_logprobs_num", int)

@@ -33,6 +33,7 @@ _OPENAI_NAMES = {
     "max_new_tokens": "max_tokens",
     "min_new_tokens": "min_tokens",
     "sampling_seed": "seed",
+    "input_ids": "prompt",
 }
 
 

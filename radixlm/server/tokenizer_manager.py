@@ -156,6 +156,14 @@ class TokenizerManager:
             self.info["context_len"], self.info["device"], self.info["dtype"],
         )  # fmt: skip
 
+    def stop_serving(self, reason: str) -> None:
+        """Refuse new requests and end running ones with an error (the server is going down)."""
+        if self.ready:
+            self.abort_all()  # the engine frees their slots while it winds down
+        if self.failure is None:
+            self.failure = reason
+        self._fail_running(reason)
+
     def shutdown(self) -> None:
         """Stop the engine; requests still running end with an error."""
         self._closing = True
@@ -226,6 +234,9 @@ class TokenizerManager:
             logger.error("%s; failing %d running requests", reason, len(self._running))
         if self.failure is None:
             self.failure = reason
+        self._fail_running(reason)
+
+    def _fail_running(self, reason: str) -> None:
         error = EngineUnavailable(reason)
         for entry in self._running.values():
             entry.group.fail(error)
@@ -272,7 +283,8 @@ class TokenizerManager:
         """Validate, tokenize and send; ValueError for a bad request, EngineUnavailable if down."""
         self.check_ready()
         assert self.tokenizer is not None
-        size = sum(map(len, inp.text)) if isinstance(inp.text, list) else len(inp.text or "")
+        texts = inp.text if isinstance(inp.text, list) else [inp.text]
+        size = sum(len(t) for t in texts if isinstance(t, str))
         reqs = await self.offload(
             size,
             tokenize_input,

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from radixlm.models.config import ModelConfig
 from radixlm.models.default import default_model_path
-from radixlm.models.gguf import METADATA_FILES, WEIGHTS_FILE, gguf_cache_path
+from radixlm.models.gguf import CONFIG_FILES, TOKENIZER_FILES, WEIGHTS_FILE, gguf_cache_path
 from radixlm.models.loader import load_model_files
 
 
@@ -89,7 +89,7 @@ def test_tied_hf_folder_has_no_lm_head(
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_gguf_matches_the_weights_it_was_converted_from(
-    tmp_path: Path, make_tiny_gguf: Callable[..., Any], arch: str, tied: bool
+    tmp_path: Path, tmp_cache_dir: Path, make_tiny_gguf: Callable[..., Any], arch: str, tied: bool
 ) -> None:
     path, expected_config, expected = make_tiny_gguf(
         tmp_path / "tiny.gguf", arch=arch, tie_word_embeddings=tied
@@ -104,14 +104,15 @@ def test_gguf_matches_the_weights_it_was_converted_from(
 
 
 def test_gguf_conversion_is_cached(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_tiny_gguf: Callable[..., Any]
+    tmp_path: Path, tmp_cache_dir: Path, make_tiny_gguf: Callable[..., Any]
 ) -> None:
-    monkeypatch.setenv("RADIXLM_CACHE_DIR", str(tmp_path / "cache"))
     path, _, expected = make_tiny_gguf(tmp_path / "tiny.gguf")
     load_model_files(str(path))
     folder = gguf_cache_path(path)
-    assert folder.parent.parent == tmp_path / "cache"
-    assert all((folder / name).is_file() for name in (*METADATA_FILES, WEIGHTS_FILE))
+    assert folder.parent.parent == tmp_cache_dir
+    assert all(
+        (folder / name).is_file() for name in (*CONFIG_FILES, *TOKENIZER_FILES, WEIGHTS_FILE)
+    )
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
     # Garble the file but keep its size and mtime (the cache key): a warm load must not read it.
@@ -148,18 +149,36 @@ def test_bad_paths(tmp_path: Path, make_tiny_model: Callable[..., Path]) -> None
         load_model_files(str(folder))
 
 
-def test_gguf_with_unsupported_architecture(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("arch", "error"),
+    [("phi2", "unsupported GGUF architecture 'phi2'"), ("llama", "lacks llama.embedding_length")],
+)
+def test_gguf_with_unsupported_or_incomplete_metadata(
+    tmp_path: Path, tmp_cache_dir: Path, arch: str, error: str
+) -> None:
     import gguf
 
-    path = tmp_path / "phi.gguf"
-    writer = gguf.GGUFWriter(str(path), "phi2")
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(1)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match="unsupported GGUF architecture 'phi2'"):
+    with pytest.raises(ValueError, match=error):
         load_model_files(str(path))
+
+
+def test_gguf_weights_load_even_if_its_tokenizer_is_unsupported(
+    tmp_path: Path, tmp_cache_dir: Path, make_tiny_gguf: Callable[..., Any]
+) -> None:
+    from radixlm.tokenizer import Tokenizer
+
+    path, expected_config, _ = make_tiny_gguf(tmp_path / "spm.gguf", tokenizer_model="llama")
+    config, _ = load_model_files(str(path))
+    assert config == expected_config
+    with pytest.raises(ValueError, match="unsupported GGUF tokenizer model 'llama'"):
+        Tokenizer.load(str(path))
 
 
 @pytest.mark.slow

@@ -221,7 +221,7 @@ _JSON = st.recursive(
 _KEYS = st.sampled_from([f.name for f in dataclasses.fields(SamplingParams)] + ["foo"])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.dictionaries(_KEYS, _JSON, max_size=4))
 def test_any_json_input_is_parsed_or_rejected_with_value_error(d: dict[str, Any]) -> None:
     try:

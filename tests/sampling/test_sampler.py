@@ -102,6 +102,20 @@ def test_greedy_is_argmax(dtype: torch.dtype) -> None:
     assert out.logprobs is None and out.top_ids is None and out.top_logprobs is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_ties_go_to_the_first_index(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(20)
+    vocab = 1000  # not a multiple of the argmax block: the last block is short
+    logits = torch.randint(0, 4, (8, vocab), generator=gen).to(dtype)  # ties everywhere
+    logits[1, -1] = 9  # the best is the very last column
+    logits[2, 960:] = 9  # tied bests inside the short block
+    logits[3] = float("-inf")
+    logits[4, :] = 0
+    out = Sampler(seed=0).sample(logits, make_batch([GREEDY] * 8))
+    assert torch.equal(out.next_ids, logits.argmax(-1))
+    assert out.next_ids[1] == vocab - 1 and out.next_ids[2] == 960 and out.next_ids[3] == 0
+
+
 def test_top_k_1_is_greedy() -> None:
     logits = torch.randn(16, 1000, generator=torch.Generator().manual_seed(1))
     params = [SamplingParams(top_k=1, temperature=t) for t in (0.5, 1.0, 2.0, 50.0)] * 4
@@ -189,13 +203,13 @@ def test_truncation_matches_reference_on_random_rows() -> None:
 
 
 def test_large_nucleus_grows_its_candidates() -> None:
-    # A flat distribution: the top-p 0.9 nucleus holds ~90% of 5000 tokens, far past the first
+    # A flat distribution: the top-p 0.9 nucleus holds ~90% of 3000 tokens, far past the first
     # candidate set, so the search must widen; every token drawn must still be in the nucleus.
-    logits = torch.randn(5000, generator=torch.Generator().manual_seed(5)) * 0.1
+    logits = torch.randn(3000, generator=torch.Generator().manual_seed(5)) * 0.1
     params = SamplingParams(top_p=0.9)
     probs = reference_probs(logits, params)
-    assert (probs > 0).sum() > 4000
-    samples = draw(Sampler(seed=5), logits, params, 500)
+    assert (probs > 0).sum() > 2400
+    samples = draw(Sampler(seed=5), logits, params, 300)
     assert all(probs[t] > 0 for t in samples)
 
 
@@ -220,8 +234,8 @@ def test_distribution_matches_softmax(params: SamplingParams) -> None:
 
 
 def test_distribution_across_cdf_blocks() -> None:
-    # 30 live tokens spread over a 2000-token vocabulary (7 full blocks and a partial one).
-    vocab = 2000
+    # 30 live tokens spread over a 1100-token vocabulary (4 full blocks and a partial one).
+    vocab = 1100
     live = torch.randperm(vocab, generator=torch.Generator().manual_seed(7))[:30]
     live[0] = vocab - 1  # the last token of the partial block
     live[1] = 0
@@ -372,6 +386,19 @@ def test_allowed_mask_is_respected() -> None:
     assert torch.equal(greedy, logits.masked_fill(~mask, float("-inf")).argmax(-1))
 
 
+@pytest.mark.parametrize("vocab", [1000, 1024])
+def test_grammar_allowing_fewer_tokens_than_top_k(vocab: int) -> None:
+    logits = torch.randn(3000, vocab, generator=torch.Generator().manual_seed(21))
+    mask = torch.zeros(3000, vocab, dtype=torch.bool)
+    mask[:, [17, vocab - 2]] = True
+    params = [SamplingParams(top_k=5), SamplingParams(top_k=5, top_p=0.99)] * 1500
+    out = Sampler(seed=0).sample(
+        logits, make_batch(params, allowed_mask=mask, top_logprobs_num=[5] * 3000)
+    )
+    assert set(out.next_ids.tolist()) == {17, vocab - 2}
+    assert out.top_ids is not None and ((out.top_ids >= 0) & (out.top_ids < vocab)).all()
+
+
 def test_allowed_mask_narrower_than_logits_disallows_padding() -> None:
     logits = torch.zeros(500, 12)
     logits[:, 10:] = 5.0  # padding columns past the tokenizer's vocabulary look attractive
@@ -509,6 +536,21 @@ def test_logprobs_only_for_rows_that_ask() -> None:
     assert (out.top_ids[[0, 1, 2]] == -1).all()
     assert out.top_ids[3].tolist() == raw[3].topk(2).indices.tolist()
     torch.testing.assert_close(out.top_logprobs[3], raw[3].topk(2).values)
+
+
+def test_top_logprobs_found_in_the_last_block() -> None:
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(22))
+    logits[:, 995:] += 10.0  # the best five sit in the short last block
+    logits[2, :] = 1.0  # all tied
+    out = Sampler(seed=0).sample(
+        logits, make_batch([GREEDY] * 3, return_logprob=[True] * 3, top_logprobs_num=[5] * 3)
+    )
+    raw = torch.log_softmax(logits, -1)
+    assert out.top_ids is not None and out.top_logprobs is not None
+    torch.testing.assert_close(out.top_logprobs, raw.topk(5).values)
+    assert sorted(out.top_ids[0].tolist()) == [995, 996, 997, 998, 999]
+    assert len(set(out.top_ids[2].tolist())) == 5  # distinct ids, even among ties
+    torch.testing.assert_close(raw.gather(1, out.top_ids), out.top_logprobs)
 
 
 def test_compute_logprobs_helpers() -> None:

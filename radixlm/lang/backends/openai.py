@@ -64,8 +64,7 @@ class OpenAI(Backend):
         kwargs = _openai_kwargs(params)
         if self.is_chat_model:
             ret: Any = self.client.chat.completions.create(
-                model=self.model_name,
-                messages=prompt.messages,  # type: ignore[arg-type] **kwargs
+                model=self.model_name, messages=_messages(prompt), **kwargs
             )
             texts = [c.message.content or "" for c in ret.choices]
         else:
@@ -94,8 +93,7 @@ class OpenAI(Backend):
         kwargs = _openai_kwargs(params)
         if self.is_chat_model:
             chunks: Any = self.client.chat.completions.create(
-                model=self.model_name,
-                messages=prompt.messages,  # type: ignore[arg-type] stream=True, **kwargs
+                model=self.model_name, messages=_messages(prompt), stream=True, **kwargs
             )
         else:
             chunks = self.client.completions.create(
@@ -149,6 +147,11 @@ class OpenAI(Backend):
             self.token_usage.prompt_tokens += usage.prompt_tokens or 0
             self.token_usage.completion_tokens += usage.completion_tokens or 0
             self.token_usage.calls += 1
+
+
+def _messages(prompt: Prompt) -> Any:
+    # Typed Any: the client's TypedDict message types add nothing to {"role", "content"} dicts.
+    return prompt.messages
 
 
 def _openai_kwargs(p: GenParams) -> dict[str, Any]:

@@ -1,0 +1,217 @@
+"""Engine benchmarks of the engine-core issue; every figure is a ratio measured in one run.
+
+    python benchmarks/bench_engine.py all            # every scenario below, default sizes
+    python benchmarks/bench_engine.py shared-prefix  # radix cache on vs off, shared few-shot prefix
+    python benchmarks/bench_engine.py no-sharing     # radix cache on vs off, nothing shared
+    python benchmarks/bench_engine.py prefill        # uncached prefill vs its weight matmuls alone
+    python benchmarks/bench_engine.py decode         # decode step vs its weight matmuls; overhead
+    python benchmarks/bench_engine.py ttft           # time to first token, cached vs uncached prefix
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from radixlm.engine.args import EngineArgs
+from radixlm.engine.core import EngineCore
+from radixlm.engine.engine import Engine
+from radixlm.engine.io import GenerateRequest
+from radixlm.runner.batch import ScheduledSeq
+from radixlm.sampling import SamplingParams
+
+
+def random_ids(n: int, gen: torch.Generator) -> list[int]:
+    """Token ids drawn from the ordinary part of the vocabulary (no special tokens)."""
+    return torch.randint(1000, 40000, (n,), generator=gen).tolist()
+
+
+def run_all(engine: Engine, prompts: list[list[int]], output_len: int) -> float:
+    """Submit every prompt at once and wait for all; returns the wall time."""
+    params = {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True}
+    t0 = time.perf_counter()
+    engine.generate(input_ids=prompts, sampling_params=params)
+    return time.perf_counter() - t0
+
+
+def cache_on_off(args: argparse.Namespace, prompts: list[list[int]], output_len: int) -> dict[str, float]:
+    """Throughput (requests/s) with the radix cache on and off, same prompts."""
+    result: dict[str, float] = {}
+    for label, disable in (("on", False), ("off", True)):
+        with Engine(args.model_path, disable_radix_cache=disable, max_total_tokens=args.max_total_tokens) as eng:
+            run_all(eng, [prompts[0][:64]], 1)  # warm-up
+            eng.flush_cache()
+            wall = run_all(eng, prompts, output_len)
+            stats = eng.get_stats()
+        result[label] = len(prompts) / wall
+        print(f"  cache {label:3s}: {wall:7.2f}s  {len(prompts) / wall:7.2f} req/s  forward passes {stats['num_forward_passes']}")
+    result["ratio"] = result["on"] / result["off"]
+    return result
+
+
+def bench_shared_prefix(args: argparse.Namespace) -> None:
+    gen = torch.Generator().manual_seed(0)
+    prefix = random_ids(args.prefix_len, gen)
+    prompts = [prefix + random_ids(args.question_len, gen) for _ in range(args.questions)]
+    print(f"shared prefix: {args.questions} prompts = {args.prefix_len}-token prefix + "
+          f"{args.question_len}-token question, {args.shared_output_len} output tokens")
+    r = cache_on_off(args, prompts, args.shared_output_len)
+    print(f"  throughput cache on / off = {r['ratio']:.2f}x  (target >= 8x)")
+
+
+def bench_no_sharing(args: argparse.Namespace) -> None:
+    gen = torch.Generator().manual_seed(1)
+    prompts = [random_ids(args.prompt_len, gen) for _ in range(args.prompts)]
+    print(f"no sharing: {args.prompts} distinct {args.prompt_len}-token prompts, {args.output_len} output tokens")
+    r = cache_on_off(args, prompts, args.output_len)
+    print(f"  throughput cache on / off = {r['ratio']:.3f}  (target >= 0.95)")
+
+
+def _best(fn: Callable[[], Any], repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def weight_matmuls(core: EngineCore, rows: int, logit_rows: int) -> Callable[[], None]:
+    """The forward's weight GEMMs alone, at the shapes a batch of `rows` tokens runs them."""
+    model = core.runner.model
+    dtype, dev = core.runner.dtype, core.runner.device
+    weights = []
+    for layer in model.layers:
+        a, m = layer.self_attn, layer.mlp
+        weights += [a.qkv_proj.weight, a.o_proj.weight, m.gate_up_proj.weight, m.down_proj.weight]
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dtype, device=dev) for w in weights}
+    head_in = torch.randn(logit_rows, model.lm_head.weight.shape[1], dtype=dtype, device=dev)
+
+    def run() -> None:
+        with torch.inference_mode():
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+            F.linear(head_in, model.lm_head.weight)
+
+    return run
+
+
+def bench_prefill(args: argparse.Namespace) -> None:
+    core = EngineCore(EngineArgs(args.model_path, max_total_tokens=args.batch * args.prefill_len + 64))
+    gen = torch.Generator().manual_seed(2)
+    prompts = [random_ids(args.prefill_len, gen) for _ in range(args.batch)]
+    slots = core.allocator.alloc(args.batch * args.prefill_len)
+    assert slots is not None
+    seqs = [
+        ScheduledSeq(p, 0, slots[i * args.prefill_len : (i + 1) * args.prefill_len], args.prefill_len - 1)
+        for i, p in enumerate(prompts)
+    ]
+    fwd = _best(lambda: core.runner.forward(seqs), args.repeat)
+    mm = _best(weight_matmuls(core, args.batch * args.prefill_len, args.batch), args.repeat)
+    tokens = args.batch * args.prefill_len
+    print(f"prefill: {args.batch} x {args.prefill_len} uncached tokens")
+    print(f"  forward {fwd * 1000:8.1f} ms ({tokens / fwd:7.0f} tok/s); weight matmuls alone {mm * 1000:8.1f} ms")
+    print(f"  forward / matmuls = {fwd / mm:.2f}  (target <= 1.4)")
+
+
+def bench_decode(args: argparse.Namespace) -> None:
+    b, ctx = args.decode_batch, args.decode_context
+    core = EngineCore(EngineArgs(args.model_path, max_total_tokens=b * (ctx + args.decode_steps + 300) + 64))
+    sched = core.scheduler
+    gen = torch.Generator().manual_seed(3)
+    params = SamplingParams(max_new_tokens=args.decode_steps + 256, temperature=0, ignore_eos=True)
+    for i in range(b):
+        sched.add(GenerateRequest(f"d{i}", random_ids(ctx, gen), params))
+    while sched.waiting or any(r.seq_len - r.kv_len > 1 for r in sched.running):
+        sched.step()
+    forward_times: list[float] = []
+    inner = core.runner.forward
+
+    def timed_forward(seqs: list[ScheduledSeq]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = inner(seqs)
+        forward_times.append(time.perf_counter() - t0)
+        return out
+
+    core.runner.forward = timed_forward  # type: ignore[method-assign]
+    step_times = []
+    for _ in range(args.decode_steps):
+        t0 = time.perf_counter()
+        sched.step()
+        step_times.append(time.perf_counter() - t0)
+    assert len(sched.running) == b, "every request must still be decoding"
+    step = statistics.median(step_times)
+    fwd = statistics.median(forward_times)
+    mm = _best(weight_matmuls(core, b, b), args.repeat)
+    print(f"decode: batch {b}, {ctx}-token contexts, {args.decode_steps} steps")
+    print(f"  step {step * 1000:7.1f} ms (forward {fwd * 1000:7.1f} ms); weight matmuls alone {mm * 1000:7.1f} ms")
+    print(f"  step / matmuls = {step / mm:.2f}  (target <= 1.5)")
+    print(f"  time outside the forward = {(step - fwd) / step:.1%} of a step  (target <= 10%)")
+
+
+def bench_ttft(args: argparse.Namespace) -> None:
+    gen = torch.Generator().manual_seed(4)
+    prefix = random_ids(args.prefix_len, gen)
+    with Engine(args.model_path, max_total_tokens=args.max_total_tokens) as eng:
+        params = {"max_new_tokens": 1, "temperature": 0}
+
+        def ttft(ids: list[int]) -> float:
+            t0 = time.perf_counter()
+            for _ in eng.generate(input_ids=ids, sampling_params=params, stream=True):
+                return time.perf_counter() - t0
+            raise AssertionError("no output")
+
+        ttft(random_ids(32, gen))  # warm-up
+        uncached, cached = [], []
+        for _ in range(args.repeat):
+            eng.flush_cache()
+            uncached.append(ttft(prefix + random_ids(args.question_len, gen)))
+            cached.append(ttft(prefix + random_ids(args.question_len, gen)))
+    u, c = statistics.median(uncached), statistics.median(cached)
+    print(f"TTFT: {args.prefix_len}-token prefix + {args.question_len}-token question")
+    print(f"  uncached {u * 1000:7.1f} ms, cached prefix {c * 1000:7.1f} ms: cached / uncached = {c / u:.3f}")
+
+
+SCENARIOS = {
+    "shared-prefix": bench_shared_prefix,
+    "no-sharing": bench_no_sharing,
+    "prefill": bench_prefill,
+    "decode": bench_decode,
+    "ttft": bench_ttft,
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", choices=[*SCENARIOS, "all"])
+    p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--max-total-tokens", type=int, default=200_000)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--questions", type=int, default=128)
+    p.add_argument("--prefix-len", type=int, default=1200)
+    p.add_argument("--question-len", type=int, default=60)
+    p.add_argument("--shared-output-len", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=300)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--prefill-len", type=int, default=1024)
+    p.add_argument("--decode-batch", type=int, default=32)
+    p.add_argument("--decode-context", type=int, default=512)
+    p.add_argument("--decode-steps", type=int, default=10)
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name, fn in SCENARIOS.items():
+        if args.scenario in (name, "all"):
+            fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Backends: where a program's generations run (in-process Engine, HTTP, OpenAI API)."""

@@ -1,0 +1,173 @@
+"""The Llama-family model over the paged KV pool against Hugging Face transformers, per architecture.
+
+Every architecture is a tiny random-weight folder (tests/conftest.py) that both transformers and
+radixlm load. Random weights give near-uniform next-token distributions full of near-ties, so
+generated tokens are compared through logprobs, never by exact argmax identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import write_tiny_model
+
+from radixlm.engine.engine import Engine
+from radixlm.models.loader import load_model_files
+from radixlm.runner.batch import ScheduledSeq
+from radixlm.runner.runner import ModelRunner
+
+# float32 on both sides; the tiny models' logits are ~0.2 in size, and summation order (fused
+# projections, paged vs dense attention) moves them by ~1e-7. 1e-5 is far tighter than any real
+# error: an off-by-one position or a missing bias moves them by >1e-3.
+ATOL = 1e-5
+NUM_SLOTS = 512
+
+VARIANTS = {
+    "llama": {"arch": "llama"},
+    "llama-tied": {"arch": "llama", "tie_word_embeddings": True},
+    "qwen2-bias": {"arch": "qwen2"},
+    "qwen3-qknorm": {"arch": "qwen3"},  # head_dim 32 != hidden 64 / 4 heads
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(
+        tmp_path_factory.mktemp(request.param), seed=3, **VARIANTS[request.param]
+    )
+
+
+@pytest.fixture(scope="module")
+def hf(folder: Path) -> Any:
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def runner(folder: Path) -> ModelRunner:
+    config, weights = load_model_files(str(folder))
+    return ModelRunner(config, weights, torch.device("cpu"), torch.float32, NUM_SLOTS)
+
+
+@torch.inference_mode()
+def hf_logits(hf: Any, ids: list[int]) -> torch.Tensor:
+    return hf(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(3, 49152, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def scattered_slots(n: int, seed: int = 0) -> torch.Tensor:
+    """n distinct slot ids in a random order: a request's slots are rarely contiguous."""
+    perm = torch.randperm(NUM_SLOTS, generator=torch.Generator().manual_seed(seed)) + 1
+    return perm[:n].to(torch.int64)
+
+
+def seq(
+    ids: list[int], start: int, slots: torch.Tensor, logit_from: int | None = None
+) -> ScheduledSeq:
+    """Feed ids at positions start.. into slots[start:]; logits from logit_from (default start)."""
+    return ScheduledSeq(
+        ids, start, slots[: start + len(ids)], start if logit_from is None else logit_from
+    )
+
+
+def test_prefill_logits_equal_transformers(hf: Any, runner: ModelRunner) -> None:
+    ids = prompt(24)
+    got = runner.forward([seq(ids, 0, scattered_slots(24))])
+    torch.testing.assert_close(got, hf_logits(hf, ids), atol=ATOL, rtol=0)
+
+
+def test_prefix_in_the_pool_gives_the_logits_of_a_fresh_prefill(
+    hf: Any, runner: ModelRunner
+) -> None:
+    """A prefill on top of cached K/V (a cache hit), then single-token decodes, match one dense
+    forward over the whole sequence."""
+    ids = prompt(30, seed=1)
+    ref = hf_logits(hf, ids)
+    slots = scattered_slots(30, seed=1)
+    first = runner.forward([seq(ids[:17], 0, slots)])
+    torch.testing.assert_close(first, ref[:17], atol=ATOL, rtol=0)
+    rest = runner.forward([seq(ids[17:26], 17, slots)])
+    torch.testing.assert_close(rest, ref[17:26], atol=ATOL, rtol=0)
+    for pos in range(26, 30):
+        step = runner.forward([seq(ids[pos : pos + 1], pos, slots)])
+        torch.testing.assert_close(step, ref[pos : pos + 1], atol=ATOL, rtol=0)
+
+
+def test_long_prefill_on_a_long_prefix_equals_transformers(hf: Any, runner: ModelRunner) -> None:
+    """Longer than the attention's query blocks, on both sides of a cache boundary."""
+    ids = prompt(330, seed=5)
+    ref = hf_logits(hf, ids)
+    slots = scattered_slots(330, seed=5)
+    first = runner.forward([seq(ids[:140], 0, slots)])
+    torch.testing.assert_close(first, ref[:140], atol=ATOL, rtol=0)
+    rest = runner.forward([seq(ids[140:], 140, slots)])
+    torch.testing.assert_close(rest, ref[140:], atol=ATOL, rtol=0)
+
+
+def test_mixed_batch_equals_separate_forwards(hf: Any, runner: ModelRunner) -> None:
+    """Two fresh prefills, a prefill on a cached prefix and two decodes in one forward."""
+    a, b, c, d, e = (prompt(n, seed=10 + i) for i, n in enumerate((12, 5, 20, 9, 14)))
+    slots = scattered_slots(12 + 5 + 20 + 9 + 14, seed=2)
+    sa, sb, sc, sd, se = torch.split(slots, [12, 5, 20, 9, 14])
+    # c has 15 tokens cached, d and e all but their last: write those first.
+    runner.forward([seq(c[:15], 0, sc), seq(d[:8], 0, sd), seq(e[:13], 0, se)])
+    got = runner.forward(
+        [
+            seq(a, 0, sa),
+            seq(c[15:], 15, sc, logit_from=16),  # logits of only the last 4 positions
+            seq(b, 0, sb, logit_from=4),
+            seq(d[8:], 8, sd),
+            seq(e[13:], 13, se),
+        ]
+    )
+    want = torch.cat(
+        [
+            hf_logits(hf, a),
+            hf_logits(hf, c)[16:],
+            hf_logits(hf, b)[4:],
+            hf_logits(hf, d)[8:],
+            hf_logits(hf, e)[13:],
+        ]
+    )
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def engine(folder: Path) -> Iterator[Engine]:
+    with Engine(str(folder), max_total_tokens=NUM_SLOTS, random_seed=0) as e:
+        yield e
+
+
+def test_engine_greedy_follows_transformers(hf: Any, engine: Engine) -> None:
+    """Each greedy token is transformers' argmax up to near-ties, and its logprob matches."""
+    ids = prompt(11, seed=4)
+    new = 12
+    outs = engine.generate(
+        input_ids=[ids, ids[:6]],
+        sampling_params={"max_new_tokens": new, "temperature": 0, "ignore_eos": True},
+        return_logprob=True,
+        logprob_start_len=0,
+    )
+    for p, out in zip([ids, ids[:6]], outs, strict=True):
+        toks = out["output_ids"]
+        assert len(toks) == new
+        lp = torch.log_softmax(hf_logits(hf, p + toks), dim=-1)
+        rows = lp[len(p) - 1 : -1]
+        chosen = rows.gather(1, torch.tensor(toks)[:, None])[:, 0]
+        # A chosen token at most ATOL below the best: the argmax, or tied with it.
+        assert bool((chosen >= rows.max(-1).values - ATOL).all()), (toks, rows.argmax(-1).tolist())
+        meta = out["meta_info"]
+        got = torch.tensor([v for v, _, _ in meta["output_token_logprobs"]])
+        torch.testing.assert_close(got, chosen, atol=ATOL, rtol=0)
+        prompt_lp = torch.tensor([v for v, _, _ in meta["input_token_logprobs"][1:]])
+        want = lp[: len(p) - 1].gather(1, torch.tensor(p[1:])[:, None])[:, 0]
+        torch.testing.assert_close(prompt_lp, want, atol=ATOL, rtol=0)
+    engine.check_invariant()

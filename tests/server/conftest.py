@@ -1,0 +1,52 @@
+"""Fixtures: real `radixlm serve` processes on free loopback ports, and clients for them."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from server_harness import TINY_CONTEXT, TINY_POOL, ServerProcess
+
+
+@pytest.fixture(scope="session")
+def tiny_server_model(
+    make_tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny random model the servers load, with a 4096-token context."""
+    return make_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-llama", max_position_embeddings=TINY_CONTEXT
+    )
+
+
+@pytest.fixture(scope="session")
+def start_tiny_server(
+    tiny_server_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., ServerProcess]:
+    """Start another server on the tiny model (the caller stops it)."""
+
+    def start(*flags: str) -> ServerProcess:
+        log = tmp_path_factory.mktemp("server") / "server.log"
+        return ServerProcess.start(
+            tiny_server_model, log, "--max-total-tokens", str(TINY_POOL), *flags
+        )
+
+    return start
+
+
+@pytest.fixture(scope="package")
+def server(start_tiny_server: Callable[..., ServerProcess]) -> Iterator[ServerProcess]:
+    """One tiny-model server shared by the modules of this package that only send requests."""
+    srv = start_tiny_server("--random-seed", "0")
+    yield srv
+    code = srv.stop()
+    assert code in (0, -signal.SIGTERM), srv.log()
+
+
+@pytest.fixture
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    """An HTTP client of the shared server."""
+    with server.client() as client:
+        yield client

@@ -1,0 +1,144 @@
+"""A `radixlm serve` child process for tests: start on a free port, wait until healthy, stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+API_KEY = "test-key"
+START_TIMEOUT_S = 300.0
+# The shared tiny model gets a longer context than its KV pool, so that "does not fit the pool"
+# and "does not fit the context" are different errors.
+TINY_CONTEXT = 4096
+TINY_POOL = 2500
+
+
+@dataclass
+class ServerProcess:
+    """A `radixlm serve` child process and its address."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    url: str
+    api_key: str | None
+
+    @classmethod
+    def start(
+        cls, model_path: Path | str, log_path: Path, *flags: str, api_key: str | None = API_KEY
+    ) -> ServerProcess:
+        """Start on port 0, read the chosen port from the log, wait until /health is 200."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "radixlm",
+            "serve",
+            "--model-path",
+            str(model_path),
+            "--port",
+            "0",
+        ]
+        if api_key is not None:
+            cmd += ["--api-key", api_key]
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [*cmd, *flags], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()
+            )
+        server = cls(proc, log_path, "", api_key)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not server.url:
+            server._check_running(deadline)
+            if m := re.search(r"listening on (http://[\d.]+:\d+)", server.log()):
+                server.url = m.group(1)
+            time.sleep(0.1)
+        while True:
+            server._check_running(deadline)
+            try:
+                if httpx.get(server.url + "/health", timeout=5).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+
+    def _check_running(self, deadline: float) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
+        if time.monotonic() > deadline:
+            self.proc.kill()
+            raise RuntimeError(f"the server did not become healthy:\n{self.log()}")
+
+    def log(self) -> str:
+        """Everything the server printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The auth header for this server."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def client(self, timeout: float = 120.0) -> httpx.Client:
+        """An HTTP client with the API key set."""
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout)
+
+    def async_client(self, timeout: float = 120.0) -> httpx.AsyncClient:
+        """An asyncio HTTP client with the API key set and room for many connections."""
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        return httpx.AsyncClient(
+            base_url=self.url, headers=self.headers, timeout=timeout, limits=limits
+        )
+
+    def engine_pid(self) -> int:
+        """The pid of the engine process (the server's spawned child that is not a helper)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        for pid in map(int, children):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"spawn_main" in cmdline:
+                return pid
+        raise RuntimeError(f"no engine process among the children {children}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the server and wait for it to exit; its return code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"the server ignored signal {sig}:\n{self.log()}") from None
+        return self.proc.returncode
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}; raises on a malformed line."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)", line)
+        assert m is not None, f"malformed metrics line {line!r}"
+        samples[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return samples
+
+
+def metric(samples: dict[str, float], name: str) -> float:
+    """The one sample of `name` (labels ignored)."""
+    found = [v for k, v in samples.items() if k == name or k.startswith(name + "{")]
+    assert len(found) == 1, f"{name}: {found}"
+    return found[0]

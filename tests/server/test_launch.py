@@ -1,0 +1,86 @@
+"""`radixlm serve`: signals stop the server and its engine; a model that cannot load exits 1."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from server_harness import ServerProcess, pid_alive
+
+
+def test_sigint_with_a_stream_in_flight(start_tiny_server: Callable[..., ServerProcess]) -> None:
+    srv = start_tiny_server()
+    try:
+        engine = srv.engine_pid()
+        got_event = threading.Event()
+        ended: list[str] = []
+
+        def stream() -> None:
+            body = {"text": "Long", "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}}
+            try:
+                with (
+                    srv.client() as c,
+                    c.stream("POST", "/generate", json={**body, "stream": True}) as r,
+                ):
+                    for _ in r.iter_lines():
+                        got_event.set()
+                ended.append("closed")
+            except httpx.HTTPError as e:
+                ended.append(type(e).__name__)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert got_event.wait(60)
+        code = srv.stop(signal.SIGINT, timeout=40)
+        t.join(10)
+        assert ended, "the client stream did not end when the server stopped"
+        assert code in (0, 130, -signal.SIGINT), srv.log()
+        deadline = time.monotonic() + 10
+        while pid_alive(engine) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(engine), "the engine process outlived the server"
+        assert "Traceback" not in srv.log()
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_a_model_that_cannot_load_exits_with_1(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    proc = subprocess.run(
+        [sys.executable, "-m", "radixlm", "serve", "--model-path", str(missing), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "the engine failed to start" in proc.stderr and str(missing) in proc.stderr
+
+
+def test_a_taken_port_exits_with_1(tmp_path: Path) -> None:
+    from radixlm.server.launch import bind
+
+    with bind("127.0.0.1", 0) as sock:
+        port = sock.getsockname()[1]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "radixlm",
+                "serve",
+                "--model-path",
+                str(tmp_path),
+                "--port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr

@@ -1,0 +1,193 @@
+"""The /v1 routes through the real `openai` client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from server_harness import API_KEY, ServerProcess
+
+MODEL = "tiny-llama"
+CHAT = [{"role": "user", "content": "Say something."}]
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0) as c:
+        yield c
+
+
+def native(http: httpx.Client, **body: Any) -> Any:
+    r = http.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_models_lists_the_served_name(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_completion_matches_native_generate(client: openai.OpenAI, http: httpx.Client) -> None:
+    r = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=6, temperature=0)
+    choice = r.choices[0]
+    assert r.object == "text_completion" and r.model == MODEL
+    assert choice.finish_reason == "length"
+    ref = native(http, text="Hello world", sampling_params={"max_new_tokens": 6, "temperature": 0})
+    assert choice.text == ref["text"]
+    assert r.usage is not None
+    assert r.usage.completion_tokens == 6
+    assert r.usage.prompt_tokens == ref["meta_info"]["prompt_tokens"]
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 6
+    assert r.usage.prompt_tokens_details is not None
+    assert r.usage.prompt_tokens_details.cached_tokens is not None
+
+
+def test_completion_list_and_token_prompts(client: openai.OpenAI) -> None:
+    r = client.completions.create(model=MODEL, prompt=["a b c", "d e"], max_tokens=2, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.usage is not None and r.usage.completion_tokens == 8
+    r = client.completions.create(model=MODEL, prompt=[[5, 6, 7], [8, 9]], max_tokens=1)
+    assert len(r.choices) == 2
+    assert r.usage is not None and r.usage.prompt_tokens == 5
+
+
+def test_completion_logprobs_and_echo(client: openai.OpenAI) -> None:
+    r = client.completions.create(
+        model=MODEL, prompt="Echo this", max_tokens=3, temperature=0, logprobs=2, echo=True
+    )
+    choice = r.choices[0]
+    assert choice.text.startswith("Echo this")
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+    assert r.usage is not None
+    assert len(lp.tokens) == r.usage.prompt_tokens + 3
+    assert lp.token_logprobs[0] is None
+    assert all(isinstance(x, float) for x in lp.token_logprobs[1:])
+    assert lp.top_logprobs is not None and lp.top_logprobs[0] is None
+    assert all(len(t) <= 2 for t in lp.top_logprobs[1:] if t)
+    assert lp.text_offset is not None and lp.text_offset[0] == 0
+
+
+def test_completion_stop(client: openai.OpenAI) -> None:
+    free = client.completions.create(model=MODEL, prompt="Stop here", max_tokens=10, temperature=0)
+    text = free.choices[0].text
+    stop = text[len(text) // 2 :][:2]
+    r = client.completions.create(
+        model=MODEL, prompt="Stop here", max_tokens=10, temperature=0, stop=[stop]
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert text.startswith(r.choices[0].text) and stop not in r.choices[0].text
+
+
+def test_completion_stream_with_usage(client: openai.OpenAI) -> None:
+    ref = client.completions.create(model=MODEL, prompt="Stream it", max_tokens=8, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="Stream it",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == ref.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].usage.prompt_tokens_details is not None
+
+
+def test_chat_completion(client: openai.OpenAI, server: ServerProcess) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, temperature=0)  # type: ignore[arg-type]
+    msg = r.choices[0].message
+    assert r.object == "chat.completion"
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == 5
+    # the prompt went through the chat template: more tokens than the bare words
+    assert r.usage.prompt_tokens > 8
+    again = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, temperature=0)  # type: ignore[arg-type]
+    assert again.choices[0].message.content == msg.content
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+
+
+def test_chat_n2_logprobs(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=4,
+        n=2,
+        logprobs=True,
+        top_logprobs=3,
+        seed=7,  # type: ignore[arg-type]
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:
+        assert c.logprobs is not None and c.logprobs.content is not None
+        assert len(c.logprobs.content) == 4
+        for entry in c.logprobs.content:
+            assert len(entry.top_logprobs) == 3
+            assert entry.logprob <= entry.top_logprobs[0].logprob + 1e-6
+    assert r.usage is not None and r.usage.completion_tokens == 8
+
+
+def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
+    ref = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=CHAT,  # type: ignore[arg-type]
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == ref.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_extra_body_fields(client: openai.OpenAI) -> None:
+    r = client.completions.create(
+        model=MODEL,
+        prompt="Extras",
+        max_tokens=5,
+        extra_body={"top_k": 5, "min_p": 0.01, "repetition_penalty": 1.1, "ignore_eos": True,
+                    "min_tokens": 5, "stop_token_ids": [2]},
+    )  # fmt: skip
+    assert r.usage is not None and r.usage.completion_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "field"),
+    [
+        ({"model": "gpt-4"}, 404, "model"),
+        ({"extra_body": {"regex": "[a-z]+"}}, 400, "regex"),
+        ({"extra_body": {"response_format": {"type": "json_object"}}}, 400, "response_format"),
+        ({"max_tokens": -1}, 400, "max_tokens"),
+        ({"temperature": -0.5}, 400, "temperature"),
+    ],
+)
+def test_errors_reach_the_client(
+    client: openai.OpenAI, kwargs: dict[str, Any], status: int, field: str
+) -> None:
+    args: dict[str, Any] = {"model": MODEL, "prompt": "x", "max_tokens": 2, **kwargs}
+    with pytest.raises(openai.APIStatusError) as info:
+        client.completions.create(**args)
+    assert info.value.status_code == status
+    assert field in str(info.value.message)
+
+
+def test_wrong_api_key_is_401(server: ServerProcess) -> None:
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with c, pytest.raises(openai.AuthenticationError):
+        c.models.list()
