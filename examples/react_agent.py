@@ -24,15 +24,22 @@ def calculate(expression: str) -> str:
 
 TOOLS = {"Search": search, "Calculate": calculate}
 
-EXAMPLE = """Question: Who created Python, and how old is Python in 2024 if it appeared in 1991?
-Thought 1: I need to find who created Python.
-Action 1: Search [creator of Python]
-Observation 1: Python was created by Guido van Rossum.
-Thought 2: Now I compute the age: 2024 - 1991.
-Action 2: Calculate [2024-1991]
-Observation 2: 33
+EXAMPLE = """Question: In which city was the founder of Microsoft born?
+Thought 1: I need to find who founded Microsoft.
+Action 1: Search [founder of Microsoft]
+Observation 1: Microsoft was founded by Bill Gates.
+Thought 2: Now I need to find where Bill Gates was born.
+Action 2: Search [Bill Gates birthplace]
+Observation 2: Bill Gates was born in Seattle.
 Thought 3: I have the answer.
-Action 3: Finish [Guido van Rossum; 33 years]
+Action 3: Finish [Seattle]
+
+Question: What is 12 times the number of days in a week?
+Thought 1: A week has 7 days, so I compute 12*7.
+Action 1: Calculate [12*7]
+Observation 1: 84
+Thought 2: I have the answer.
+Action 2: Finish [84]
 
 """
 

@@ -1,37 +1,33 @@
-"""Tree of thought with nested forks: plans, then evaluations of each plan, then a choice.
+"""Tree of thought with nested forks: ideas, then critiques of each idea, then a choice.
 
 Each fork starts from its parent's text, which is prefilled once and then shared in the KV cache.
 """
 
 import radixlm as sgl
 
-NUM_PLANS = 2
-NUM_EVALS = 2
+IDEA_STARTS = ["One idea is to", "Alternatively, you can"]
+CRITIQUE_STARTS = ["A strength of this idea is that", "A weakness of this idea is that"]
 
 
 @sgl.function
 def tree_of_thought(s, question):
-    s += sgl.user(question)
+    s += sgl.user(question + " Give one short idea.")
     s += sgl.assistant_begin()
-    s += "Let's think about a few approaches.\n"
-    plans = s.fork(NUM_PLANS)
-    for i, plan in enumerate(plans):
-        plan += (
-            f"Approach {i + 1}:" + sgl.gen("plan", max_tokens=32, min_tokens=4, stop="\n") + "\n"
+    ideas = s.fork(len(IDEA_STARTS))
+    for idea, start in zip(ideas, IDEA_STARTS, strict=True):
+        idea += start + sgl.gen("idea", max_tokens=24, stop=["\n", "."]) + ".\n"
+        critiques = idea.fork(len(CRITIQUE_STARTS))  # a fork of a fork: shares question and idea
+        critiques += lambda j: (
+            CRITIQUE_STARTS[j] + sgl.gen("critique", max_tokens=24, stop=["\n", "."])
         )
-        evals = plan.fork(NUM_EVALS)  # a fork of a fork: shares the question and this plan
-        for j, ev in enumerate(evals):
-            ev += f"Critique {j + 1} of this approach:" + sgl.gen(
-                "critique", max_tokens=24, stop="\n"
-            )
-        evals.join()
-        plan += "Is this approach sound? " + sgl.select("sound", ["yes", "no"]) + "\n"
-    plans.join()
-    best = next((i for i, p in enumerate(plans) if p["sound"] == "yes"), 0)
-    s += f"The best approach is {best + 1}:{plans[best]['plan']}\nAnswer:"
-    s += sgl.gen("answer", max_tokens=48, stop="\n")
+        critiques.join()
+        idea += "Is this a good idea? " + sgl.select("good", ["yes", "no"]) + "\n"
+    ideas.join()
+    best = next((i for i, idea in enumerate(ideas) if idea["good"] == "yes"), 0)
+    s += "In short: " + IDEA_STARTS[best].lower() + ideas[best]["idea"] + ". Also,"
+    s += sgl.gen("answer", max_tokens=32, stop="\n")
     s += sgl.assistant_end()
-    return plans
+    return ideas
 
 
 if __name__ == "__main__":
@@ -39,8 +35,8 @@ if __name__ == "__main__":
     state = tree_of_thought.run(
         question="How can I keep basil plants alive indoors?", temperature=0
     )
-    for i, plan in enumerate(state.ret_value):
-        print(f"Approach {i + 1}:{plan['plan']}  sound: {plan['sound']}")
-        for critique in plan["critique"]:
-            print(f"    critique:{critique}")
-    print("Answer:", state["answer"])
+    for start, idea in zip(IDEA_STARTS, state.ret_value, strict=True):
+        print(f"{start}{idea['idea']}.   good: {idea['good']}")
+        for critique_start, critique in zip(CRITIQUE_STARTS, idea["critique"], strict=True):
+            print(f"    {critique_start}{critique}.")
+    print(state.messages()[-1]["content"])

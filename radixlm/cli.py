@@ -49,6 +49,10 @@ _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("--random-seed", {"type": int, "help": "seed of the sampler's RNG"}),
+    (
+        "--disable-jump-forward",
+        {"action": "store_true", "help": "decode forced grammar tokens one by one (ablation)"},
+    ),
 ]
 
 

@@ -21,6 +21,7 @@ class EngineArgs:
     device: str = "auto"
     dtype: str = "auto"
     random_seed: int | None = None
+    disable_jump_forward: bool = False  # structured output: one decode per forced token (ablation)
 
     def __post_init__(self) -> None:
         for name in ("max_total_tokens", "chunked_prefill_size", "max_running_requests"):

@@ -12,6 +12,7 @@ import torch
 from radixlm.cache import RadixCache, SlotAllocator
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.io import AbortRequest, ControlReply, ControlRequest, GenerateRequest
+from radixlm.grammar import GrammarManager
 from radixlm.models.default import default_model_path
 from radixlm.models.loader import load_model_files
 from radixlm.runner.runner import ModelRunner, default_num_slots, resolve_device, resolve_dtype
@@ -57,6 +58,9 @@ class EngineCore:
             self.tokenizer,
             sched_config,
             Sampler(device, seed=args.random_seed),
+            GrammarManager(
+                self.tokenizer, config.vocab_size, jump_forward=not args.disable_jump_forward
+            ),
         )
         self.load_seconds = time.perf_counter() - t0
         logger.info(

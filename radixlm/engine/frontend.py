@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from radixlm.engine.io import GenerateRequest, LogprobEntry, TokenOutput
+from radixlm.grammar import GrammarSpec, validate_spec
 from radixlm.sampling import SamplingParams
 from radixlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -80,6 +81,7 @@ def tokenize_input(
     params = [SamplingParams.from_dict(p) for p in _per_item(inp.sampling_params, n, "sampling_params")]
     for p in params:
         p.validate(vocab_size)
+    _check_grammars(params)
     logprob = _per_item(inp.return_logprob, n, "return_logprob")
     start = _per_item(inp.logprob_start_len, n, "logprob_start_len")
     top = _per_item(inp.top_logprobs_num, n, "top_logprobs_num")
@@ -112,6 +114,15 @@ def tokenize_input(
                 )
             )
     return reqs
+
+
+def _check_grammars(params: list[SamplingParams]) -> None:
+    """Reject a bad regex / json_schema / ebnf here (ValueError, a 400 over HTTP), before it is
+    queued; each distinct grammar is checked once per call."""
+    specs = {GrammarSpec.from_params(p) for p in params}
+    for spec in specs:
+        if spec is not None:
+            validate_spec(spec)
 
 
 @dataclass

@@ -79,8 +79,9 @@ class LLGuidanceMatcher(GrammarMatcher):
 
     @property
     def error(self) -> str | None:
-        """The matcher's error message, if it is in its (permanent) error state."""
-        return self.matcher.get_error() or None
+        """The first line of the matcher's error, if it is in its (permanent) error state."""
+        error = self.matcher.get_error()
+        return error.splitlines()[0] if error else None
 
 
 class LLGuidanceBackend(GrammarBackend):

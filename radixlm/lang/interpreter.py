@@ -31,10 +31,11 @@ SPEC_MAX_TRIES = 3  # chat-model speculation: sampled attempts before giving up 
 class Executor:
     """The state of one program (or fork): its text, chat messages and variables.
 
-    `submit` queues expressions and returns at once; a thread started while the queue is non-empty
-    executes them in order. So a program that feeds several forks gets their generations running
-    concurrently, and reading a variable waits only for the expression that sets it. With
-    `inline=True` expressions run in the caller instead (used to trace a program's prefix).
+    A fork's `submit` queues expressions and returns at once; a thread started while the queue is
+    non-empty executes them in order. So a program that feeds several forks gets their generations
+    running concurrently, and reading a variable waits only for the expression that sets it. A
+    program's root state is `inline`: expressions run in the caller, which saves two thread
+    hand-offs per call where there is nothing to overlap.
     """
 
     def __init__(
@@ -95,6 +96,9 @@ class Executor:
     def get_var(self, name: str) -> Any:
         """A variable's value, once the expression that sets it has run."""
         with self._cond:
+            if self.inline and self._pending[name] > 0:
+                # Nothing else will set it: only chat speculation defers a gen, to its turn's end.
+                raise RuntimeError(f"{name!r} is set when its assistant turn ends; read it after")
             self._cond.wait_for(lambda: self._pending[name] <= 0)
             if name in self.variables:
                 return self.variables[name]

@@ -177,17 +177,18 @@ def run_program(
     stream: bool,
     raise_errors: bool = True,
 ) -> ProgramState:
-    """Execute one program; see SglFunction.run."""
-    executor = Executor(backend, defaults, stream=stream, spec_tokens=program.num_api_spec_tokens)
+    """Execute one program; see SglFunction.run. Without raise_errors, an error (of the backend
+    or of the program's own code) stops only this program and is kept as `state.error()`."""
+    executor = Executor(
+        backend, defaults, stream=stream, spec_tokens=program.num_api_spec_tokens, inline=True
+    )
     state = ProgramState(executor)
 
     def body() -> None:
         try:
             state.ret_value = program.func(state, *args, **kwargs)
-        except BaseException as e:
+        except Exception as e:
             executor.finish_program(e)
-            if not stream:
-                raise
         else:
             executor.finish_program()
 
@@ -195,7 +196,6 @@ def run_program(
         threading.Thread(target=body, name="radixlm-program", daemon=True).start()
         return state
     body()
-    executor.sync()
     if raise_errors and executor.error is not None:
         raise executor.error
     return state

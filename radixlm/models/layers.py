@@ -56,22 +56,23 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos().float(), persistent=False)
-        self.register_buffer("sin", emb.sin().float(), persistent=False)
+        # sin carries the sign of rotate-half, so applying it needs no negation per layer.
+        self.register_buffer("cos", torch.cat([freqs.cos(), freqs.cos()], -1).float(), persistent=False)
+        self.register_buffer("sin", torch.cat([-freqs.sin(), freqs.sin()], -1).float(), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q [T, H, D] and k [T, KVH, D] by their token positions."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin for these positions, shaped [T, 1, D] to broadcast over heads."""
+        return (
+            self.cos[positions].unsqueeze(1).to(dtype),
+            self.sin[positions].unsqueeze(1).to(dtype),
+        )
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, D] by the cos/sin of its positions."""
     half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 # Query rows per block of extend attention: small blocks skip most of the masked-out half of
@@ -122,17 +123,17 @@ def extend_attention(
     t, h, d = q.shape
     kvh = k.shape[0]
     g = h // kvh
-    qg = q.view(t, kvh, g, d).transpose(0, 1)  # [KVH, T, G, D]
+    qg = (q * scale).view(t, kvh, g, d).transpose(0, 1)  # [KVH, T, G, D]
     out = torch.empty(kvh, t, g, d, dtype=q.dtype, device=q.device)
     for s in range(0, t, _Q_BLOCK):
         e = min(s + _Q_BLOCK, t)
         n_keys = prefix_len + e
         qb = qg[:, s:e].reshape(kvh, (e - s) * g, d)
-        scores = torch.bmm(qb, k[:, :n_keys].transpose(1, 2)).mul_(scale)
-        scores = scores.view(kvh, e - s, g, n_keys)
-        q_pos = torch.arange(prefix_len + s, prefix_len + e, device=q.device)
-        hidden = torch.arange(n_keys, device=q.device).view(1, -1) > q_pos.view(-1, 1)
-        scores.masked_fill_(hidden.view(1, e - s, 1, n_keys), float("-inf"))
+        scores = torch.bmm(qb, k[:, :n_keys].transpose(1, 2)).view(kvh, e - s, g, n_keys)
+        # Only keys of this block's own positions can lie in a query's future.
+        own = torch.arange(e - s, device=q.device)
+        hidden = own.view(1, -1) > own.view(-1, 1)
+        scores[..., prefix_len + s :].masked_fill_(hidden.view(1, e - s, 1, e - s), float("-inf"))
         probs = torch.softmax(scores, dim=-1).view(kvh, (e - s) * g, n_keys)
         out[:, s:e] = torch.bmm(probs, v[:, :n_keys]).view(kvh, e - s, g, d)
     return out.transpose(0, 1).reshape(t, h, d)
@@ -155,8 +156,8 @@ def decode_attention(
     # Gathered head-major, [KVH * B, N, D] is one strided batch for bmm: no further copies.
     kd = k_cache.index_select(1, flat).view(kvh * b, n, d)
     vd = v_cache.index_select(1, flat).view(kvh * b, n, d)
-    qh = q.view(b, kvh, g, d).transpose(0, 1).reshape(kvh * b, g, d)
-    scores = torch.bmm(qh, kd.transpose(1, 2)).mul_(scale).view(kvh, b, g, n)
+    qh = (q * scale).view(b, kvh, g, d).transpose(0, 1).reshape(kvh * b, g, d)
+    scores = torch.bmm(qh, kd.transpose(1, 2)).view(kvh, b, g, n)
     scores.masked_fill_(~batch.decode_mask.view(1, b, 1, n), float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(kvh * b, g, n)
     return torch.bmm(probs, vd).view(kvh, b, g, d).transpose(0, 1).reshape(b, h, d)

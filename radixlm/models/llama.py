@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixlm.models.config import ModelConfig
-from radixlm.models.layers import RMSNorm, RotaryEmbedding, paged_attention
+from radixlm.models.layers import RMSNorm, RotaryEmbedding, apply_rope, paged_attention
 from radixlm.runner.batch import ForwardBatch
 
 
@@ -34,7 +34,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         batch: ForwardBatch,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
@@ -46,7 +46,7 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(batch.positions, q, k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         o = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -78,7 +78,7 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         batch: ForwardBatch,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
@@ -118,8 +118,9 @@ class LlamaForCausalLM(nn.Module):
         self, batch: ForwardBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]
     ) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
+        rope = self.rope(batch.positions, x.dtype)
         for layer, kc, vc in zip(self.layers, k_caches, v_caches, strict=True):
-            x = layer(x, self.rope, batch, kc, vc)
+            x = layer(x, rope, batch, kc, vc)
         x = self.norm(x[batch.logits_index])
         return self.lm_head(x).float()
 

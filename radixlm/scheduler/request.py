@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from radixlm.cache import TreeNode
 from radixlm.engine.io import GenerateRequest, LogprobEntry
 from radixlm.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from radixlm.grammar import GrammarMatcher
 
 _EMPTY = torch.empty(0, dtype=torch.int64)
 
@@ -44,6 +47,7 @@ class Req:
     output_logprobs: list[LogprobEntry] = field(default_factory=list)
     output_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
     input_lp_next: int = 0  # next prompt token whose logprob is owed
+    grammar: GrammarMatcher | None = None  # set once compiled; has accepted all of output_ids
 
     @classmethod
     def from_message(cls, msg: GenerateRequest, eos_ids: tuple[int, ...]) -> Req:

@@ -8,6 +8,7 @@ import torch
 
 from radixlm.cache import MatchResult, RadixCache, SlotAllocator
 from radixlm.engine.io import GenerateRequest, LogprobEntry, TokenOutput
+from radixlm.grammar import GrammarManager, GrammarSpec
 from radixlm.runner.batch import ScheduledSeq
 from radixlm.runner.runner import ModelRunner
 from radixlm.sampling import Sampler, SamplingBatch
@@ -43,9 +44,11 @@ class Scheduler:
         tokenizer: Tokenizer,
         config: SchedulerConfig,
         sampler: Sampler,
+        grammar: GrammarManager | None = None,
     ) -> None:
         self.runner, self.cache, self.allocator = runner, cache, allocator
         self.tokenizer, self.config, self.sampler = tokenizer, config, sampler
+        self.grammar = grammar if grammar is not None else GrammarManager(tokenizer)
         self.policy = SchedulePolicy(config.schedule_policy, cache, config.max_wait_s)
         self.waiting: list[Req] = []
         self.running: list[Req] = []
@@ -66,7 +69,24 @@ class Scheduler:
             self.pending_outputs.append(self._output(req, []))
             return
         req.input_lp_next = max(req.logprob_start_len, 0)
+        if GrammarSpec.from_params(msg.params) is not None:
+            self.grammar.submit(req)  # queued by _take_compiled once its grammar is ready
+            return
         self.waiting.append(req)
+
+    def _take_compiled(self) -> None:
+        """Queue the requests whose grammar is ready; a forced start of the output is sent now."""
+        ready, failed = self.grammar.poll(block=not (self.waiting or self.running))
+        for req, message in failed:
+            req.finish_reason = {"type": "abort", "message": message}
+            self.pending_outputs.append(self._output(req, []))
+        for req in ready:
+            forced = self.grammar.start(req, self.config.context_len)
+            if forced:
+                req.finish_reason = self._finish_reason(req, forced[-1])
+                self.pending_outputs.append(self._output(req, forced))
+            if not req.finished:
+                self.waiting.append(req)
 
     def _check(self, msg: GenerateRequest) -> str | None:
         n = len(msg.input_ids)
@@ -91,16 +111,24 @@ class Scheduler:
                     self._release(req)
                     self.pending_outputs.append(self._output(req, []))
                     return
+        compiling = self.grammar.discard(rid)
+        if compiling is not None:
+            compiling.finish_reason = {"type": "abort", "message": message}
+            self.pending_outputs.append(self._output(compiling, []))
 
     @property
     def has_work(self) -> bool:
         """Whether step() would do anything."""
-        return bool(self.waiting or self.running or self.pending_outputs)
+        return bool(
+            self.waiting or self.running or self.pending_outputs or self.grammar.num_pending
+        )
 
     # ---- one step ------------------------------------------------------------------------
 
     def step(self) -> list[TokenOutput]:
         """Schedule, run one forward over the mixed batch, sample and post-process."""
+        if self.grammar.num_pending:
+            self._take_compiled()
         seqs = self._schedule()
         if seqs:
             self._run(seqs)
@@ -261,6 +289,7 @@ class Scheduler:
             eos_ids=[r.eos_ids for r in reqs],
             top_logprobs_num=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
             return_logprob=[r.return_logprob for r in reqs],
+            allowed_mask=self.grammar.fill_masks(reqs),
         )
         out = self.sampler.sample(logits.index_select(0, index), sb)
         ids = out.next_ids.tolist()
@@ -321,7 +350,9 @@ class Scheduler:
                 req.output_logprobs.append(entry)
                 if req.top_logprobs_num:
                     req.output_top_logprobs.append(top)
-            req.finish_reason = self._finish_reason(req, token)
+            if req.grammar is not None:  # may retokenize the token and append forced ones
+                new_ids = self.grammar.advance(req, self.config.context_len)
+            req.finish_reason = self._finish_reason(req, new_ids[-1])
         if req.finished:
             self.running.remove(req)
             self._release(req)
@@ -337,7 +368,11 @@ class Scheduler:
 
     def _finish_reason(self, req: Req, token: int) -> dict | None:
         p = req.params
+        if req.grammar is not None and req.grammar.error is not None:
+            return {"type": "abort", "message": f"grammar error: {req.grammar.error}"}
         if token in req.eos_ids and len(req.output_ids) >= p.min_new_tokens:
+            return {"type": "stop", "matched": token}
+        if req.grammar is not None and req.grammar.is_terminated:
             return {"type": "stop", "matched": token}
         if p.stop and len(req.output_ids) >= p.min_new_tokens:
             matched = self._match_stop(req)

@@ -16,15 +16,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from radixlm.engine.args import EngineArgs
-from radixlm.engine.core import Message
 from radixlm.engine.frontend import GenerateInput, RequestState, tokenize_input
 from radixlm.engine.io import AbortRequest, ControlReply, ControlRequest, TokenOutput
 from radixlm.engine.process import EngineProcess
 from radixlm.server.metrics import ServerMetrics
 from radixlm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from radixlm.engine.core import Message
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ T = TypeVar("T")
 
 # Inputs longer than this (in characters) are tokenized on a worker thread, off the event loop.
 INLINE_TOKENIZE_CHARS = 8192
+# A control call waits at most one forward pass; longer means the engine is stuck.
+CONTROL_TIMEOUT_S = 60.0
 _STOP_SENDER = object()
 
 
@@ -349,7 +353,13 @@ class TokenizerManager:
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._calls[call_id] = fut
         self._outbox.put(ControlRequest(kind, call_id, args))
-        value = await fut
+        try:
+            value = await asyncio.wait_for(fut, CONTROL_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self._calls.pop(call_id, None)
+            raise EngineUnavailable(
+                f"the engine did not answer {kind!r} in {CONTROL_TIMEOUT_S:.0f}s"
+            ) from None
         if isinstance(value, BaseException):
             raise value
         return value

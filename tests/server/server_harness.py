@@ -47,10 +47,11 @@ class ServerProcess:
         ]
         if api_key is not None:
             cmd += ["--api-key", api_key]
+        # One intra-op thread: on a shared CPU-only test machine, two OpenMP threads per forward
+        # stall on each other whenever another process takes a core (each step 10-20x slower).
+        env = {"OMP_NUM_THREADS": "1", **os.environ}
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [*cmd, *flags], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()
-            )
+            proc = subprocess.Popen([*cmd, *flags], stdout=log, stderr=subprocess.STDOUT, env=env)
         server = cls(proc, log_path, "", api_key)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not server.url:

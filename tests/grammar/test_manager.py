@@ -1,0 +1,251 @@
+"""The grammar manager inside the scheduler, on a tiny random-weight model (a fast fuzzer: it
+picks arbitrary allowed tokens), stepped by hand with the slot invariant checked every step."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import torch
+
+from radixlm.cache import RadixCache, SlotAllocator
+from radixlm.engine.args import EngineArgs
+from radixlm.engine.core import EngineCore
+from radixlm.engine.io import GenerateRequest, TokenOutput
+from radixlm.grammar import GrammarCache, GrammarManager, GrammarSpec
+from radixlm.grammar.base import GrammarBackend
+from radixlm.sampling import SamplingParams
+from radixlm.scheduler.request import Req
+from radixlm.scheduler.scheduler import Scheduler
+from radixlm.tokenizer import Tokenizer
+
+PROMPT = [1, 520, 9531, 198]  # <|im_start|>assistant\n
+SMALL = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 999},
+        "tag": {"enum": ["alpha", "beta"]},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["id", "tag", "ok"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def core(tiny_model_dir: Path) -> EngineCore:
+    return EngineCore(EngineArgs(model_path=str(tiny_model_dir), max_total_tokens=512, random_seed=0))
+
+
+@pytest.fixture
+def sched(core: EngineCore) -> Scheduler:
+    """A fresh scheduler over the shared model; the grammar cache is shared too (as in a server)."""
+    s = core.scheduler
+    return Scheduler(s.runner, s.cache, s.allocator, s.tokenizer, s.config, s.sampler, s.grammar)
+
+
+def request(rid: str, prompt: list[int] = PROMPT, **params: Any) -> GenerateRequest:
+    p = SamplingParams(**{"temperature": 0.0, "max_new_tokens": 48, **params})
+    return GenerateRequest(rid=rid, input_ids=list(prompt), params=p)
+
+
+def run(s: Scheduler, max_steps: int = 300) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    ids: dict[str, list[int]] = {}
+    reasons: dict[str, Any] = {}
+    for _ in range(max_steps):
+        if not s.has_work:
+            return ids, reasons
+        with torch.inference_mode():
+            outs: list[TokenOutput] = s.step()
+        s.check_invariant()
+        for o in outs:
+            assert o.rid not in reasons, f"{o.rid} produced output after it finished"
+            ids.setdefault(o.rid, []).extend(o.new_ids)
+            if o.finish_reason is not None:
+                reasons[o.rid] = o.finish_reason
+    pytest.fail("the scheduler is still busy")
+
+
+def text(s: Scheduler, ids: list[int]) -> str:
+    return s.tokenizer.decode(ids)
+
+
+def test_cache_drops_the_least_recently_used() -> None:
+    cache = GrammarCache(capacity=2)
+    a, b, c = (GrammarSpec("regex", x) for x in "abc")
+    cache.put(a, 1)
+    cache.put(b, 2)
+    assert cache.get(a) == 1  # a is now the most recent
+    cache.put(c, 3)
+    assert cache.get(b) is None and cache.get(a) == 1 and cache.get(c) == 3 and len(cache) == 2
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_random_model_outputs_match_their_grammars(sched: Scheduler, temperature: float) -> None:
+    """Arbitrary allowed tokens, in one mixed batch with a request that has no grammar."""
+    specs = {
+        "json": {"json_schema": json.dumps(SMALL)},
+        "date": {"regex": r"\d{4}-\d{2}-\d{2}"},
+        "choice": {"ebnf": 'root ::= "The answer is " ("yes" | "no") "."'},
+        "free": {},
+    }
+    for i, (rid, spec) in enumerate(specs.items()):
+        sched.add(request(rid, temperature=temperature, sampling_seed=i, **spec))
+    ids, reasons = run(sched)
+    jsonschema.validate(json.loads(text(sched, ids["json"])), SMALL)
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", text(sched, ids["date"]))
+    assert re.fullmatch(r"The answer is (yes|no)\.", text(sched, ids["choice"]))
+    for rid in ("json", "date", "choice"):
+        assert reasons[rid] == {"type": "stop", "matched": ids[rid][-1]}
+    assert reasons["free"]["type"] == "length"
+
+
+def test_forced_output_needs_no_forward_pass(sched: Scheduler) -> None:
+    sched.add(request("fixed", regex=r"Hello, world! This text is entirely forced\."))
+    before = sched.num_forward_passes
+    ids, reasons = run(sched)
+    assert sched.num_forward_passes == before
+    assert text(sched, ids["fixed"]) == "Hello, world! This text is entirely forced."
+    assert ids["fixed"] == sched.tokenizer.encode(text(sched, ids["fixed"]), add_special_tokens=False)
+    assert reasons["fixed"]["type"] == "stop"
+
+
+def test_jumps_longer_than_a_chunk_are_fed_in_chunks(core: EngineCore) -> None:
+    s = core.scheduler
+    config = replace(s.config, chunked_prefill_size=6)
+    small = Scheduler(s.runner, s.cache, s.allocator, s.tokenizer, config, s.sampler, s.grammar)
+    pattern = r"(red|blue) is the colour of the sky over the sea at noon; (yes|no) it is\."
+    for i in range(3):
+        small.add(request(f"r{i}", regex=pattern, temperature=1.0, sampling_seed=i))
+    ids, reasons = run(small)
+    for i in range(3):
+        assert re.fullmatch(pattern, text(small, ids[f"r{i}"]))
+        assert reasons[f"r{i}"]["type"] == "stop"
+
+
+def test_max_new_tokens_cuts_a_jump(sched: Scheduler) -> None:
+    sched.add(request("cut", json_schema=json.dumps(SMALL), max_new_tokens=2))
+    ids, reasons = run(sched)
+    assert ids["cut"] == sched.tokenizer.encode('{"id', add_special_tokens=False)
+    assert reasons["cut"] == {"type": "length", "length": 2}
+
+
+def test_jump_forward_off_feeds_one_token_per_step(core: EngineCore) -> None:
+    s = core.scheduler
+    off = GrammarManager(s.tokenizer, jump_forward=False)
+    off.cache, off._backend = s.grammar.cache, s.grammar.backend  # share the built backend
+    plain = Scheduler(s.runner, s.cache, s.allocator, s.tokenizer, s.config, s.sampler, off)
+    plain.add(request("fixed", regex="Hello, world!"))
+    ids, _ = run(plain)
+    assert text(plain, ids["fixed"]) == "Hello, world!"
+    assert plain.num_forward_passes == len(ids["fixed"])
+
+
+def test_logprob_requests_do_not_jump(sched: Scheduler) -> None:
+    msg = request("lp", regex="Hello, world!")
+    sched.add(GenerateRequest(msg.rid, msg.input_ids, msg.params, return_logprob=True))
+    ids, _ = run(sched)
+    assert text(sched, ids["lp"]) == "Hello, world!"
+    assert sched.num_forward_passes == len(ids["lp"])
+
+
+def test_a_grammar_the_frontend_did_not_check_aborts_only_its_request(sched: Scheduler) -> None:
+    sched.add(request("bad", regex="a(b"))
+    sched.add(request("good", regex="[0-9]{3}"))
+    ids, reasons = run(sched)
+    assert reasons["bad"]["type"] == "abort" and "unclosed group" in reasons["bad"]["message"]
+    assert re.fullmatch("[0-9]{3}", text(sched, ids["good"]))
+
+
+def test_abort_while_compiling(core: EngineCore) -> None:
+    s = core.scheduler
+    gate = threading.Event()
+
+    def slow_backend(tokenizer: Tokenizer, vocab_size: int | None) -> GrammarBackend:
+        assert gate.wait(timeout=30)
+        return s.grammar.backend
+
+    manager = GrammarManager(s.tokenizer, backend_factory=slow_backend)
+    gated = Scheduler(s.runner, s.cache, s.allocator, s.tokenizer, s.config, s.sampler, manager)
+    gated.add(request("slow", regex="[a-z]+"))
+    gated.add(request("plain"))
+    with torch.inference_mode():
+        gated.step()  # the plain request runs while the grammar compiles
+    assert gated.has_work and manager.num_pending == 1
+    gated.abort("slow", "changed my mind")
+    gate.set()
+    ids, reasons = run(gated)
+    assert reasons["slow"] == {"type": "abort", "message": "changed my mind"}
+    assert reasons["plain"]["type"] == "length" and ids["slow"] == []
+
+
+def test_retraction_keeps_grammar_outputs_valid(core: EngineCore) -> None:
+    s = core.scheduler
+    allocator = SlotAllocator(120)  # a corner of the runner's KV pool
+    cache = RadixCache(allocator)
+    tight = Scheduler(s.runner, cache, allocator, s.tokenizer, s.config, s.sampler, s.grammar)
+    schema = {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": 9},
+        "minItems": 12,
+        "maxItems": 12,
+    }
+    for i in range(6):
+        prompt = torch.randint(3, 49000, (12,), generator=torch.Generator().manual_seed(i)).tolist()
+        tight.add(
+            request(f"r{i}", prompt, json_schema=json.dumps(schema), temperature=1.0, sampling_seed=i)
+        )
+    ids, reasons = run(tight, max_steps=2000)
+    assert tight.num_retractions > 0
+    for i in range(6):
+        value = json.loads(text(tight, ids[f"r{i}"]))
+        jsonschema.validate(value, schema)
+        assert reasons[f"r{i}"]["type"] == "stop"
+
+
+def test_jump_retokenizes_the_sampled_token(core: EngineCore) -> None:
+    """A model that samples `"` where `",` exists: the jump replaces it with the tokenizer's own
+    tokens for `", "age":`, and the matcher follows the replacement."""
+    s = core.scheduler
+    tok = s.tokenizer
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    spec = GrammarSpec("json_schema", json.dumps(schema))
+    matcher = s.grammar.backend.matcher(s.grammar.backend.compile(spec))
+    req = Req("r", list(PROMPT), SamplingParams(max_new_tokens=64, json_schema=spec.text), (2,))
+    req.grammar = matcher
+    assert s.grammar.start(req, 2048) == tok.encode('{"name":', add_special_tokens=False)
+    for piece in (' "', "Bob", '"'):
+        req.output_ids += tok.encode(piece, add_special_tokens=False)
+        new = s.grammar.advance(req, 2048)
+    assert new == tok.encode('", "age":', add_special_tokens=False)
+    assert tok.decode(req.output_ids) == '{"name": "Bob", "age":'
+    assert req.output_ids == tok.encode('{"name": "Bob", "age":', add_special_tokens=False)
+    assert matcher.num_valid(tok.encode(" 42}", add_special_tokens=False)) == 3
+
+
+def test_poll_hands_back_compiled_and_cached_grammars(core: EngineCore) -> None:
+    shared = core.scheduler.grammar.backend
+    manager = GrammarManager(core.tokenizer, backend_factory=lambda t, v: shared)
+    req = Req("r", list(PROMPT), SamplingParams(regex="[a-z]{1,5}q"), (2,))
+    manager.submit(req)
+    t0 = time.perf_counter()
+    ready: list[Req] = []
+    while not ready:
+        ready, failed = manager.poll(block=True)
+        assert not failed
+    assert time.perf_counter() - t0 < 5 and req.grammar is not None
+    assert manager.num_pending == 0
+    manager.submit(Req("again", list(PROMPT), SamplingParams(regex="[a-z]{1,5}q"), (2,)))
+    assert manager.poll()[0][0].rid == "again"  # a cache hit is ready at once
