@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,11 @@ import torch
 from radixlm.models.config import ModelConfig
 from radixlm.models.default import default_model_path
 from radixlm.models.gguf import convert_gguf
+
+# One thread per process: tests run engines side by side (a server subprocess and the test
+# process) on a 2-core machine, and OpenMP teams spinning against each other are far slower.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 SMOLLM2_VOCAB_SIZE = 49152
 _HF_ARCHITECTURES = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -142,6 +143,7 @@ class RequestState:
     output_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
     first_token_time: float | None = None
     detok: IncrementalDetokenizer = field(init=False)
+    _trimmed: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         p = self.req.params
@@ -174,9 +176,23 @@ class RequestState:
         """The text so far: cut at a matched stop string; while running, a partial stop held back."""
         text = self.detok.text
         stops = self.req.params.stop
+        matched = (self.finish_reason or {}).get("matched")
+        if isinstance(matched, int) and not self.req.params.no_stop_trim and self.output_ids:
+            # The matched stop token stays in output_ids but not in the text (as SGLang does).
+            if self._trimmed is None:
+                self._trimmed = self.tokenizer.decode(
+                    self.output_ids[:-1],
+                    self.req.params.skip_special_tokens,
+                    self.req.params.spaces_between_special_tokens,
+                )
+            return self._trimmed
+        if isinstance(matched, str) and matched in self.req.params.stop_regex:
+            found = re.search(matched, text)
+            if found is None:
+                return text
+            return text[: found.end() if self.req.params.no_stop_trim else found.start()]
         if not stops:
             return text
-        matched = (self.finish_reason or {}).get("matched")
         if isinstance(matched, str):
             if self.req.params.no_stop_trim:
                 idx = text.find(matched)

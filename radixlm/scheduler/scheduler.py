@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from radixlm.tokenizer import Tokenizer
 
 # Cap on the future tokens a running request is assumed to need when admitting new work.
 _RESERVE_CAP = 4096
+# Output tokens searched for a stop regex (a stop string needs only its own length).
+_STOP_REGEX_WINDOW = 64
 # Requests sharing this many not-yet-cached tokens are not prefilled in the same step.
 _SHARED_RUN = 32
 
@@ -176,7 +179,9 @@ class Scheduler:
                 continue  # a request admitted this step computes the same tokens: reuse them next step
             n = min(req.seq_len - prefix, budget)
             self.cache.lock(match.node)
-            need = n + reserve + int(min(req.remaining_new_tokens, _RESERVE_CAP) * self.new_token_ratio)
+            own = self._future_tokens(req)
+            # With nothing running, only the chunk must fit: retraction covers the rest.
+            need = n if not self.running else n + reserve + own
             if self.allocator.num_free + self.cache.evictable_size < need or not self._ensure_free(n):
                 self.cache.unlock(match.node)
                 break
@@ -188,7 +193,7 @@ class Scheduler:
             self.running.append(req)
             admitted.append((req, self._extend(req, n)))
             budget -= n
-            reserve += int(min(req.remaining_new_tokens, _RESERVE_CAP) * self.new_token_ratio)
+            reserve += own
         return admitted
 
     def _usable_prefix(self, req: Req, match: MatchResult) -> int:
@@ -211,11 +216,13 @@ class Scheduler:
             logit_from = min(logit_from, max(req.input_lp_next - 1, start))
         return ScheduledSeq(req.fill_ids[start:end], start, req.slots, logit_from)
 
+    def _future_tokens(self, req: Req) -> int:
+        """Slots req is expected to take as it decodes; never more than the pool could give it."""
+        room = max(self.allocator.num_slots - req.seq_len, 0)
+        return int(min(req.remaining_new_tokens, _RESERVE_CAP, room) * self.new_token_ratio)
+
     def _reserved_tokens(self) -> int:
-        return int(
-            sum(min(r.remaining_new_tokens, _RESERVE_CAP) for r in self.running)
-            * self.new_token_ratio
-        )
+        return sum(self._future_tokens(r) for r in self.running)
 
     def _ensure_free(self, n: int) -> bool:
         if self.allocator.num_free < n:
@@ -374,7 +381,7 @@ class Scheduler:
             return {"type": "stop", "matched": token}
         if req.grammar is not None and req.grammar.is_terminated:
             return {"type": "stop", "matched": token}
-        if p.stop and len(req.output_ids) >= p.min_new_tokens:
+        if (p.stop or p.stop_regex) and len(req.output_ids) >= p.min_new_tokens:
             matched = self._match_stop(req)
             if matched is not None:
                 return {"type": "stop", "matched": matched}
@@ -385,13 +392,21 @@ class Scheduler:
         return None
 
     def _match_stop(self, req: Req) -> str | None:
-        """Decode a short tail of the output; the first stop string found in it ends the request."""
-        longest = max(len(s) for s in req.params.stop)
-        tail_ids = req.output_ids[-(longest + 8) :]
-        tail = self.tokenizer.decode(tail_ids, skip_special_tokens=req.params.skip_special_tokens)
-        for s in req.params.stop:
+        """Decode a short tail of the output; the first stop string (or stop regex) found in it
+        ends the request."""
+        p = req.params
+        window = max((len(s) + 8 for s in p.stop), default=0)
+        if p.stop_regex:
+            window = max(window, _STOP_REGEX_WINDOW)
+        tail = self.tokenizer.decode(
+            req.output_ids[-window:], skip_special_tokens=p.skip_special_tokens
+        )
+        for s in p.stop:
             if s in tail:
                 return s
+        for pattern in p.stop_regex:
+            if re.search(pattern, tail):
+                return pattern
         return None
 
     def _output(self, req: Req, new_ids: list[int]) -> TokenOutput:

@@ -207,7 +207,7 @@ class TokenizerManager:
     def _send_loop(self, engine: EngineProcess) -> None:
         while (msg := self._outbox.get()) is not _STOP_SENDER:
             try:
-                engine.send(cast(Message, msg))
+                engine.send(cast("Message", msg))
             except (OSError, ValueError):
                 self._post(self._engine_gone, "the engine process is gone")
                 return

@@ -172,11 +172,6 @@ def test_stop_token_ids(engine: Engine) -> None:
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_id}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the text of a matched stop token id is kept; SGLang's detokenizer drops it "
-    "(trim_matched_stop) unless no_stop_trim is set",
-)
 def test_matched_stop_token_is_trimmed_from_the_text(engine: Engine) -> None:
     ids = gen(engine, PROMPT, greedy(24))["output_ids"]
     stop_id = ids[3]

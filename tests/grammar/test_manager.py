@@ -188,19 +188,28 @@ def test_abort_while_compiling(core: EngineCore) -> None:
 
 def test_retraction_keeps_grammar_outputs_valid(core: EngineCore) -> None:
     s = core.scheduler
-    allocator = SlotAllocator(120)  # a corner of the runner's KV pool
+    # Six requests of 12 + 27 tokens on 110 slots (a corner of the runner's KV pool): the
+    # scheduler admits three, expecting 70% of max_new_tokens each, and must send one back.
+    allocator = SlotAllocator(110)
     cache = RadixCache(allocator)
     tight = Scheduler(s.runner, cache, allocator, s.tokenizer, s.config, s.sampler, s.grammar)
     schema = {
         "type": "array",
         "items": {"type": "integer", "minimum": 0, "maximum": 9},
-        "minItems": 12,
-        "maxItems": 12,
+        "minItems": 9,
+        "maxItems": 9,
     }
     for i in range(6):
         prompt = torch.randint(3, 49000, (12,), generator=torch.Generator().manual_seed(i)).tolist()
         tight.add(
-            request(f"r{i}", prompt, json_schema=json.dumps(schema), temperature=1.0, sampling_seed=i)
+            request(
+                f"r{i}",
+                prompt,
+                json_schema=json.dumps(schema),
+                temperature=1.0,
+                sampling_seed=i,
+                max_new_tokens=30,
+            )
         )
     ids, reasons = run(tight, max_steps=2000)
     assert tight.num_retractions > 0

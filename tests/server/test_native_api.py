@@ -226,3 +226,19 @@ def test_abort_request_by_rid(http: httpx.Client) -> None:
     assert meta["finish_reason"]["type"] == "abort"
     assert meta["completion_tokens"] < 1500
     assert http.post("/abort_request", json={"rid": "no-such-rid"}).json() == {"aborted": 0}
+
+
+def test_parse_generate_accepts_what_sglang_clients_send() -> None:
+    from radixlm.server.native_api import parse_generate
+
+    inp = parse_generate(
+        {
+            "text": "x",
+            "sampling_params": {"max_new_tokens": 4, "regex": None, "json_schema": None},
+            "stream": True,
+            "lora_path": None,
+            "return_logprob": False,
+            "logprob_start_len": -1,
+        }
+    )
+    assert inp.text == "x" and inp.stream and inp.logprob_start_len == -1
