@@ -1,11 +1,11 @@
 """Engine benchmarks of the engine-core issue; every figure is a ratio measured in one run.
 
-    python benchmarks/bench_engine.py all            # every scenario below, default sizes
-    python benchmarks/bench_engine.py shared-prefix  # radix cache on vs off, shared few-shot prefix
-    python benchmarks/bench_engine.py no-sharing     # radix cache on vs off, nothing shared
-    python benchmarks/bench_engine.py prefill        # uncached prefill vs its weight matmuls alone
-    python benchmarks/bench_engine.py decode         # decode step vs its weight matmuls; overhead
-    python benchmarks/bench_engine.py ttft           # time to first token, cached vs uncached prefix
+python benchmarks/bench_engine.py all            # every scenario below, default sizes
+python benchmarks/bench_engine.py shared-prefix  # radix cache on vs off, shared few-shot prefix
+python benchmarks/bench_engine.py no-sharing     # radix cache on vs off, nothing shared
+python benchmarks/bench_engine.py prefill        # uncached prefill vs its weight matmuls alone
+python benchmarks/bench_engine.py decode         # decode step vs its weight matmuls; overhead
+python benchmarks/bench_engine.py ttft           # time to first token, cached vs uncached prefix
 """
 
 from __future__ import annotations
@@ -40,17 +40,23 @@ def run_all(engine: Engine, prompts: list[list[int]], output_len: int) -> float:
     return time.perf_counter() - t0
 
 
-def cache_on_off(args: argparse.Namespace, prompts: list[list[int]], output_len: int) -> dict[str, float]:
+def cache_on_off(
+    args: argparse.Namespace, prompts: list[list[int]], output_len: int
+) -> dict[str, float]:
     """Throughput (requests/s) with the radix cache on and off, same prompts."""
     result: dict[str, float] = {}
     for label, disable in (("on", False), ("off", True)):
-        with Engine(args.model_path, disable_radix_cache=disable, max_total_tokens=args.max_total_tokens) as eng:
+        with Engine(
+            args.model_path, disable_radix_cache=disable, max_total_tokens=args.max_total_tokens
+        ) as eng:
             run_all(eng, [prompts[0][:64]], 1)  # warm-up
             eng.flush_cache()
             wall = run_all(eng, prompts, output_len)
             stats = eng.get_stats()
         result[label] = len(prompts) / wall
-        print(f"  cache {label:3s}: {wall:7.2f}s  {len(prompts) / wall:7.2f} req/s  forward passes {stats['num_forward_passes']}")
+        print(
+            f"  cache {label:3s}: {wall:7.2f}s  {len(prompts) / wall:7.2f} req/s  forward passes {stats['num_forward_passes']}"
+        )
     result["ratio"] = result["on"] / result["off"]
     return result
 
@@ -59,8 +65,10 @@ def bench_shared_prefix(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     prefix = random_ids(args.prefix_len, gen)
     prompts = [prefix + random_ids(args.question_len, gen) for _ in range(args.questions)]
-    print(f"shared prefix: {args.questions} prompts = {args.prefix_len}-token prefix + "
-          f"{args.question_len}-token question, {args.shared_output_len} output tokens")
+    print(
+        f"shared prefix: {args.questions} prompts = {args.prefix_len}-token prefix + "
+        f"{args.question_len}-token question, {args.shared_output_len} output tokens"
+    )
     r = cache_on_off(args, prompts, args.shared_output_len)
     print(f"  throughput cache on / off = {r['ratio']:.2f}x  (target >= 8x)")
 
@@ -68,7 +76,9 @@ def bench_shared_prefix(args: argparse.Namespace) -> None:
 def bench_no_sharing(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(1)
     prompts = [random_ids(args.prompt_len, gen) for _ in range(args.prompts)]
-    print(f"no sharing: {args.prompts} distinct {args.prompt_len}-token prompts, {args.output_len} output tokens")
+    print(
+        f"no sharing: {args.prompts} distinct {args.prompt_len}-token prompts, {args.output_len} output tokens"
+    )
     r = cache_on_off(args, prompts, args.output_len)
     print(f"  throughput cache on / off = {r['ratio']:.3f}  (target >= 0.95)")
 
@@ -104,26 +114,34 @@ def weight_matmuls(core: EngineCore, rows: int, logit_rows: int) -> Callable[[],
 
 
 def bench_prefill(args: argparse.Namespace) -> None:
-    core = EngineCore(EngineArgs(args.model_path, max_total_tokens=args.batch * args.prefill_len + 64))
+    core = EngineCore(
+        EngineArgs(args.model_path, max_total_tokens=args.batch * args.prefill_len + 64)
+    )
     gen = torch.Generator().manual_seed(2)
     prompts = [random_ids(args.prefill_len, gen) for _ in range(args.batch)]
     slots = core.allocator.alloc(args.batch * args.prefill_len)
     assert slots is not None
     seqs = [
-        ScheduledSeq(p, 0, slots[i * args.prefill_len : (i + 1) * args.prefill_len], args.prefill_len - 1)
+        ScheduledSeq(
+            p, 0, slots[i * args.prefill_len : (i + 1) * args.prefill_len], args.prefill_len - 1
+        )
         for i, p in enumerate(prompts)
     ]
     fwd = _best(lambda: core.runner.forward(seqs), args.repeat)
     mm = _best(weight_matmuls(core, args.batch * args.prefill_len, args.batch), args.repeat)
     tokens = args.batch * args.prefill_len
     print(f"prefill: {args.batch} x {args.prefill_len} uncached tokens")
-    print(f"  forward {fwd * 1000:8.1f} ms ({tokens / fwd:7.0f} tok/s); weight matmuls alone {mm * 1000:8.1f} ms")
+    print(
+        f"  forward {fwd * 1000:8.1f} ms ({tokens / fwd:7.0f} tok/s); weight matmuls alone {mm * 1000:8.1f} ms"
+    )
     print(f"  forward / matmuls = {fwd / mm:.2f}  (target <= 1.4)")
 
 
 def bench_decode(args: argparse.Namespace) -> None:
     b, ctx = args.decode_batch, args.decode_context
-    core = EngineCore(EngineArgs(args.model_path, max_total_tokens=b * (ctx + args.decode_steps + 300) + 64))
+    core = EngineCore(
+        EngineArgs(args.model_path, max_total_tokens=b * (ctx + args.decode_steps + 300) + 64)
+    )
     sched = core.scheduler
     gen = torch.Generator().manual_seed(3)
     params = SamplingParams(max_new_tokens=args.decode_steps + 256, temperature=0, ignore_eos=True)
@@ -151,7 +169,9 @@ def bench_decode(args: argparse.Namespace) -> None:
     fwd = statistics.median(forward_times)
     mm = _best(weight_matmuls(core, b, b), args.repeat)
     print(f"decode: batch {b}, {ctx}-token contexts, {args.decode_steps} steps")
-    print(f"  step {step * 1000:7.1f} ms (forward {fwd * 1000:7.1f} ms); weight matmuls alone {mm * 1000:7.1f} ms")
+    print(
+        f"  step {step * 1000:7.1f} ms (forward {fwd * 1000:7.1f} ms); weight matmuls alone {mm * 1000:7.1f} ms"
+    )
     print(f"  step / matmuls = {step / mm:.2f}  (target <= 1.5)")
     print(f"  time outside the forward = {(step - fwd) / step:.1%} of a step  (target <= 10%)")
 
@@ -176,7 +196,9 @@ def bench_ttft(args: argparse.Namespace) -> None:
             cached.append(ttft(prefix + random_ids(args.question_len, gen)))
     u, c = statistics.median(uncached), statistics.median(cached)
     print(f"TTFT: {args.prefix_len}-token prefix + {args.question_len}-token question")
-    print(f"  uncached {u * 1000:7.1f} ms, cached prefix {c * 1000:7.1f} ms: cached / uncached = {c / u:.3f}")
+    print(
+        f"  uncached {u * 1000:7.1f} ms, cached prefix {c * 1000:7.1f} ms: cached / uncached = {c / u:.3f}"
+    )
 
 
 SCENARIOS = {
@@ -189,7 +211,9 @@ SCENARIOS = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("scenario", choices=[*SCENARIOS, "all"])
     p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--max-total-tokens", type=int, default=200_000)

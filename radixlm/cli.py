@@ -7,7 +7,8 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, cast
 
 from radixlm.engine.args import EngineArgs
 
@@ -77,18 +78,16 @@ def _generate(ns: argparse.Namespace) -> None:
         if ns.chat:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         params = {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature}
-        first = True
-        shown = 0
-        for chunk in engine.generate(prompt, params, stream=True):
-            assert isinstance(chunk, dict)
-            if first:
+        stream = cast(Iterator[dict[str, Any]], engine.generate(prompt, params, stream=True))
+        last: dict[str, Any] = {}
+        for chunk in stream:
+            if not last:
                 print(f"[first token after {time.perf_counter() - t0:.2f}s]", file=sys.stderr)
-                first = False
-            sys.stdout.write(chunk["text"][shown:])
+            sys.stdout.write(chunk["text"][len(last.get("text", "")) :])
             sys.stdout.flush()
-            shown = len(chunk["text"])
+            last = chunk
         print()
-        print(json.dumps(chunk["meta_info"]), file=sys.stderr)
+        print(json.dumps(last["meta_info"]), file=sys.stderr)
 
 
 def _serve(ns: argparse.Namespace) -> int:

@@ -42,13 +42,15 @@ class EngineCore:
         del weights
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator, disable=args.disable_radix_cache)
-        context_len = min(args.context_length or config.max_position_embeddings,
-                          config.max_position_embeddings)
+        context_len = min(
+            args.context_length or config.max_position_embeddings, config.max_position_embeddings
+        )
         default_chunk = 8192 if device.type == "cuda" else 2048
         sched_config = SchedulerConfig(
             context_len=context_len,
             chunked_prefill_size=args.chunked_prefill_size or default_chunk,
-            max_running_requests=args.max_running_requests or (1024 if device.type == "cuda" else 256),
+            max_running_requests=args.max_running_requests
+            or (1024 if device.type == "cuda" else 256),
             schedule_policy=args.schedule_policy,
         )
         self.scheduler = Scheduler(
@@ -65,7 +67,12 @@ class EngineCore:
         self.load_seconds = time.perf_counter() - t0
         logger.info(
             "loaded %s in %.1fs on %s (%s): %d KV slots, context %d",
-            self.model_path, self.load_seconds, device, dtype, num_slots, context_len,
+            self.model_path,
+            self.load_seconds,
+            device,
+            dtype,
+            num_slots,
+            context_len,
         )
 
     def handle(self, msg: GenerateRequest | AbortRequest | ControlRequest) -> ControlReply | None:

@@ -139,7 +139,9 @@ class Engine:
     def _submit(self, inp: GenerateInput) -> list[RequestState]:
         self._check_alive()
         cfg = self.core.scheduler.config
-        reqs = tokenize_input(inp, self.tokenizer, self.core.model_config.vocab_size, cfg.context_len)
+        reqs = tokenize_input(
+            inp, self.tokenizer, self.core.model_config.vocab_size, cfg.context_len
+        )
         states = [RequestState(r, self.tokenizer, inp.return_text_in_logprobs) for r in reqs]
         with self._lock:
             for r in reqs:
@@ -154,8 +156,10 @@ class Engine:
     def _next(self, state: RequestState, block: bool) -> bool:
         """Apply the request's next output; False if none is queued (only when not blocking)."""
         try:
-            item = self._wait(self._streams[state.req.rid]) if block else (
-                self._streams[state.req.rid].get_nowait()
+            item = (
+                self._wait(self._streams[state.req.rid])
+                if block
+                else (self._streams[state.req.rid].get_nowait())
             )
         except queue.Empty:
             return False

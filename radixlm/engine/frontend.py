@@ -34,7 +34,8 @@ class GenerateInput:
         """Whether a list was given (the answer is then a list too)."""
         if self.text is not None:
             return isinstance(self.text, list)
-        return bool(self.input_ids) and isinstance(self.input_ids[0], list)
+        ids = self.input_ids
+        return ids is not None and len(ids) > 0 and isinstance(ids[0], list)
 
 
 def _per_item(value: Any, n: int, name: str) -> list[Any]:
@@ -61,11 +62,13 @@ def tokenize_input(
         texts = inp.text if isinstance(inp.text, list) else [inp.text]
         for t in texts:
             if not isinstance(t, str):
-                raise ValueError(f"text must be a string or a list of strings, got {type(t).__name__}")
+                raise ValueError(
+                    f"text must be a string or a list of strings, got {type(t).__name__}"
+                )
         prompts = [tokenizer.encode(t) for t in texts]
     else:
         assert inp.input_ids is not None
-        raw = inp.input_ids if inp.is_batch else [inp.input_ids]
+        raw: list[Any] = inp.input_ids if inp.is_batch else [inp.input_ids]
         prompts = []
         for ids in raw:
             if not isinstance(ids, list) or not all(
@@ -74,12 +77,16 @@ def tokenize_input(
                 raise ValueError("input_ids must be a list of integers or a list of such lists")
             bad = [i for i in ids if not 0 <= i < vocab_size]
             if bad:
-                raise ValueError(f"input_ids holds {bad[0]}, outside the vocabulary [0, {vocab_size})")
+                raise ValueError(
+                    f"input_ids holds {bad[0]}, outside the vocabulary [0, {vocab_size})"
+                )
             prompts.append(list(ids))
     n = len(prompts)
     if n == 0:
         raise ValueError("the batch is empty")
-    params = [SamplingParams.from_dict(p) for p in _per_item(inp.sampling_params, n, "sampling_params")]
+    params = [
+        SamplingParams.from_dict(p) for p in _per_item(inp.sampling_params, n, "sampling_params")
+    ]
     for p in params:
         p.validate(vocab_size)
     _check_grammars(params)
@@ -201,9 +208,7 @@ class RequestState:
             return text[:idx] if idx >= 0 else text
         if self.finished:
             return text
-        hold = max(
-            (k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0
-        )
+        hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         return text[: len(text) - hold]
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -18,7 +19,9 @@ logger = logging.getLogger(__name__)
 def _engine_main(args: EngineArgs, inbox: Connection, outbox: Connection) -> None:
     # The parent owns Ctrl-C: it asks this process to stop and then waits for it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         core = EngineCore(args)
     except BaseException as e:
@@ -70,7 +73,10 @@ class EngineProcess:
         child_out, self._from_child = ctx.Pipe(duplex=False)[::-1]
         # Pipe(duplex=False) returns (reader, writer); reversed above to (writer, reader).
         self.process = ctx.Process(
-            target=_engine_main, args=(args, child_in, child_out), name="radixlm-engine", daemon=True
+            target=_engine_main,
+            args=(args, child_in, child_out),
+            name="radixlm-engine",
+            daemon=True,
         )
         self.process.start()
         child_in.close()
@@ -102,10 +108,8 @@ class EngineProcess:
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Ask the core to stop, then make sure it has."""
-        try:
+        with contextlib.suppress(OSError):
             self._to_child.send(None)
-        except OSError:
-            pass
         self.process.join(timeout=timeout_s)
         self.kill()
 

@@ -57,10 +57,16 @@ class RotaryEmbedding(nn.Module):
         inv = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv)
         # sin carries the sign of rotate-half, so applying it needs no negation per layer.
-        self.register_buffer("cos", torch.cat([freqs.cos(), freqs.cos()], -1).float(), persistent=False)
-        self.register_buffer("sin", torch.cat([-freqs.sin(), freqs.sin()], -1).float(), persistent=False)
+        self.cos: torch.Tensor
+        self.sin: torch.Tensor
+        cos = torch.cat([freqs.cos(), freqs.cos()], -1).float()
+        sin = torch.cat([-freqs.sin(), freqs.sin()], -1).float()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin for these positions, shaped [T, 1, D] to broadcast over heads."""
         return (
             self.cos[positions].unsqueeze(1).to(dtype),

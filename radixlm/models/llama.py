@@ -157,6 +157,8 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"unexpected weight {name!r} in checkpoint")
         p = params[name]
         if p.shape != tensor.shape:
-            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(p.shape)}")
+            raise ValueError(
+                f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(p.shape)}"
+            )
         with torch.no_grad():
             p.copy_(tensor)

@@ -22,7 +22,7 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto" is bfloat16 on GPUs and float32 on the CPU (where fp32 GEMMs are fastest)."""
+    """ "auto" is bfloat16 on GPUs and float32 on the CPU (where fp32 GEMMs are fastest)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -157,6 +157,9 @@ class Scheduler:
                 budget -= n
         if budget > 0 and self.waiting:
             batch.extend(self._admit(budget))
+        if not batch and self.running:  # nobody fits: free slots, then try again
+            self._unstick()
+            return self._schedule()
         # Extends first, decodes last: the runner's flat layout.
         batch.sort(key=lambda p: len(p[1].new_ids) == 1 and p[1].start > 0)
         return batch
@@ -182,7 +185,9 @@ class Scheduler:
             own = self._future_tokens(req)
             # With nothing running, only the chunk must fit: retraction covers the rest.
             need = n if not self.running else n + reserve + own
-            if self.allocator.num_free + self.cache.evictable_size < need or not self._ensure_free(n):
+            if self.allocator.num_free + self.cache.evictable_size < need or not self._ensure_free(
+                n
+            ):
                 self.cache.unlock(match.node)
                 break
             seen_runs.add(run)
@@ -228,6 +233,24 @@ class Scheduler:
         if self.allocator.num_free < n:
             self.cache.evict(n - self.allocator.num_free)
         return self.allocator.num_free >= n
+
+    def _unstick(self) -> None:
+        """Every running request needs more slots than are free (a jump-forward tail needs
+        several at once, and only decodes retract): send the one with the least output back to
+        the queue; one alone that still does not fit can never finish, so it is aborted."""
+        victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
+        self.running.remove(victim)
+        self._release(victim)
+        if self.running:
+            self.waiting.append(victim)
+            self.num_retractions += 1
+            return
+        victim.finish_reason = {
+            "type": "abort",
+            "message": f"the request needs more than the {self.allocator.num_slots} KV slots "
+            "of the pool",
+        }
+        self.pending_outputs.append(self._output(victim, []))
 
     def _retract_for(self, decodes: list[Req]) -> list[Req]:
         """Send running requests back to the queue until the rest can decode one more token."""

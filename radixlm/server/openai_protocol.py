@@ -101,6 +101,13 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    best_of: int | None = None  # bench_serving sends 1; only best_of == n (no ranking) is served
+
+    def check_supported(self) -> None:
+        """As for every request, plus best_of, which radixlm serves only as n."""
+        super().check_supported()
+        if self.best_of not in (None, self.n):
+            raise ApiError(400, "best_of must equal n (candidates are not ranked)", "best_of")
 
 
 class ChatMessage(BaseModel):

@@ -161,6 +161,7 @@ def test_extra_body_fields(client: openai.OpenAI) -> None:
         model=MODEL,
         prompt="Extras",
         max_tokens=5,
+        best_of=1,  # SGLang's bench_serving sends it
         extra_body={"top_k": 5, "min_p": 0.01, "repetition_penalty": 1.1, "ignore_eos": True,
                     "min_tokens": 5, "stop_token_ids": [2]},
     )  # fmt: skip

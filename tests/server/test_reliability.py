@@ -67,6 +67,7 @@ BAD_INPUTS: list[tuple[str, Any, int, str]] = [
     (C, {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
     (C, {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
     (C, {"prompt": "x", "suffix": "y"}, 400, "suffix"),
+    (C, {"prompt": "x", "best_of": 3}, 400, "best_of"),
     (C, {"prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
     (C, {"prompt": "x", "ebnf": "root ::= 'a'"}, 400, "ebnf"),
     (C, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
