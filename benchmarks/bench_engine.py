@@ -138,10 +138,14 @@ def bench_prefill(args: argparse.Namespace) -> None:
 
 
 def bench_decode(args: argparse.Namespace) -> None:
+    for kv_dtype in ("auto", "bfloat16"):
+        _bench_decode(args, kv_dtype)
+
+
+def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
     b, ctx = args.decode_batch, args.decode_context
-    core = EngineCore(
-        EngineArgs(args.model_path, max_total_tokens=b * (ctx + args.decode_steps + 300) + 64)
-    )
+    slots = b * (ctx + args.decode_steps + 300) + 64
+    core = EngineCore(EngineArgs(args.model_path, max_total_tokens=slots, kv_cache_dtype=kv_dtype))
     sched = core.scheduler
     gen = torch.Generator().manual_seed(3)
     params = SamplingParams(max_new_tokens=args.decode_steps + 256, temperature=0, ignore_eos=True)
@@ -168,7 +172,9 @@ def bench_decode(args: argparse.Namespace) -> None:
     step = statistics.median(step_times)
     fwd = statistics.median(forward_times)
     mm = _best(weight_matmuls(core, b, b), args.repeat)
-    print(f"decode: batch {b}, {ctx}-token contexts, {args.decode_steps} steps")
+    print(
+        f"decode: batch {b}, {ctx}-token contexts, {args.decode_steps} steps, KV cache {kv_dtype}"
+    )
     print(
         f"  step {step * 1000:7.1f} ms (forward {fwd * 1000:7.1f} ms); weight matmuls alone {mm * 1000:7.1f} ms"
     )

@@ -170,11 +170,11 @@ def main() -> None:
     parser.add_argument(
         "--tot-programs", type=int, default=2, help="tree-of-thought programs in the batch"
     )
-    parser.add_argument("--context-words", type=int, default=600, help="words of shared context")
+    parser.add_argument("--context-words", type=int, default=400, help="words of shared context")
     parser.add_argument(
-        "--fewshot-batch", type=int, default=16, help="few-shot programs in the batch"
+        "--fewshot-batch", type=int, default=12, help="few-shot programs in the batch"
     )
-    parser.add_argument("--shots", type=int, default=24, help="examples in the few-shot prompt")
+    parser.add_argument("--shots", type=int, default=16, help="examples in the few-shot prompt")
     parser.add_argument(
         "--overhead-reps", type=int, default=20, help="repetitions of the overhead test"
     )

@@ -49,6 +49,14 @@ _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
             "help": "weight and KV dtype",
         },
     ),
+    (
+        "--kv-cache-dtype",
+        {
+            "default": "auto",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+            "help": "KV cache dtype (auto = --dtype); bfloat16 halves KV memory and decode traffic",
+        },
+    ),
     ("--random-seed", {"type": int, "help": "seed of the sampler's RNG"}),
     (
         "--disable-jump-forward",

@@ -20,6 +20,7 @@ class EngineArgs:
     context_length: int | None = None
     device: str = "auto"
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # "auto" = dtype; "bfloat16" halves KV memory and traffic
     random_seed: int | None = None
     disable_jump_forward: bool = False  # structured output: one decode per forced token (ablation)
 

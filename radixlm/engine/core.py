@@ -37,8 +37,11 @@ class EngineCore:
         self.model_config = config
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
-        num_slots = args.max_total_tokens or default_num_slots(config, device, dtype)
-        self.runner = ModelRunner(config, weights, device, dtype, num_slots)
+        kv_dtype = (
+            dtype if args.kv_cache_dtype == "auto" else resolve_dtype(args.kv_cache_dtype, device)
+        )
+        num_slots = args.max_total_tokens or default_num_slots(config, device, kv_dtype)
+        self.runner = ModelRunner(config, weights, device, dtype, num_slots, kv_dtype)
         del weights
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator, disable=args.disable_radix_cache)

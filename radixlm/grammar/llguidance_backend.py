@@ -116,8 +116,9 @@ class LLGuidanceBackend(GrammarBackend):
         """Fill all rows' bitmasks in parallel (llguidance's thread pool), then unpack to bool."""
         rows = len(matchers)
         if self._bitmask.shape[0] < rows:
-            self._bitmask = torch.empty((max(rows, 2 * self._bitmask.shape[0]), self._words),
-                                        dtype=torch.int32)
+            self._bitmask = torch.empty(
+                (max(rows, 2 * self._bitmask.shape[0]), self._words), dtype=torch.int32
+            )
         bitmask = self._bitmask[:rows]
         bitmask.fill_(-1)  # rows without a grammar allow everything
         work = [(m.matcher, i) for i, m in enumerate(matchers) if isinstance(m, LLGuidanceMatcher)]

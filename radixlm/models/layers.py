@@ -101,16 +101,16 @@ def paged_attention(
     Returns [T, H, D].
     """
     kh, vh = k.transpose(0, 1), v.transpose(0, 1)  # [KVH, T, D]
-    k_cache.index_copy_(1, batch.out_slots, kh)
-    v_cache.index_copy_(1, batch.out_slots, vh)
+    k_cache.index_copy_(1, batch.out_slots, kh.to(k_cache.dtype))
+    v_cache.index_copy_(1, batch.out_slots, vh.to(v_cache.dtype))
     out = torch.empty_like(q)
     for seq in batch.extends:
         lo, hi = seq.q_start, seq.q_start + seq.q_len
         if seq.prefix_len == 0:
             ks, vs = kh[:, lo:hi], vh[:, lo:hi]
         else:
-            ks = k_cache.index_select(1, seq.kv_slots)
-            vs = v_cache.index_select(1, seq.kv_slots)
+            ks = k_cache.index_select(1, seq.kv_slots).to(q.dtype)
+            vs = v_cache.index_select(1, seq.kv_slots).to(q.dtype)
         out[lo:hi] = extend_attention(q[lo:hi], ks, vs, seq.prefix_len, scale)
     if batch.decode_kv is not None:
         start = batch.num_extend_tokens
@@ -162,8 +162,11 @@ def decode_attention(
     # Gathered head-major, [KVH * B, N, D] is one strided batch for bmm: no further copies.
     kd = k_cache.index_select(1, flat).view(kvh * b, n, d)
     vd = v_cache.index_select(1, flat).view(kvh * b, n, d)
-    qh = (q * scale).view(b, kvh, g, d).transpose(0, 1).reshape(kvh * b, g, d)
-    scores = torch.bmm(qh, kd.transpose(1, 2)).view(kvh, b, g, n)
+    # With a narrower KV dtype the matmuls run in it (that is the point: half the bytes read);
+    # the softmax stays in the model's dtype.
+    qh = (q * scale).to(kd.dtype).view(b, kvh, g, d).transpose(0, 1).reshape(kvh * b, g, d)
+    scores = torch.bmm(qh, kd.transpose(1, 2)).view(kvh, b, g, n).to(q.dtype)
     scores.masked_fill_(~batch.decode_mask.view(1, b, 1, n), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(kvh * b, g, n)
-    return torch.bmm(probs, vd).view(kvh, b, g, d).transpose(0, 1).reshape(b, h, d)
+    probs = torch.softmax(scores, dim=-1).to(vd.dtype).view(kvh * b, g, n)
+    out = torch.bmm(probs, vd).view(kvh, b, g, d).transpose(0, 1).reshape(b, h, d)
+    return out.to(q.dtype)

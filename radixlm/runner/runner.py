@@ -80,11 +80,17 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         num_slots: int,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.config, self.device, self.dtype = config, device, dtype
         self.model = build_model(config, weights, device, dtype)
         self.pool = KVPool(
-            num_slots, config.num_layers, config.num_kv_heads, config.head_dim, dtype, device
+            num_slots,
+            config.num_layers,
+            config.num_kv_heads,
+            config.head_dim,
+            kv_dtype or dtype,
+            device,
         )
 
     @torch.inference_mode()

@@ -403,7 +403,8 @@ class Scheduler:
         if token in req.eos_ids and len(req.output_ids) >= p.min_new_tokens:
             return {"type": "stop", "matched": token}
         if req.grammar is not None and req.grammar.is_terminated:
-            return {"type": "stop", "matched": token}
+            # Complete: nothing was matched (a matched int would be trimmed from the text).
+            return {"type": "stop", "matched": None}
         if (p.stop or p.stop_regex) and len(req.output_ids) >= p.min_new_tokens:
             matched = self._match_stop(req)
             if matched is not None:

@@ -8,7 +8,8 @@ from radixlm.tokenizer import Tokenizer
 
 def build(template: ChatTemplate, roles_and_contents: list[tuple[str, str]]) -> str:
     """The text the interpreter writes for these messages, role block by role block."""
-    text, history = "", []
+    text = ""
+    history: list[dict[str, str]] = []
     for role, content in roles_and_contents:
         prefix, suffix = template.prefix_and_suffix(role, history)
         text += prefix + content + suffix

@@ -11,7 +11,7 @@ import radixlm as sgl
 from radixlm.lang import REGEX_FLOAT, REGEX_INT, REGEX_STR
 from radixlm.lang.backends.base import Prompt
 from radixlm.lang.interpreter import match_segments
-from radixlm.lang.ir import Gen, GenParams, Text
+from radixlm.lang.ir import Gen, GenParams, Select, Text
 
 
 def test_text_and_gen_build_the_prompt_in_order(fake: FakeBackend) -> None:
@@ -63,7 +63,8 @@ def test_select_appends_the_decision(fake: FakeBackend) -> None:
     state = prog.run(backend=fake)
     assert state["c"] == "bbb" and state.text() == "Pick:bbb"
     assert state.get_meta_info("c")["normalized_prompt_logprobs"] == [-1.0, -1 / 3, -0.5]
-    assert sgl.gen("c", choices=["x", "y"]).choices == ["x", "y"]  # gen(choices=) is a select
+    as_select = sgl.gen("c", choices=["x", "y"])  # gen(choices=) is a select
+    assert isinstance(as_select, Select) and as_select.choices == ["x", "y"]
 
 
 def test_roles_use_the_chat_template_and_record_messages(fake: FakeBackend) -> None:
@@ -279,7 +280,7 @@ def test_chat_model_without_speculation_needs_gen_right_after_assistant() -> Non
 
 def test_match_segments() -> None:
     stop = GenParams(stop=("\n",))
-    segs = [Text("A:"), Gen("a", stop), Text("\nB:"), Gen("b", GenParams())]
+    segs: list[Text | Gen] = [Text("A:"), Gen("a", stop), Text("\nB:"), Gen("b", GenParams())]
     assert match_segments(segs, "A: x\nB: y z") == ["A:", " x", "\nB:", " y z"]
     assert match_segments(segs, "B: y") is None
     # A gen without stop strings ends where the next constant text starts.

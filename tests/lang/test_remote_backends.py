@@ -11,7 +11,7 @@ import radixlm as sgl
 from radixlm.lang.backends.engine import EngineBackend
 
 pytestmark = pytest.mark.slow
-GREEDY = {"temperature": 0}
+GREEDY: dict[str, Any] = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,14 @@ def test_same_program_same_greedy_text_in_process_and_over_http(
     assert remote.get_meta_info("verdict")["normalized_prompt_logprobs"] == pytest.approx(
         local.get_meta_info("verdict")["normalized_prompt_logprobs"], abs=1e-3
     )
+
+
+def test_runtime_endpoint_control_calls(endpoint: sgl.RuntimeEndpoint) -> None:
+    assert endpoint.get_model_name().endswith(".gguf")
+    assert sgl.get_server_info(endpoint)["version"] == sgl.__version__
+    assert sgl.flush_cache(endpoint) is True
+    # The chat template came from the model file the server names.
+    assert endpoint.chat_template.prefix_and_suffix("user", [])[0].startswith("<|im_start|>system")
 
 
 def test_runtime_endpoint_streams(endpoint: sgl.RuntimeEndpoint) -> None:
