@@ -48,8 +48,8 @@ def tree_of_thought(s, context, question):
     s += "Read the report and answer the question.\n\nReport: " + context + "\n\n"
     s += "Question: " + question + "\n"
     plans = s.fork(4)
-    for i, plan in enumerate(plans):
-        plan += f"Plan {i + 1}:" + sgl.gen("plan", max_tokens=12, ignore_eos=True) + "\n"
+    plans += lambda i: f"Plan {i + 1}:" + sgl.gen("plan", max_tokens=12, ignore_eos=True) + "\n"
+    for plan in plans:  # a second loop: the four plans above generate concurrently
         evals = plan.fork(2)
         evals += lambda j: (
             f"Evaluation {j + 1} of plan:" + sgl.gen("eval", max_tokens=6, ignore_eos=True)

@@ -14,8 +14,8 @@ def tree_of_thought(s, question):
     s += sgl.user(question + " Give one short idea.")
     s += sgl.assistant_begin()
     ideas = s.fork(len(IDEA_STARTS))
-    for idea, start in zip(ideas, IDEA_STARTS, strict=True):
-        idea += start + sgl.gen("idea", max_tokens=24, stop=["\n", "."]) + ".\n"
+    ideas += lambda i: IDEA_STARTS[i] + sgl.gen("idea", max_tokens=24, stop=["\n", "."]) + ".\n"
+    for idea in ideas:  # the ideas above generate concurrently; fork() waits for this one
         critiques = idea.fork(len(CRITIQUE_STARTS))  # a fork of a fork: shares question and idea
         critiques += lambda j: (
             CRITIQUE_STARTS[j] + sgl.gen("critique", max_tokens=24, stop=["\n", "."])

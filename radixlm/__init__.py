@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# OpenMP threads that spin while idle stall every small op when the cores are shared (a 2-core
+# machine running a server and its clients): passive waiting is far more robust there. It must
+# be set before torch loads OpenMP, hence here; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 

@@ -8,10 +8,12 @@ import multiprocessing as mp
 import os
 import signal
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from radixlm.engine.args import EngineArgs
-from radixlm.engine.core import EngineCore, Message
+
+if TYPE_CHECKING:
+    from radixlm.engine.core import EngineCore, Message
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +24,8 @@ def _engine_main(args: EngineArgs, inbox: Connection, outbox: Connection) -> Non
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from radixlm.engine.core import EngineCore  # torch is loaded in this process only
+
     try:
         core = EngineCore(args)
     except BaseException as e:

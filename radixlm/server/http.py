@@ -14,7 +14,12 @@ from starlette.types import Receive, Scope, Send
 
 from radixlm.engine.frontend import GenerateInput
 from radixlm.server.errors import ApiError, error_body
-from radixlm.server.tokenizer_manager import EngineUnavailable, RequestGroup, TokenizerManager
+from radixlm.server.tokenizer_manager import (
+    EngineUnavailable,
+    RequestFailed,
+    RequestGroup,
+    TokenizerManager,
+)
 
 DONE = b"data: [DONE]\n\n"
 
@@ -74,8 +79,8 @@ async def wait_finished(request: Request, manager: TokenizerManager, group: Requ
     watcher = asyncio.create_task(abort_on_disconnect())
     try:
         await group.wait_finished()
-    except EngineUnavailable as e:
-        raise ApiError(503, str(e)) from None
+    except RequestFailed as e:
+        raise ApiError(e.status, str(e)) from None
     finally:
         watcher.cancel()
         manager.abort_unfinished(group)  # also when this handler itself is cancelled

@@ -26,7 +26,12 @@ from radixlm.server.http import (
     submit,
     wait_finished,
 )
-from radixlm.server.tokenizer_manager import EngineUnavailable, RequestGroup, TokenizerManager
+from radixlm.server.tokenizer_manager import (
+    EngineUnavailable,
+    RequestFailed,
+    RequestGroup,
+    TokenizerManager,
+)
 
 HEALTH_GENERATE_TIMEOUT_S = 30.0
 STRUCTURED_OUTPUT_KEYS = ("regex", "json_schema", "ebnf")
@@ -95,8 +100,8 @@ async def _stream_events(group: RequestGroup) -> AsyncGenerator[bytes, None]:
             for i in await group.updates():
                 out = group.states[i].to_dict()
                 yield sse({"index": i, **out} if group.is_batch else out)
-    except EngineUnavailable as e:
-        yield sse_error(503, str(e))
+    except RequestFailed as e:
+        yield sse_error(e.status, str(e))
     yield DONE
 
 

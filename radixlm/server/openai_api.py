@@ -25,7 +25,12 @@ from radixlm.server.http import (
     wait_finished,
 )
 from radixlm.server.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
-from radixlm.server.tokenizer_manager import EngineUnavailable, RequestGroup, TokenizerManager
+from radixlm.server.tokenizer_manager import (
+    EngineUnavailable,
+    RequestFailed,
+    RequestGroup,
+    TokenizerManager,
+)
 from radixlm.tokenizer import Tokenizer
 
 # SamplingParams names the SGLang keys; an OpenAI client sent these instead.
@@ -259,8 +264,8 @@ async def _completion_events(
                 if text or s.finished or (logprobs and logprobs["tokens"]):
                     choice = {"index": k, "text": text, "logprobs": logprobs, **finish_fields(s)}
                     yield sse(reply.envelope("text_completion", [choice]))
-    except EngineUnavailable as e:
-        yield sse_error(503, str(e))
+    except RequestFailed as e:
+        yield sse_error(e.status, str(e))
         yield DONE
         return
     if req.include_usage:
@@ -313,8 +318,8 @@ async def _chat_events(
                 if delta or s.finished or (logprobs and logprobs["content"]):
                     choice = {"index": k, "delta": delta, "logprobs": logprobs, **finish_fields(s)}
                     yield sse(reply.envelope("chat.completion.chunk", [choice]))
-    except EngineUnavailable as e:
-        yield sse_error(503, str(e))
+    except RequestFailed as e:
+        yield sse_error(e.status, str(e))
         yield DONE
         return
     if req.include_usage:

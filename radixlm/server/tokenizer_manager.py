@@ -39,8 +39,16 @@ CONTROL_TIMEOUT_S = 60.0
 _STOP_SENDER = object()
 
 
-class EngineUnavailable(RuntimeError):
+class RequestFailed(RuntimeError):
+    """A request ended without its answer; `status` is the HTTP status to report."""
+
+    status = 500
+
+
+class EngineUnavailable(RequestFailed):
     """The engine is still starting, or its process is gone."""
+
+    status = 503
 
 
 @dataclass(eq=False)
@@ -49,9 +57,9 @@ class RequestGroup:
 
     states: list[RequestState]
     is_batch: bool
-    error: EngineUnavailable | None = None
-    _dirty: set[int] = field(default_factory=set)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    error: RequestFailed | None = None
+    _dirty: set[int] = field(default_factory=set, init=False)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     @property
     def finished(self) -> bool:
@@ -63,7 +71,7 @@ class RequestGroup:
         self._dirty.add(index)
         self._changed.set()
 
-    def fail(self, error: EngineUnavailable) -> None:
+    def fail(self, error: RequestFailed) -> None:
         """End the wait of whoever consumes this group with `error`."""
         self.error = error
         self._changed.set()
@@ -72,8 +80,8 @@ class RequestGroup:
         """Wait for news; the indices of the requests that changed since the last call.
 
         Outputs that arrive while the consumer is busy coalesce into one update, so a slow client
-        gets fewer, larger steps instead of a growing backlog. Raises EngineUnavailable when the
-        engine is gone.
+        gets fewer, larger steps instead of a growing backlog. Raises RequestFailed (such as
+        EngineUnavailable) when the requests cannot finish.
         """
         while not self._dirty:
             if self.error is not None:
@@ -85,7 +93,7 @@ class RequestGroup:
         return changed
 
     async def wait_finished(self) -> None:
-        """Wait until every request ended (raises EngineUnavailable)."""
+        """Wait until every request ended (raises RequestFailed)."""
         while not self.finished:
             await self.updates()
 
@@ -260,20 +268,30 @@ class TokenizerManager:
                 continue
             assert isinstance(item, TokenOutput)
             entry = self._running.get(item.rid)
-            if entry is None:
+            if entry is None:  # its client left and the engine was already told, or it failed
                 continue
-            state = entry.group.states[entry.index]
-            if item.new_ids:
-                since_last = None if entry.last_token_time is None else now - entry.last_token_time
-                self.metrics.on_tokens(len(item.new_ids), now, now - state.created, since_last)
-                entry.last_token_time = now
-            state.apply(item)
-            if item.finished:
-                del self._running[item.rid]
-                self.metrics.on_finish(
-                    len(state.req.input_ids), state.cached_tokens, now - state.created
-                )
-            entry.group.notify(entry.index)
+            try:
+                self._apply(entry, item, now)
+            except Exception as e:  # a bug must fail its request, never hang it or the others
+                logger.exception("cannot process the output of request %s", item.rid)
+                self.abort_unfinished(entry.group)
+                for s in entry.group.states:
+                    self._running.pop(s.req.rid, None)
+                entry.group.fail(RequestFailed(f"internal error: {type(e).__name__}: {e}"))
+
+    def _apply(self, entry: _Entry, item: TokenOutput, now: float) -> None:
+        state = entry.group.states[entry.index]
+        if item.new_ids:
+            since_last = None if entry.last_token_time is None else now - entry.last_token_time
+            self.metrics.on_tokens(len(item.new_ids), now, now - state.created, since_last)
+            entry.last_token_time = now
+        state.apply(item)
+        if item.finished:
+            del self._running[item.rid]
+            self.metrics.on_finish(
+                len(state.req.input_ids), state.cached_tokens, now - state.created
+            )
+        entry.group.notify(entry.index)
 
     # ---- requests ------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from typing import Any
 
@@ -182,11 +183,23 @@ def test_regex(backend: EngineBackend) -> None:
 
 
 @needs_grammar
-@pytest.mark.xfail(
-    reason="the scheduler finishes a request whose grammar completes with matched=<last token>, "
-    "so the text loses that token (True -> '', a closing quote dropped)",
-    strict=False,
-)
+def test_json_schema(backend: EngineBackend) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+
+    @sgl.function
+    def person(s):
+        s += "Describe Ada Lovelace as JSON with her name and age at death.\n"
+        s += sgl.gen("json", json_schema=schema, max_tokens=48)
+
+    value = json.loads(person.run(backend=backend, **GREEDY)["json"])
+    assert isinstance(value["name"], str) and isinstance(value["age"], int)
+
+
+@needs_grammar
 def test_dtype_gen(backend: EngineBackend) -> None:
     @sgl.function
     def dtype_gen(s):

@@ -8,10 +8,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from server_harness import API_KEY, ServerProcess
 
 MODEL = "tiny-llama"
-CHAT = [{"role": "user", "content": "Say something."}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something."}]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_completion_stream_with_usage(client: openai.OpenAI) -> None:
 
 
 def test_chat_completion(client: openai.OpenAI, server: ServerProcess) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, temperature=0)  # type: ignore[arg-type]
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, temperature=0)
     msg = r.choices[0].message
     assert r.object == "chat.completion"
     assert msg.role == "assistant" and isinstance(msg.content, str)
@@ -111,7 +112,7 @@ def test_chat_completion(client: openai.OpenAI, server: ServerProcess) -> None:
     assert r.usage is not None and r.usage.completion_tokens == 5
     # the prompt went through the chat template: more tokens than the bare words
     assert r.usage.prompt_tokens > 8
-    again = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, temperature=0)  # type: ignore[arg-type]
+    again = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, temperature=0)
     assert again.choices[0].message.content == msg.content
     assert again.usage is not None and again.usage.prompt_tokens_details is not None
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
@@ -125,7 +126,7 @@ def test_chat_n2_logprobs(client: openai.OpenAI) -> None:
         n=2,
         logprobs=True,
         top_logprobs=3,
-        seed=7,  # type: ignore[arg-type]
+        seed=7,
     )
     assert [c.index for c in r.choices] == [0, 1]
     for c in r.choices:
@@ -138,11 +139,11 @@ def test_chat_n2_logprobs(client: openai.OpenAI) -> None:
 
 
 def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
-    ref = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    ref = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6, temperature=0)
     chunks = list(
         client.chat.completions.create(
             model=MODEL,
-            messages=CHAT,  # type: ignore[arg-type]
+            messages=CHAT,
             max_tokens=6,
             temperature=0,
             stream=True,

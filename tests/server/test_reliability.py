@@ -20,6 +20,7 @@ CHAT = "/v1/chat/completions"
 MSG = [{"role": "user", "content": "hi"}]
 TOO_LONG_FOR_POOL = [7] * (TINY_POOL + 10)  # fits the 4096 context, not the KV pool
 TOO_LONG_FOR_CONTEXT = [7] * 5000
+LONG = 2400  # output tokens that fit the pool: a request that runs for seconds unless aborted
 
 # (route, body, status, what the error message must name)
 BAD_INPUTS: list[tuple[str, Any, int, str]] = [
@@ -194,7 +195,7 @@ def test_disconnect_mid_stream_aborts_and_keeps_invariant(
     before = generated_tokens(http)
     body = {
         "text": "Talk for a long time",
-        "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True},
+        "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True},
     }
     with server.client() as client, client.stream("POST", G, json={**body, "stream": True}) as r:
         seen = 0
@@ -204,7 +205,7 @@ def test_disconnect_mid_stream_aborts_and_keeps_invariant(
                 break
     # the client closed its connection with the stream unfinished
     wait_idle(http)
-    assert generated_tokens(http) - before < 1800
+    assert generated_tokens(http) - before < LONG
     assert http.get("/internal/check_invariant").json() == {"ok": True}
     r2 = http.post(
         G, json={"text": "after the disconnect", "sampling_params": {"max_new_tokens": 4}}
@@ -215,11 +216,11 @@ def test_disconnect_mid_stream_aborts_and_keeps_invariant(
 def test_disconnect_while_waiting_aborts(server: ServerProcess, http: httpx.Client) -> None:
     wait_idle(http)
     before = generated_tokens(http)
-    body = {"text": "Wait for me", "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}}
-    with server.client(timeout=1.5) as client, pytest.raises(httpx.ReadTimeout):
+    body = {"text": "Wait for me", "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True}}
+    with server.client(timeout=0.5) as client, pytest.raises(httpx.ReadTimeout):
         client.post(G, json=body)
     wait_idle(http)
-    assert generated_tokens(http) - before < 1800
+    assert generated_tokens(http) - before < LONG
     assert http.get("/internal/check_invariant").json() == {"ok": True}
     r = http.post(
         CHAT.replace("/chat/completions", "/completions"), json={"prompt": "ok", "max_tokens": 2}

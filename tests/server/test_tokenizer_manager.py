@@ -1,17 +1,25 @@
-"""The engine process dies under a running server: health turns 503, in-flight requests fail fast."""
+"""The tokenizer manager: output routing, and an engine that dies under a running server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from server_harness import ServerProcess, pid_alive
+
+from radixlm.engine.frontend import RequestState
+from radixlm.engine.io import GenerateRequest, TokenOutput
+from radixlm.sampling import SamplingParams
+from radixlm.server.tokenizer_manager import EngineUnavailable, RequestGroup, served_name_of
+from radixlm.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +95,28 @@ def test_server_still_shuts_down_cleanly(doomed: ServerProcess) -> None:
     assert code in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in doomed.log()
     assert not pid_alive(doomed.proc.pid)
+
+
+def test_request_group_coalesces_updates_and_reports_failure(tiny_server_model: Path) -> None:
+    tok = Tokenizer.load(str(tiny_server_model))
+    reqs = [GenerateRequest(f"r{i}", [1, 2], SamplingParams(max_new_tokens=2)) for i in range(2)]
+
+    async def scenario() -> None:
+        group = RequestGroup([RequestState(r, tok) for r in reqs], is_batch=True)
+        for i in (1, 0, 1):  # three outputs before the consumer looks: one update
+            group.states[i].apply(TokenOutput(f"r{i}", [5], 2, 0))
+            group.notify(i)
+        assert await group.updates() == [0, 1]
+        waiter = asyncio.create_task(group.updates())
+        await asyncio.sleep(0)
+        group.fail(EngineUnavailable("gone"))
+        with pytest.raises(EngineUnavailable, match="gone"):
+            await waiter
+        assert not group.finished
+
+    asyncio.run(scenario())
+
+
+def test_served_name_of() -> None:
+    assert served_name_of("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
+    assert served_name_of("/models/tiny-llama/") == "tiny-llama"

@@ -1,0 +1,215 @@
+"""Structured-output benchmarks of the grammar issue; every figure is a ratio measured in one run.
+
+python benchmarks/bench_grammar.py all
+python benchmarks/bench_grammar.py jump-forward  # JSON extraction: passes and throughput, on vs off
+python benchmarks/bench_grammar.py overhead      # grammar work per decode step at batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from radixlm.engine.args import EngineArgs
+from radixlm.engine.core import EngineCore
+from radixlm.engine.engine import Engine
+from radixlm.engine.io import GenerateRequest
+from radixlm.grammar import GrammarManager
+from radixlm.sampling import SamplingBatch, SamplingParams
+from radixlm.scheduler.request import Req
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "city": {"type": "string"},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+NAMES = ["Alice Martin", "Bob Chen", "Carla Diaz", "Deepak Rao", "Emma Wilson", "Farid Haddad",
+         "Grace Kim", "Hugo Laurent", "Ines Costa", "Jonas Berg", "Keiko Sato", "Liam Walsh"]
+CITIES = ["Paris", "Toronto", "Madrid", "Mumbai", "London", "Beirut", "Seoul", "Lyon",
+          "Lisbon", "Oslo", "Osaka", "Dublin"]
+
+
+def prompts(tokenizer: Any, n: int) -> list[str]:
+    """n extraction prompts, each naming a person, an age and a city, in the chat template."""
+    out = []
+    for i in range(n):
+        name, city, age = NAMES[i % len(NAMES)], CITIES[(i * 5) % len(CITIES)], 19 + (i * 7) % 60
+        text = (
+            f"Extract the person as JSON with keys name, age and city: {name} is {age} years "
+            f"old and lives in {city}."
+        )
+        out.append(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+    return out
+
+
+def params(max_new_tokens: int) -> dict[str, Any]:
+    return {"max_new_tokens": max_new_tokens, "temperature": 0, "json_schema": SCHEMA}
+
+
+def passes(engine: Engine) -> int:
+    return int(engine.get_stats()["num_forward_passes"])
+
+
+def bench_jump_forward(args: argparse.Namespace) -> None:
+    print(f"JSON extraction: {args.prompts} prompts, schema {{name, age, city}}, greedy")
+    results: dict[bool, dict[str, Any]] = {}
+    for jump in (True, False):
+        with Engine(args.model_path, disable_jump_forward=not jump) as eng:
+            texts = prompts(eng.tokenizer, args.prompts)
+            eng.generate(texts[0], params(args.max_new_tokens))  # builds llguidance, caches the grammar
+            # One request at a time: the global pass count is exactly the per-request count.
+            before = passes(eng)
+            for text in texts[: args.sequential]:
+                eng.generate(text, params(args.max_new_tokens))
+            per_request = (passes(eng) - before) / args.sequential
+            eng.flush_cache()
+            before = passes(eng)
+            t0 = time.perf_counter()
+            outs = eng.generate(texts, params(args.max_new_tokens))
+            wall = time.perf_counter() - t0
+            assert isinstance(outs, list)
+            valid = sum(_valid(o["text"]) for o in outs)
+            tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
+            results[jump] = {
+                "per_request": per_request,
+                "batch_passes": passes(eng) - before,
+                "wall": wall,
+                "texts": [o["text"] for o in outs],
+            }
+            label = "on " if jump else "off"
+            print(
+                f"  jump-forward {label}: {per_request:5.1f} forward passes per request "
+                f"(alone); batch of {args.prompts}: {passes(eng) - before} passes, {wall:6.2f}s, "
+                f"{args.prompts / wall:5.2f} req/s, {tokens / wall:6.1f} tok/s, "
+                f"{valid}/{args.prompts} valid"
+            )
+    on, off = results[True], results[False]
+    same = sum(a == b for a, b in zip(on["texts"], off["texts"], strict=True))
+    print(
+        f"  forward passes per request: {1 - on['per_request'] / off['per_request']:.0%} fewer "
+        "(target >= 40%)"
+    )
+    print(f"  batch forward passes: {1 - on['batch_passes'] / off['batch_passes']:.0%} fewer")
+    print(f"  throughput on / off = {off['wall'] / on['wall']:.2f}x  (target >= 1.3x)")
+    print(f"  identical greedy texts: {same}/{args.prompts}")
+
+
+def _valid(text: str) -> bool:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(value, dict) and set(value) == {"name", "age", "city"}
+
+
+class TimedGrammar(GrammarManager):
+    """The scheduler's grammar helper, timing the per-step work it does."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seconds = 0.0
+
+    def fill_masks(self, reqs: Sequence[Req]) -> torch.Tensor | None:
+        t0 = time.perf_counter()
+        masks = super().fill_masks(reqs)
+        self.seconds += time.perf_counter() - t0
+        return masks
+
+    def advance(self, req: Req, context_len: int) -> list[int]:
+        t0 = time.perf_counter()
+        new = super().advance(req, context_len)
+        self.seconds += time.perf_counter() - t0
+        return new
+
+
+def bench_overhead(args: argparse.Namespace) -> None:
+    b = args.batch
+    for jump in (False, True):
+        core = EngineCore(EngineArgs(args.model_path, disable_jump_forward=not jump))
+        sched = core.scheduler
+        grammar = TimedGrammar(core.tokenizer, core.model_config.vocab_size, jump_forward=jump)
+        sched.grammar = grammar
+        texts = prompts(core.tokenizer, b)
+        p = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0, json_schema=json.dumps(SCHEMA))
+        for i, text in enumerate(texts):
+            ids = core.tokenizer.encode(text, add_special_tokens=False)
+            sched.add(GenerateRequest(f"r{i}", ids, p))
+        steps: list[tuple[float, float]] = []
+        masks: torch.Tensor | None = None
+        with torch.inference_mode():
+            while sched.has_work:
+                decodes = sum(r.seq_len - r.kv_len == 1 for r in sched.running) == b
+                grammar.seconds = 0.0
+                t0 = time.perf_counter()
+                sched.step()
+                if decodes:  # every row a one-token decode: the steady state
+                    steps.append((time.perf_counter() - t0, grammar.seconds))
+                    masks = grammar.fill_masks(sched.running) if len(sched.running) == b else masks
+        assert steps and masks is not None, "no decode step ran with the full batch"
+        apply = _mask_apply_seconds(core, masks, args.repeat)
+        step = statistics.median(s for s, _ in steps)
+        work = statistics.median(g for _, g in steps) + apply
+        print(
+            f"grammar work per decode step, batch {b}, jump-forward {'on' if jump else 'off'} "
+            f"({len(steps)} steps)"
+        )
+        print(
+            f"  step {step * 1000:6.1f} ms; masks + accept {(work - apply) * 1000:5.2f} ms, "
+            f"mask apply {apply * 1000:5.2f} ms: {work / step:.1%} of the step  (target <= 10%)"
+        )
+
+
+def _mask_apply_seconds(core: EngineCore, masks: torch.Tensor, repeat: int) -> float:
+    """What the mask adds to sampling a [B, V] batch (greedy): with it minus without it."""
+    b = masks.shape[0]
+    logits = torch.randn(b, core.model_config.vocab_size)
+    greedy = SamplingParams(temperature=0)
+    batch = SamplingBatch([greedy] * b, [[]] * b, [[]] * b, [()] * b, [0] * b, [False] * b)
+    masked = SamplingBatch([greedy] * b, [[]] * b, [[]] * b, [()] * b, [0] * b, [False] * b, masks)
+    sampler = core.scheduler.sampler
+
+    def best(sb: SamplingBatch) -> float:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            sampler.sample(logits, sb)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return max(0.0, best(masked) - best(batch))
+
+
+SCENARIOS = {"jump-forward": bench_jump_forward, "overhead": bench_overhead}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("scenario", choices=[*SCENARIOS, "all"])
+    p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--prompts", type=int, default=48)
+    p.add_argument("--sequential", type=int, default=8, help="prompts run alone to count passes")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=20)
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name, fn in SCENARIOS.items():
+        if args.scenario in (name, "all"):
+            fn(args)
+
+
+if __name__ == "__main__":
+    main()
