@@ -49,12 +49,14 @@ def tree_of_thought(s, context, question):
     s += "Question: " + question + "\n"
     plans = s.fork(4)
     plans += lambda i: f"Plan {i + 1}:" + sgl.gen("plan", max_tokens=12, ignore_eos=True) + "\n"
-    for plan in plans:  # a second loop: the four plans above generate concurrently
-        evals = plan.fork(2)
-        evals += lambda j: (
+    # fork() waits for its state: fork every plan first, then wait, so the plans run concurrently.
+    evals = [plan.fork(2) for plan in plans]
+    for group in evals:
+        group += lambda j: (
             f"Evaluation {j + 1} of plan:" + sgl.gen("eval", max_tokens=6, ignore_eos=True)
         )
-        evals.join()
+    for group in evals:
+        group.join()
     plans.join()
 
 

@@ -15,12 +15,12 @@ def tree_of_thought(s, question):
     s += sgl.assistant_begin()
     ideas = s.fork(len(IDEA_STARTS))
     ideas += lambda i: IDEA_STARTS[i] + sgl.gen("idea", max_tokens=24, stop=["\n", "."]) + ".\n"
-    for idea in ideas:  # the ideas above generate concurrently; fork() waits for this one
-        critiques = idea.fork(len(CRITIQUE_STARTS))  # a fork of a fork: shares question and idea
-        critiques += lambda j: (
-            CRITIQUE_STARTS[j] + sgl.gen("critique", max_tokens=24, stop=["\n", "."])
-        )
-        critiques.join()
+    # fork() waits for its state, so each loop below starts work on every branch before waiting.
+    critiques = [idea.fork(len(CRITIQUE_STARTS)) for idea in ideas]  # forks of forks
+    for group in critiques:
+        group += lambda j: CRITIQUE_STARTS[j] + sgl.gen("critique", max_tokens=24, stop=["\n", "."])
+    for idea, group in zip(ideas, critiques, strict=True):
+        group.join()
         idea += "Is this a good idea? " + sgl.select("good", ["yes", "no"]) + "\n"
     ideas.join()
     best = next((i for i, idea in enumerate(ideas) if idea["good"] == "yes"), 0)
