@@ -12,6 +12,7 @@ import json
 import statistics
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -34,10 +35,34 @@ SCHEMA = {
     "required": ["name", "age", "city"],
     "additionalProperties": False,
 }
-NAMES = ["Alice Martin", "Bob Chen", "Carla Diaz", "Deepak Rao", "Emma Wilson", "Farid Haddad",
-         "Grace Kim", "Hugo Laurent", "Ines Costa", "Jonas Berg", "Keiko Sato", "Liam Walsh"]
-CITIES = ["Paris", "Toronto", "Madrid", "Mumbai", "London", "Beirut", "Seoul", "Lyon",
-          "Lisbon", "Oslo", "Osaka", "Dublin"]
+NAMES = [
+    "Alice Martin",
+    "Bob Chen",
+    "Carla Diaz",
+    "Deepak Rao",
+    "Emma Wilson",
+    "Farid Haddad",
+    "Grace Kim",
+    "Hugo Laurent",
+    "Ines Costa",
+    "Jonas Berg",
+    "Keiko Sato",
+    "Liam Walsh",
+]
+CITIES = [
+    "Paris",
+    "Toronto",
+    "Madrid",
+    "Mumbai",
+    "London",
+    "Beirut",
+    "Seoul",
+    "Lyon",
+    "Lisbon",
+    "Oslo",
+    "Osaka",
+    "Dublin",
+]
 
 
 def prompts(tokenizer: Any, n: int) -> list[str]:
@@ -62,47 +87,59 @@ def passes(engine: Engine) -> int:
 
 
 def bench_jump_forward(args: argparse.Namespace) -> None:
-    print(f"JSON extraction: {args.prompts} prompts, schema {{name, age, city}}, greedy")
-    results: dict[bool, dict[str, Any]] = {}
-    for jump in (True, False):
-        with Engine(args.model_path, disable_jump_forward=not jump) as eng:
-            texts = prompts(eng.tokenizer, args.prompts)
-            eng.generate(texts[0], params(args.max_new_tokens))  # builds llguidance, caches the grammar
-            # One request at a time: the global pass count is exactly the per-request count.
-            before = passes(eng)
-            for text in texts[: args.sequential]:
-                eng.generate(text, params(args.max_new_tokens))
-            per_request = (passes(eng) - before) / args.sequential
-            eng.flush_cache()
-            before = passes(eng)
-            t0 = time.perf_counter()
-            outs = eng.generate(texts, params(args.max_new_tokens))
-            wall = time.perf_counter() - t0
-            assert isinstance(outs, list)
-            valid = sum(_valid(o["text"]) for o in outs)
-            tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
-            results[jump] = {
-                "per_request": per_request,
-                "batch_passes": passes(eng) - before,
-                "wall": wall,
-                "texts": [o["text"] for o in outs],
-            }
-            label = "on " if jump else "off"
-            print(
-                f"  jump-forward {label}: {per_request:5.1f} forward passes per request "
-                f"(alone); batch of {args.prompts}: {passes(eng) - before} passes, {wall:6.2f}s, "
-                f"{args.prompts / wall:5.2f} req/s, {tokens / wall:6.1f} tok/s, "
-                f"{valid}/{args.prompts} valid"
-            )
-    on, off = results[True], results[False]
-    same = sum(a == b for a, b in zip(on["texts"], off["texts"], strict=True))
+    concurrency = [int(c) for c in args.concurrency.split(",")]
     print(
-        f"  forward passes per request: {1 - on['per_request'] / off['per_request']:.0%} fewer "
-        "(target >= 40%)"
+        f"JSON extraction: {args.prompts} prompts, schema {{name, age, city}}, greedy; "
+        f"concurrency {concurrency} (1: the first {args.sequential} prompts one at a time)"
     )
-    print(f"  batch forward passes: {1 - on['batch_passes'] / off['batch_passes']:.0%} fewer")
-    print(f"  throughput on / off = {off['wall'] / on['wall']:.2f}x  (target >= 1.3x)")
-    print(f"  identical greedy texts: {same}/{args.prompts}")
+    with (
+        Engine(args.model_path) as on,
+        Engine(args.model_path, disable_jump_forward=True) as off,
+    ):
+        engines = {True: on, False: off}
+        texts = prompts(on.tokenizer, args.prompts)
+        for eng in engines.values():
+            eng.generate(texts[0], params(args.max_new_tokens))  # builds llguidance, caches it
+        outputs: dict[bool, list[str]] = {}
+        for c in concurrency:
+            batch = texts[: args.sequential] if c == 1 else texts
+            walls, counts = {}, {}
+            for jump, eng in engines.items():  # back to back, so both see the same machine load
+                eng.flush_cache()
+                before = passes(eng)
+                t0 = time.perf_counter()
+                outs = _run(eng, batch, c, args.max_new_tokens)
+                walls[jump] = time.perf_counter() - t0
+                counts[jump] = passes(eng) - before
+                valid = sum(_valid(o["text"]) for o in outs)
+                tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
+                outputs[jump] = [o["text"] for o in outs]
+                per_request = f"{counts[jump] / len(batch):5.1f} per request, " if c == 1 else ""
+                print(
+                    f"  concurrency {c:2d}, jump-forward {'on ' if jump else 'off'}: "
+                    f"{counts[jump]:4d} forward passes ({per_request}{len(batch)} requests), "
+                    f"{walls[jump]:6.2f}s, {len(batch) / walls[jump]:5.2f} req/s, "
+                    f"{tokens / walls[jump]:6.1f} tok/s, {valid}/{len(batch)} valid JSON"
+                )
+            print(
+                f"  concurrency {c:2d}: {1 - counts[True] / counts[False]:.0%} fewer forward "
+                f"passes (target >= 40%), throughput on / off = {walls[False] / walls[True]:.2f}x "
+                "(target >= 1.3x)"
+            )
+        same = sum(a == b for a, b in zip(outputs[True], outputs[False], strict=True))
+        print(
+            f"  identical greedy texts with and without jump-forward: {same}/{len(outputs[True])}"
+        )
+
+
+def _run(engine: Engine, texts: list[str], concurrency: int, max_new_tokens: int) -> list[Any]:
+    """Generate for every text, at most `concurrency` requests in flight (clients in threads)."""
+    if concurrency >= len(texts):
+        outs = engine.generate(texts, params(max_new_tokens))
+        assert isinstance(outs, list)
+        return outs
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(lambda t: engine.generate(t, params(max_new_tokens)), texts))
 
 
 def _valid(text: str) -> bool:
@@ -141,7 +178,9 @@ def bench_overhead(args: argparse.Namespace) -> None:
         grammar = TimedGrammar(core.tokenizer, core.model_config.vocab_size, jump_forward=jump)
         sched.grammar = grammar
         texts = prompts(core.tokenizer, b)
-        p = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0, json_schema=json.dumps(SCHEMA))
+        p = SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=0, json_schema=json.dumps(SCHEMA)
+        )
         for i, text in enumerate(texts):
             ids = core.tokenizer.encode(text, add_special_tokens=False)
             sched.add(GenerateRequest(f"r{i}", ids, p))
@@ -200,7 +239,8 @@ def main() -> None:
     p.add_argument("scenario", choices=[*SCENARIOS, "all"])
     p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--prompts", type=int, default=48)
-    p.add_argument("--sequential", type=int, default=8, help="prompts run alone to count passes")
+    p.add_argument("--sequential", type=int, default=8, help="prompts run at concurrency 1")
+    p.add_argument("--concurrency", default="1,8,48", help="requests in flight, comma-separated")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeat", type=int, default=20)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import llguidance as llg
 import numpy as np
@@ -12,10 +13,13 @@ import torch
 from radixlm.grammar.base import GrammarBackend, GrammarMatcher, GrammarSpec
 from radixlm.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 # JSON schemas get fixed separators and no free whitespace: the model cannot spend tokens on
 # layout, and everything between two values (`", "age": `) is forced, which jump-forward then
 # appends in one step. A schema's own "x-guidance" options override these defaults.
-JSON_DEFAULTS: llg.JsonCompileOptions = {
+JSON_DEFAULTS: JsonCompileOptions = {
     "whitespace_flexible": False,
     "item_separator": ", ",
     "key_separator": ": ",

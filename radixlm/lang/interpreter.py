@@ -96,8 +96,9 @@ class Executor:
     def get_var(self, name: str) -> Any:
         """A variable's value, once the expression that sets it has run."""
         with self._cond:
-            if self.inline and self._pending[name] > 0:
-                # Nothing else will set it: only chat speculation defers a gen, to its turn's end.
+            if self.inline and not self._busy and self._pending[name] > 0:
+                # Nothing is running that could set it: chat speculation defers a gen to the end
+                # of its assistant turn.
                 raise RuntimeError(f"{name!r} is set when its assistant turn ends; read it after")
             self._cond.wait_for(lambda: self._pending[name] <= 0)
             if name in self.variables:
@@ -111,13 +112,13 @@ class Executor:
         self.get_var(name)
         return self.meta_info.get(name)
 
-    def set_var(self, name: str, value: Any, meta: Any = None, done: bool = True) -> None:
+    def set_var(self, name: str, value: Any, meta: Any = None) -> None:
         """Set a variable and wake its readers."""
         with self._cond:
             self.variables[name] = value
             if meta is not None:
                 self.meta_info[name] = meta
-            if done and self._pending[name] > 0:
+            if self._pending[name] > 0:
                 self._pending[name] -= 1
             self._cond.notify_all()
 

@@ -8,12 +8,11 @@ run must reproduce that run exactly.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_tiny_model
 
 from radixlm.engine.engine import Engine
 
@@ -184,13 +183,15 @@ def test_matched_stop_token_is_trimmed_from_the_text(engine: Engine) -> None:
 
 @pytest.fixture(scope="module")
 def eos_engine(
-    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    make_tiny_model: Callable[..., Path],
 ) -> Iterator[tuple[Engine, list[int]]]:
     """The tiny model (same weights) with its eos set to the third token of PROMPT's greedy
     run, and that run."""
     with Engine(str(tiny_model_dir), max_total_tokens=POOL) as e:
         ids = gen(e, PROMPT, greedy(24))["output_ids"]
-    folder = write_tiny_model(tmp_path_factory.mktemp("tiny-eos"), eos_token_id=ids[2])
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-eos"), eos_token_id=ids[2])
     with Engine(str(folder), max_total_tokens=POOL) as e:
         yield e, ids
         e.check_invariant()

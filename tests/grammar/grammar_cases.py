@@ -89,10 +89,16 @@ SCHEMAS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 REGEXES: dict[str, tuple[str, str]] = {
-    "date": ("What is the date of the first moon landing? Answer as YYYY-MM-DD.", r"\d{4}-\d{2}-\d{2}"),
+    "date": (
+        "What is the date of the first moon landing? Answer as YYYY-MM-DD.",
+        r"\d{4}-\d{2}-\d{2}",
+    ),
     "email": (
         "Write an e-mail address for John Smith at example.com.",
         r"[a-z]{1,12}(\.[a-z]{1,12})?@[a-z]{1,12}\.(com|org|net)",
     ),
-    "integer": ("How many legs does a spider have? Answer with a number.", r"-?(0|[1-9][0-9]{0,5})"),
+    "integer": (
+        "How many legs does a spider have? Answer with a number.",
+        r"-?(0|[1-9][0-9]{0,5})",
+    ),
 }

@@ -74,7 +74,9 @@ def test_forced_tokens_are_the_tokenizers_own(
     assert forced_count == 9  # {"name":  "age":  "city": (three tokens each)
 
 
-def test_masks_match_llguidance_per_matcher(backend: LLGuidanceBackend, tokenizer: Tokenizer) -> None:
+def test_masks_match_llguidance_per_matcher(
+    backend: LLGuidanceBackend, tokenizer: Tokenizer
+) -> None:
     a, b = person(backend), person(backend)
     a.accept(a.forced_tokens())
     b.accept(b.forced_tokens() + encode(tokenizer, ' "Bob",'))
@@ -83,7 +85,9 @@ def test_masks_match_llguidance_per_matcher(backend: LLGuidanceBackend, tokenize
     assert masks.shape == (3, tokenizer.vocab_size + EXTRA_COLUMNS)
     assert masks[1].all()
     for row, m in ((0, a), (2, b)):
-        bits = np.unpackbits(np.frombuffer(m.matcher.compute_bitmask(), np.uint8), bitorder="little")
+        bits = np.unpackbits(
+            np.frombuffer(m.matcher.compute_bitmask(), np.uint8), bitorder="little"
+        )
         expected = torch.from_numpy(bits[: masks.shape[1]].astype(bool))
         assert torch.equal(masks[row], expected)
         assert not masks[row, tokenizer.vocab_size :].any()  # padding columns are never allowed
@@ -119,6 +123,7 @@ def test_retokenize_never_changes_the_context(
     assert len(bo) == len(b) == 1 and encode(tokenizer, "Bob") != bo + b
     assert backend.retokenize(bo, b) is None  # "Bob" is one token: the text does not split there
     im_start = tokenizer.backend.token_to_id("<|im_start|>")
+    assert im_start is not None
     context = [im_start, *encode(tokenizer, "assistant\n")]
     assert backend.retokenize(context, encode(tokenizer, '{"')) == encode(tokenizer, '{"')
 

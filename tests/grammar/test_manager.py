@@ -41,7 +41,9 @@ SMALL = {
 
 @pytest.fixture(scope="module")
 def core(tiny_model_dir: Path) -> EngineCore:
-    return EngineCore(EngineArgs(model_path=str(tiny_model_dir), max_total_tokens=512, random_seed=0))
+    return EngineCore(
+        EngineArgs(model_path=str(tiny_model_dir), max_total_tokens=512, random_seed=0)
+    )
 
 
 @pytest.fixture
@@ -90,7 +92,7 @@ def test_cache_drops_the_least_recently_used() -> None:
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_random_model_outputs_match_their_grammars(sched: Scheduler, temperature: float) -> None:
     """Arbitrary allowed tokens, in one mixed batch with a request that has no grammar."""
-    specs = {
+    specs: dict[str, dict[str, Any]] = {
         "json": {"json_schema": json.dumps(SMALL)},
         "date": {"regex": r"\d{4}-\d{2}-\d{2}"},
         "choice": {"ebnf": 'root ::= "The answer is " ("yes" | "no") "."'},
@@ -113,7 +115,9 @@ def test_forced_output_needs_no_forward_pass(sched: Scheduler) -> None:
     ids, reasons = run(sched)
     assert sched.num_forward_passes == before
     assert text(sched, ids["fixed"]) == "Hello, world! This text is entirely forced."
-    assert ids["fixed"] == sched.tokenizer.encode(text(sched, ids["fixed"]), add_special_tokens=False)
+    assert ids["fixed"] == sched.tokenizer.encode(
+        text(sched, ids["fixed"]), add_special_tokens=False
+    )
     assert reasons["fixed"]["type"] == "stop"
 
 

@@ -166,8 +166,14 @@ def test_bad_grammars_are_rejected_and_the_engine_still_serves(
 def test_streamed_text_is_the_final_text(engines: dict[bool, Engine], jump_forward: bool) -> None:
     engine = engines[jump_forward]
     prompt, schema = SCHEMAS["person"]
-    params = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0, "json_schema": schema}
-    chunks = list(engine.generate(chat(engine, prompt), params, stream=True))
+    params: dict[str, Any] = {
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "temperature": 0,
+        "json_schema": schema,
+    }
+    stream = engine.generate(chat(engine, prompt), params, stream=True)
+    assert isinstance(stream, Iterator)
+    chunks = list(stream)
     final = engine.generate(chat(engine, prompt), params)
     assert isinstance(final, dict)
     assert chunks[-1]["text"] == final["text"] and chunks[-1]["output_ids"] == final["output_ids"]

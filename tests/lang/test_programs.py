@@ -280,3 +280,19 @@ def test_set_default_backend_accepts_an_engine(engine: Any) -> None:
         sgl.set_default_backend(None)
     with pytest.raises(ValueError, match="no backend"):
         few_shot_qa.run(question="?")
+
+
+def test_gen_returns_logprobs(backend: EngineBackend) -> None:
+    @sgl.function
+    def scored(s):
+        s += "The capital of France is" + sgl.gen(
+            "x", max_tokens=3, return_logprob=True, top_logprobs_num=2, return_text_in_logprobs=True
+        )
+
+    meta = scored.run(backend=backend, **GREEDY).get_meta_info("x")
+    assert len(meta["output_token_logprobs"]) == meta["completion_tokens"] == 3
+    assert all(len(top) == 2 for top in meta["output_top_logprobs"])
+    # Greedy: each chosen token is the most likely one.
+    assert [t[1] for t in meta["output_token_logprobs"]] == [
+        top[0][1] for top in meta["output_top_logprobs"]
+    ]

@@ -144,3 +144,18 @@ def test_openai_chat_gen_and_completion_select(
     )
     with pytest.raises(NotImplementedError, match="chat"):
         pick.run(backend=chat_api)
+
+
+@pytest.mark.xfail(
+    reason="the server answers 400 to regex / json_schema until its structured-output check is lifted",
+    strict=False,
+)
+def test_typed_gen_over_http_matches_in_process(engine: Any, endpoint: sgl.RuntimeEndpoint) -> None:
+    @sgl.function
+    def year(s):
+        s += "Q: In which year did the Apollo 11 mission land on the Moon?\nA: " + sgl.gen_int("y")
+
+    local = year.run(backend=EngineBackend(engine), max_new_tokens=6, **GREEDY)
+    remote = year.run(backend=endpoint, max_new_tokens=6, **GREEDY)
+    assert remote["y"] == local["y"]
+    int(remote["y"])

@@ -7,13 +7,12 @@ generated tokens are compared through logprobs, never by exact argmax identity.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import write_tiny_model
 
 from radixlm.engine.engine import Engine
 from radixlm.models.loader import load_model_files
@@ -35,8 +34,12 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(
+def folder(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    make_tiny_model: Callable[..., Path],
+) -> Path:
+    return make_tiny_model(
         tmp_path_factory.mktemp(request.param), seed=3, **VARIANTS[request.param]
     )
 

@@ -1,0 +1,764 @@
+"""Serving benchmark of the server issue, modelled on SGLang's bench_serving.
+
+Streams requests to a radixlm (or SGLang) server and reports requests/s, input and output
+tokens/s, TTFT / ITL / end-to-end latency (mean, p50, p99) and the cache hit rate. Unless
+--base-url is given, it starts `radixlm serve` on a free port itself and stops it at the end.
+
+python benchmarks/bench_serving.py                    # shared-prefix workload against a server
+python benchmarks/bench_serving.py --dataset-name random --request-rate 4 --max-concurrency 8
+python benchmarks/bench_serving.py --compare-engine   # served / in-process throughput (>= 0.90)
+python benchmarks/bench_serving.py --ttft-cached      # TTFT, cached / uncached prefix (<= 0.25)
+
+Prompts are random whole words of the model's vocabulary, so that their text re-tokenizes to the
+intended token count; --token-ids sends the same prompts as token ids instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from radixlm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from radixlm.engine.engine import Engine
+
+SERVER_START_TIMEOUT_S = 600.0
+SEPARATOR = "\n\n"  # between system prompt and question, as in SGLang's generated-shared-prefix
+
+
+# ---- workload ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BenchRequest:
+    """One prompt of the workload; `input_ids` is what the server's tokenizer makes of `text`."""
+
+    text: str
+    input_ids: list[int]
+    output_len: int
+    group: int  # the shared prefix it belongs to (its own index in the random dataset)
+
+
+class PromptMaker:
+    """Random text of an exact token length: whole words (` word` tokens) re-tokenize 1:1."""
+
+    def __init__(self, tokenizer: Tokenizer, seed: int) -> None:
+        self.tokenizer = tokenizer
+        self.rng = random.Random(seed)
+        self.words = [
+            i
+            for i in range(tokenizer.vocab_size)
+            if re.fullmatch(r" [a-z]{2,}", tokenizer.decode([i], skip_special_tokens=False))
+        ]
+        if len(self.words) < 1000:
+            raise ValueError("the tokenizer has too few ` word` tokens to build prompts")
+
+    def text(self, num_tokens: int) -> str:
+        """A string that encodes to `num_tokens` tokens (without special tokens)."""
+        ids = [self.rng.choice(self.words) for _ in range(num_tokens)]
+        text = self.tokenizer.decode(ids)
+        for _ in range(8):  # BPE may merge across words; trim or pad until the count matches
+            n = len(self.tokenizer.encode(text, add_special_tokens=False))
+            if n == num_tokens:
+                break
+            if n > num_tokens:
+                ids = ids[: len(ids) - (n - num_tokens)]
+            else:
+                ids += [self.rng.choice(self.words) for _ in range(num_tokens - n)]
+            text = self.tokenizer.decode(ids)
+        return text
+
+
+def generated_shared_prefix(
+    tokenizer: Tokenizer,
+    num_groups: int,
+    prompts_per_group: int,
+    system_prompt_len: int,
+    question_len: int,
+    output_len: int,
+    seed: int,
+    shuffle: bool = True,
+) -> list[BenchRequest]:
+    """groups x prompts: a shared system prompt per group + a distinct question each."""
+    maker = PromptMaker(tokenizer, seed)
+    requests: list[BenchRequest] = []
+    for g in range(num_groups):
+        system = maker.text(system_prompt_len)
+        prefix_ids = tokenizer.encode(system)
+        for _ in range(prompts_per_group):
+            text = system + SEPARATOR + maker.text(question_len)
+            ids = tokenizer.encode(text)
+            # The cache can only hit if the prefix tokenizes the same inside every prompt.
+            assert ids[: len(prefix_ids)] == prefix_ids, "the system prompt does not tokenize apart"
+            requests.append(BenchRequest(text, ids, output_len, g))
+    if shuffle:
+        random.Random(seed).shuffle(requests)
+    return requests
+
+
+def random_prompts(
+    tokenizer: Tokenizer, num_prompts: int, input_len: int, output_len: int, seed: int
+) -> list[BenchRequest]:
+    """Distinct prompts of `input_len` tokens each; nothing shared beyond chance."""
+    maker = PromptMaker(tokenizer, seed)
+    requests = []
+    for i in range(num_prompts):
+        text = maker.text(input_len)
+        requests.append(BenchRequest(text, tokenizer.encode(text), output_len, i))
+    return requests
+
+
+def arrival_times(n: int, request_rate: float, seed: int) -> list[float]:
+    """Send offsets in seconds: a Poisson process at `request_rate`; all zero when it is inf."""
+    if math.isinf(request_rate):
+        return [0.0] * n
+    rng = random.Random(seed)
+    times, t = [], 0.0
+    for _ in range(n):
+        times.append(t)
+        t += rng.expovariate(request_rate)
+    return times
+
+
+# ---- results ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RequestResult:
+    """What the client saw of one request; times in seconds from sending it."""
+
+    ok: bool = False
+    error: str = ""
+    ttft: float = math.nan
+    latency: float = math.nan
+    itl: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+def _pcts(values: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, p50, p99) in ms; nan when there are no values."""
+    if not values:
+        return math.nan, math.nan, math.nan
+    a = np.asarray(values) * 1000
+    return float(a.mean()), float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+@dataclass(frozen=True)
+class RunMetrics:
+    """SGLang bench_serving's figures for one run of a workload."""
+
+    completed: int
+    failed: int
+    duration: float
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    ttft_ms: tuple[float, float, float]  # mean, p50, p99
+    itl_ms: tuple[float, float, float]
+    e2e_ms: tuple[float, float, float]
+    first_error: str = ""
+
+    @classmethod
+    def of(cls, results: Sequence[RequestResult], duration: float) -> RunMetrics:
+        """Aggregate the successful requests (failures are only counted)."""
+        ok = [r for r in results if r.ok]
+        failed = [r for r in results if not r.ok]
+        return cls(
+            completed=len(ok),
+            failed=len(failed),
+            duration=duration,
+            input_tokens=sum(r.prompt_tokens for r in ok),
+            output_tokens=sum(r.completion_tokens for r in ok),
+            cached_tokens=sum(r.cached_tokens for r in ok),
+            ttft_ms=_pcts([r.ttft for r in ok if not math.isnan(r.ttft)]),
+            itl_ms=_pcts([x for r in ok for x in r.itl]),
+            e2e_ms=_pcts([r.latency for r in ok if not math.isnan(r.latency)]),
+            first_error=failed[0].error if failed else "",
+        )
+
+    @property
+    def request_throughput(self) -> float:
+        """Completed requests per second."""
+        return self.completed / self.duration
+
+    @property
+    def input_throughput(self) -> float:
+        """Prompt tokens per second."""
+        return self.input_tokens / self.duration
+
+    @property
+    def output_throughput(self) -> float:
+        """Generated tokens per second."""
+        return self.output_tokens / self.duration
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """Cached prompt tokens / prompt tokens."""
+        return self.cached_tokens / max(self.input_tokens, 1)
+
+
+def _row(label: str, value: object) -> None:
+    text = f"{value:.2f}" if isinstance(value, float) else str(value)
+    print(f"{label:<42}{text}")
+
+
+def print_metrics(title: str, setup: dict[str, object], m: RunMetrics) -> None:
+    """SGLang's summary block."""
+    print(f"{f' {title} ':=^60}")
+    for k, v in setup.items():
+        _row(k + ":", v)
+    _row("Successful requests:", m.completed)
+    if m.failed:
+        _row("Failed requests:", f"{m.failed} (first error: {m.first_error[:200]})")
+    _row("Benchmark duration (s):", m.duration)
+    _row("Total input tokens:", m.input_tokens)
+    _row("Total generated tokens:", m.output_tokens)
+    _row("Request throughput (req/s):", m.request_throughput)
+    _row("Input token throughput (tok/s):", m.input_throughput)
+    _row("Output token throughput (tok/s):", m.output_throughput)
+    _row("Cache hit rate (cached / prompt tokens):", f"{m.cache_hit_rate:.1%}")
+    for name, (mean, p50, p99) in (
+        ("TTFT", m.ttft_ms),
+        ("ITL", m.itl_ms),
+        ("E2E latency", m.e2e_ms),
+    ):
+        if not math.isnan(mean):
+            _row(f"{name} mean / p50 / p99 (ms):", f"{mean:.1f} / {p50:.1f} / {p99:.1f}")
+    print("=" * 60)
+
+
+# ---- HTTP client -----------------------------------------------------------------------------
+
+
+async def _sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[Any]:
+    """The JSON payloads of a text/event-stream, up to `data: [DONE]`."""
+    buf = b""
+    async for chunk in resp.content.iter_any():
+        buf += chunk
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            data = event.strip().removeprefix(b"data:").strip()
+            if data == b"[DONE]":
+                return
+            if data:
+                yield json.loads(data)
+
+
+@dataclass(frozen=True)
+class HttpClient:
+    """Streams one request to /generate (native) or /v1/completions (openai) and times it."""
+
+    session: aiohttp.ClientSession
+    base_url: str
+    backend: str
+    token_ids: bool
+    model: str = ""
+
+    async def send(self, req: BenchRequest) -> RequestResult:
+        """Send, read the whole stream, and return what the client measured."""
+        prompt: str | list[int] = req.input_ids if self.token_ids else req.text
+        if self.backend == "openai":
+            url = self.base_url + "/v1/completions"
+            body: dict[str, Any] = {
+                "model": self.model,
+                "prompt": prompt,
+                "max_tokens": req.output_len,
+                "temperature": 0.0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        else:
+            url = self.base_url + "/generate"
+            body = {
+                ("input_ids" if self.token_ids else "text"): prompt,
+                "sampling_params": {
+                    "max_new_tokens": req.output_len,
+                    "temperature": 0.0,
+                    "ignore_eos": True,
+                },
+                "stream": True,
+            }
+        out = RequestResult()
+        start = last = time.perf_counter()
+        seen = 0  # tokens received so far
+        try:
+            async with self.session.post(url, json=body) as resp:
+                if resp.status != 200:
+                    out.error = f"HTTP {resp.status}: {(await resp.text())[:500]}"
+                    return out
+                async for event in _sse_events(resp):
+                    if "error" in event:
+                        out.error = str(event["error"])
+                        return out
+                    now = time.perf_counter()
+                    if self.backend == "openai":
+                        if usage := event.get("usage"):
+                            out.prompt_tokens = usage["prompt_tokens"]
+                            out.completion_tokens = usage["completion_tokens"]
+                            details = usage.get("prompt_tokens_details") or {}
+                            out.cached_tokens = details.get("cached_tokens", 0)
+                        # Tokens per chunk are unknown here: one ITL sample per chunk, as SGLang.
+                        new = 1 if event["choices"] and event["choices"][0]["text"] else 0
+                    else:
+                        meta = event["meta_info"]
+                        out.prompt_tokens = meta["prompt_tokens"]
+                        out.cached_tokens = meta["cached_tokens"]
+                        out.completion_tokens = meta["completion_tokens"]
+                        new = out.completion_tokens - seen
+                    if new <= 0:
+                        continue
+                    if seen == 0:
+                        out.ttft = now - start
+                    else:  # tokens that came together share the gap (SGLang's adjusted ITL)
+                        out.itl.extend([(now - last) / new] * new)
+                    seen += new
+                    last = now
+        except Exception as e:  # a benchmark reports a failed request and goes on
+            out.error = f"{type(e).__name__}: {e}"
+            return out
+        out.latency = time.perf_counter() - start
+        out.ok = out.completion_tokens > 0
+        if not out.ok:
+            out.error = "the stream ended without any token"
+        return out
+
+
+async def run_load(
+    send: Callable[[BenchRequest], Awaitable[RequestResult]],
+    requests: Sequence[BenchRequest],
+    request_rate: float,
+    max_concurrency: int | None,
+    seed: int,
+) -> tuple[list[RequestResult], float]:
+    """Send on a Poisson schedule with at most `max_concurrency` in flight; (results, wall time)."""
+    limit = asyncio.Semaphore(max_concurrency or len(requests))
+
+    async def one(req: BenchRequest) -> RequestResult:
+        async with limit:
+            return await send(req)
+
+    tasks = []
+    t0 = time.perf_counter()
+    for req, at in zip(requests, arrival_times(len(requests), request_rate, seed), strict=True):
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(req)))
+    results = await asyncio.gather(*tasks)
+    return list(results), time.perf_counter() - t0
+
+
+def _session() -> aiohttp.ClientSession:
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=None, sock_read=3600),
+    )
+
+
+def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+    """GET (or POST `body`) and parse the JSON answer; plain text comes back as a string."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        raw = resp.read()
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw.decode()
+
+
+def flush_cache(base_url: str) -> None:
+    """Empty the server's radix cache (it refuses while requests run)."""
+    http_json(base_url + "/flush_cache", {})
+
+
+async def connect(
+    session: aiohttp.ClientSession, base_url: str, args: argparse.Namespace
+) -> HttpClient:
+    """A client for --backend (the OpenAI API needs the served model's name) after one
+    warm-up request."""
+    model = ""
+    if args.backend == "openai":
+        async with session.get(base_url + "/v1/models") as resp:
+            model = (await resp.json())["data"][0]["id"]
+    client = HttpClient(session, base_url, args.backend, args.token_ids, model)
+    warm = await client.send(args.warmup)
+    if not warm.ok:
+        raise RuntimeError(f"the warm-up request failed: {warm.error}")
+    return client
+
+
+def bench_http(
+    base_url: str, args: argparse.Namespace, requests: Sequence[BenchRequest]
+) -> RunMetrics:
+    """Warm up, flush the cache, run the workload; the metrics."""
+
+    async def go() -> tuple[list[RequestResult], float]:
+        async with _session() as session:
+            client = await connect(session, base_url, args)
+            flush_cache(base_url)
+            return await run_load(
+                client.send, requests, args.request_rate, args.max_concurrency, args.seed
+            )
+
+    results, duration = asyncio.run(go())
+    return RunMetrics.of(results, duration)
+
+
+# ---- the server and the in-process engine ----------------------------------------------------
+
+
+@contextmanager
+def launched_server(args: argparse.Namespace) -> Iterator[str]:
+    """`radixlm serve` on a free port (or the server at --base-url); yields its URL."""
+    if args.base_url:
+        yield args.base_url.rstrip("/")
+        return
+    cmd = [sys.executable, "-m", "radixlm", "serve", "--port", "0"]
+    if args.model_path:
+        cmd += ["--model-path", args.model_path]
+    if args.max_total_tokens:
+        cmd += ["--max-total-tokens", str(args.max_total_tokens)]
+    if args.disable_radix_cache:
+        cmd.append("--disable-radix-cache")
+    with tempfile.NamedTemporaryFile(prefix="radixlm-bench-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    log_path = Path(log.name)
+    try:
+        url = _wait_until_serving(proc, log_path)
+        print(f"server: {' '.join(cmd[1:])} -> {url} (log {log_path})")
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_until_serving(proc: subprocess.Popen[bytes], log_path: Path) -> str:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    url = ""
+    while True:
+        log = log_path.read_text(errors="replace")
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start (exit code {proc.poll()}):\n{log}")
+        if not url and (m := re.search(r"listening on (http://\S+:\d+)", log)):
+            url = m.group(1)
+        if url:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return url
+            except OSError:  # refused, or 503 while the engine loads
+                pass
+        time.sleep(0.2)
+
+
+def bench_engine(
+    engine: Engine, args: argparse.Namespace, requests: Sequence[BenchRequest]
+) -> RunMetrics:
+    """The same workload through the in-process Engine: warm up, flush, run.
+
+    At request rate inf without a concurrency cap every prompt goes in one batch call (the
+    engine's fastest path; no per-request latencies then); otherwise one thread per request in
+    flight, sent on the same Poisson schedule as the HTTP run."""
+    engine.generate(args.warmup.text, {"max_new_tokens": args.warmup.output_len})
+    engine.flush_cache()
+    params = [
+        {"max_new_tokens": r.output_len, "temperature": 0.0, "ignore_eos": True} for r in requests
+    ]
+    prompts: dict[str, Any] = (
+        {"input_ids": [r.input_ids for r in requests]}
+        if args.token_ids
+        else {"prompt": [r.text for r in requests]}
+    )
+    if math.isinf(args.request_rate) and args.max_concurrency is None:
+        t0 = time.perf_counter()
+        outs = engine.generate(sampling_params=params, **prompts)
+        duration = time.perf_counter() - t0
+        assert isinstance(outs, list)
+        results = [_engine_result(o, math.nan) for o in outs]
+        return RunMetrics.of(results, duration)
+
+    def one(i: int) -> RequestResult:
+        t = time.perf_counter()
+        single = {k: v[i] for k, v in prompts.items()}
+        out = engine.generate(sampling_params=params[i], **single)
+        assert isinstance(out, dict)
+        return _engine_result(out, time.perf_counter() - t)
+
+    times = arrival_times(len(requests), args.request_rate, args.seed)
+    with ThreadPoolExecutor(args.max_concurrency or len(requests)) as pool:
+        t0 = time.perf_counter()
+        futures = []
+        for i, at in enumerate(times):
+            time.sleep(max(0.0, t0 + at - time.perf_counter()))
+            futures.append(pool.submit(one, i))
+        results = [f.result() for f in futures]
+        duration = time.perf_counter() - t0
+    return RunMetrics.of(results, duration)
+
+
+def _engine_result(out: dict[str, Any], latency: float) -> RequestResult:
+    meta = out["meta_info"]
+    return RequestResult(
+        ok=True,
+        latency=latency,
+        prompt_tokens=meta["prompt_tokens"],
+        completion_tokens=meta["completion_tokens"],
+        cached_tokens=meta["cached_tokens"],
+    )
+
+
+# ---- modes -----------------------------------------------------------------------------------
+
+
+def build_workload(args: argparse.Namespace, tokenizer: Tokenizer) -> list[BenchRequest]:
+    """The requests of --dataset-name."""
+    if args.dataset_name == "random":
+        return random_prompts(
+            tokenizer, args.num_prompts, args.random_input_len, args.random_output_len, args.seed
+        )
+    return generated_shared_prefix(
+        tokenizer,
+        args.gsp_num_groups,
+        args.gsp_prompts_per_group,
+        args.gsp_system_prompt_len,
+        args.gsp_question_len,
+        args.gsp_output_len,
+        args.seed,
+    )
+
+
+def describe(args: argparse.Namespace, requests: Sequence[BenchRequest]) -> dict[str, object]:
+    """The setup lines of a summary block."""
+    if args.dataset_name == "random":
+        data = f"random: {args.num_prompts} prompts x {args.random_input_len} tokens"
+        out = args.random_output_len
+    else:
+        data = (
+            f"generated-shared-prefix: {args.gsp_num_groups} groups x "
+            f"{args.gsp_prompts_per_group} prompts, system {args.gsp_system_prompt_len} + "
+            f"question {args.gsp_question_len} tokens"
+        )
+        out = args.gsp_output_len
+    api = "/v1/completions" if args.backend == "openai" else "/generate"
+    return {
+        "Backend": f"{args.backend} ({api}, streaming, {'token ids' if args.token_ids else 'text'})",
+        "Dataset": f"{data}, {out} output tokens (ignore_eos)",
+        "Mean prompt tokens": round(sum(len(r.input_ids) for r in requests) / len(requests), 1),
+        "Request rate (req/s)": args.request_rate,
+        "Max concurrency": args.max_concurrency or "not set",
+    }
+
+
+def mode_serve(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
+    """One run of the workload against the server."""
+    requests = build_workload(args, tokenizer)
+    with launched_server(args) as url:
+        m = bench_http(url, args, requests)
+    print_metrics("Serving Benchmark Result", describe(args, requests), m)
+
+
+def mode_compare_engine(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
+    """The same workload served over HTTP and through the in-process Engine, alternating."""
+    import radixlm
+
+    requests = build_workload(args, tokenizer)
+    setup = describe(args, requests)
+    served: list[RunMetrics] = []
+    inproc: list[RunMetrics] = []
+    with launched_server(args) as url:
+        info = http_json(url + "/server_info")
+        # Same KV pool as the server's, so both admit and evict the same way.
+        engine = radixlm.Engine(
+            args.model_path,
+            max_total_tokens=info["max_total_num_tokens"],
+            disable_radix_cache=args.disable_radix_cache,
+        )
+        try:
+            import torch
+
+            setup["Torch threads (in-process)"] = torch.get_num_threads()
+            for r in range(args.rounds):
+                served.append(bench_http(url, args, requests))
+                inproc.append(bench_engine(engine, args, requests))
+                print(
+                    f"round {r + 1}/{args.rounds}: served {served[-1].duration:.2f}s, "
+                    f"in-process {inproc[-1].duration:.2f}s, "
+                    f"ratio {inproc[-1].duration / served[-1].duration:.3f}"
+                )
+        finally:
+            engine.shutdown()
+    best_s = min(served, key=lambda m: m.duration)
+    best_e = min(inproc, key=lambda m: m.duration)
+    print_metrics("Served (best round)", setup, best_s)
+    print_metrics("In-process Engine (best round)", {}, best_e)
+    ratio = best_s.request_throughput / best_e.request_throughput
+    median = float(
+        np.median([e.duration / s.duration for s, e in zip(served, inproc, strict=True)])
+    )
+    _row("Served / in-process throughput (best):", f"{ratio:.3f}  (target >= 0.90)")
+    _row("Served / in-process, median of rounds:", f"{median:.3f}")
+    print("=" * 60)
+
+
+def mode_ttft_cached(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
+    """One request at a time, group by group after a cache flush: the first of each group finds
+    its system prompt uncached, the others cached."""
+    requests = generated_shared_prefix(
+        tokenizer,
+        args.gsp_num_groups,
+        args.gsp_prompts_per_group,
+        args.gsp_system_prompt_len,
+        args.gsp_question_len,
+        args.gsp_output_len,
+        args.seed,
+        shuffle=False,
+    )
+    if args.gsp_prompts_per_group < 2:
+        raise SystemExit("--ttft-cached needs --gsp-prompts-per-group >= 2")
+
+    async def go(url: str) -> tuple[list[RequestResult], float]:
+        async with _session() as session:
+            client = await connect(session, url, args)
+            results = []
+            t0 = time.perf_counter()
+            for i, req in enumerate(requests):
+                if i % args.gsp_prompts_per_group == 0:
+                    flush_cache(url)
+                results.append(await client.send(req))
+            return results, time.perf_counter() - t0
+
+    with launched_server(args) as url:
+        results, duration = asyncio.run(go(url))
+    first = [i % args.gsp_prompts_per_group == 0 for i in range(len(results))]
+    uncached = [r for r, f in zip(results, first, strict=True) if f]
+    cached = [r for r, f in zip(results, first, strict=True) if not f]
+    for name, rs in (("uncached", uncached), ("cached", cached)):
+        bad = [r.error for r in rs if not r.ok]
+        if bad:
+            raise SystemExit(f"{len(bad)} {name} requests failed; first: {bad[0]}")
+    u = float(np.median([r.ttft for r in uncached]))
+    c = float(np.median([r.ttft for r in cached]))
+    setup = describe(args, requests)
+    setup["Request rate (req/s)"] = "one at a time, cache flushed before each group"
+    del setup["Max concurrency"]
+    print_metrics("TTFT, cached vs uncached prefix", setup, RunMetrics.of(results, duration))
+    for name, rs, p50 in (("uncached", uncached, u), ("cached", cached, c)):
+        mean_cached = sum(r.cached_tokens for r in rs) / len(rs)
+        _row(
+            f"TTFT p50 {name} (ms):",
+            f"{p50 * 1000:.1f}  ({len(rs)} requests, {mean_cached:.0f} cached tokens on average)",
+        )
+    _row("TTFT p50 cached / uncached:", f"{c / u:.3f}  (target <= 0.25)")
+    print("=" * 60)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--compare-engine",
+        action="store_true",
+        help="also run the workload through the in-process Engine; print served / in-process",
+    )
+    mode.add_argument(
+        "--ttft-cached",
+        action="store_true",
+        help="TTFT p50 of requests whose system prompt is cached vs uncached, one at a time",
+    )
+    p.add_argument("--base-url", help="a running server (default: start `radixlm serve`)")
+    p.add_argument(
+        "--backend",
+        choices=["sglang", "openai"],
+        default="sglang",
+        help="sglang: native /generate; openai: /v1/completions",
+    )
+    p.add_argument("--model-path", help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--max-total-tokens", type=int, help="KV pool size of the started server")
+    p.add_argument(
+        "--disable-radix-cache", action="store_true", help="start the server without prefix cache"
+    )
+    p.add_argument(
+        "--token-ids", action="store_true", help="send token ids instead of text (no tokenizing)"
+    )
+    p.add_argument(
+        "--dataset-name",
+        choices=["generated-shared-prefix", "random"],
+        default="generated-shared-prefix",
+    )
+    p.add_argument("--gsp-num-groups", type=int, default=4, help="distinct system prompts")
+    p.add_argument(
+        "--gsp-prompts-per-group", type=int, default=8, help="questions per system prompt"
+    )
+    p.add_argument("--gsp-system-prompt-len", type=int, default=1200, help="tokens")
+    p.add_argument("--gsp-question-len", type=int, default=60, help="tokens")
+    p.add_argument("--gsp-output-len", type=int, default=8, help="tokens generated per request")
+    p.add_argument("--num-prompts", type=int, default=32, help="random dataset: prompts")
+    p.add_argument("--random-input-len", type=int, default=512, help="random dataset: tokens")
+    p.add_argument("--random-output-len", type=int, default=16, help="random dataset: tokens")
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="Poisson arrivals per second (inf: all at once)",
+    )
+    p.add_argument("--max-concurrency", type=int, help="most requests in flight at once")
+    p.add_argument("--rounds", type=int, default=2, help="--compare-engine: alternating rounds")
+    p.add_argument("--seed", type=int, default=1, help="prompts and arrival times")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the mode the flags ask for."""
+    args = parse_args(argv)
+    from radixlm.models.default import default_model_path
+
+    tokenizer = Tokenizer.load(args.model_path or default_model_path())
+    text = PromptMaker(tokenizer, seed=-1).text(16)
+    args.warmup = BenchRequest(text, tokenizer.encode(text), 2, -1)
+    print(f"{os.cpu_count()} CPUs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    if args.compare_engine:
+        mode_compare_engine(args, tokenizer)
+    elif args.ttft_cached:
+        mode_ttft_cached(args, tokenizer)
+    else:
+        mode_serve(args, tokenizer)
+
+
+if __name__ == "__main__":
+    main()
