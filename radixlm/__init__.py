@@ -16,36 +16,7 @@ if TYPE_CHECKING:
     from radixlm.engine.engine import Engine
     from radixlm.lang import *  # noqa: F403
 
-# The frontend language's names (`radixlm.function`, `radixlm.gen`, ...), as in `sglang`.
-_LANG_NAMES = frozenset(
-    {
-        "OpenAI",
-        "RuntimeEndpoint",
-        "assistant",
-        "assistant_begin",
-        "assistant_end",
-        "flush_cache",
-        "function",
-        "gen",
-        "gen_int",
-        "gen_string",
-        "get_server_info",
-        "greedy_token_selection",
-        "image",
-        "select",
-        "set_default_backend",
-        "system",
-        "system_begin",
-        "system_end",
-        "token_length_normalized",
-        "unconditional_likelihood_normalized",
-        "user",
-        "user_begin",
-        "user_end",
-    }
-)
-
-__all__ = ["Engine", "__version__", *sorted(_LANG_NAMES)]
+__all__ = ["Engine", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -54,8 +25,9 @@ def __getattr__(name: str) -> Any:
         from radixlm.engine.engine import Engine
 
         return Engine
-    if name in _LANG_NAMES:
-        import radixlm.lang
+    # The frontend language's names (`radixlm.function`, `radixlm.gen`, ...), as in `sglang`.
+    import radixlm.lang
 
+    if name in radixlm.lang.__all__:
         return getattr(radixlm.lang, name)
     raise AttributeError(f"module 'radixlm' has no attribute {name!r}")

@@ -34,7 +34,6 @@ from radixlm.server.tokenizer_manager import (
 )
 
 HEALTH_GENERATE_TIMEOUT_S = 30.0
-STRUCTURED_OUTPUT_KEYS = ("regex", "json_schema", "ebnf")
 
 _GENERATE_FIELDS = frozenset(f.name for f in fields(GenerateInput))
 # SGLang request fields its clients may send with an "off" value (bench_serving always sends
@@ -70,7 +69,6 @@ def parse_generate(data: Mapping[str, Any]) -> GenerateInput:
             raise ApiError(
                 400, "sampling_params must be an object or a list of objects", "sampling_params"
             )
-        reject_structured_output(p or {}, "sampling_params.")
     return GenerateInput(**{k: v for k, v in data.items() if k in _GENERATE_FIELDS})
 
 
@@ -81,15 +79,6 @@ def _check_type(data: Mapping[str, Any], key: str, kind: type) -> None:
         if v is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
             raise ApiError(
                 400, f"{key} must be a {kind.__name__} or a list of them, got {v!r}", key
-            )
-
-
-def reject_structured_output(params: Mapping[str, Any], prefix: str = "") -> None:
-    """400 for regex / json_schema / ebnf until structured output lands."""
-    for key in STRUCTURED_OUTPUT_KEYS:
-        if params.get(key) is not None:
-            raise ApiError(
-                400, f"structured output ({prefix}{key}) is not supported yet", prefix + key
             )
 
 

@@ -43,8 +43,7 @@ class _SamplingFields(_Strict):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
-    # Structured output: parsed so that the answer can say "not supported yet" rather than
-    # "unknown field".
+    # Structured output (checked, and compiled, when the request is tokenized).
     regex: str | None = None
     ebnf: str | None = None
     json_schema: Any = None
@@ -68,18 +67,38 @@ class _SamplingFields(_Strict):
             "ignore_eos": self.ignore_eos,
             "sampling_seed": self.seed,
             "skip_special_tokens": self.skip_special_tokens,
+            **self._structured_output(),
         }
         return {k: v for k, v in params.items() if v is not None}
 
+    def _structured_output(self) -> dict[str, Any]:
+        """regex / ebnf / json_schema from the extra fields and response_format (vetted by
+        check_supported); more than one grammar is a 400 from SamplingParams."""
+        fmt = self.response_format or {}
+        schema = self.json_schema
+        if fmt.get("type") in ("json_object", "json_schema"):
+            if schema is not None:
+                raise ApiError(400, "give json_schema or response_format, not both", "json_schema")
+            json_object = fmt["type"] == "json_object"
+            schema = {"type": "object"} if json_object else fmt["json_schema"]["schema"]
+        return {"regex": self.regex, "ebnf": self.ebnf, "json_schema": schema}
+
     def check_supported(self) -> None:
         """400 for fields that parse but name a feature radixlm does not have (yet)."""
-        for key in ("regex", "ebnf", "json_schema"):
-            if getattr(self, key) is not None:
-                raise ApiError(400, f"structured output ({key}) is not supported yet", key)
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
+        fmt = self.response_format or {}
+        kind = fmt.get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
             raise ApiError(
-                400, f"response_format of type {kind!r} is not supported yet", "response_format"
+                400,
+                f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                "response_format",
+            )
+        spec = fmt.get("json_schema")
+        if kind == "json_schema" and not (isinstance(spec, dict) and "schema" in spec):
+            raise ApiError(
+                400,
+                "response_format of type json_schema needs json_schema: {name, schema}",
+                "response_format",
             )
         if self.logit_bias:
             raise ApiError(400, "logit_bias is not supported", "logit_bias")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
@@ -169,12 +172,54 @@ def test_extra_body_fields(client: openai.OpenAI) -> None:
     assert r.usage is not None and r.usage.completion_tokens == 5
 
 
+SMALL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 99},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["id", "ok"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_output_fields(client: openai.OpenAI, http: httpx.Client) -> None:
+    """response_format (json_schema, json_object) and the extra regex / json_schema / ebnf."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "item", "schema": SMALL_SCHEMA}}
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=32,
+        temperature=0,
+        response_format=fmt,  # type: ignore[arg-type]
+    )
+    assert chat.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(chat.choices[0].message.content or ""), SMALL_SCHEMA)
+    obj = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=8, response_format={"type": "json_object"}
+    )
+    assert (obj.choices[0].message.content or "").startswith("{")
+    r = client.completions.create(
+        model=MODEL, prompt="x", max_tokens=8, extra_body={"regex": "[0-9]{3}-[a-z]{2}"}
+    )
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", r.choices[0].text)
+    assert r.choices[0].finish_reason == "stop"
+    r = client.completions.create(
+        model=MODEL, prompt="x", max_tokens=32, extra_body={"json_schema": SMALL_SCHEMA}
+    )
+    jsonschema.validate(json.loads(r.choices[0].text), SMALL_SCHEMA)
+    out = native(
+        http, text="x", sampling_params={"max_new_tokens": 8, "ebnf": 'root ::= "a" | "b"'}
+    )
+    assert out["text"] in ("a", "b") and out["meta_info"]["finish_reason"]["type"] == "stop"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "field"),
     [
         ({"model": "gpt-4"}, 404, "model"),
-        ({"extra_body": {"regex": "[a-z]+"}}, 400, "regex"),
-        ({"extra_body": {"response_format": {"type": "json_object"}}}, 400, "response_format"),
+        ({"extra_body": {"regex": "[a-z]+("}}, 400, "regex"),
+        ({"extra_body": {"response_format": {"type": "yaml"}}}, 400, "response_format"),
         ({"max_tokens": -1}, 400, "max_tokens"),
         ({"temperature": -0.5}, 400, "temperature"),
     ],

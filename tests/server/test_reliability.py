@@ -44,9 +44,10 @@ BAD_INPUTS: list[tuple[str, Any, int, str]] = [
     (G, {"text": "x", "sampling_params": {"max_new_tokens": "ten"}}, 400, "max_new_tokens"),
     (G, {"text": "x", "sampling_params": {"n": 0}}, 400, "n must"),
     (G, {"text": "x", "sampling_params": {"stop_token_ids": [10**9]}}, 400, "stop_token_ids"),
-    (G, {"text": "x", "sampling_params": {"regex": "a+"}}, 400, "regex"),
-    (G, {"text": "x", "sampling_params": {"json_schema": "{}"}}, 400, "json_schema"),
-    (G, {"text": "x", "sampling_params": {"ebnf": "root ::= 'a'"}}, 400, "ebnf"),
+    (G, {"text": "x", "sampling_params": {"regex": "a(+"}}, 400, "invalid regex"),
+    (G, {"text": "x", "sampling_params": {"json_schema": "{"}}, 400, "json_schema"),
+    (G, {"text": "x", "sampling_params": {"ebnf": "root ::= b"}}, 400, "invalid ebnf"),
+    (G, {"text": "x", "sampling_params": {"regex": "a", "ebnf": "root ::= 'a'"}}, 400, "one of"),
     (G, {"text": ["x", "y"], "sampling_params": [{}]}, 400, "sampling_params"),
     (G, {"text": "x", "return_logprob": "yes"}, 400, "return_logprob"),
     (G, {"text": "x", "logprob_start_len": -5}, 400, "logprob_start_len"),
@@ -70,7 +71,7 @@ BAD_INPUTS: list[tuple[str, Any, int, str]] = [
     (C, {"prompt": "x", "suffix": "y"}, 400, "suffix"),
     (C, {"prompt": "x", "best_of": 3}, 400, "best_of"),
     (C, {"prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
-    (C, {"prompt": "x", "ebnf": "root ::= 'a'"}, 400, "ebnf"),
+    (C, {"prompt": "x", "ebnf": "root ::= b"}, 400, "ebnf"),
     (C, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     (CHAT, {"model": "nope", "messages": MSG}, 404, "model"),
     (CHAT, {"max_tokens": 2}, 400, "messages"),
@@ -80,7 +81,8 @@ BAD_INPUTS: list[tuple[str, Any, int, str]] = [
     (CHAT, {"messages": MSG, "top_logprobs": 2}, 400, "top_logprobs"),
     (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
     (CHAT, {"messages": MSG, "response_format": {"type": "json_schema"}}, 400, "response_format"),
-    (CHAT, {"messages": MSG, "json_schema": {"type": "object"}}, 400, "json_schema"),
+    (CHAT, {"messages": MSG, "response_format": {"type": "xml"}}, 400, "response_format"),
+    (CHAT, {"messages": MSG, "json_schema": {"type": "objekt"}}, 400, "objekt"),
 ]
 
 
