@@ -92,7 +92,7 @@ class PromptMaker:
 
 
 def generated_shared_prefix(
-    tokenizer: Tokenizer,
+    maker: PromptMaker,
     num_groups: int,
     prompts_per_group: int,
     system_prompt_len: int,
@@ -102,7 +102,7 @@ def generated_shared_prefix(
     shuffle: bool = True,
 ) -> list[BenchRequest]:
     """groups x prompts: a shared system prompt per group + a distinct question each."""
-    maker = PromptMaker(tokenizer, seed)
+    tokenizer = maker.tokenizer
     requests: list[BenchRequest] = []
     for g in range(num_groups):
         system = maker.text(system_prompt_len)
@@ -119,15 +119,22 @@ def generated_shared_prefix(
 
 
 def random_prompts(
-    tokenizer: Tokenizer, num_prompts: int, input_len: int, output_len: int, seed: int
+    maker: PromptMaker, num_prompts: int, input_len: int, output_len: int
 ) -> list[BenchRequest]:
     """Distinct prompts of `input_len` tokens each; nothing shared beyond chance."""
-    maker = PromptMaker(tokenizer, seed)
     requests = []
     for i in range(num_prompts):
         text = maker.text(input_len)
-        requests.append(BenchRequest(text, tokenizer.encode(text), output_len, i))
+        requests.append(BenchRequest(text, maker.tokenizer.encode(text), output_len, i))
     return requests
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The requests of a run, and a short one to warm up with (not measured)."""
+
+    requests: list[BenchRequest]
+    warmup: BenchRequest
 
 
 def arrival_times(n: int, request_rate: float, seed: int) -> list[float]:
@@ -342,6 +349,7 @@ class HttpClient:
             out.error = f"{type(e).__name__}: {e}"
             return out
         out.latency = time.perf_counter() - start
+        out.completion_tokens = out.completion_tokens or seen  # a server that sent no usage
         out.ok = out.completion_tokens > 0
         if not out.ok:
             out.error = "the stream ended without any token"
@@ -400,32 +408,29 @@ def flush_cache(base_url: str) -> None:
 
 
 async def connect(
-    session: aiohttp.ClientSession, base_url: str, args: argparse.Namespace
+    session: aiohttp.ClientSession, base_url: str, args: argparse.Namespace, warmup: BenchRequest
 ) -> HttpClient:
-    """A client for --backend (the OpenAI API needs the served model's name) after one
-    warm-up request."""
+    """A client for --backend (the OpenAI API needs the served model's name), warmed up."""
     model = ""
     if args.backend == "openai":
         async with session.get(base_url + "/v1/models") as resp:
             model = (await resp.json())["data"][0]["id"]
     client = HttpClient(session, base_url, args.backend, args.token_ids, model)
-    warm = await client.send(args.warmup)
+    warm = await client.send(warmup)
     if not warm.ok:
         raise RuntimeError(f"the warm-up request failed: {warm.error}")
     return client
 
 
-def bench_http(
-    base_url: str, args: argparse.Namespace, requests: Sequence[BenchRequest]
-) -> RunMetrics:
+def bench_http(base_url: str, args: argparse.Namespace, workload: Workload) -> RunMetrics:
     """Warm up, flush the cache, run the workload; the metrics."""
 
     async def go() -> tuple[list[RequestResult], float]:
         async with _session() as session:
-            client = await connect(session, base_url, args)
+            client = await connect(session, base_url, args, workload.warmup)
             flush_cache(base_url)
             return await run_load(
-                client.send, requests, args.request_rate, args.max_concurrency, args.seed
+                client.send, workload.requests, args.request_rate, args.max_concurrency, args.seed
             )
 
     results, duration = asyncio.run(go())
@@ -455,6 +460,11 @@ def launched_server(args: argparse.Namespace) -> Iterator[str]:
         url = _wait_until_serving(proc, log_path)
         print(f"server: {' '.join(cmd[1:])} -> {url} (log {log_path})")
         yield url
+    except BaseException:
+        print(f"the server's log is kept in {log_path}", file=sys.stderr)
+        raise
+    else:
+        log_path.unlink()
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -484,16 +494,15 @@ def _wait_until_serving(proc: subprocess.Popen[bytes], log_path: Path) -> str:
         time.sleep(0.2)
 
 
-def bench_engine(
-    engine: Engine, args: argparse.Namespace, requests: Sequence[BenchRequest]
-) -> RunMetrics:
+def bench_engine(engine: Engine, args: argparse.Namespace, workload: Workload) -> RunMetrics:
     """The same workload through the in-process Engine: warm up, flush, run.
 
     At request rate inf without a concurrency cap every prompt goes in one batch call (the
     engine's fastest path; no per-request latencies then); otherwise one thread per request in
     flight, sent on the same Poisson schedule as the HTTP run."""
-    engine.generate(args.warmup.text, {"max_new_tokens": args.warmup.output_len})
+    engine.generate(workload.warmup.text, {"max_new_tokens": workload.warmup.output_len})
     engine.flush_cache()
+    requests = workload.requests
     params = [
         {"max_new_tokens": r.output_len, "temperature": 0.0, "ignore_eos": True} for r in requests
     ]
@@ -543,24 +552,31 @@ def _engine_result(out: dict[str, Any], latency: float) -> RequestResult:
 # ---- modes -----------------------------------------------------------------------------------
 
 
-def build_workload(args: argparse.Namespace, tokenizer: Tokenizer) -> list[BenchRequest]:
-    """The requests of --dataset-name."""
+def build_workload(
+    args: argparse.Namespace, tokenizer: Tokenizer, shuffle: bool = True
+) -> Workload:
+    """The requests of --dataset-name (unshuffled: in group order)."""
+    maker = PromptMaker(tokenizer, args.seed)
     if args.dataset_name == "random":
-        return random_prompts(
-            tokenizer, args.num_prompts, args.random_input_len, args.random_output_len, args.seed
+        requests = random_prompts(
+            maker, args.num_prompts, args.random_input_len, args.random_output_len
         )
-    return generated_shared_prefix(
-        tokenizer,
-        args.gsp_num_groups,
-        args.gsp_prompts_per_group,
-        args.gsp_system_prompt_len,
-        args.gsp_question_len,
-        args.gsp_output_len,
-        args.seed,
-    )
+    else:
+        requests = generated_shared_prefix(
+            maker,
+            args.gsp_num_groups,
+            args.gsp_prompts_per_group,
+            args.gsp_system_prompt_len,
+            args.gsp_question_len,
+            args.gsp_output_len,
+            args.seed,
+            shuffle,
+        )
+    text = maker.text(16)
+    return Workload(requests, BenchRequest(text, tokenizer.encode(text), 2, -1))
 
 
-def describe(args: argparse.Namespace, requests: Sequence[BenchRequest]) -> dict[str, object]:
+def describe(args: argparse.Namespace, workload: Workload) -> dict[str, object]:
     """The setup lines of a summary block."""
     if args.dataset_name == "random":
         data = f"random: {args.num_prompts} prompts x {args.random_input_len} tokens"
@@ -573,96 +589,87 @@ def describe(args: argparse.Namespace, requests: Sequence[BenchRequest]) -> dict
         )
         out = args.gsp_output_len
     api = "/v1/completions" if args.backend == "openai" else "/generate"
+    lens = [len(r.input_ids) for r in workload.requests]
     return {
         "Backend": f"{args.backend} ({api}, streaming, {'token ids' if args.token_ids else 'text'})",
         "Dataset": f"{data}, {out} output tokens (ignore_eos)",
-        "Mean prompt tokens": round(sum(len(r.input_ids) for r in requests) / len(requests), 1),
+        "Mean prompt tokens": round(sum(lens) / len(lens), 1),
         "Request rate (req/s)": args.request_rate,
         "Max concurrency": args.max_concurrency or "not set",
     }
 
 
-def mode_serve(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
+def mode_serve(args: argparse.Namespace, url: str, tokenizer: Tokenizer) -> None:
     """One run of the workload against the server."""
-    requests = build_workload(args, tokenizer)
-    with launched_server(args) as url:
-        m = bench_http(url, args, requests)
-    print_metrics("Serving Benchmark Result", describe(args, requests), m)
+    workload = build_workload(args, tokenizer)
+    m = bench_http(url, args, workload)
+    print_metrics("Serving Benchmark Result", describe(args, workload), m)
 
 
-def mode_compare_engine(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
-    """The same workload served over HTTP and through the in-process Engine, alternating."""
+def mode_compare_engine(args: argparse.Namespace, url: str, tokenizer: Tokenizer) -> None:
+    """The same workload served over HTTP and through the in-process Engine, alternating (the
+    engine idles while the server runs and the other way round)."""
     import radixlm
 
-    requests = build_workload(args, tokenizer)
-    setup = describe(args, requests)
+    workload = build_workload(args, tokenizer)
+    setup = describe(args, workload)
+    info = http_json(url + "/server_info")
+    # The server's model and scheduler sizes, so that both admit, chunk and evict alike.
+    engine = radixlm.Engine(
+        info["model_path"],
+        max_total_tokens=info["max_total_num_tokens"],
+        chunked_prefill_size=info["chunked_prefill_size"],
+        max_running_requests=info["max_running_requests"],
+        disable_radix_cache=info["disable_radix_cache"],
+    )
     served: list[RunMetrics] = []
     inproc: list[RunMetrics] = []
-    with launched_server(args) as url:
-        info = http_json(url + "/server_info")
-        # Same KV pool as the server's, so both admit and evict the same way.
-        engine = radixlm.Engine(
-            args.model_path,
-            max_total_tokens=info["max_total_num_tokens"],
-            disable_radix_cache=args.disable_radix_cache,
-        )
-        try:
-            import torch
+    try:
+        import torch
 
-            setup["Torch threads (in-process)"] = torch.get_num_threads()
-            for r in range(args.rounds):
-                served.append(bench_http(url, args, requests))
-                inproc.append(bench_engine(engine, args, requests))
-                print(
-                    f"round {r + 1}/{args.rounds}: served {served[-1].duration:.2f}s, "
-                    f"in-process {inproc[-1].duration:.2f}s, "
-                    f"ratio {inproc[-1].duration / served[-1].duration:.3f}"
-                )
-        finally:
-            engine.shutdown()
+        setup["Torch threads (in-process)"] = torch.get_num_threads()
+        for r in range(args.rounds):
+            served.append(bench_http(url, args, workload))
+            inproc.append(bench_engine(engine, args, workload))
+            print(
+                f"round {r + 1}/{args.rounds}: served {served[-1].duration:.2f}s, "
+                f"in-process {inproc[-1].duration:.2f}s, "
+                f"served / in-process {inproc[-1].duration / served[-1].duration:.3f}"
+            )
+    finally:
+        engine.shutdown()
     best_s = min(served, key=lambda m: m.duration)
     best_e = min(inproc, key=lambda m: m.duration)
     print_metrics("Served (best round)", setup, best_s)
     print_metrics("In-process Engine (best round)", {}, best_e)
     ratio = best_s.request_throughput / best_e.request_throughput
-    median = float(
-        np.median([e.duration / s.duration for s, e in zip(served, inproc, strict=True)])
-    )
+    ratios = [e.duration / s.duration for s, e in zip(served, inproc, strict=True)]
     _row("Served / in-process throughput (best):", f"{ratio:.3f}  (target >= 0.90)")
-    _row("Served / in-process, median of rounds:", f"{median:.3f}")
+    _row("Served / in-process, median of rounds:", f"{float(np.median(ratios)):.3f}")
     print("=" * 60)
 
 
-def mode_ttft_cached(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
-    """One request at a time, group by group after a cache flush: the first of each group finds
-    its system prompt uncached, the others cached."""
-    requests = generated_shared_prefix(
-        tokenizer,
-        args.gsp_num_groups,
-        args.gsp_prompts_per_group,
-        args.gsp_system_prompt_len,
-        args.gsp_question_len,
-        args.gsp_output_len,
-        args.seed,
-        shuffle=False,
-    )
-    if args.gsp_prompts_per_group < 2:
-        raise SystemExit("--ttft-cached needs --gsp-prompts-per-group >= 2")
+def mode_ttft_cached(args: argparse.Namespace, url: str, tokenizer: Tokenizer) -> None:
+    """One request at a time, group by group after a cache flush: the first request of each
+    group finds its system prompt uncached, the others cached."""
+    if args.dataset_name != "generated-shared-prefix" or args.gsp_prompts_per_group < 2:
+        raise SystemExit("--ttft-cached needs generated-shared-prefix, >= 2 prompts per group")
+    workload = build_workload(args, tokenizer, shuffle=False)
 
-    async def go(url: str) -> tuple[list[RequestResult], float]:
+    async def go() -> tuple[list[RequestResult], float]:
         async with _session() as session:
-            client = await connect(session, url, args)
+            client = await connect(session, url, args, workload.warmup)
             results = []
             t0 = time.perf_counter()
-            for i, req in enumerate(requests):
-                if i % args.gsp_prompts_per_group == 0:
+            for req, is_first in zip(workload.requests, first, strict=True):
+                if is_first:
                     flush_cache(url)
                 results.append(await client.send(req))
             return results, time.perf_counter() - t0
 
-    with launched_server(args) as url:
-        results, duration = asyncio.run(go(url))
-    first = [i % args.gsp_prompts_per_group == 0 for i in range(len(results))]
+    reqs = workload.requests
+    first = [i == 0 or r.group != reqs[i - 1].group for i, r in enumerate(reqs)]
+    results, duration = asyncio.run(go())
     uncached = [r for r, f in zip(results, first, strict=True) if f]
     cached = [r for r, f in zip(results, first, strict=True) if not f]
     for name, rs in (("uncached", uncached), ("cached", cached)):
@@ -671,7 +678,7 @@ def mode_ttft_cached(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
             raise SystemExit(f"{len(bad)} {name} requests failed; first: {bad[0]}")
     u = float(np.median([r.ttft for r in uncached]))
     c = float(np.median([r.ttft for r in cached]))
-    setup = describe(args, requests)
+    setup = describe(args, workload)
     setup["Request rate (req/s)"] = "one at a time, cache flushed before each group"
     del setup["Max concurrency"]
     print_metrics("TTFT, cached vs uncached prefix", setup, RunMetrics.of(results, duration))
@@ -708,7 +715,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="sglang",
         help="sglang: native /generate; openai: /v1/completions",
     )
-    p.add_argument("--model-path", help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument(
+        "--model-path", help="model of the started server (default: the embedded SmolLM2-135M)"
+    )
     p.add_argument("--max-total-tokens", type=int, help="KV pool size of the started server")
     p.add_argument(
         "--disable-radix-cache", action="store_true", help="start the server without prefix cache"
@@ -746,18 +755,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Run the mode the flags ask for."""
     args = parse_args(argv)
-    from radixlm.models.default import default_model_path
-
-    tokenizer = Tokenizer.load(args.model_path or default_model_path())
-    text = PromptMaker(tokenizer, seed=-1).text(16)
-    args.warmup = BenchRequest(text, tokenizer.encode(text), 2, -1)
     print(f"{os.cpu_count()} CPUs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    if args.compare_engine:
-        mode_compare_engine(args, tokenizer)
-    elif args.ttft_cached:
-        mode_ttft_cached(args, tokenizer)
-    else:
-        mode_serve(args, tokenizer)
+    with launched_server(args) as url:
+        # The server's tokenizer, so that text prompts have the intended token counts.
+        tokenizer = Tokenizer.load(http_json(url + "/model_info")["tokenizer_path"])
+        if args.compare_engine:
+            mode_compare_engine(args, url, tokenizer)
+        elif args.ttft_cached:
+            mode_ttft_cached(args, url, tokenizer)
+        else:
+            mode_serve(args, url, tokenizer)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from radixlm.sampling import SamplingParams
+
+if TYPE_CHECKING:  # the frontend (HTTP process) imports this package and must not load torch
+    import torch
 
 GrammarKind = Literal["regex", "json_schema", "ebnf"]
 

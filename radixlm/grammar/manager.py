@@ -21,12 +21,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from radixlm.grammar.base import GrammarBackend, GrammarSpec
 from radixlm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    import torch
+
     from radixlm.scheduler.request import Req
 
 # Tokens before a jump that retokenization reads as context; they are never changed.
@@ -37,7 +37,7 @@ _IDLE_WAIT_S = 0.01
 
 def validate_spec(spec: GrammarSpec) -> None:
     """ValueError naming the problem if spec is not a valid regex / JSON schema / EBNF grammar."""
-    from radixlm.grammar.llguidance_backend import validate_grammar
+    from radixlm.grammar.llguidance_grammar import validate_grammar
 
     validate_grammar(spec)
 
@@ -193,9 +193,10 @@ class GrammarManager:
         return self._jump(req, 1, context_len)
 
     def _may_jump(self, req: Req) -> bool:
-        # Forced tokens are never sampled, so they have no logprobs to report; and a stop string
-        # is only looked for in the last few tokens of each step, which a long jump could pass.
-        return self.jump_forward and not req.return_logprob and not req.params.stop
+        # Forced tokens are never sampled, so they have no logprobs to report; and stop strings
+        # are only looked for in the last few tokens of each step, which a long jump could pass.
+        p = req.params
+        return self.jump_forward and not req.return_logprob and not (p.stop or p.stop_regex)
 
     def _jump(self, req: Req, num_pending: int, context_len: int) -> list[int]:
         """Append the forced continuation after the last num_pending output tokens (accepted,

@@ -7,6 +7,8 @@ tokenizer's encode for every tokenization.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import llguidance as llg
 import numpy as np
@@ -14,11 +16,8 @@ import pytest
 import torch
 
 from radixlm.grammar import GrammarSpec
-from radixlm.grammar.llguidance_backend import (
-    LLGuidanceBackend,
-    LLGuidanceMatcher,
-    validate_grammar,
-)
+from radixlm.grammar.llguidance_backend import LLGuidanceBackend, LLGuidanceMatcher
+from radixlm.grammar.llguidance_grammar import validate_grammar
 from radixlm.tokenizer import Tokenizer
 
 PERSON = {
@@ -179,3 +178,14 @@ def test_rollback_restores_the_state(backend: LLGuidanceBackend, tokenizer: Toke
     assert m.accept(a) and m.forced_tokens() == encode(tokenizer, "be")
     m.rollback(1)
     assert m.forced_tokens() == [] and m.num_valid(encode(tokenizer, "c")) == 1
+
+
+def test_the_frontend_checks_grammars_without_torch() -> None:
+    """The HTTP process validates grammars and must stay free of torch."""
+    code = (
+        "import sys\n"
+        "from radixlm.grammar import GrammarSpec, validate_spec\n"
+        "validate_spec(GrammarSpec('json_schema', '{\"type\": \"object\"}'))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

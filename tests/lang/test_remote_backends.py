@@ -146,10 +146,6 @@ def test_openai_chat_gen_and_completion_select(
         pick.run(backend=chat_api)
 
 
-@pytest.mark.xfail(
-    reason="the server answers 400 to regex / json_schema until its structured-output check is lifted",
-    strict=False,
-)
 def test_typed_gen_over_http_matches_in_process(engine: Any, endpoint: sgl.RuntimeEndpoint) -> None:
     @sgl.function
     def year(s):
