@@ -167,7 +167,12 @@ class Scheduler:
     def _admit(self, budget: int) -> list[tuple[Req, ScheduledSeq]]:
         ordered, _ = self.policy.order(self.waiting)
         admitted: list[tuple[Req, ScheduledSeq]] = []
-        seen_runs: set[tuple[int, ...]] = set()
+        # Prompt tokens being prefilled by running requests count as computed this step too.
+        seen_runs = {
+            tuple(r.fill_ids[r.tree_len : r.tree_len + _SHARED_RUN])
+            for r in self.running
+            if r.kv_len - r.tree_len >= _SHARED_RUN and r.kv_len <= len(r.input_ids)
+        }
         reserve = self._reserved_tokens()
         for req in ordered:
             if budget <= 0 or len(self.running) >= self.config.max_running_requests:
