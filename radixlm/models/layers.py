@@ -112,9 +112,9 @@ def paged_attention(
             ks = k_cache.index_select(1, seq.kv_slots).to(q.dtype)
             vs = v_cache.index_select(1, seq.kv_slots).to(q.dtype)
         out[lo:hi] = extend_attention(q[lo:hi], ks, vs, seq.prefix_len, scale)
-    if batch.decode_kv is not None:
+    if batch.row_kv is not None:
         start = batch.num_extend_tokens
-        out[start:] = decode_attention(q[start:], k_cache, v_cache, batch, scale)
+        out[start:] = row_attention(q[start:], k_cache, v_cache, batch, scale)
     return out
 
 
@@ -145,28 +145,32 @@ def extend_attention(
     return out.transpose(0, 1).reshape(t, h, d)
 
 
-def decode_attention(
+def row_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     batch: ForwardBatch,
     scale: float,
 ) -> torch.Tensor:
-    """One query per row of batch.decode_kv over that row's slots (padding masked out)."""
-    assert batch.decode_kv is not None and batch.decode_mask is not None
-    b, h, d = q.shape
-    n = batch.decode_kv.shape[1]
+    """The short rows' queries q [T_rows, H, D], padded to [B, Q], over each row's padded slots;
+    batch.row_mask hides padding and each query's future. Decodes are rows with Q = 1."""
+    assert batch.row_kv is not None and batch.row_query is not None
+    assert batch.row_valid is not None and batch.row_mask is not None
+    b, nq = batch.row_query.shape
+    n = batch.row_kv.shape[1]
+    _, h, d = q.shape
     kvh = k_cache.shape[0]
     g = h // kvh
-    flat = batch.decode_kv.view(-1)
+    flat = batch.row_kv.view(-1)
     # Gathered head-major, [KVH * B, N, D] is one strided batch for bmm: no further copies.
     kd = k_cache.index_select(1, flat).view(kvh * b, n, d)
     vd = v_cache.index_select(1, flat).view(kvh * b, n, d)
+    qp = (q * scale).index_select(0, batch.row_query.view(-1)).view(b, nq, kvh, g, d)
     # With a narrower KV dtype the matmuls run in it (that is the point: half the bytes read);
     # the softmax stays in the model's dtype.
-    qh = (q * scale).to(kd.dtype).view(b, kvh, g, d).transpose(0, 1).reshape(kvh * b, g, d)
-    scores = torch.bmm(qh, kd.transpose(1, 2)).view(kvh, b, g, n).to(q.dtype)
-    scores.masked_fill_(~batch.decode_mask.view(1, b, 1, n), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(vd.dtype).view(kvh * b, g, n)
-    out = torch.bmm(probs, vd).view(kvh, b, g, d).transpose(0, 1).reshape(b, h, d)
-    return out.to(q.dtype)
+    qh = qp.to(kd.dtype).permute(2, 0, 1, 3, 4).reshape(kvh * b, nq * g, d)
+    scores = torch.bmm(qh, kd.transpose(1, 2)).view(kvh, b, nq, g, n).to(q.dtype)
+    scores.masked_fill_(~batch.row_mask.view(1, b, nq, 1, n), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(vd.dtype).view(kvh * b, nq * g, n)
+    out = torch.bmm(probs, vd).view(kvh, b, nq, g, d).permute(1, 2, 0, 3, 4)
+    return out.reshape(b, nq, h, d)[batch.row_valid].to(q.dtype)

@@ -17,12 +17,18 @@ class ExtendSeq:
     kv_slots: torch.Tensor  # int64 [prefix_len + q_len]: the request's slots, position by position
 
 
+# Sequences with a cached prefix and at most this many new tokens (decodes, jump-forward tails,
+# short turns after a cached prompt) attend together in one padded batch instead of one by one.
+MAX_ROW_QUERIES = 16
+
+
 @dataclass(slots=True)
 class ForwardBatch:
-    """A mixed batch: extend sequences first, then single-token decodes, in one flat token list.
+    """A mixed batch: extend sequences first, then short rows (decodes among them), in one flat
+    token list.
 
-    Invariant: tokens [0, num_extend_tokens) belong to `extends` in order; tokens after that are
-    one decode token per row of `decode_kv`.
+    Invariant: tokens [0, num_extend_tokens) belong to `extends` in order; the tokens after that
+    are the short rows' new tokens, row by row: row b's are the True entries of row_valid[b].
     """
 
     input_ids: torch.Tensor  # int64 [T]
@@ -30,8 +36,10 @@ class ForwardBatch:
     out_slots: torch.Tensor  # int64 [T]: where each token's K/V is written
     extends: list[ExtendSeq]
     num_extend_tokens: int
-    decode_kv: torch.Tensor | None  # int64 [B, max_len]: slots of each decode row, padded with 0
-    decode_mask: torch.Tensor | None  # bool [B, 1, 1, max_len]: True where a real slot is
+    row_kv: torch.Tensor | None  # int64 [B, N]: slots of each short row, padded with slot 0
+    row_query: torch.Tensor | None  # int64 [B, Q]: each query's index among the row tokens
+    row_valid: torch.Tensor | None  # bool [B, Q]: real queries (padding repeats the last one)
+    row_mask: torch.Tensor | None  # bool [B, Q, N]: key n is visible to query q of row b
     logits_index: torch.Tensor  # int64 [N]: flat positions whose logits are needed
 
     @property
@@ -58,3 +66,8 @@ class ScheduledSeq:
     def num_logits(self) -> int:
         """Rows of logits this sequence gets back."""
         return self.end - self.logit_from
+
+
+def is_short_row(seq: ScheduledSeq) -> bool:
+    """Whether seq goes to the batched short-row attention (the runner puts these last)."""
+    return seq.start > 0 and len(seq.new_ids) <= MAX_ROW_QUERIES

@@ -7,7 +7,7 @@ import torch
 from radixlm.cache import KVPool
 from radixlm.models.config import ModelConfig
 from radixlm.models.llama import LlamaForCausalLM
-from radixlm.runner.batch import ExtendSeq, ForwardBatch, ScheduledSeq
+from radixlm.runner.batch import ExtendSeq, ForwardBatch, ScheduledSeq, is_short_row
 
 # Share of the memory left after the weights that the KV pool takes when no size is given.
 _CPU_KV_SHARE = 0.15
@@ -95,12 +95,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
-        """Logits (float32) for every sequence's rows [logit_from, end), in order.
+        """Logits (float32) for every sequence's rows [logit_from, end), in the order given.
 
-        The caller orders extends (several tokens, or a first token) before decodes.
+        The flat batch puts short rows (`is_short_row`) last; a caller that already orders them
+        so (the scheduler does) saves a reordering of the logits.
         """
-        batch = self.build_batch(seqs)
-        return self.model(batch, self.pool.k, self.pool.v)
+        order = sorted(range(len(seqs)), key=lambda i: is_short_row(seqs[i]))
+        logits = self.model(self.build_batch([seqs[i] for i in order]), self.pool.k, self.pool.v)
+        if order == sorted(order):
+            return logits
+        spans: dict[int, tuple[int, int]] = {}
+        offset = 0
+        for i in order:
+            spans[i] = (offset, offset + seqs[i].num_logits)
+            offset += seqs[i].num_logits
+        back = [j for i in range(len(seqs)) for j in range(*spans[i])]
+        return logits.index_select(0, torch.tensor(back, device=logits.device))
 
     def build_batch(self, seqs: list[ScheduledSeq]) -> ForwardBatch:
         """Flatten scheduled sequences into the tensors the model reads."""
@@ -110,7 +120,7 @@ class ModelRunner:
         out_slots: list[torch.Tensor] = []
         logits_index: list[int] = []
         extends: list[ExtendSeq] = []
-        decode_kv: list[torch.Tensor] = []
+        rows: list[ScheduledSeq] = []
         num_extend = 0
         for seq in seqs:
             q_start, q_len = len(ids), len(seq.new_ids)
@@ -118,24 +128,34 @@ class ModelRunner:
             positions.extend(range(seq.start, seq.end))
             out_slots.append(seq.kv_slots[seq.start : seq.end])
             logits_index.extend(range(q_start + seq.logit_from - seq.start, q_start + q_len))
-            if q_len == 1 and seq.start > 0:
-                decode_kv.append(seq.kv_slots)
+            if is_short_row(seq):
+                rows.append(seq)
                 continue
-            assert not decode_kv, "extends must come before decodes"
+            assert not rows, "extends must come before short rows"
             extends.append(ExtendSeq(q_start, q_len, seq.start, seq.kv_slots.to(dev)))
             num_extend += q_len
-        kv = mask_d = None
-        if decode_kv:
-            lens = torch.tensor([t.shape[0] for t in decode_kv], device=dev)
-            kv = torch.nn.utils.rnn.pad_sequence(decode_kv, batch_first=True).to(dev)
-            mask_d = (torch.arange(kv.shape[1], device=dev) < lens[:, None])[:, None, None, :]
+        row_kv = row_query = row_valid = row_mask = None
+        if rows:
+            row_kv = torch.nn.utils.rnn.pad_sequence([s.kv_slots for s in rows], batch_first=True)
+            row_kv = row_kv.to(dev)
+            starts = torch.tensor([s.start for s in rows], device=dev)
+            lens = torch.tensor([len(s.new_ids) for s in rows], device=dev)
+            q = torch.arange(int(lens.max()), device=dev)
+            row_valid = q[None, :] < lens[:, None]
+            # A padded query repeats its row's last one, so its softmax stays finite.
+            last = torch.minimum(q[None, :], lens[:, None] - 1)
+            row_query = (torch.cumsum(lens, 0) - lens)[:, None] + last
+            visible_to = (starts[:, None] + last)[:, :, None]
+            row_mask = torch.arange(row_kv.shape[1], device=dev)[None, None, :] <= visible_to
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             out_slots=torch.cat(out_slots).to(dev),
             extends=extends,
             num_extend_tokens=num_extend,
-            decode_kv=kv,
-            decode_mask=mask_d,
+            row_kv=row_kv,
+            row_query=row_query,
+            row_valid=row_valid,
+            row_mask=row_mask,
             logits_index=torch.tensor(logits_index, dtype=torch.int64, device=dev),
         )

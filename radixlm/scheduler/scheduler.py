@@ -10,7 +10,7 @@ import torch
 from radixlm.cache import MatchResult, RadixCache, SlotAllocator
 from radixlm.engine.io import GenerateRequest, LogprobEntry, TokenOutput
 from radixlm.grammar import GrammarManager, GrammarSpec
-from radixlm.runner.batch import ScheduledSeq
+from radixlm.runner.batch import ScheduledSeq, is_short_row
 from radixlm.runner.runner import ModelRunner
 from radixlm.sampling import Sampler, SamplingBatch
 from radixlm.scheduler.policy import SchedulePolicy
@@ -160,8 +160,8 @@ class Scheduler:
         if not batch and self.running:  # nobody fits: free slots, then try again
             self._unstick()
             return self._schedule()
-        # Extends first, decodes last: the runner's flat layout.
-        batch.sort(key=lambda p: len(p[1].new_ids) == 1 and p[1].start > 0)
+        # Extends first, short rows (decodes among them) last: the runner's flat layout.
+        batch.sort(key=lambda p: is_short_row(p[1]))
         return batch
 
     def _admit(self, budget: int) -> list[tuple[Req, ScheduledSeq]]:
