@@ -234,43 +234,60 @@ def _completion_choice(
     return {"index": k, "text": prefix + s.text, "logprobs": logprobs, **finish_fields(s)}
 
 
-async def _completion_events(
-    reply: _Reply, req: CompletionRequest, group: RequestGroup, prompts: list[str]
+async def _stream_events(
+    reply: _Reply,
+    group: RequestGroup,
+    obj: str,
+    include_usage: bool,
+    choice: Callable[[int, RequestState, _Progress], dict[str, Any] | None],
 ) -> AsyncGenerator[bytes, None]:
+    """The SSE stream shared by completions and chat: `choice` renders what is new for one
+    request (None: nothing to send); errors end the stream with an error event."""
     progress = [_Progress() for _ in group.states]
     try:
         while not group.finished:
             for k in await group.updates():
-                s, p = group.states[k], progress[k]
+                s = group.states[k]
                 if (message := abort_message([s])) is not None:
                     yield sse_error(400, message)
                     yield DONE
                     return
-                text = p.delta(s)
-                if not p.started and req.echo:
-                    text = prompts[k // reply.n] + text
-                logprobs = None
-                if req.logprobs is not None:
-                    entries = s.output_logprobs[p.output_lp :]
-                    tops = s.output_top_logprobs[p.output_lp :] if req.logprobs else None
-                    if req.echo:
-                        entries = s.input_logprobs[p.input_lp :] + entries
-                        if tops is not None:
-                            tops = s.input_top_logprobs[p.input_lp :] + tops
-                    p.input_lp, p.output_lp = len(s.input_logprobs), len(s.output_logprobs)
-                    logprobs = legacy_logprobs(reply.tokenizer, entries, tops, p.offset)
-                    p.offset += sum(map(len, logprobs["tokens"]))
-                p.started = True
-                if text or s.finished or (logprobs and logprobs["tokens"]):
-                    choice = {"index": k, "text": text, "logprobs": logprobs, **finish_fields(s)}
-                    yield sse(reply.envelope("text_completion", [choice]))
+                c = choice(k, s, progress[k])
+                progress[k].started = True
+                if c is not None:
+                    yield sse(reply.envelope(obj, [c]))
     except RequestFailed as e:
         yield sse_error(e.status, str(e))
         yield DONE
         return
-    if req.include_usage:
-        yield sse({**reply.envelope("text_completion", []), "usage": usage(group.states, reply.n)})
+    if include_usage:
+        yield sse({**reply.envelope(obj, []), "usage": usage(group.states, reply.n)})
     yield DONE
+
+
+def _completion_events(
+    reply: _Reply, req: CompletionRequest, group: RequestGroup, prompts: list[str]
+) -> AsyncGenerator[bytes, None]:
+    def choice(k: int, s: RequestState, p: _Progress) -> dict[str, Any] | None:
+        text = p.delta(s)
+        if not p.started and req.echo:
+            text = prompts[k // reply.n] + text
+        logprobs = None
+        if req.logprobs is not None:
+            entries = s.output_logprobs[p.output_lp :]
+            tops = s.output_top_logprobs[p.output_lp :] if req.logprobs else None
+            if req.echo:
+                entries = s.input_logprobs[p.input_lp :] + entries
+                if tops is not None:
+                    tops = s.input_top_logprobs[p.input_lp :] + tops
+            p.input_lp, p.output_lp = len(s.input_logprobs), len(s.output_logprobs)
+            logprobs = legacy_logprobs(reply.tokenizer, entries, tops, p.offset)
+            p.offset += sum(map(len, logprobs["tokens"]))
+        if text or s.finished or (logprobs and logprobs["tokens"]):
+            return {"index": k, "text": text, "logprobs": logprobs, **finish_fields(s)}
+        return None
+
+    return _stream_events(reply, group, "text_completion", req.include_usage, choice)
 
 
 def _chat_choice(
@@ -289,44 +306,28 @@ def _chat_choice(
     }
 
 
-async def _chat_events(
+def _chat_events(
     reply: _Reply, req: ChatCompletionRequest, group: RequestGroup
 ) -> AsyncGenerator[bytes, None]:
-    progress = [_Progress() for _ in group.states]
-    try:
-        while not group.finished:
-            for k in await group.updates():
-                s, p = group.states[k], progress[k]
-                if (message := abort_message([s])) is not None:
-                    yield sse_error(400, message)
-                    yield DONE
-                    return
-                delta: dict[str, Any] = {"role": "assistant"} if not p.started else {}
-                text = p.delta(s)
-                if text or not p.started:
-                    delta["content"] = text
-                logprobs = None
-                if req.logprobs:
-                    content = chat_logprobs(
-                        reply.tokenizer,
-                        s.output_logprobs[p.output_lp :],
-                        s.output_top_logprobs[p.output_lp :],
-                    )
-                    p.output_lp = len(s.output_logprobs)
-                    logprobs = {"content": content}
-                p.started = True
-                if delta or s.finished or (logprobs and logprobs["content"]):
-                    choice = {"index": k, "delta": delta, "logprobs": logprobs, **finish_fields(s)}
-                    yield sse(reply.envelope("chat.completion.chunk", [choice]))
-    except RequestFailed as e:
-        yield sse_error(e.status, str(e))
-        yield DONE
-        return
-    if req.include_usage:
-        yield sse(
-            {**reply.envelope("chat.completion.chunk", []), "usage": usage(group.states, reply.n)}
-        )
-    yield DONE
+    def choice(k: int, s: RequestState, p: _Progress) -> dict[str, Any] | None:
+        delta: dict[str, Any] = {"role": "assistant"} if not p.started else {}
+        text = p.delta(s)
+        if text or not p.started:
+            delta["content"] = text
+        logprobs = None
+        if req.logprobs:
+            content = chat_logprobs(
+                reply.tokenizer,
+                s.output_logprobs[p.output_lp :],
+                s.output_top_logprobs[p.output_lp :],
+            )
+            p.output_lp = len(s.output_logprobs)
+            logprobs = {"content": content}
+        if delta or s.finished or (logprobs and logprobs["content"]):
+            return {"index": k, "delta": delta, "logprobs": logprobs, **finish_fields(s)}
+        return None
+
+    return _stream_events(reply, group, "chat.completion.chunk", req.include_usage, choice)
 
 
 # ---- routes ---------------------------------------------------------------------------------
