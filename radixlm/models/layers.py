@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from radixlm.kernels import cpu
 from radixlm.runner.batch import ForwardBatch
 
 
@@ -114,7 +115,13 @@ def paged_attention(
         out[lo:hi] = extend_attention(q[lo:hi], ks, vs, seq.prefix_len, scale)
     if batch.row_kv is not None:
         start = batch.num_extend_tokens
-        out[start:] = row_attention(q[start:], k_cache, v_cache, batch, scale)
+        if cpu.row_attention_supported(q, k_cache):
+            assert batch.row_spans is not None
+            cpu.row_attention(
+                q[start:], k_cache, v_cache, batch.row_kv, batch.row_spans, scale, out[start:]
+            )
+        else:
+            out[start:] = row_attention(q[start:], k_cache, v_cache, batch, scale)
     return out
 
 

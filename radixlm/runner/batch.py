@@ -40,6 +40,9 @@ class ForwardBatch:
     row_query: torch.Tensor | None  # int64 [B, Q]: each query's index among the row tokens
     row_valid: torch.Tensor | None  # bool [B, Q]: real queries (padding repeats the last one)
     row_mask: torch.Tensor | None  # bool [B, Q, N]: key n is visible to query q of row b
+    # int64 [3, B]: each row's first token among the row tokens, its number of new tokens, and
+    # its number of keys (the new tokens take the last positions); for the CPU kernel.
+    row_spans: torch.Tensor | None
     logits_index: torch.Tensor  # int64 [N]: flat positions whose logits are needed
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from radixlm.cache import KVPool
+from radixlm.kernels import cpu as cpu_kernels
 from radixlm.models.config import ModelConfig
 from radixlm.models.llama import LlamaForCausalLM
 from radixlm.runner.batch import ExtendSeq, ForwardBatch, ScheduledSeq, is_short_row
@@ -92,6 +93,8 @@ class ModelRunner:
             kv_dtype or dtype,
             device,
         )
+        if device.type == "cpu":
+            cpu_kernels.build()  # compiles once per machine, before any request waits on it
 
     @torch.inference_mode()
     def forward(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
@@ -134,7 +137,7 @@ class ModelRunner:
             assert not rows, "extends must come before short rows"
             extends.append(ExtendSeq(q_start, q_len, seq.start, seq.kv_slots.to(dev)))
             num_extend += q_len
-        row_kv = row_query = row_valid = row_mask = None
+        row_kv = row_query = row_valid = row_mask = row_spans = None
         if rows:
             row_kv = torch.nn.utils.rnn.pad_sequence([s.kv_slots for s in rows], batch_first=True)
             row_kv = row_kv.to(dev)
@@ -144,7 +147,9 @@ class ModelRunner:
             row_valid = q[None, :] < lens[:, None]
             # A padded query repeats its row's last one, so its softmax stays finite.
             last = torch.minimum(q[None, :], lens[:, None] - 1)
-            row_query = (torch.cumsum(lens, 0) - lens)[:, None] + last
+            first = torch.cumsum(lens, 0) - lens
+            row_query = first[:, None] + last
+            row_spans = torch.stack([first, lens, starts + lens])
             visible_to = (starts[:, None] + last)[:, :, None]
             row_mask = torch.arange(row_kv.shape[1], device=dev)[None, None, :] <= visible_to
         return ForwardBatch(
@@ -157,5 +162,6 @@ class ModelRunner:
             row_query=row_query,
             row_valid=row_valid,
             row_mask=row_mask,
+            row_spans=row_spans,
             logits_index=torch.tensor(logits_index, dtype=torch.int64, device=dev),
         )

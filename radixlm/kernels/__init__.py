@@ -1,0 +1,1 @@
+"""Compiled kernels for hot spots the torch ops cover poorly, each with a torch fallback."""

@@ -1,0 +1,137 @@
+"""CPU kernels built at first use: C++ sources next to this file, compiled with the system
+compiler into the radixlm cache and called through ctypes. Without a compiler, or for tensors
+they do not cover, the callers keep their torch path."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from radixlm.utils import atomic_write, cache_dir
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("row_attention.cpp")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+_KV_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+# The order of radixlm_row_attention_* in row_attention.cpp.
+_ARGTYPES: list[type] = [_P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
+_ARGTYPES += [ctypes.c_float, _P, ctypes.c_int]
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: -march=native output is only valid on a CPU that has them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernels, building them once per source, compiler and CPU; None if no build."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        logger.warning("no C++ compiler found: CPU attention uses the torch path")
+        return None
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+        key = hashlib.sha256(
+            "\0".join([_SOURCE.read_text(), " ".join(_FLAGS), version, _cpu_flags()]).encode()
+        ).hexdigest()[:16]
+        path = cache_dir() / "kernels" / f"{_SOURCE.stem}-{key}.so"
+        if not path.exists():
+
+            def build(tmp: Path) -> None:
+                subprocess.run(
+                    [compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=300,
+                )
+
+            atomic_write(path, build)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None) or e
+        logger.warning("CPU kernels failed to build, using the torch path: %s", detail)
+        return None
+    for suffix in _KV_SUFFIX.values():
+        fn = getattr(lib, f"radixlm_row_attention_{suffix}")
+        fn.argtypes, fn.restype = _ARGTYPES, None
+    return lib
+
+
+def build() -> bool:
+    """Build (or load) the kernels now rather than at the first forward; whether they work."""
+    return _library() is not None
+
+
+def row_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `row_attention` runs for these tensors (CPU, float32 queries, a covered KV dtype)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and k_cache.dtype in _KV_SUFFIX
+        and _library() is not None
+    )
+
+
+def row_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    row_kv: torch.Tensor,
+    row_spans: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Fill out [T, H, D] with each short row's causal attention over its slots.
+
+    q [T, H, D] float32; caches head-major [KVH, S, D]; row_kv int64 [B, N] slots per row;
+    row_spans int64 [3, B]: each row's first query in q, its number of queries and of keys (its
+    queries are the last positions among its keys). Call only where `row_attention_supported`.
+    """
+    lib = _library()
+    assert lib is not None
+    for t in (q, k_cache, v_cache, row_kv, row_spans, out):
+        assert t.is_contiguous() and t.device.type == "cpu"
+    _, h, d = q.shape
+    kvh, slots, _ = k_cache.shape
+    b = row_kv.shape[0]
+    spans = row_spans.data_ptr()
+    step = row_spans.stride(0) * row_spans.element_size()
+    getattr(lib, f"radixlm_row_attention_{_KV_SUFFIX[k_cache.dtype]}")(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        row_kv.data_ptr(),
+        row_kv.shape[1],
+        spans,
+        spans + step,
+        spans + 2 * step,
+        b,
+        h,
+        kvh,
+        d,
+        slots * d,
+        scale,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )

@@ -1,0 +1,243 @@
+// Short-row paged attention for the CPU.
+//
+// Each row (a decode, or a few new tokens after a cached prefix) attends over its own slots,
+// read straight from the head-major pool [KVH, slots, D]: no gathered copy of the K/V is made,
+// so a decode step reads every K/V byte once. An online softmax runs over blocks of keys.
+// Built at first use by radixlm/kernels/cpu.py and called through ctypes with raw pointers.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 64;         // keys per block of the online softmax
+constexpr float kNoScore = -1.0e30f;   // finite "minus infinity": exp of a difference stays 0
+
+inline float to_float(float x) { return x; }
+
+inline float to_float(uint16_t x) {  // bfloat16 is the top half of a float32
+    return __builtin_bit_cast(float, uint32_t(x) << 16);
+}
+
+// exp(x) for x <= 0 without libm, so loops over it vectorize; 0 below -87. Relative error
+// ~1e-7 near 0.
+inline float exp_nonpositive(float x) {
+    const float c = x < -87.0f ? -87.0f : x;
+    const float t = c * 1.44269504088896341f;
+    const float n = std::floor(t + 0.5f);
+    const float y = (t - n) * 0.693147180559945309f;  // |y| <= ln(2) / 2
+    float p = 1.0f / 5040;
+    p = p * y + 1.0f / 720;
+    p = p * y + 1.0f / 120;
+    p = p * y + 1.0f / 24;
+    p = p * y + 1.0f / 6;
+    p = p * y + 0.5f;
+    p = p * y + 1.0f;
+    p = p * y + 1.0f;
+    const float two_n = __builtin_bit_cast(float, (int32_t(n) + 127) << 23);
+    return x < -87.0f ? 0.0f : p * two_n;
+}
+
+// Pointers to a block's K or V rows, padded to a multiple of 16 with the first row.
+template <typename KV>
+inline void block_rows(const KV* base, const int64_t* slots, int64_t n, int64_t d,
+                       const KV** rows) {
+    for (int64_t j = 0; j < n; ++j) rows[j] = base + slots[j] * d;
+    for (int64_t j = n; j % 16; ++j) rows[j] = rows[0];
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 load16(const uint16_t* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+#endif
+
+// s[j] = q . rows[j] for j < n rounded up to 16.
+template <typename KV>
+inline void block_scores(const float* __restrict q, const KV* const* rows, int64_t n,
+                         int64_t d, float* __restrict s) {
+#if defined(__AVX512F__)
+    if (d % 16 == 0) {
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+            // Sixteen lane-wise partial dot products, then a transpose-and-add tree that leaves
+            // key j's total in lane j (instead of sixteen horizontal sums).
+            __m512 r[16];
+            for (int j = 0; j < 16; ++j) {
+                const KV* k = rows[j0 + j];
+                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), load16(k));
+                for (int64_t x = 16; x < d; x += 16)
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + x), load16(k + x), acc);
+                r[j] = acc;
+            }
+            __m512 a[8], c[4];
+            for (int i = 0; i < 8; ++i)
+                a[i] = _mm512_add_ps(_mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]),
+                                     _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]));
+            for (int i = 0; i < 4; ++i)
+                c[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                                     _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+            const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                                            _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+            const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88),
+                                            _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+            _mm512_storeu_ps(s + j0, _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88),
+                                                   _mm512_shuffle_f32x4(d0, d1, 0xDD)));
+        }
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < n; ++j) {
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t x = 0; x < d; ++x) dot += q[x] * to_float(rows[j][x]);
+        s[j] = dot;
+    }
+}
+
+// acc = acc * correction + sum_j p[j] * rows[j], for j < n.
+template <typename KV, int64_t D>
+inline void block_values(const float* __restrict p, const KV* const* rows, int64_t n,
+                         int64_t d, float correction, float* __restrict acc) {
+#if defined(__AVX512F__)
+    if constexpr (D > 0 && D % 16 == 0) {
+        constexpr int64_t kChunks = D / 16;
+        __m512 a[kChunks];
+        const __m512 c = _mm512_set1_ps(correction);
+        for (int64_t i = 0; i < kChunks; ++i) a[i] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * i), c);
+        for (int64_t j = 0; j < n; ++j) {
+            const __m512 pj = _mm512_set1_ps(p[j]);
+            for (int64_t i = 0; i < kChunks; ++i)
+                a[i] = _mm512_fmadd_ps(pj, load16(rows[j] + 16 * i), a[i]);
+        }
+        for (int64_t i = 0; i < kChunks; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
+        return;
+    }
+#endif
+    for (int64_t x = 0; x < d; ++x) acc[x] *= correction;
+    for (int64_t j = 0; j < n; ++j) {
+        const float pj = p[j];
+        const KV* __restrict v = rows[j];
+        for (int64_t x = 0; x < d; ++x) acc[x] += pj * to_float(v[x]);
+    }
+}
+
+// One row's queries of one KV head (m = query * group + head in group) over its keys, block by
+// block with an online softmax. D is a compile-time constant for the common head sizes.
+template <typename KV, int64_t D>
+void attend_row(const float* __restrict qs, int64_t m_count, int64_t group, int64_t nq,
+                int64_t len, const int64_t* slots, const KV* k_head, const KV* v_head,
+                int64_t d_runtime, float* __restrict acc, float* __restrict row_max,
+                float* __restrict row_sum) {
+    const int64_t d = D > 0 ? D : d_runtime;
+    const KV* k_rows[kBlock];
+    const KV* v_rows[kBlock];
+    alignas(64) float s[kBlock];
+    for (int64_t m = 0; m < m_count; ++m) {
+        std::fill_n(acc + m * d, d, 0.0f);
+        row_max[m] = kNoScore;
+        row_sum[m] = 0.0f;
+    }
+    for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
+        const int64_t nb = std::min(kBlock, len - j0);
+        block_rows(k_head, slots + j0, nb, d, k_rows);
+        block_rows(v_head, slots + j0, nb, d, v_rows);
+        for (int64_t m = 0; m < m_count; ++m) {
+            block_scores(qs + m * d, k_rows, nb, d, s);
+            // Query i of the row sits at position len - nq + i: it sees keys up to there.
+            const int64_t visible = std::clamp(len - nq + m / group + 1 - j0, int64_t(0), nb);
+            float block_max = kNoScore;
+#pragma omp simd reduction(max : block_max)
+            for (int64_t j = 0; j < visible; ++j) block_max = std::max(block_max, s[j]);
+            const float new_max = std::max(row_max[m], block_max);
+            const float correction = exp_nonpositive(row_max[m] - new_max);
+            for (int64_t j = visible; j < nb; ++j) s[j] = kNoScore;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < nb; ++j) {
+                const float p = exp_nonpositive(s[j] - new_max);
+                s[j] = p;
+                sum += p;
+            }
+            row_sum[m] = row_sum[m] * correction + sum;
+            row_max[m] = new_max;
+            block_values<KV, D>(s, v_rows, nb, d, correction, acc + m * d);
+        }
+    }
+}
+
+template <typename KV>
+void row_attention(const float* q, const KV* k_cache, const KV* v_cache, const int64_t* row_kv,
+                   int64_t row_stride, const int64_t* q_start, const int64_t* q_len,
+                   const int64_t* kv_len, int64_t num_rows, int64_t num_heads,
+                   int64_t num_kv_heads, int64_t head_dim, int64_t head_stride, float scale,
+                   float* out, int num_threads) {
+    const int64_t group = num_heads / num_kv_heads;
+    int64_t max_queries = 0;
+    for (int64_t b = 0; b < num_rows; ++b) max_queries = std::max(max_queries, q_len[b]);
+    const int64_t max_m = max_queries * group;
+    const int64_t d = head_dim;
+    auto attend = d == 64    ? attend_row<KV, 64>
+                  : d == 128 ? attend_row<KV, 128>
+                             : attend_row<KV, 0>;
+
+#pragma omp parallel num_threads(num_threads)
+    {
+        std::vector<float> qs(max_m * d), acc(max_m * d), row_max(max_m), row_sum(max_m);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < num_rows * num_kv_heads; ++task) {
+            const int64_t b = task / num_kv_heads, kh = task % num_kv_heads;
+            const int64_t nq = q_len[b], m_count = nq * group;
+            for (int64_t m = 0; m < m_count; ++m) {
+                const int64_t i = m / group, h = kh * group + m % group;
+                const float* src = q + ((q_start[b] + i) * num_heads + h) * d;
+                for (int64_t x = 0; x < d; ++x) qs[m * d + x] = src[x] * scale;
+            }
+            attend(qs.data(), m_count, group, nq, kv_len[b], row_kv + b * row_stride,
+                   k_cache + kh * head_stride, v_cache + kh * head_stride, d, acc.data(),
+                   row_max.data(), row_sum.data());
+            for (int64_t m = 0; m < m_count; ++m) {
+                const int64_t i = m / group, h = kh * group + m % group;
+                float* dst = out + ((q_start[b] + i) * num_heads + h) * d;
+                const float inv = 1.0f / row_sum[m];
+                for (int64_t x = 0; x < d; ++x) dst[x] = acc[m * d + x] * inv;
+            }
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// q [T, H, D] float32; out [T, H, D] float32; caches [KVH, head_stride / D, D];
+// row_kv [rows, row_stride] slots (row b uses its first kv_len[b]); row b's queries are tokens
+// q_start[b] .. q_start[b] + q_len[b] - 1, at the last q_len[b] positions of its kv_len[b].
+void radixlm_row_attention_f32(const float* q, const float* k_cache, const float* v_cache,
+                               const int64_t* row_kv, int64_t row_stride, const int64_t* q_start,
+                               const int64_t* q_len, const int64_t* kv_len, int64_t num_rows,
+                               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                               int64_t head_stride, float scale, float* out, int num_threads) {
+    row_attention(q, k_cache, v_cache, row_kv, row_stride, q_start, q_len, kv_len, num_rows,
+                  num_heads, num_kv_heads, head_dim, head_stride, scale, out, num_threads);
+}
+
+void radixlm_row_attention_bf16(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                                const int64_t* row_kv, int64_t row_stride,
+                                const int64_t* q_start, const int64_t* q_len,
+                                const int64_t* kv_len, int64_t num_rows, int64_t num_heads,
+                                int64_t num_kv_heads, int64_t head_dim, int64_t head_stride,
+                                float scale, float* out, int num_threads) {
+    row_attention(q, k_cache, v_cache, row_kv, row_stride, q_start, q_len, kv_len, num_rows,
+                  num_heads, num_kv_heads, head_dim, head_stride, scale, out, num_threads);
+}
+
+}  // extern "C"

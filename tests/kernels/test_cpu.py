@@ -1,0 +1,96 @@
+"""The compiled CPU row attention against dense float64 attention, and against the torch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixlm.kernels import cpu
+from radixlm.models.layers import row_attention
+from radixlm.runner.batch import ScheduledSeq
+from radixlm.runner.runner import ModelRunner
+
+pytestmark = pytest.mark.skipif(
+    not cpu.row_attention_supported(torch.zeros(1), torch.zeros(1)),
+    reason="no C++ compiler to build the CPU kernels",
+)
+
+
+class _CpuRunner:
+    device = torch.device("cpu")
+
+
+def _rows(lengths: list[tuple[int, int]], num_slots: int, gen: torch.Generator):
+    """ScheduledSeqs with `start` cached tokens and `n` new ones each, on scattered slots."""
+    seqs = []
+    for start, n in lengths:
+        slots = torch.randperm(num_slots, generator=gen)[: start + n] + 1
+        seqs.append(ScheduledSeq([1] * n, start, slots, start))
+    return ModelRunner.build_batch(_CpuRunner(), seqs), seqs  # type: ignore[arg-type]
+
+
+def _dense(q, k_cache, v_cache, seqs, scale):
+    """Each row's causal attention in float64 over its gathered K/V."""
+    outs, offset = [], 0
+    h = q.shape[1]
+    for seq in seqs:
+        n = len(seq.new_ids)
+        k = k_cache[:, seq.kv_slots].double()  # [KVH, L, D]
+        v = v_cache[:, seq.kv_slots].double()
+        g = h // k.shape[0]
+        k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)  # [H, L, D]
+        qs = q[offset : offset + n].double().transpose(0, 1) * scale  # [H, n, D]
+        scores = qs @ k.transpose(1, 2)
+        pos = torch.arange(seq.start, seq.end)[:, None]
+        scores = scores.masked_fill(torch.arange(seq.end)[None, :] > pos, float("-inf"))
+        outs.append((scores.softmax(-1) @ v).transpose(0, 1))
+        offset += n
+    return torch.cat(outs)
+
+
+CASES = [
+    # heads, kv heads, head dim, rows as (cached tokens, new tokens)
+    (9, 3, 64, [(1, 1), (63, 1), (64, 1), (200, 1)]),
+    (4, 4, 128, [(5, 16), (100, 3), (65, 1)]),
+    (8, 2, 24, [(7, 2), (129, 16), (1, 1)]),  # a head size without a specialised path
+    (6, 1, 32, [(300, 5)]),
+]
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("h", "kvh", "d", "lengths"), CASES)
+def test_kernel_equals_dense_attention(kv_dtype, h, kvh, d, lengths) -> None:
+    gen = torch.Generator().manual_seed(h * d + len(lengths))
+    num_slots = 700
+    k_cache = torch.randn(kvh, num_slots + 1, d, generator=gen).to(kv_dtype)
+    v_cache = torch.randn(kvh, num_slots + 1, d, generator=gen).to(kv_dtype)
+    batch, seqs = _rows(lengths, num_slots, gen)
+    q = torch.randn(batch.num_tokens, h, d, generator=gen) * 3
+    scale = d**-0.5
+    out = torch.full_like(q, float("nan"))
+    assert batch.row_kv is not None and batch.row_spans is not None
+    cpu.row_attention(q, k_cache, v_cache, batch.row_kv, batch.row_spans, scale, out)
+    ref = _dense(q, k_cache, v_cache, seqs, scale)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    if kv_dtype == torch.float32:  # the torch path computes in the KV dtype: compare in fp32
+        torch.testing.assert_close(out, row_attention(q, k_cache, v_cache, batch, scale))
+
+
+def test_kernel_ignores_other_slots_and_padding() -> None:
+    """Slots outside a row (and the padded tail of its slot list) never change its output."""
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(2, 301, 64, generator=gen)
+    v_cache = torch.randn(2, 301, 64, generator=gen)
+    batch, seqs = _rows([(10, 2), (250, 1)], 300, gen)
+    q = torch.randn(batch.num_tokens, 4, 64, generator=gen)
+    assert batch.row_kv is not None and batch.row_spans is not None
+    first = torch.empty_like(q)
+    cpu.row_attention(q, k_cache, v_cache, batch.row_kv, batch.row_spans, 0.125, first)
+    used = torch.zeros(301, dtype=torch.bool)
+    for seq in seqs:
+        used[seq.kv_slots] = True
+    k_cache[:, ~used] = 1e4
+    v_cache[:, ~used] = float("nan")
+    second = torch.empty_like(q)
+    cpu.row_attention(q, k_cache, v_cache, batch.row_kv, batch.row_spans, 0.125, second)
+    assert torch.equal(first, second)
