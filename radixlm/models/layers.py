@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from radixlm.kernels import cpu
@@ -82,9 +83,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, swapped, sin)
 
 
-# Query rows per block of extend attention: small blocks skip most of the masked-out half of
-# a causal score matrix and keep the block's scores in cache.
-_Q_BLOCK = 128
+# Queries per attention call on a cached prefix: bounds the causal mask at [512, keys].
+_Q_BLOCK = 512
 
 
 def paged_attention(
@@ -130,26 +130,30 @@ def extend_attention(
 ) -> torch.Tensor:
     """Causal attention of q [T, H, D] (positions prefix_len..) over k/v [KVH, prefix_len + T, D].
 
-    Grouped-query heads share one batched matmul per KV head; queries go in blocks so that
-    keys after a block's last query are never touched.
+    torch's fused attention (flash attention on the CPU too) with grouped-query heads; after a
+    cached prefix the causal diagonal is offset, so a mask carries it, query block by block.
     """
-    t, h, d = q.shape
-    kvh = k.shape[0]
-    g = h // kvh
-    qg = (q * scale).view(t, kvh, g, d).transpose(0, 1)  # [KVH, T, G, D]
-    out = torch.empty(kvh, t, g, d, dtype=q.dtype, device=q.device)
+    t = q.shape[0]
+    qh, kh, vh = q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    if prefix_len == 0:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        return o[0].transpose(0, 1)
+    out = torch.empty_like(q)
     for s in range(0, t, _Q_BLOCK):
         e = min(s + _Q_BLOCK, t)
         n_keys = prefix_len + e
-        qb = qg[:, s:e].reshape(kvh, (e - s) * g, d)
-        scores = torch.bmm(qb, k[:, :n_keys].transpose(1, 2)).view(kvh, e - s, g, n_keys)
-        # Only keys of this block's own positions can lie in a query's future.
-        own = torch.arange(e - s, device=q.device)
-        hidden = own.view(1, -1) > own.view(-1, 1)
-        scores[..., prefix_len + s :].masked_fill_(hidden.view(1, e - s, 1, e - s), float("-inf"))
-        probs = torch.softmax(scores, dim=-1).view(kvh, (e - s) * g, n_keys)
-        out[:, s:e] = torch.bmm(probs, v[:, :n_keys]).view(kvh, e - s, g, d)
-    return out.transpose(0, 1).reshape(t, h, d)
+        # Query s + i sits at position prefix_len + s + i and sees keys up to there.
+        mask = torch.ones(e - s, n_keys, dtype=torch.bool, device=q.device).tril(prefix_len + s)
+        o = F.scaled_dot_product_attention(
+            qh[:, :, s:e],
+            kh[:, :, :n_keys],
+            vh[:, :, :n_keys],
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[s:e] = o[0].transpose(0, 1)
+    return out
 
 
 def row_attention(

@@ -1,0 +1,33 @@
+"""Extend attention (prefill chunks, with or without a cached prefix) against dense attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixlm.models.layers import extend_attention
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """Causal attention in float64: query i at position prefix_len + i sees keys up to there."""
+    t, h, d = q.shape
+    g = h // k.shape[0]
+    kd, vd = k.double().repeat_interleave(g, 0), v.double().repeat_interleave(g, 0)
+    scores = q.double().transpose(0, 1) @ kd.transpose(1, 2) * d**-0.5  # [H, T, L]
+    future = torch.arange(k.shape[1])[None, :] > (prefix_len + torch.arange(t))[:, None]
+    probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+    return (probs @ vd).transpose(0, 1)
+
+
+@pytest.mark.parametrize(
+    ("prefix_len", "t", "h", "kvh"),
+    [(0, 1, 4, 4), (0, 300, 9, 3), (5, 40, 8, 2), (700, 1100, 9, 3), (1, 513, 6, 1)],
+)
+def test_extend_attention_equals_dense(prefix_len: int, t: int, h: int, kvh: int) -> None:
+    gen = torch.Generator().manual_seed(prefix_len + t)
+    d = 64
+    q = torch.randn(t, h, d, generator=gen)
+    k = torch.randn(kvh, prefix_len + t, d, generator=gen)
+    v = torch.randn(kvh, prefix_len + t, d, generator=gen)
+    out = extend_attention(q, k, v, prefix_len, d**-0.5)
+    torch.testing.assert_close(out.double(), _dense(q, k, v, prefix_len), atol=2e-5, rtol=1e-4)
