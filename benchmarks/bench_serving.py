@@ -22,21 +22,18 @@ import math
 import os
 import random
 import re
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from radixlm.server.child_process import ServerProcess
 from radixlm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -446,52 +443,24 @@ def launched_server(args: argparse.Namespace) -> Iterator[str]:
     if args.base_url:
         yield args.base_url.rstrip("/")
         return
-    cmd = [sys.executable, "-m", "radixlm", "serve", "--port", "0"]
+    flags = []
     if args.model_path:
-        cmd += ["--model-path", args.model_path]
+        flags += ["--model-path", args.model_path]
     if args.max_total_tokens:
-        cmd += ["--max-total-tokens", str(args.max_total_tokens)]
+        flags += ["--max-total-tokens", str(args.max_total_tokens)]
     if args.disable_radix_cache:
-        cmd.append("--disable-radix-cache")
-    with tempfile.NamedTemporaryFile(prefix="radixlm-bench-", suffix=".log", delete=False) as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    log_path = Path(log.name)
+        flags.append("--disable-radix-cache")
+    server = ServerProcess.start(flags, timeout=SERVER_START_TIMEOUT_S)
     try:
-        url = _wait_until_serving(proc, log_path)
-        print(f"server: {' '.join(cmd[1:])} -> {url} (log {log_path})")
-        yield url
+        with server:
+            print(
+                f"server: radixlm serve {' '.join(flags)} -> {server.url} (log {server.log_path})"
+            )
+            yield server.url
     except BaseException:
-        print(f"the server's log is kept in {log_path}", file=sys.stderr)
+        print(f"the server's log is kept in {server.log_path}", file=sys.stderr)
         raise
-    else:
-        log_path.unlink()
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _wait_until_serving(proc: subprocess.Popen[bytes], log_path: Path) -> str:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    url = ""
-    while True:
-        log = log_path.read_text(errors="replace")
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not start (exit code {proc.poll()}):\n{log}")
-        if not url and (m := re.search(r"listening on (http://\S+:\d+)", log)):
-            url = m.group(1)
-        if url:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        return url
-            except OSError:  # refused, or 503 while the engine loads
-                pass
-        time.sleep(0.2)
+    server.log_path.unlink()
 
 
 def bench_engine(engine: Engine, args: argparse.Namespace, workload: Workload) -> RunMetrics:

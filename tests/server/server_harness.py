@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from radixlm.server import child_process
 
 API_KEY = "test-key"
 START_TIMEOUT_S = 300.0
@@ -22,62 +20,26 @@ TINY_POOL = 2500
 
 
 @dataclass
-class ServerProcess:
-    """A `radixlm serve` child process and its address."""
+class ServerProcess(child_process.ServerProcess):
+    """radixlm's child-process server plus the test's API key and HTTP clients."""
 
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    url: str
-    api_key: str | None
+    api_key: str | None = None
 
     @classmethod
-    def start(
+    def start(  # type: ignore[override]
         cls, model_path: Path | str, log_path: Path, *flags: str, api_key: str | None = API_KEY
     ) -> ServerProcess:
-        """Start on port 0, read the chosen port from the log, wait until /health is 200."""
-        cmd = [
-            sys.executable,
-            "-m",
-            "radixlm",
-            "serve",
-            "--model-path",
-            str(model_path),
-            "--port",
-            "0",
-        ]
+        """Start on a free port with model_path and flags; wait until /health is 200."""
+        args = ["--model-path", str(model_path), *flags]
         if api_key is not None:
-            cmd += ["--api-key", api_key]
+            args += ["--api-key", api_key]
         # One intra-op thread: on a shared CPU-only test machine, two OpenMP threads per forward
         # stall on each other whenever another process takes a core (each step 10-20x slower).
         env = {"OMP_NUM_THREADS": "1", **os.environ}
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([*cmd, *flags], stdout=log, stderr=subprocess.STDOUT, env=env)
-        server = cls(proc, log_path, "", api_key)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not server.url:
-            server._check_running(deadline)
-            if m := re.search(r"listening on (http://[\d.]+:\d+)", server.log()):
-                server.url = m.group(1)
-            time.sleep(0.1)
-        while True:
-            server._check_running(deadline)
-            try:
-                if httpx.get(server.url + "/health", timeout=5).status_code == 200:
-                    return server
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-
-    def _check_running(self, deadline: float) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
-        if time.monotonic() > deadline:
-            self.proc.kill()
-            raise RuntimeError(f"the server did not become healthy:\n{self.log()}")
-
-    def log(self) -> str:
-        """Everything the server printed so far."""
-        return self.log_path.read_text(errors="replace")
+        server = super().start(args, log_path, env, START_TIMEOUT_S)
+        assert isinstance(server, ServerProcess)
+        server.api_key = api_key
+        return server
 
     @property
     def headers(self) -> dict[str, str]:
@@ -103,18 +65,6 @@ class ServerProcess:
             if b"spawn_main" in cmdline:
                 return pid
         raise RuntimeError(f"no engine process among the children {children}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Signal the server and wait for it to exit; its return code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"the server ignored signal {sig}:\n{self.log()}") from None
-        return self.proc.returncode
 
 
 def pid_alive(pid: int) -> bool:

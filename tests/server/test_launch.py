@@ -11,7 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 from server_harness import ServerProcess, pid_alive
+
+from radixlm.server import child_process
 
 
 def test_sigint_with_a_stream_in_flight(start_tiny_server: Callable[..., ServerProcess]) -> None:
@@ -84,3 +87,11 @@ def test_a_taken_port_exits_with_1(tmp_path: Path) -> None:
         )
     assert proc.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+
+
+def test_child_process_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
+    """ServerProcess.start raises with the server's own error when it exits during start-up."""
+    log = tmp_path / "server.log"
+    with pytest.raises(RuntimeError, match="exited with") as info:
+        child_process.ServerProcess.start(["--model-path", str(tmp_path / "missing")], log)
+    assert "missing" in str(info.value)

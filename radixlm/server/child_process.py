@@ -1,0 +1,106 @@
+"""`radixlm serve` as a child process: start it on a free port, wait until it is healthy, stop it.
+
+For tests, benchmarks and notebooks (what SGLang's `launch_server_cmd`, `wait_for_server` and
+`terminate_process` do, in one object).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+# The log line `radixlm serve` prints once its port is bound (see radixlm.server.launch).
+_LISTENING = re.compile(r"listening on (http://\S+:\d+)")
+
+
+@dataclass
+class ServerProcess:
+    """A running `radixlm serve` child, its log file and its base URL."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    url: str = ""
+
+    @classmethod
+    def start(
+        cls,
+        args: Sequence[str] = (),
+        log_path: Path | str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 300.0,
+    ) -> ServerProcess:
+        """Run `radixlm serve --port 0 *args` (its output into log_path, else a temp file), read
+        the address it bound from the log and wait until /health answers 200.
+
+        RuntimeError, with the log, if the server exits or is not healthy within timeout.
+        """
+        cmd = [sys.executable, "-m", "radixlm", "serve", "--port", "0", *args]
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="radixlm-serve-", suffix=".log")
+            os.close(fd)
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        server = cls(proc, Path(log_path))
+        try:
+            server._wait_healthy(time.monotonic() + timeout)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def _wait_healthy(self, deadline: float) -> None:
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"radixlm serve exited with {self.proc.returncode}:\n{self.log()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"radixlm serve did not become healthy:\n{self.log()}")
+            if not self.url and (m := _LISTENING.search(self.log())):
+                self.url = m.group(1)
+            if self.url:
+                try:
+                    with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
+                        if resp.status == 200:
+                            return
+                except OSError:  # refused, or 503 while the engine loads
+                    pass
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        """Everything the server printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the server and wait for it to exit; its return code. A server that ignores
+        the signal for timeout seconds is killed, and RuntimeError says so."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise RuntimeError(f"radixlm serve ignored signal {sig}:\n{self.log()}") from None
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
