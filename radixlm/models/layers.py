@@ -104,7 +104,7 @@ def paged_attention(
     kh, vh = k.transpose(0, 1), v.transpose(0, 1)  # [KVH, T, D]
     k_cache.index_copy_(1, batch.out_slots, kh.to(k_cache.dtype))
     v_cache.index_copy_(1, batch.out_slots, vh.to(v_cache.dtype))
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, for the kernel
     for seq in batch.extends:
         lo, hi = seq.q_start, seq.q_start + seq.q_len
         if seq.prefix_len == 0:
@@ -117,8 +117,9 @@ def paged_attention(
         start = batch.num_extend_tokens
         if cpu.row_attention_supported(q, k_cache):
             assert batch.row_spans is not None
+            rows_q = q[start:].contiguous()
             cpu.row_attention(
-                q[start:], k_cache, v_cache, batch.row_kv, batch.row_spans, scale, out[start:]
+                rows_q, k_cache, v_cache, batch.row_kv, batch.row_spans, scale, out[start:]
             )
         else:
             out[start:] = row_attention(q[start:], k_cache, v_cache, batch, scale)
