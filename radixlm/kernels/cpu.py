@@ -67,6 +67,9 @@ def _library() -> ctypes.CDLL | None:
                 )
 
             atomic_write(path, build)
+            for stale in path.parent.glob(f"{_SOURCE.stem}-*.so"):  # older sources, other CPUs
+                if stale != path:
+                    stale.unlink(missing_ok=True)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or e
