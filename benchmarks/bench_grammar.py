@@ -162,9 +162,9 @@ class TimedGrammar(GrammarManager):
         super().__init__(*args, **kwargs)
         self.seconds = 0.0
 
-    def fill_masks(self, reqs: Sequence[Req]) -> torch.Tensor | None:
+    def fill_masks(self, reqs: Sequence[Req], drafted: Sequence[Req] = ()) -> torch.Tensor | None:
         t0 = time.perf_counter()
-        masks = super().fill_masks(reqs)
+        masks = super().fill_masks(reqs, drafted)
         self.seconds += time.perf_counter() - t0
         return masks
 

@@ -67,8 +67,13 @@ class GrammarMatcher(ABC):
         """How many of tokens, in order, the grammar would accept now; consumes nothing."""
 
     @abstractmethod
+    def forced_bytes(self) -> bytes:
+        """All the text the grammar forces now (empty when nothing is): `forced_tokens` and the
+        tail they hold back."""
+
+    @abstractmethod
     def forced_tokens(self) -> list[int]:
-        """The continuation the grammar forces now, as the tokenizer would tokenize it.
+        """The start of `forced_bytes` as the tokenizer would tokenize it, whatever follows.
 
         Tokens that could merge with whatever the model writes next are left out, so appending
         these never makes a non-canonical boundary on their right. Empty when nothing is forced.
@@ -103,8 +108,11 @@ class GrammarBackend(ABC):
         """Next-token masks of a batch: bool [B, vocab_size], True = allowed; None rows allow all."""
 
     @abstractmethod
-    def retokenize(self, context: Sequence[int], tokens: Sequence[int]) -> list[int] | None:
-        """The tokenizer's own tokens for the text of `tokens`, read after `context`.
+    def retokenize(
+        self, context: Sequence[int], tokens: Sequence[int], text: bytes = b""
+    ) -> list[int] | None:
+        """The tokenizer's own tokens for the text of `tokens` followed by `text`, read after
+        `context`.
 
         None when that tokenization would also change a token of `context` (the text does not
         split cleanly at the start of `tokens`).

@@ -35,6 +35,10 @@ class LLGuidanceMatcher(GrammarMatcher):
         """How many of tokens the grammar would accept now."""
         return self.matcher.validate_tokens(list(tokens))
 
+    def forced_bytes(self) -> bytes:
+        """llguidance's forced bytes: the fast-forward tokens' text and the tail they hold back."""
+        return self.matcher.compute_ff_bytes()
+
     def forced_tokens(self) -> list[int]:
         """llguidance's fast-forward tokens: canonical, and stopping short of a mergeable tail."""
         return self.matcher.compute_ff_tokens()
@@ -98,16 +102,19 @@ class LLGuidanceBackend(GrammarBackend):
         )
         return torch.from_numpy(bits).view(torch.bool)
 
-    def retokenize(self, context: Sequence[int], tokens: Sequence[int]) -> list[int] | None:
-        """Tokenize the bytes of context + tokens, keeping context; context stops at a special token."""
+    def retokenize(
+        self, context: Sequence[int], tokens: Sequence[int], text: bytes = b""
+    ) -> list[int] | None:
+        """Tokenize the bytes of context + tokens + text, keeping context; context stops at a
+        special token."""
         ll = self.tokenizer
         ctx = list(context)
         for i in range(len(ctx) - 1, -1, -1):
             if ll.is_special_token(ctx[i]):  # its text would tokenize as plain text
                 ctx = ctx[i + 1 :]
                 break
-        text = ll.decode_bytes(ctx + list(tokens))
-        ids = ll.tokenize_bytes(text)
-        if ids[: len(ctx)] != ctx or ll.decode_bytes(ids) != text:
+        full = ll.decode_bytes(ctx + list(tokens)) + text
+        ids = ll.tokenize_bytes(full)
+        if ids[: len(ctx)] != ctx or ll.decode_bytes(ids) != full:
             return None
         return ids[len(ctx) :]

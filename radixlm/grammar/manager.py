@@ -4,13 +4,25 @@ A request with a grammar waits here, never in the scheduler's queue, until its g
 compiled: the compile runs on one worker thread (llguidance drops the GIL while it builds a
 matcher), so a slow grammar delays only its own request. A cached grammar is ready at once.
 
-Jump-forward (SGLang's compressed FSM): after the sampled token is accepted, the tokens the
-grammar forces next are appended to the request's output, and the next step feeds them in one
-extend instead of one decode each. The forced tokens are llguidance's, which stop short of any
-tail that could merge with what the model writes next. The left edge is the sampled token: it may
-merge with the forced text (`"` then `, "age"` is canonically `",` then ` "age"`), so the two are
-retokenized together. That token has no KV yet and has not been sent, so replacing it costs
-nothing; tokens before it are context that is never changed (no KV or stream rollback needed).
+Jump-forward (SGLang's compressed FSM): after the sampled token is accepted, the text the
+grammar forces next is appended to the request's output, and the next step feeds it in one extend
+instead of one decode per token. The appended tokens are the tokenizer's own for the output text:
+
+- The sampled token may merge with the forced text (`"` then `, "age"` is canonically `",` then
+  ` "age"`), so the two are retokenized together. It has no KV yet and has not been sent, so
+  replacing it costs nothing; tokens before it are context that never changes.
+- llguidance's forced tokens stop short of forced text that could merge with what the model
+  writes next: ` "` before a string value (the vocabulary has ` ""`, ` "$`, ...), ` ` before an
+  integer (` -`). Its first token is appended too, as a *draft* (`Req.has_draft`), as in
+  speculative decoding: it is fed with the rest, so the same forward also gives the logits of the
+  position before it. The scheduler samples there (mask: the grammar before the draft) and asks
+  `verify_draft`: the model's own token equal to the draft keeps it, and the token sampled after
+  it is the step's token (a forward pass saved); another token replaces it (the draft's KV slot
+  is freed; it is private, as a draft never enters the radix tree) and the sample after the
+  draft is dropped, which costs what decoding without jump-forward costs. Either way the output
+  is what the model writes one token at a time, so greedy text is the same as without
+  jump-forward. A draft is sent once verified, or when the request finishes with it (it is
+  forced text, tokenized as the output ends); an aborted request drops it.
 """
 
 from __future__ import annotations
@@ -164,29 +176,59 @@ class GrammarManager:
 
     # ---- each step ---------------------------------------------------------------------------
 
-    def fill_masks(self, reqs: Sequence[Req]) -> torch.Tensor | None:
-        """Allowed next tokens of a batch about to be sampled: bool [B, V]; None if no row has a
-        grammar. Matchers are already past every token in their request's output_ids."""
+    def fill_masks(self, reqs: Sequence[Req], drafted: Sequence[Req] = ()) -> torch.Tensor | None:
+        """Allowed next tokens of a batch about to be sampled: bool [len(drafted) + len(reqs), V],
+        None if no row has a grammar. The first rows are where each drafted request's draft was
+        fed (the grammar before the draft), then the rows after all of each req's output_ids."""
         matchers = [r.grammar for r in reqs]
-        if all(m is None for m in matchers):
-            return None
-        return self.backend.fill_masks(matchers)
+        if not drafted:
+            return None if all(m is None for m in matchers) else self.backend.fill_masks(matchers)
+        import torch  # here: the frontend imports this package and must not load torch
+
+        before = self._masks_before_drafts(drafted)
+        return torch.cat([before, self.backend.fill_masks(matchers)])
+
+    def _masks_before_drafts(self, drafted: Sequence[Req]) -> torch.Tensor:
+        """Each matcher steps back over its request's draft for one batched fill, then accepts
+        it again (microseconds each)."""
+        matchers = []
+        for r in drafted:
+            assert r.grammar is not None and r.has_draft
+            r.grammar.rollback(1)
+            matchers.append(r.grammar)
+        masks = self.backend.fill_masks(matchers)
+        for r, m in zip(drafted, matchers, strict=True):
+            m.accept(r.output_ids[-1:])
+        return masks
 
     def start(self, req: Req, context_len: int) -> list[int]:
-        """Before the first forward: append the forced start of the output (`{"name":`);
-        returns the tokens appended."""
+        """Before the first forward: append the forced start of the output (`{"name":`) and a
+        draft (` "`); returns the tokens to send now (all but the draft)."""
         if not self._may_jump(req):
             return []
         return self._jump(req, 0, context_len)
+
+    def verify_draft(self, req: Req, token: int) -> bool:
+        """Settle req's draft (its last output token) with the token the model sampled where the
+        draft was fed: True if they agree; otherwise the draft leaves the output and the matcher
+        (the caller frees its KV slot)."""
+        assert req.grammar is not None and req.has_draft
+        req.has_draft = False
+        if token == req.output_ids[-1]:
+            return True
+        req.output_ids.pop()
+        req.grammar.rollback(1)
+        return False
 
     def advance(self, req: Req, context_len: int) -> list[int]:
         """Accept the token just sampled (the last of req.output_ids), then jump forward.
 
         Returns this step's new output tokens: the sampled one (possibly retokenized with the
-        forced text after it) and the forced ones. A rejected token leaves req.grammar.error set.
+        forced text after it) and the forced ones; a draft after them is not among them. A
+        rejected token leaves req.grammar.error set.
         """
         matcher = req.grammar
-        assert matcher is not None
+        assert matcher is not None and not req.has_draft
         token = req.output_ids[-1]
         if not matcher.accept([token]) or matcher.is_terminated or not self._may_jump(req):
             return [token]
@@ -200,27 +242,31 @@ class GrammarManager:
 
     def _jump(self, req: Req, num_pending: int, context_len: int) -> list[int]:
         """Append the forced continuation after the last num_pending output tokens (accepted,
-        not yet run nor sent), retokenizing the two together; returns those tokens now."""
+        not yet run nor sent), retokenizing the two together, then a draft of the forced text
+        that llguidance's forced tokens hold back; returns the tokens before the draft."""
         matcher = req.grammar
         assert matcher is not None
         keep = len(req.output_ids) - num_pending
         pending = req.output_ids[keep:]
         room = min(req.remaining_new_tokens, context_len - req.seq_len)
-        forced = matcher.forced_tokens()[: max(room, 0)]
-        if not forced:
+        forced_text = matcher.forced_bytes() if room > 0 else b""
+        if not forced_text:
             return pending
-        tokens = pending + forced
-        retokenized = self.backend.retokenize(self._context(req, keep), tokens)
-        if retokenized is not None and retokenized != tokens:
-            retokenized = retokenized[: num_pending + room]
-            matcher.rollback(num_pending)
-            if matcher.num_valid(retokenized) == len(retokenized):
-                tokens = retokenized
-            matcher.accept(tokens)
-        else:
-            matcher.accept(forced)
+        context = self._context(req, keep)
+        joined = pending + matcher.forced_tokens()
+        final = self.backend.retokenize(context, joined) or joined  # whatever the model writes next
+        full = self.backend.retokenize(context, pending, forced_text)  # as if nothing followed
+        draft = full[len(final) : len(final) + 1] if full and full[: len(final)] == final else []
+        tokens = (final + draft)[: num_pending + room]
+        num_final = min(len(final), len(tokens))
+        same = _common_prefix_len(tokens, pending)
+        matcher.rollback(num_pending - same)
+        if matcher.num_valid(tokens[same:]) < len(tokens) - same:
+            tokens, num_final = pending, num_pending  # (not expected: the same text) no jump
+        matcher.accept(tokens[same:])
         req.output_ids[keep:] = tokens
-        return tokens
+        req.has_draft = len(tokens) > num_final
+        return tokens[:num_final]
 
     @staticmethod
     def _context(req: Req, keep: int) -> list[int]:
@@ -229,3 +275,13 @@ class GrammarManager:
         if len(tail) < _CONTEXT_TOKENS:
             tail = req.input_ids[len(tail) - _CONTEXT_TOKENS :] + tail
         return tail
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -24,6 +24,8 @@ class Req:
 
     Invariant: `slots[i]` holds the K/V of `fill_ids[i]` for i < kv_len; slots[:tree_len] belong
     to the radix tree (locked through `node`), the rest are this request's private tail.
+    Between steps kv_len <= committed_len: a jump-forward draft has K/V only during the step
+    that verifies it, so it never enters the tree (the scheduler caches only up to kv_len).
     """
 
     rid: str
@@ -48,6 +50,9 @@ class Req:
     output_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
     input_lp_next: int = 0  # next prompt token whose logprob is owed
     grammar: GrammarMatcher | None = None  # set once compiled; has accepted all of output_ids
+    # The last output token is a draft: forced text jump-forward fed before the model chose it;
+    # sent once the model's own token there agrees (see radixlm/grammar/manager.py).
+    has_draft: bool = False
 
     @classmethod
     def from_message(cls, msg: GenerateRequest, eos_ids: tuple[int, ...]) -> Req:
@@ -71,6 +76,11 @@ class Req:
     def seq_len(self) -> int:
         """Length of fill_ids without building it."""
         return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def committed_len(self) -> int:
+        """Tokens of fill_ids that no later step will change: all but a draft."""
+        return self.seq_len - self.has_draft
 
     @property
     def kv_len(self) -> int:

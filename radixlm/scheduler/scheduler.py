@@ -84,10 +84,11 @@ class Scheduler:
             req.finish_reason = {"type": "abort", "message": message}
             self.pending_outputs.append(self._output(req, []))
         for req in ready:
-            forced = self.grammar.start(req, self.config.context_len)
-            if forced:
-                req.finish_reason = self._finish_reason(req, forced[-1])
-                self.pending_outputs.append(self._output(req, forced))
+            new_ids = self.grammar.start(req, self.config.context_len)
+            if req.output_ids:  # a forced start, which may end the request already
+                new_ids = self._check_finish(req, new_ids)
+            if new_ids:
+                self.pending_outputs.append(self._output(req, new_ids))
             if not req.finished:
                 self.waiting.append(req)
 
@@ -150,7 +151,7 @@ class Scheduler:
         for r in self.running:
             pending = r.seq_len - r.kv_len
             if pending > 1 and budget > 0:
-                n = min(pending, budget)
+                n = self._chunk_len(r, r.kv_len, min(pending, budget))
                 if not self._ensure_free(n):
                     break
                 batch.append((r, self._extend(r, n)))
@@ -185,7 +186,7 @@ class Scheduler:
             run = tuple(req.fill_ids[prefix : prefix + _SHARED_RUN])
             if len(run) == _SHARED_RUN and run in seen_runs:
                 continue  # a request admitted this step computes the same tokens: reuse them next step
-            n = min(req.seq_len - prefix, budget)
+            n = self._chunk_len(req, prefix, min(req.seq_len - prefix, budget))
             self.cache.lock(match.node)
             own = self._future_tokens(req)
             # With nothing running, only the chunk must fit: retraction covers the rest.
@@ -207,9 +208,10 @@ class Scheduler:
         return admitted
 
     def _usable_prefix(self, req: Req, match: MatchResult) -> int:
-        """Cached tokens a request may skip: at least one must be computed, and the logits of
-        prompt positions whose logprobs are still owed must be computed too."""
-        prefix = min(len(match.slots), req.seq_len - 1)
+        """Cached tokens a request may skip: at least one must be computed (and the token before
+        a draft: its logits verify the draft), and the logits of prompt positions whose logprobs
+        are still owed must be computed too."""
+        prefix = min(len(match.slots), req.committed_len - 1)
         if req.wants_prompt_logprobs and req.input_lp_next < len(req.input_ids):
             prefix = min(prefix, max(req.input_lp_next - 1, 0))
         return prefix
@@ -221,10 +223,17 @@ class Scheduler:
         assert new is not None, "caller must ensure free slots"
         req.slots = torch.cat([req.slots, new])
         end = start + n
-        logit_from = end - 1 if end == req.seq_len else end
+        logit_from = end - 1 - req.has_draft if end == req.seq_len else end
+        assert logit_from >= start or end < req.seq_len, "a draft is fed with the token before it"
         if req.wants_prompt_logprobs and req.input_lp_next < len(req.input_ids):
             logit_from = min(logit_from, max(req.input_lp_next - 1, start))
         return ScheduledSeq(req.fill_ids[start:end], start, req.slots, logit_from)
+
+    @staticmethod
+    def _chunk_len(req: Req, start: int, n: int) -> int:
+        """n, or n + 1 where a chunk from start would stop just before req's draft: the draft is
+        fed with the token before it, whose logits verify it (one token over the budget)."""
+        return n + 1 if req.has_draft and start + n == req.seq_len - 1 else n
 
     def _future_tokens(self, req: Req) -> int:
         """Slots req is expected to take as it decodes; never more than the pool could give it."""
@@ -297,42 +306,54 @@ class Scheduler:
         rows: list[tuple[Req, ScheduledSeq, int]] = []
         offset = 0
         samplers: list[tuple[Req, int]] = []
+        drafts: list[tuple[Req, int]] = []  # where a draft was fed: the model's own token there
         for req, seq in batch:
             rows.append((req, seq, offset))
             if seq.end == req.seq_len and req.params.max_new_tokens > 0:
                 samplers.append((req, offset + seq.num_logits - 1))
+                if req.has_draft:
+                    drafts.append((req, offset + seq.num_logits - 2))
             offset += seq.num_logits
         for req, seq, off in rows:
             if req.wants_prompt_logprobs and seq.num_logits:
                 self._prompt_logprobs(req, seq, logits[off : off + seq.num_logits])
         sampled: dict[int, tuple[int, LogprobEntry | None, list[LogprobEntry]]] = {}
+        verified: dict[int, int] = {}
         if samplers:
-            sampled = self._sample(samplers, logits)
+            sampled, verified = self._sample(samplers, drafts, logits)
         self.new_token_ratio = max(0.1, self.new_token_ratio - 0.001)
         for req, seq in batch:
-            self._postprocess(req, seq, sampled.get(id(req)))
+            self._postprocess(req, seq, sampled.get(id(req)), verified.get(id(req)))
 
     def _sample(
-        self, samplers: list[tuple[Req, int]], logits: torch.Tensor
-    ) -> dict[int, tuple[int, LogprobEntry | None, list[LogprobEntry]]]:
+        self, samplers: list[tuple[Req, int]], drafts: list[tuple[Req, int]], logits: torch.Tensor
+    ) -> tuple[dict[int, tuple[int, LogprobEntry | None, list[LogprobEntry]]], dict[int, int]]:
+        """The next token of each sampler, and the token each drafted request's model writes
+        where its draft was fed (sampled as if the draft were not there: the output before it,
+        the grammar before it), both by id(req). Drafts come first in the sampled rows."""
+        drafted = [r for r, _ in drafts]
         reqs = [r for r, _ in samplers]
-        index = torch.tensor([i for _, i in samplers], dtype=torch.int64, device=logits.device)
+        rows = drafted + reqs
+        index = torch.tensor(
+            [i for _, i in drafts + samplers], dtype=torch.int64, device=logits.device
+        )
         sb = SamplingBatch(
-            params=[r.params for r in reqs],
-            output_ids=[r.output_ids for r in reqs],
-            prompt_ids=[r.input_ids for r in reqs],
-            eos_ids=[r.eos_ids for r in reqs],
-            top_logprobs_num=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
-            return_logprob=[r.return_logprob for r in reqs],
-            allowed_mask=self.grammar.fill_masks(reqs),
+            params=[r.params for r in rows],
+            output_ids=[r.output_ids[:-1] for r in drafted] + [r.output_ids for r in reqs],
+            prompt_ids=[r.input_ids for r in rows],
+            eos_ids=[r.eos_ids for r in rows],
+            top_logprobs_num=[r.top_logprobs_num if r.return_logprob else 0 for r in rows],
+            return_logprob=[r.return_logprob for r in rows],
+            allowed_mask=self.grammar.fill_masks(reqs, drafted),
         )
         out = self.sampler.sample(logits.index_select(0, index), sb)
         ids = out.next_ids.tolist()
+        verified = {id(r): ids[i] for i, r in enumerate(drafted)}
         lps = out.logprobs.tolist() if out.logprobs is not None else None
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         result: dict[int, tuple[int, LogprobEntry | None, list[LogprobEntry]]] = {}
-        for i, r in enumerate(reqs):
+        for i, r in enumerate(reqs, start=len(drafted)):
             entry: LogprobEntry | None = None
             top: list[LogprobEntry] = []
             if r.return_logprob and lps is not None:
@@ -341,7 +362,7 @@ class Scheduler:
                     k = r.top_logprobs_num
                     top = list(zip(top_lps[i][:k], top_ids[i][:k], strict=True))
             result[id(r)] = (ids[i], entry, top)
-        return result
+        return result, verified
 
     def _prompt_logprobs(self, req: Req, seq: ScheduledSeq, logits: torch.Tensor) -> None:
         """Logprobs of prompt tokens req.input_lp_next.. predicted by this chunk's logit rows."""
@@ -370,6 +391,7 @@ class Scheduler:
         req: Req,
         seq: ScheduledSeq,
         sampled: tuple[int, LogprobEntry | None, list[LogprobEntry]] | None,
+        verified: int | None,
     ) -> None:
         if seq.end < req.seq_len:  # a chunk of a longer prefill: share its progress now
             self._cache_progress(req)
@@ -379,15 +401,23 @@ class Scheduler:
             req.finish_reason = {"type": "length", "length": 0}
         elif sampled is not None:
             token, entry, top = sampled
+            if req.has_draft:  # the model's own token where the draft was fed decides
+                assert verified is not None
+                if self.grammar.verify_draft(req, verified):
+                    new_ids.append(verified)
+                else:  # it writes another token there; the one sampled after the draft is moot
+                    self.allocator.free(req.slots[-1:])  # the draft's: private, see Req
+                    req.slots, token = req.slots[:-1], verified
             req.output_ids.append(token)
-            new_ids.append(token)
             if entry is not None:
                 req.output_logprobs.append(entry)
                 if req.top_logprobs_num:
                     req.output_top_logprobs.append(top)
             if req.grammar is not None:  # may retokenize the token and append forced ones
-                new_ids = self.grammar.advance(req, self.config.context_len)
-            req.finish_reason = self._finish_reason(req, new_ids[-1])
+                new_ids += self.grammar.advance(req, self.config.context_len)
+            else:
+                new_ids.append(token)
+            new_ids = self._check_finish(req, new_ids)
         if req.finished:
             self.running.remove(req)
             self._release(req)
@@ -400,6 +430,15 @@ class Scheduler:
         ids = req.fill_ids[: req.kv_len]
         match = self.cache.cache_unfinished(ids, req.slots, req.node)
         req.slots, req.node, req.tree_len = match.slots, match.node, match.node.depth
+
+    def _check_finish(self, req: Req, new_ids: list[int]) -> list[int]:
+        """Set req's finish reason if it is done; returns the tokens to send: new_ids, and when
+        it finished, its draft (forced text, tokenized as the output ends)."""
+        req.finish_reason = self._finish_reason(req, req.output_ids[-1])
+        if not (req.finished and req.has_draft):
+            return new_ids
+        req.has_draft = False
+        return [*new_ids, req.output_ids[-1]]
 
     def _finish_reason(self, req: Req, token: int) -> dict | None:
         p = req.params
@@ -464,6 +503,7 @@ class Scheduler:
 
     def check_invariant(self) -> None:
         """Every slot has exactly one owner: free list, tree, or one request's private tail."""
+        assert all(r.kv_len <= r.committed_len for r in self.running), "a draft kept its KV"
         private = [r.slots[r.tree_len :] for r in self.running]
         owned = torch.cat([self.cache.all_slots(), self.allocator.free_slots(), *private])
         assert owned.numel() == self.allocator.num_slots, (

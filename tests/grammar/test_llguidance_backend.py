@@ -73,6 +73,21 @@ def test_forced_tokens_are_the_tokenizers_own(
     assert forced_count == 9  # {"name":  "age":  "city": (three tokens each)
 
 
+def test_forced_bytes_go_on_where_forced_tokens_stop(
+    backend: LLGuidanceBackend, tokenizer: Tokenizer
+) -> None:
+    """Forced tokens hold back text that could merge with the value after it (` "` before a
+    string: ` ""` and ` "$` are tokens; ` ` before an integer: ` -` is); forced bytes have it."""
+    m = person(backend)
+    assert m.forced_tokens() == encode(tokenizer, '{"name":')
+    assert m.forced_bytes() == b'{"name": "'
+    assert m.accept(encode(tokenizer, '{"name": "Bob",'))
+    assert m.forced_tokens() == encode(tokenizer, ' "age":')
+    assert m.forced_bytes() == b' "age": '
+    joint = backend.retokenize(encode(tokenizer, ' "Bob",'), [], m.forced_bytes())
+    assert joint == encode(tokenizer, ' "age": ') and joint[-1:] == encode(tokenizer, " ")
+
+
 def test_masks_match_llguidance_per_matcher(
     backend: LLGuidanceBackend, tokenizer: Tokenizer
 ) -> None:

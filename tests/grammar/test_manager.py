@@ -7,6 +7,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,12 @@ SMALL = {
     "required": ["id", "tag", "ok"],
     "additionalProperties": False,
 }
+# llguidance's forced tokens hold back the forced ` "` (` "$` and ` "(` are tokens too); it is fed
+# as a draft, which the model keeps (then writes `$` or `(`) or replaces with ` "$` or ` "(`.
+PRICE = r'Price: "(\$|\()[0-9]{1,3}"'
+# After each sampled letter, ` is one of the letters,` is forced and ` ` (` a`, ` b`...) held back.
+PHRASE = " is one of the letters, "
+LETTERS = f"((a|b|c|d|e|f|g|h)({PHRASE})){{6}}"
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +65,9 @@ def request(rid: str, prompt: list[int] = PROMPT, **params: Any) -> GenerateRequ
     return GenerateRequest(rid=rid, input_ids=list(prompt), params=p)
 
 
-def run(s: Scheduler, max_steps: int = 300) -> tuple[dict[str, list[int]], dict[str, Any]]:
+def run(
+    s: Scheduler, max_steps: int = 300, after_step: Callable[[], None] = lambda: None
+) -> tuple[dict[str, list[int]], dict[str, Any]]:
     ids: dict[str, list[int]] = {}
     reasons: dict[str, Any] = {}
     for _ in range(max_steps):
@@ -67,6 +76,7 @@ def run(s: Scheduler, max_steps: int = 300) -> tuple[dict[str, list[int]], dict[
         with torch.inference_mode():
             outs: list[TokenOutput] = s.step()
         s.check_invariant()
+        after_step()
         for o in outs:
             assert o.rid not in reasons, f"{o.rid} produced output after it finished"
             ids.setdefault(o.rid, []).extend(o.new_ids)
@@ -77,6 +87,10 @@ def run(s: Scheduler, max_steps: int = 300) -> tuple[dict[str, list[int]], dict[
 
 def text(s: Scheduler, ids: list[int]) -> str:
     return s.tokenizer.decode(ids)
+
+
+def encode(s: Scheduler, text: str) -> list[int]:
+    return s.tokenizer.encode(text, add_special_tokens=False)
 
 
 def test_cache_drops_the_least_recently_used() -> None:
@@ -134,6 +148,33 @@ def test_jumps_longer_than_a_chunk_are_fed_in_chunks(core: EngineCore) -> None:
         assert reasons[f"r{i}"]["type"] == "stop"
 
 
+def letters_prefix(out: str) -> bool:
+    """Whether out starts a match of LETTERS."""
+    letters = out[:: len(PHRASE) + 1]
+    return (
+        set(letters) <= set("abcdefgh") and out == "".join(c + PHRASE for c in letters)[: len(out)]
+    )
+
+
+@pytest.mark.parametrize(("pattern", "chunk"), [(PRICE, 6), (LETTERS, 7)])
+def test_a_chunk_never_stops_just_before_a_draft(
+    core: EngineCore, pattern: str, chunk: int
+) -> None:
+    """`Price: "` after the 4-token prompt, `a is one of the letters, ` after a letter: the chunk
+    that would end one token short takes the draft too, since verifying it needs the logits of
+    the token before it."""
+    s = core.scheduler
+    config = replace(s.config, chunked_prefill_size=chunk)
+    small = Scheduler(s.runner, s.cache, s.allocator, s.tokenizer, config, s.sampler, s.grammar)
+    small.add(request("r", regex=pattern, temperature=1.0, sampling_seed=0, max_new_tokens=24))
+    ids, reasons = run(small)
+    out = text(small, ids["r"])
+    if pattern == PRICE:
+        assert re.fullmatch(PRICE, out) and reasons["r"]["type"] == "stop"
+    else:
+        assert letters_prefix(out) and reasons["r"] == {"type": "length", "length": 24}
+
+
 def test_max_new_tokens_cuts_a_jump(sched: Scheduler) -> None:
     sched.add(request("cut", json_schema=json.dumps(SMALL), max_new_tokens=2))
     ids, reasons = run(sched)
@@ -152,12 +193,15 @@ def test_jump_forward_off_feeds_one_token_per_step(core: EngineCore) -> None:
     assert plain.num_forward_passes == len(ids["fixed"])
 
 
-def test_logprob_requests_do_not_jump(sched: Scheduler) -> None:
-    msg = request("lp", regex="Hello, world!")
-    sched.add(GenerateRequest(msg.rid, msg.input_ids, msg.params, return_logprob=True))
+@pytest.mark.parametrize("kind", ["logprobs", "stop"])
+def test_logprob_and_stop_string_requests_do_not_jump(sched: Scheduler, kind: str) -> None:
+    msg = request("r", regex="Hello, world!", stop=["xyz"] if kind == "stop" else [])
+    sched.add(
+        GenerateRequest(msg.rid, msg.input_ids, msg.params, return_logprob=kind == "logprobs")
+    )
     ids, _ = run(sched)
-    assert text(sched, ids["lp"]) == "Hello, world!"
-    assert sched.num_forward_passes == len(ids["lp"])
+    assert text(sched, ids["r"]) == "Hello, world!"
+    assert sched.num_forward_passes == len(ids["r"])
 
 
 def test_a_grammar_the_frontend_did_not_check_aborts_only_its_request(sched: Scheduler) -> None:
@@ -201,30 +245,31 @@ def test_jump_forward_on_a_full_pool_retracts_instead_of_stalling(
     allocator = SlotAllocator(pool)  # a corner of the runner's KV pool
     cache = RadixCache(allocator)
     tight = Scheduler(s.runner, cache, allocator, s.tokenizer, s.config, s.sampler, s.grammar)
-    phrase = " is one of the letters, "
-    pattern = f"((a|b|c|d|e|f|g|h)({phrase})){{6}}"  # 48 tokens: cut at 40, as admission assumes 28
+    # LETTERS is 48 tokens: cut at 40, as admission assumes 28
     for i in range(6):
         prompt = torch.randint(3, 49000, (12,), generator=torch.Generator().manual_seed(i)).tolist()
         tight.add(
             request(
-                f"r{i}", prompt, regex=pattern, temperature=1.0, sampling_seed=i, max_new_tokens=40
+                f"r{i}", prompt, regex=LETTERS, temperature=1.0, sampling_seed=i, max_new_tokens=40
             )
         )
-    ids, reasons = run(tight, max_steps=500)
-    assert tight.num_retractions > 0
+    retracted_with_draft: list[str] = []
+
+    def note_retracted_with_draft() -> None:
+        retracted_with_draft.extend(r.rid for r in tight.waiting if r.admitted and r.has_draft)
+
+    ids, reasons = run(tight, max_steps=500, after_step=note_retracted_with_draft)
+    assert tight.num_retractions > 0 and retracted_with_draft
     for i in range(6):
-        out = text(tight, ids[f"r{i}"])
-        letters = out[:: len(phrase) + 1]
-        assert set(letters) <= set("abcdefgh")
-        assert out == "".join(c + phrase for c in letters)[: len(out)]
+        assert letters_prefix(text(tight, ids[f"r{i}"]))
         assert reasons[f"r{i}"] == {"type": "length", "length": 40}
 
 
 def test_jump_retokenizes_the_sampled_token(core: EngineCore) -> None:
     """A model that samples `"` where `",` exists: the jump replaces it with the tokenizer's own
-    tokens for `", "age":`, and the matcher follows the replacement."""
+    tokens for `", "age":`, and the matcher follows the replacement. What llguidance's forced
+    tokens hold back (` "` before a string, ` ` before an integer) is appended as a draft."""
     s = core.scheduler
-    tok = s.tokenizer
     schema = {
         "type": "object",
         "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -232,18 +277,93 @@ def test_jump_retokenizes_the_sampled_token(core: EngineCore) -> None:
         "additionalProperties": False,
     }
     spec = GrammarSpec("json_schema", json.dumps(schema))
-    matcher = s.grammar.backend.matcher(s.grammar.backend.compile(spec))
     req = Req("r", list(PROMPT), SamplingParams(max_new_tokens=64, json_schema=spec.text), (2,))
-    req.grammar = matcher
-    assert s.grammar.start(req, 2048) == tok.encode('{"name":', add_special_tokens=False)
-    for piece in (' "', "Bob", '"'):
-        req.output_ids += tok.encode(piece, add_special_tokens=False)
+    req.grammar = matcher = s.grammar.backend.matcher(s.grammar.backend.compile(spec))
+    assert s.grammar.start(req, 2048) == encode(s, '{"name":')
+    assert req.output_ids == encode(s, '{"name": "') and req.has_draft
+    assert s.grammar.verify_draft(req, encode(s, ' "')[0]) and not req.has_draft
+    for piece in ("Bob", '"'):
+        req.output_ids += encode(s, piece)
         new = s.grammar.advance(req, 2048)
-    assert new == tok.encode('", "age":', add_special_tokens=False)
-    assert tok.decode(req.output_ids) == '{"name": "Bob", "age":'
-    assert req.output_ids == tok.encode('{"name": "Bob", "age":', add_special_tokens=False)
-    rest = tok.encode(" 42}", add_special_tokens=False)
+    assert new == encode(s, '", "age":')
+    assert req.output_ids == encode(s, '{"name": "Bob", "age": ') and req.has_draft
+    rest = encode(s, "42}")
     assert matcher.num_valid(rest) == len(rest)  # the matcher follows the replaced tokens
+
+
+def test_a_rejected_draft_leaves_the_output_and_the_matcher(core: EngineCore) -> None:
+    s = core.scheduler
+    spec = GrammarSpec("regex", PRICE)
+    req = Req("r", list(PROMPT), SamplingParams(max_new_tokens=16, regex=PRICE), (2,))
+    req.grammar = matcher = s.grammar.backend.matcher(s.grammar.backend.compile(spec))
+    assert s.grammar.start(req, 2048) == encode(s, "Price:") and req.has_draft
+    (dollar,) = encode(s, ' "$')
+    assert not s.grammar.verify_draft(req, dollar)
+    assert req.output_ids == encode(s, "Price:") and not req.has_draft
+    req.output_ids.append(dollar)
+    assert s.grammar.advance(req, 2048) == [dollar]
+    rest = encode(s, '5"')
+    assert matcher.num_valid(rest) == len(rest)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_drafts_are_kept_or_replaced_and_their_slots_freed(
+    sched: Scheduler, temperature: float
+) -> None:
+    """Each request's forced ` "` is fed as a draft; the model keeps it or writes ` "$` / ` "(`
+    there instead. Either way the output matches and every slot has one owner after each step."""
+    for i in range(8):
+        sched.add(request(f"r{i}", regex=PRICE, temperature=temperature, sampling_seed=i))
+    ids, reasons = run(sched)
+    quote, merged = encode(sched, ' "'), set(encode(sched, ' "$') + encode(sched, ' "('))
+    kept = replaced = 0
+    for i in range(8):
+        out = ids[f"r{i}"]
+        assert re.fullmatch(PRICE, text(sched, out))
+        assert reasons[f"r{i}"] == {"type": "stop", "matched": None}
+        assert out[:2] == encode(sched, "Price:")
+        kept += out[2:3] == quote
+        replaced += out[2] in merged
+    assert kept + replaced == 8
+    if temperature > 0:
+        assert kept and replaced, (kept, replaced)
+
+
+@pytest.mark.parametrize("limit", ["max_new_tokens", "context_len"])
+def test_a_request_that_ends_on_a_draft_sends_it(core: EngineCore, limit: str) -> None:
+    """Cut right after a draft, at the start (`Price: "`) or after a jump
+    (`a is one of the letters, `): the draft is sent, as forced text tokenized as the output ends."""
+    s = core.scheduler
+    context_len = 24
+    config = replace(s.config, context_len=context_len)
+    short = Scheduler(s.runner, s.cache, s.allocator, s.tokenizer, config, s.sampler, s.grammar)
+    lengths = {"start": 3, "jump": 8}
+    for rid, n in lengths.items():
+        if limit == "max_new_tokens":
+            prompt, max_new_tokens = PROMPT, n
+        else:  # newlines before the prompt, so that exactly n tokens fit
+            prompt, max_new_tokens = [198] * (context_len - n - len(PROMPT)) + PROMPT, 48
+        pattern = PRICE if rid == "start" else LETTERS
+        short.add(request(rid, prompt, regex=pattern, max_new_tokens=max_new_tokens))
+    ids, reasons = run(short)
+    assert text(short, ids["start"]) == 'Price: "'
+    assert re.fullmatch(f"[a-h]{PHRASE}", text(short, ids["jump"]))
+    for rid, n in lengths.items():
+        assert ids[rid] == encode(short, text(short, ids[rid])) and len(ids[rid]) == n
+        assert reasons[rid] == {"type": "length", "length": n}
+
+
+def test_an_aborted_request_drops_its_draft(sched: Scheduler) -> None:
+    sched.add(request("r", regex=LETTERS, temperature=1.0, sampling_seed=0))
+    sent: list[int] = []
+    while not (sched.running and sched.running[0].has_draft):
+        with torch.inference_mode():
+            sent += [i for o in sched.step() for i in o.new_ids]
+    sched.abort("r")
+    (out,) = sched.step()
+    sched.check_invariant()
+    assert out.new_ids == [] and out.finish_reason is not None
+    assert re.fullmatch(f"[a-h]{PHRASE.rstrip()}", text(sched, sent))
 
 
 def test_poll_hands_back_compiled_and_cached_grammars(core: EngineCore) -> None:

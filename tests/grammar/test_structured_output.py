@@ -124,21 +124,46 @@ def test_greedy_text_is_the_same_with_and_without_jump_forward(
     assert len(compared) >= len(CASES) * 2 // 3, compared
 
 
-def test_jump_forward_saves_forward_passes(engines: dict[bool, Engine]) -> None:
-    prompt, schema = SCHEMAS["person"]
-    passes, texts = {}, {}
+# The workload of `benchmarks/bench_grammar.py jump-forward`: extraction into {name, age, city}.
+EXTRACTION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "city": {"type": "string"},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+PEOPLE = [("Alice Martin", 19, "Paris"), ("Deepak Rao", 40, "Mumbai"), ("Keiko Sato", 54, "Osaka")]
+
+
+def test_json_extraction_is_the_same_text_in_40_percent_fewer_passes(
+    engines: dict[bool, Engine],
+) -> None:
+    """One request at a time: between two sampled values everything is forced (`", "age": `),
+    and the draft before each value (` "` or ` `) saves one more pass when the model agrees."""
+    passes: dict[bool, int] = {}
+    texts: dict[bool, list[str]] = {}
     for jump_forward, engine in engines.items():
         before = engine.get_stats()["num_forward_passes"]
-        out = engine.generate(
-            chat(engine, prompt),
-            {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0, "json_schema": schema},
-        )
-        assert isinstance(out, dict)
+        texts[jump_forward] = []
+        for name, age, city in PEOPLE:
+            prompt = (
+                "Extract the person as JSON with keys name, age and city: "
+                f"{name} is {age} years old and lives in {city}."
+            )
+            out = engine.generate(
+                chat(engine, prompt),
+                {"max_new_tokens": 64, "temperature": 0, "json_schema": EXTRACTION_SCHEMA},
+            )
+            assert isinstance(out, dict)
+            texts[jump_forward].append(out["text"])
         passes[jump_forward] = engine.get_stats()["num_forward_passes"] - before
-        texts[jump_forward] = out["text"]
     assert texts[True] == texts[False]
-    # {"name": "Alice Martin", "age": 31, "city": "Paris"}: 20 tokens, of which 9 are forced
-    assert passes[True] <= passes[False] - 8, passes
+    for text in texts[True]:
+        jsonschema.validate(json.loads(text), EXTRACTION_SCHEMA)
+    assert passes[True] <= 0.6 * passes[False], passes
 
 
 @pytest.mark.parametrize(
