@@ -144,6 +144,7 @@ class RequestState:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: dict[str, Any] | None = None
     cached_tokens: int = 0
+    queue_time: float | None = None  # seconds the engine kept it waiting before admission
     input_logprobs: list[LogprobEntry] = field(default_factory=list)
     input_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
     output_logprobs: list[LogprobEntry] = field(default_factory=list)
@@ -170,6 +171,7 @@ class RequestState:
         self.output_ids.extend(out.new_ids)
         self.detok.push(out.new_ids)
         self.cached_tokens = out.cached_tokens
+        self.queue_time = out.queue_time
         self.input_logprobs.extend(out.input_logprobs)
         self.input_top_logprobs.extend(out.input_top_logprobs)
         self.output_logprobs.extend(out.output_logprobs)

@@ -56,6 +56,7 @@ class TokenOutput:
     new_ids: list[int]
     prompt_tokens: int
     cached_tokens: int
+    queue_time: float | None = None  # seconds from arrival to first admission; None before
     finish_reason: dict[str, Any] | None = None
     # logprob data produced in this step (lists extend across outputs of the same request)
     output_logprobs: list[LogprobEntry] = field(default_factory=list)

@@ -40,9 +40,9 @@ class Req:
     node: TreeNode | None = None
     tree_len: int = 0
     cached_tokens: int = 0  # prompt tokens served from the cache at (first) admission
-    admitted: bool = False
     finish_reason: dict[str, Any] | None = None
     arrival: float = field(default_factory=time.monotonic)
+    queue_time: float | None = None  # seconds from arrival to first admission
     # logprobs waiting to be sent with the next output
     input_logprobs: list[LogprobEntry] = field(default_factory=list)
     input_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
@@ -66,6 +66,11 @@ class Req:
             logprob_start_len=msg.logprob_start_len,
             top_logprobs_num=msg.top_logprobs_num,
         )
+
+    @property
+    def admitted(self) -> bool:
+        """Whether the request has been scheduled at least once (a retracted one has)."""
+        return self.queue_time is not None
 
     @property
     def fill_ids(self) -> list[int]:

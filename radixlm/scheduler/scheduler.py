@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import time
 from dataclasses import dataclass
 
 import torch
@@ -13,14 +13,13 @@ from radixlm.grammar import GrammarManager, GrammarSpec
 from radixlm.runner.batch import ScheduledSeq, is_short_row
 from radixlm.runner.runner import ModelRunner
 from radixlm.sampling import Sampler, SamplingBatch
+from radixlm.scheduler.finish import finish_reason
 from radixlm.scheduler.policy import SchedulePolicy
 from radixlm.scheduler.request import Req
 from radixlm.tokenizer import Tokenizer
 
 # Cap on the future tokens a running request is assumed to need when admitting new work.
 _RESERVE_CAP = 4096
-# Output tokens searched for a stop regex (a stop string needs only its own length).
-_STOP_REGEX_WINDOW = 64
 # Requests sharing this many not-yet-cached tokens are not prefilled in the same step.
 _SHARED_RUN = 32
 
@@ -200,7 +199,7 @@ class Scheduler:
             self.waiting.remove(req)
             req.node, req.slots, req.tree_len = match.node, match.slots, match.node.depth
             if not req.admitted:
-                req.cached_tokens, req.admitted = prefix, True
+                req.cached_tokens, req.queue_time = prefix, time.monotonic() - req.arrival
             self.running.append(req)
             admitted.append((req, self._extend(req, n)))
             budget -= n
@@ -434,48 +433,11 @@ class Scheduler:
     def _check_finish(self, req: Req, new_ids: list[int]) -> list[int]:
         """Set req's finish reason if it is done; returns the tokens to send: new_ids, and when
         it finished, its draft (forced text, tokenized as the output ends)."""
-        req.finish_reason = self._finish_reason(req, req.output_ids[-1])
+        req.finish_reason = finish_reason(req, self.tokenizer, self.config.context_len)
         if not (req.finished and req.has_draft):
             return new_ids
         req.has_draft = False
         return [*new_ids, req.output_ids[-1]]
-
-    def _finish_reason(self, req: Req, token: int) -> dict | None:
-        p = req.params
-        if req.grammar is not None and req.grammar.error is not None:
-            return {"type": "abort", "message": f"grammar error: {req.grammar.error}"}
-        if token in req.eos_ids and len(req.output_ids) >= p.min_new_tokens:
-            return {"type": "stop", "matched": token}
-        if req.grammar is not None and req.grammar.is_terminated:
-            # Complete: nothing was matched (a matched int would be trimmed from the text).
-            return {"type": "stop", "matched": None}
-        if (p.stop or p.stop_regex) and len(req.output_ids) >= p.min_new_tokens:
-            matched = self._match_stop(req)
-            if matched is not None:
-                return {"type": "stop", "matched": matched}
-        if len(req.output_ids) >= p.max_new_tokens:
-            return {"type": "length", "length": p.max_new_tokens}
-        if req.seq_len >= self.config.context_len:
-            return {"type": "length", "length": len(req.output_ids)}
-        return None
-
-    def _match_stop(self, req: Req) -> str | None:
-        """Decode a short tail of the output; the first stop string (or stop regex) found in it
-        ends the request."""
-        p = req.params
-        window = max((len(s) + 8 for s in p.stop), default=0)
-        if p.stop_regex:
-            window = max(window, _STOP_REGEX_WINDOW)
-        tail = self.tokenizer.decode(
-            req.output_ids[-window:], skip_special_tokens=p.skip_special_tokens
-        )
-        for s in p.stop:
-            if s in tail:
-                return s
-        for pattern in p.stop_regex:
-            if re.search(pattern, tail):
-                return pattern
-        return None
 
     def _output(self, req: Req, new_ids: list[int]) -> TokenOutput:
         out = TokenOutput(
@@ -483,6 +445,7 @@ class Scheduler:
             new_ids=new_ids,
             prompt_tokens=len(req.input_ids),
             cached_tokens=req.cached_tokens,
+            queue_time=req.queue_time,
             finish_reason=req.finish_reason,
             output_logprobs=req.output_logprobs,
             output_top_logprobs=req.output_top_logprobs,

@@ -99,6 +99,7 @@ class ServerMetrics:
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
     e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
+    queue: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
     # (time, tokens) of recent outputs, for the generation throughput gauge.
     _recent: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
 
@@ -111,12 +112,16 @@ class ServerMetrics:
         else:
             self.itl.observe(since_last / n, times=n)
 
-    def on_finish(self, prompt_tokens: int, cached_tokens: int, e2e_s: float) -> None:
-        """A request ended (any reason)."""
+    def on_finish(
+        self, prompt_tokens: int, cached_tokens: int, e2e_s: float, queue_s: float | None
+    ) -> None:
+        """A request ended (any reason); queue_s is None if it never left the queue."""
         self.num_requests += 1
         self.prompt_tokens += prompt_tokens
         self.cached_tokens += cached_tokens
         self.e2e.observe(e2e_s)
+        if queue_s is not None:
+            self.queue.observe(queue_s)
 
     @property
     def cache_hit_rate(self) -> float:
@@ -195,6 +200,7 @@ class ServerMetrics:
             ("time_to_first_token_seconds", "Time to the first generated token.", self.ttft),
             ("inter_token_latency_seconds", "Time between generated tokens.", self.itl),
             ("e2e_request_latency_seconds", "Time from arrival to the last token.", self.e2e),
+            ("queue_time_seconds", "Time from arrival at the scheduler to admission.", self.queue),
         ):
             full = f"sglang:{name}"
             out.extend(

@@ -289,7 +289,7 @@ class TokenizerManager:
         if item.finished:
             del self._running[item.rid]
             self.metrics.on_finish(
-                len(state.req.input_ids), state.cached_tokens, now - state.created
+                len(state.req.input_ids), state.cached_tokens, now - state.created, state.queue_time
             )
         entry.group.notify(entry.index)
 

@@ -216,6 +216,21 @@ def test_max_running_requests_is_respected(make: Make) -> None:
     assert all(r.finish_reason == {"type": "length", "length": 5} for r in results.values())
 
 
+def test_queue_time_is_the_wait_before_first_admission(make: Make) -> None:
+    """A request held back by max_running_requests reports a longer queue time than the one
+    admitted at once; every output carries its request's queue time."""
+    s = make(max_running_requests=1)
+    s.add(request("first", ids(12, seed=1), max_new_tokens=6, ignore_eos=True))
+    s.add(request("second", ids(12, seed=2), max_new_tokens=2, ignore_eos=True))
+    queue_times: dict[str, set[float | None]] = {}
+    while s.has_work:
+        for o in step(s):
+            queue_times.setdefault(o.rid, set()).add(o.queue_time)
+    (first,), (second,) = queue_times["first"], queue_times["second"]
+    assert first is not None and second is not None
+    assert 0 <= first < second
+
+
 def test_chunked_prefill_keeps_every_forward_within_the_budget(
     make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,6 +25,7 @@ HISTOGRAMS = [
     "sglang:time_to_first_token_seconds",
     "sglang:inter_token_latency_seconds",
     "sglang:e2e_request_latency_seconds",
+    "sglang:queue_time_seconds",
 ]
 
 
@@ -47,10 +48,13 @@ def test_render_without_engine_stats_still_parses() -> None:
     m = ServerMetrics('odd "name"')
     m.on_tokens(1, now=10.0, since_submit=0.3, since_last=None)
     m.on_tokens(2, now=10.1, since_submit=0.4, since_last=0.1)
-    m.on_finish(prompt_tokens=10, cached_tokens=4, e2e_s=0.5)
+    m.on_finish(prompt_tokens=10, cached_tokens=4, e2e_s=0.5, queue_s=0.2)
+    m.on_finish(prompt_tokens=3, cached_tokens=0, e2e_s=0.1, queue_s=None)  # aborted while queued
     samples = parse_metrics(m.render(None))
+    assert metric(samples, "sglang:queue_time_seconds_count") == 1
+    assert metric(samples, "sglang:queue_time_seconds_sum") == 0.2
     assert metric(samples, "sglang:generation_tokens_total") == 3
-    assert metric(samples, "sglang:cache_hit_rate") == 0.4
+    assert metric(samples, "sglang:cache_hit_rate") == 4 / 13
     assert metric(samples, "sglang:inter_token_latency_seconds_count") == 2
     assert "sglang:num_running_reqs" not in "".join(samples)
 
@@ -80,6 +84,12 @@ def test_metrics_parse_and_counters_move(http: httpx.Client) -> None:
     assert delta("sglang:time_to_first_token_seconds_count") == 2
     assert delta("sglang:inter_token_latency_seconds_count") == 8
     assert delta("sglang:e2e_request_latency_seconds_count") == 2
+    assert delta("sglang:queue_time_seconds_count") == 2
+    assert (
+        0
+        <= delta("sglang:queue_time_seconds_sum")
+        < delta("sglang:e2e_request_latency_seconds_sum")
+    )
     assert 0 < metric(after, "sglang:cache_hit_rate") <= 1
     assert metric(after, "sglang:gen_throughput") > 0
     assert metric(after, "sglang:num_running_reqs") == 0
