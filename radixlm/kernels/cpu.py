@@ -41,8 +41,11 @@ def _cpu_flags() -> str:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernels, building them once per source, compiler and CPU; None if no build."""
+def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled kernels, built once per source, compiler, flags and CPU; None if they cannot
+    be built. extra_flags (e.g. `-mno-avx512f`) build a variant, as tests do for the paths
+    other CPUs take."""
+    flags = [*_FLAGS, *extra_flags]
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         logger.warning("no C++ compiler found: CPU attention uses the torch path")
@@ -52,14 +55,15 @@ def _library() -> ctypes.CDLL | None:
             [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
         ).stdout
         key = hashlib.sha256(
-            "\0".join([_SOURCE.read_text(), " ".join(_FLAGS), version, _cpu_flags()]).encode()
+            "\0".join([_SOURCE.read_text(), " ".join(flags), version, _cpu_flags()]).encode()
         ).hexdigest()[:16]
-        path = cache_dir() / "kernels" / f"{_SOURCE.stem}-{key}.so"
+        variant = hashlib.sha256(" ".join(extra_flags).encode()).hexdigest()[:6]
+        path = cache_dir() / "kernels" / f"{_SOURCE.stem}-{variant}-{key}.so"
         if not path.exists():
 
             def build(tmp: Path) -> None:
                 subprocess.run(
-                    [compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp)],
+                    [compiler, *flags, str(_SOURCE), "-o", str(tmp)],
                     capture_output=True,
                     text=True,
                     check=True,
@@ -67,7 +71,8 @@ def _library() -> ctypes.CDLL | None:
                 )
 
             atomic_write(path, build)
-            for stale in path.parent.glob(f"{_SOURCE.stem}-*.so"):  # older sources, other CPUs
+            # Older sources or another CPU's build of the same variant.
+            for stale in path.parent.glob(f"{_SOURCE.stem}-{variant}-*.so"):
                 if stale != path:
                     stale.unlink(missing_ok=True)
         lib = ctypes.CDLL(str(path))
@@ -83,7 +88,7 @@ def _library() -> ctypes.CDLL | None:
 
 def build() -> bool:
     """Build (or load) the kernels now rather than at the first forward; whether they work."""
-    return _library() is not None
+    return load_kernels() is not None
 
 
 def row_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -92,7 +97,7 @@ def row_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
         q.device.type == "cpu"
         and q.dtype == torch.float32
         and k_cache.dtype in _KV_SUFFIX
-        and _library() is not None
+        and load_kernels() is not None
     )
 
 
@@ -104,14 +109,16 @@ def row_attention(
     row_spans: torch.Tensor,
     scale: float,
     out: torch.Tensor,
+    kernels: ctypes.CDLL | None = None,
 ) -> None:
     """Fill out [T, H, D] with each short row's causal attention over its slots.
 
     q [T, H, D] float32; caches head-major [KVH, S, D]; row_kv int64 [B, N] slots per row;
     row_spans int64 [3, B]: each row's first query in q, its number of queries and of keys (its
-    queries are the last positions among its keys). Call only where `row_attention_supported`.
+    queries are the last positions among its keys). Call only where `row_attention_supported`;
+    kernels defaults to `load_kernels()`.
     """
-    lib = _library()
+    lib = kernels or load_kernels()
     assert lib is not None
     for t in (q, k_cache, v_cache, row_kv, row_spans, out):
         assert t.is_contiguous() and t.device.type == "cpu"

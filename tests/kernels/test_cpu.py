@@ -57,9 +57,22 @@ CASES = [
 ]
 
 
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f " in f.read()
+    except OSError:
+        return False
+
+
+# The build for this CPU, and (where it has AVX-512) the portable loops other CPUs run.
+VARIANTS = [()] + ([("-mno-avx512f",)] if _has_avx512() else [])
+
+
+@pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("h", "kvh", "d", "lengths"), CASES)
-def test_kernel_equals_dense_attention(kv_dtype, h, kvh, d, lengths) -> None:
+def test_kernel_equals_dense_attention(kv_dtype, h, kvh, d, lengths, flags) -> None:
     gen = torch.Generator().manual_seed(h * d + len(lengths))
     num_slots = 700
     k_cache = torch.randn(kvh, num_slots + 1, d, generator=gen).to(kv_dtype)
@@ -69,7 +82,9 @@ def test_kernel_equals_dense_attention(kv_dtype, h, kvh, d, lengths) -> None:
     scale = d**-0.5
     out = torch.full_like(q, float("nan"))
     assert batch.row_kv is not None and batch.row_spans is not None
-    cpu.row_attention(q, k_cache, v_cache, batch.row_kv, batch.row_spans, scale, out)
+    kernels = cpu.load_kernels(flags)
+    assert kernels is not None
+    cpu.row_attention(q, k_cache, v_cache, batch.row_kv, batch.row_spans, scale, out, kernels)
     ref = _dense(q, k_cache, v_cache, seqs, scale)
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
     if kv_dtype == torch.float32:  # the torch path computes in the KV dtype: compare in fp32
