@@ -102,3 +102,16 @@ REGEXES: dict[str, tuple[str, str]] = {
         r"-?(0|[1-9][0-9]{0,5})",
     ),
 }
+
+
+# The extraction workload of `benchmarks/bench_grammar.py`: a person's name, age and city.
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "city": {"type": "string"},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}

@@ -14,22 +14,13 @@ import llguidance as llg
 import numpy as np
 import pytest
 import torch
+from grammar_cases import PERSON_SCHEMA
 
 from radixlm.grammar import GrammarSpec
 from radixlm.grammar.llguidance_backend import LLGuidanceBackend, LLGuidanceMatcher
 from radixlm.grammar.llguidance_grammar import validate_grammar
 from radixlm.tokenizer import Tokenizer
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string"},
-        "age": {"type": "integer"},
-        "city": {"type": "string"},
-    },
-    "required": ["name", "age", "city"],
-    "additionalProperties": False,
-}
 EXTRA_COLUMNS = 64  # a model whose logits are wider than the tokenizer's vocabulary
 
 
@@ -48,7 +39,7 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 def person(backend: LLGuidanceBackend) -> LLGuidanceMatcher:
-    return backend.matcher(backend.compile(GrammarSpec("json_schema", json.dumps(PERSON))))
+    return backend.matcher(backend.compile(GrammarSpec("json_schema", json.dumps(PERSON_SCHEMA))))
 
 
 def test_forced_tokens_are_the_tokenizers_own(
@@ -167,7 +158,7 @@ def test_bad_grammars_name_the_problem(kind: str, text: str, message: str) -> No
     ("kind", "text"),
     [
         ("regex", r"\d{4}-\d{2}-\d{2}"),
-        ("json_schema", json.dumps(PERSON)),
+        ("json_schema", json.dumps(PERSON_SCHEMA)),
         ("json_schema", "true"),
         ("ebnf", 'root ::= "yes" | "no"'),
         ("ebnf", 'start: "a"+ "b"'),  # Lark is accepted too

@@ -16,7 +16,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from grammar_cases import REGEXES, SCHEMAS
+from grammar_cases import PERSON_SCHEMA, REGEXES, SCHEMAS
 
 from radixlm.engine.engine import Engine
 
@@ -124,17 +124,6 @@ def test_greedy_text_is_the_same_with_and_without_jump_forward(
     assert len(compared) >= len(CASES) * 2 // 3, compared
 
 
-# The workload of `benchmarks/bench_grammar.py jump-forward`: extraction into {name, age, city}.
-EXTRACTION_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string"},
-        "age": {"type": "integer"},
-        "city": {"type": "string"},
-    },
-    "required": ["name", "age", "city"],
-    "additionalProperties": False,
-}
 PEOPLE = [("Alice Martin", 19, "Paris"), ("Deepak Rao", 40, "Mumbai"), ("Keiko Sato", 54, "Osaka")]
 
 
@@ -155,14 +144,14 @@ def test_json_extraction_is_the_same_text_in_40_percent_fewer_passes(
             )
             out = engine.generate(
                 chat(engine, prompt),
-                {"max_new_tokens": 64, "temperature": 0, "json_schema": EXTRACTION_SCHEMA},
+                {"max_new_tokens": 64, "temperature": 0, "json_schema": PERSON_SCHEMA},
             )
             assert isinstance(out, dict)
             texts[jump_forward].append(out["text"])
         passes[jump_forward] = engine.get_stats()["num_forward_passes"] - before
     assert texts[True] == texts[False]
     for text in texts[True]:
-        jsonschema.validate(json.loads(text), EXTRACTION_SCHEMA)
+        jsonschema.validate(json.loads(text), PERSON_SCHEMA)
     assert passes[True] <= 0.6 * passes[False], passes
 
 
