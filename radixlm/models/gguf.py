@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ GGUF_MAGIC = b"GGUF"
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WEIGHTS_FILE = "model.safetensors"
+# In each converted folder: the resolved path of the GGUF it came from.
+_SOURCE_FILE = "source_path.txt"
 # Part of the cache key: bump it when the conversion's output changes, so stale entries are ignored.
 _CONVERTER_VERSION = 1
 
@@ -129,7 +132,23 @@ def convert_gguf(path: str | Path, *, weights: bool = True) -> Path:
         atomic_write(folder / "tokenizer.json", lambda tmp: tokenizer.save(str(tmp)))
     if weights and not (folder / WEIGHTS_FILE).exists():
         _write_weights(reader, config, folder / WEIGHTS_FILE)
+    _replace_stale(folder, Path(path).resolve())
     return folder
+
+
+def _replace_stale(folder: Path, source: Path) -> None:
+    """Record which file folder was converted from, and delete earlier conversions of that same
+    file (it changed, or the converter did): each holds a full copy of the weights."""
+    marker = folder / _SOURCE_FILE
+    if not marker.exists():
+        atomic_write(marker, lambda tmp: tmp.write_text(str(source)))
+    for other in folder.parent.glob(f"{source.stem}-*"):
+        try:
+            stale = other != folder and (other / _SOURCE_FILE).read_text() == str(source)
+        except OSError:
+            continue  # being written, or from before markers: left alone
+        if stale:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:

@@ -129,6 +129,25 @@ def test_gguf_conversion_is_cached(
         load_model_files(str(path))
 
 
+def test_a_new_conversion_replaces_the_stale_one_of_the_same_file(
+    tmp_path: Path, tmp_cache_dir: Path, make_tiny_gguf: Callable[..., Any]
+) -> None:
+    """Converting a changed GGUF deletes the earlier conversion of that file, and only that."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    path, _, _ = make_tiny_gguf(tmp_path / "a" / "tiny.gguf")
+    namesake, _, _ = make_tiny_gguf(tmp_path / "b" / "tiny.gguf")  # same stem, another file
+    load_model_files(str(path))
+    load_model_files(str(namesake))
+    old, other = gguf_cache_path(path), gguf_cache_path(namesake)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    load_model_files(str(path))
+    assert gguf_cache_path(path).is_dir()
+    assert not old.exists()
+    assert (other / WEIGHTS_FILE).is_file()
+
+
 def test_bad_paths(tmp_path: Path, make_tiny_model: Callable[..., Path]) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model_files(str(tmp_path / "missing"))
