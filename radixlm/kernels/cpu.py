@@ -19,13 +19,26 @@ from radixlm.utils import atomic_write, cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("row_attention.cpp")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+_SOURCES = [Path(__file__).with_name(n) for n in ("row_attention.cpp", "layer_ops.cpp")]
+_STEM = "cpu_kernels"
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fno-trapping-math",
+    "-fopenmp",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+]
 _KV_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 # The order of radixlm_row_attention_* in row_attention.cpp.
 _ARGTYPES: list[type] = [_P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
 _ARGTYPES += [ctypes.c_float, _P, ctypes.c_int]
+_LAYER_OPS: dict[str, list[type]] = {
+    "radixlm_rms_norm_f32": [_P, _I64, _P, ctypes.c_float, _P, _I64, _I64, ctypes.c_int],
+    "radixlm_silu_mul_f32": [_P, _P, _I64, _I64, ctypes.c_int],
+}
 
 
 def _cpu_flags() -> str:
@@ -48,22 +61,24 @@ def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     flags = [*_FLAGS, *extra_flags]
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        logger.warning("no C++ compiler found: CPU attention uses the torch path")
+        logger.warning("no C++ compiler found: the CPU kernels fall back to torch")
         return None
     try:
         version = subprocess.run(
             [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
         ).stdout
         key = hashlib.sha256(
-            "\0".join([_SOURCE.read_text(), " ".join(flags), version, _cpu_flags()]).encode()
+            "\0".join(
+                [*(p.read_text() for p in _SOURCES), " ".join(flags), version, _cpu_flags()]
+            ).encode()
         ).hexdigest()[:16]
         variant = hashlib.sha256(" ".join(extra_flags).encode()).hexdigest()[:6]
-        path = cache_dir() / "kernels" / f"{_SOURCE.stem}-{variant}-{key}.so"
+        path = cache_dir() / "kernels" / f"{_STEM}-{variant}-{key}.so"
         if not path.exists():
 
             def build(tmp: Path) -> None:
                 subprocess.run(
-                    [compiler, *flags, str(_SOURCE), "-o", str(tmp)],
+                    [compiler, *flags, *map(str, _SOURCES), "-o", str(tmp)],
                     capture_output=True,
                     text=True,
                     check=True,
@@ -72,7 +87,7 @@ def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
 
             atomic_write(path, build)
             # Older sources or another CPU's build of the same variant.
-            for stale in path.parent.glob(f"{_SOURCE.stem}-{variant}-*.so"):
+            for stale in path.parent.glob(f"{_STEM}-{variant}-*.so"):
                 if stale != path:
                     stale.unlink(missing_ok=True)
         lib = ctypes.CDLL(str(path))
@@ -83,6 +98,9 @@ def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     for suffix in _KV_SUFFIX.values():
         fn = getattr(lib, f"radixlm_row_attention_{suffix}")
         fn.argtypes, fn.restype = _ARGTYPES, None
+    for name, argtypes in _LAYER_OPS.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
     return lib
 
 
@@ -145,3 +163,50 @@ def row_attention(
         out.data_ptr(),
         torch.get_num_threads(),
     )
+
+
+def layer_ops_supported(*tensors: torch.Tensor) -> bool:
+    """Whether `rms_norm` and `silu_mul` run for these tensors (CPU, float32)."""
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and load_kernels() is not None
+    )
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: ctypes.CDLL | None = None
+) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) over the last dim, in one pass; a new tensor.
+    Call only where `layer_ops_supported(x, weight)`; kernels defaults to `load_kernels()`."""
+    lib = kernels or load_kernels()
+    assert lib is not None and weight.is_contiguous()
+    dim = x.shape[-1]
+    rows = x.reshape(-1, dim)  # a view when the rows are evenly strided
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    lib.radixlm_rms_norm_f32(
+        rows.data_ptr(),
+        rows.stride(0),
+        weight.data_ptr(),
+        eps,
+        out.data_ptr(),
+        rows.shape[0],
+        dim,
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor, kernels: ctypes.CDLL | None = None) -> torch.Tensor:
+    """SwiGLU's silu(gate) * up for gate_up [T, 2I] (gate first), in one pass: [T, I].
+    Call only where `layer_ops_supported(gate_up)`; kernels defaults to `load_kernels()`."""
+    lib = kernels or load_kernels()
+    assert lib is not None
+    gate_up = gate_up.contiguous()
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, inter, dtype=gate_up.dtype)
+    lib.radixlm_silu_mul_f32(
+        gate_up.data_ptr(), out.data_ptr(), rows, inter, torch.get_num_threads()
+    )
+    return out

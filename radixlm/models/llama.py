@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixlm.kernels import cpu
 from radixlm.models.config import ModelConfig
 from radixlm.models.layers import RMSNorm, RotaryEmbedding, apply_rope, paged_attention
 from radixlm.runner.batch import ForwardBatch
@@ -61,7 +62,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if cpu.layer_ops_supported(gate_up):
+            return self.down_proj(cpu.silu_mul(gate_up))
+        gate, up = gate_up.split([self.inter, self.inter], dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -109,3 +109,31 @@ def test_kernel_ignores_other_slots_and_padding() -> None:
     second = torch.empty_like(q)
     cpu.row_attention(q, k_cache, v_cache, batch.row_kv, batch.row_spans, 0.125, second)
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
+@pytest.mark.parametrize(("rows", "dim"), [(1, 8), (7, 576), (300, 64), (3000, 33)])
+def test_rms_norm_equals_the_torch_norm(rows: int, dim: int, flags: tuple[str, ...]) -> None:
+    gen = torch.Generator().manual_seed(rows + dim)
+    x = torch.randn(rows, dim, generator=gen) * 5
+    weight = torch.randn(dim, generator=gen)
+    xd = x.double()
+    ref = weight.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)
+    out = cpu.rms_norm(x, weight, 1e-6, cpu.load_kernels(flags))
+    torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=1e-6)
+    # Rows that are not contiguous with each other (a head view of a fused projection).
+    wide = torch.randn(rows, 3, dim, generator=gen)
+    heads = wide[:, 1:]
+    expected = cpu.rms_norm(heads.contiguous(), weight, 1e-6, cpu.load_kernels(flags))
+    assert torch.equal(cpu.rms_norm(heads, weight, 1e-6, cpu.load_kernels(flags)), expected)
+
+
+@pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
+@pytest.mark.parametrize(("rows", "inter"), [(1, 5), (32, 1536), (500, 40)])
+def test_silu_mul_equals_torch(rows: int, inter: int, flags: tuple[str, ...]) -> None:
+    gen = torch.Generator().manual_seed(rows * inter)
+    gate_up = torch.randn(rows, 2 * inter, generator=gen) * 30  # far into both tails
+    gd = gate_up.double()
+    ref = torch.nn.functional.silu(gd[:, :inter]) * gd[:, inter:]
+    out = cpu.silu_mul(gate_up, cpu.load_kernels(flags))
+    torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=1e-6)
