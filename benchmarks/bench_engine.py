@@ -93,14 +93,18 @@ def bench_no_sharing(args: argparse.Namespace) -> None:
     print(f"  throughput cache on / off = {r['ratio']:.3f}  (target >= 0.95)")
 
 
-def _best(fn: Callable[[], Any], repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def _alternating(fns: list[Callable[[], Any]], repeat: int) -> list[list[float]]:
+    """Each fn's wall times, the fns run in turn `repeat` times (after one untimed turn), so
+    that load drift on a shared machine hits all of them alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return times
 
 
 def weight_matmuls(core: EngineCore, rows: int, logit_rows: int) -> Callable[[], None]:
@@ -137,8 +141,14 @@ def bench_prefill(args: argparse.Namespace) -> None:
         )
         for i, p in enumerate(prompts)
     ]
-    fwd = _best(lambda: core.runner.forward(seqs), args.repeat)
-    mm = _best(weight_matmuls(core, args.batch * args.prefill_len, args.batch), args.repeat)
+    fwd_times, mm_times = _alternating(
+        [
+            lambda: core.runner.forward(seqs),
+            weight_matmuls(core, args.batch * args.prefill_len, args.batch),
+        ],
+        args.repeat,
+    )
+    fwd, mm = min(fwd_times), min(mm_times)
     tokens = args.batch * args.prefill_len
     print(f"prefill: {args.batch} x {args.prefill_len} uncached tokens")
     print(
@@ -173,15 +183,12 @@ def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
         return out
 
     core.runner.forward = timed_forward  # type: ignore[method-assign]
-    step_times = []
-    for _ in range(args.decode_steps):
-        t0 = time.perf_counter()
-        sched.step()
-        step_times.append(time.perf_counter() - t0)
+    # Each decode step is followed by the same GEMMs alone; medians of both.
+    step_times, mm_times = _alternating([sched.step, weight_matmuls(core, b, b)], args.decode_steps)
     assert len(sched.running) == b, "every request must still be decoding"
     step = statistics.median(step_times)
-    fwd = statistics.median(forward_times)
-    mm = _best(weight_matmuls(core, b, b), args.repeat)
+    fwd = statistics.median(forward_times[1:])  # the first is the untimed turn's
+    mm = statistics.median(mm_times)
     print(
         f"decode: batch {b}, {ctx}-token contexts, {args.decode_steps} steps, KV cache {kv_dtype}"
     )
