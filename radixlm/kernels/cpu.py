@@ -20,6 +20,7 @@ from radixlm.utils import atomic_write, cache_dir
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(n) for n in ("row_attention.cpp", "layer_ops.cpp")]
+_HEADERS = [Path(__file__).with_name("cpu_math.h")]
 _STEM = "cpu_kernels"
 _FLAGS = [
     "-O3",
@@ -69,7 +70,12 @@ def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         ).stdout
         key = hashlib.sha256(
             "\0".join(
-                [*(p.read_text() for p in _SOURCES), " ".join(flags), version, _cpu_flags()]
+                [
+                    *(p.read_text() for p in _SOURCES + _HEADERS),
+                    " ".join(flags),
+                    version,
+                    _cpu_flags(),
+                ]
             ).encode()
         ).hexdigest()[:16]
         variant = hashlib.sha256(" ".join(extra_flags).encode()).hexdigest()[:6]

@@ -4,28 +4,14 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cpu_math.h"
+
 namespace {
+
+using radixlm::exp_nonpositive;
 
 // Rows per thread below which a parallel region costs more than it saves.
 constexpr int64_t kMinElementsPerThread = 16384;
-
-// exp(x) for x <= 0 (0 below -87), vectorizable; the same polynomial as row_attention.cpp.
-inline float exp_nonpositive(float x) {
-    const float c = x < -87.0f ? -87.0f : x;
-    const float t = c * 1.44269504088896341f;
-    const float n = std::floor(t + 0.5f);
-    const float y = (t - n) * 0.693147180559945309f;
-    float p = 1.0f / 5040;
-    p = p * y + 1.0f / 720;
-    p = p * y + 1.0f / 120;
-    p = p * y + 1.0f / 24;
-    p = p * y + 1.0f / 6;
-    p = p * y + 0.5f;
-    p = p * y + 1.0f;
-    p = p * y + 1.0f;
-    const float two_n = __builtin_bit_cast(float, (int32_t(n) + 127) << 23);
-    return x < -87.0f ? 0.0f : p * two_n;
-}
 
 int threads_for(int64_t elements, int num_threads) {
     const int64_t useful = elements / kMinElementsPerThread;

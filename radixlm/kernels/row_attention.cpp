@@ -10,11 +10,15 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_math.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
+
+using radixlm::exp_nonpositive;
 
 constexpr int64_t kBlock = 64;         // keys per block of the online softmax
 constexpr float kNoScore = -1.0e30f;   // finite "minus infinity": exp of a difference stays 0
@@ -23,25 +27,6 @@ inline float to_float(float x) { return x; }
 
 inline float to_float(uint16_t x) {  // bfloat16 is the top half of a float32
     return __builtin_bit_cast(float, uint32_t(x) << 16);
-}
-
-// exp(x) for x <= 0 without libm, so loops over it vectorize; 0 below -87. Relative error
-// ~1e-7 near 0.
-inline float exp_nonpositive(float x) {
-    const float c = x < -87.0f ? -87.0f : x;
-    const float t = c * 1.44269504088896341f;
-    const float n = std::floor(t + 0.5f);
-    const float y = (t - n) * 0.693147180559945309f;  // |y| <= ln(2) / 2
-    float p = 1.0f / 5040;
-    p = p * y + 1.0f / 720;
-    p = p * y + 1.0f / 120;
-    p = p * y + 1.0f / 24;
-    p = p * y + 1.0f / 6;
-    p = p * y + 0.5f;
-    p = p * y + 1.0f;
-    p = p * y + 1.0f;
-    const float two_n = __builtin_bit_cast(float, (int32_t(n) + 127) << 23);
-    return x < -87.0f ? 0.0f : p * two_n;
 }
 
 // Pointers to a block's K or V rows, padded to a multiple of 16 with the first row.
