@@ -110,11 +110,6 @@ def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     return lib
 
 
-def build() -> bool:
-    """Build (or load) the kernels now rather than at the first forward; whether they work."""
-    return load_kernels() is not None
-
-
 def row_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `row_attention` runs for these tensors (CPU, float32 queries, a covered KV dtype)."""
     return (

@@ -117,8 +117,7 @@ def paged_attention(
         out[lo:hi] = extend_attention(q[lo:hi], ks, vs, seq.prefix_len, scale)
     if batch.row_kv is not None:
         start = batch.num_extend_tokens
-        if cpu.row_attention_supported(q, k_cache):
-            assert batch.row_spans is not None
+        if batch.row_spans is not None:  # the runner chose the CPU kernel
             rows_q = q[start:].contiguous()
             cpu.row_attention(
                 rows_q, k_cache, v_cache, batch.row_kv, batch.row_spans, scale, out[start:]

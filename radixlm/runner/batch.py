@@ -37,11 +37,12 @@ class ForwardBatch:
     extends: list[ExtendSeq]
     num_extend_tokens: int
     row_kv: torch.Tensor | None  # int64 [B, N]: slots of each short row, padded with slot 0
+    # The short rows' layout for the torch path (padded batch)...
     row_query: torch.Tensor | None  # int64 [B, Q]: each query's index among the row tokens
     row_valid: torch.Tensor | None  # bool [B, Q]: real queries (padding repeats the last one)
     row_mask: torch.Tensor | None  # bool [B, Q, N]: key n is visible to query q of row b
-    # int64 [3, B]: each row's first token among the row tokens, its number of new tokens, and
-    # its number of keys (the new tokens take the last positions); for the CPU kernel.
+    # ... or, instead, for the CPU kernel: int64 [3, B], each row's first token among the row
+    # tokens, its number of new tokens, and its number of keys (the new ones are the last).
     row_spans: torch.Tensor | None
     logits_index: torch.Tensor  # int64 [N]: flat positions whose logits are needed
 

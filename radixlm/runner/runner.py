@@ -93,8 +93,11 @@ class ModelRunner:
             kv_dtype or dtype,
             device,
         )
-        if device.type == "cpu":
-            cpu_kernels.build()  # compiles once per machine, before any request waits on it
+        # Short rows attend in the compiled CPU kernel where it covers these dtypes (it is built
+        # here, once per machine, before any request waits on it), else in the torch path.
+        self.row_kernel = device.type == "cpu" and cpu_kernels.row_attention_supported(
+            torch.empty(0, dtype=dtype), self.pool.k[0]
+        )
 
     @torch.inference_mode()
     def forward(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
@@ -143,15 +146,17 @@ class ModelRunner:
             row_kv = row_kv.to(dev)
             starts = torch.tensor([s.start for s in rows], device=dev)
             lens = torch.tensor([len(s.new_ids) for s in rows], device=dev)
-            q = torch.arange(int(lens.max()), device=dev)
-            row_valid = q[None, :] < lens[:, None]
-            # A padded query repeats its row's last one, so its softmax stays finite.
-            last = torch.minimum(q[None, :], lens[:, None] - 1)
             first = torch.cumsum(lens, 0) - lens
-            row_query = first[:, None] + last
-            row_spans = torch.stack([first, lens, starts + lens])
-            visible_to = (starts[:, None] + last)[:, :, None]
-            row_mask = torch.arange(row_kv.shape[1], device=dev)[None, None, :] <= visible_to
+            if self.row_kernel:
+                row_spans = torch.stack([first, lens, starts + lens])
+            else:
+                q = torch.arange(int(lens.max()), device=dev)
+                row_valid = q[None, :] < lens[:, None]
+                # A padded query repeats its row's last one, so its softmax stays finite.
+                last = torch.minimum(q[None, :], lens[:, None] - 1)
+                row_query = first[:, None] + last
+                visible_to = (starts[:, None] + last)[:, :, None]
+                row_mask = torch.arange(row_kv.shape[1], device=dev)[None, None, :] <= visible_to
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),

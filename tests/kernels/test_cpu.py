@@ -19,14 +19,18 @@ pytestmark = pytest.mark.skipif(
 class _CpuRunner:
     device = torch.device("cpu")
 
+    def __init__(self, row_kernel: bool) -> None:
+        self.row_kernel = row_kernel
+
 
 def _rows(lengths: list[tuple[int, int]], num_slots: int, gen: torch.Generator):
-    """ScheduledSeqs with `start` cached tokens and `n` new ones each, on scattered slots."""
+    """ScheduledSeqs with `start` cached tokens and `n` new ones each, on scattered slots, and
+    their batch as the kernel reads it."""
     seqs = []
     for start, n in lengths:
         slots = torch.randperm(num_slots, generator=gen)[: start + n] + 1
         seqs.append(ScheduledSeq([1] * n, start, slots, start))
-    return ModelRunner.build_batch(_CpuRunner(), seqs), seqs  # type: ignore[arg-type]
+    return ModelRunner.build_batch(_CpuRunner(True), seqs), seqs  # type: ignore[arg-type]
 
 
 def _dense(q, k_cache, v_cache, seqs, scale):
@@ -88,7 +92,8 @@ def test_kernel_equals_dense_attention(kv_dtype, h, kvh, d, lengths, flags) -> N
     ref = _dense(q, k_cache, v_cache, seqs, scale)
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
     if kv_dtype == torch.float32:  # the torch path computes in the KV dtype: compare in fp32
-        torch.testing.assert_close(out, row_attention(q, k_cache, v_cache, batch, scale))
+        padded = ModelRunner.build_batch(_CpuRunner(False), seqs)  # type: ignore[arg-type]
+        torch.testing.assert_close(out, row_attention(q, k_cache, v_cache, padded, scale))
 
 
 def test_kernel_ignores_other_slots_and_padding() -> None:
