@@ -1,9 +1,11 @@
 """CPU kernels built at first use: C++ sources next to this file, compiled with the system
-compiler into the radixlm cache and called through ctypes. Without a compiler, or for tensors
-they do not cover, the callers keep their torch path."""
+compiler into the radixlm cache and called through ctypes. Without a compiler, for tensors they
+do not cover, or with `RADIXLM_CPU_KERNELS=0` in the environment, the callers keep their torch
+path (the one other devices run)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -11,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,9 +39,12 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 # The order of radixlm_row_attention_* in row_attention.cpp.
 _ARGTYPES: list[type] = [_P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
 _ARGTYPES += [ctypes.c_float, _P, ctypes.c_int]
+_ROPE_STORE: list[type] = [_P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64]
+_ROPE_STORE += [_P, _P, _P, _P, _P, _I64, ctypes.c_int]
 _LAYER_OPS: dict[str, list[type]] = {
-    "radixlm_rms_norm_f32": [_P, _I64, _P, ctypes.c_float, _P, _I64, _I64, ctypes.c_int],
+    "radixlm_rms_norm_f32": [_P, _I64, _P, _P, ctypes.c_float, _P, _I64, _I64, ctypes.c_int],
     "radixlm_silu_mul_f32": [_P, _P, _I64, _I64, ctypes.c_int],
+    **{f"radixlm_rope_store_{suffix}": _ROPE_STORE for suffix in ("f32", "bf16")},
 }
 
 
@@ -110,13 +116,32 @@ def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     return lib
 
 
+_enabled = os.environ.get("RADIXLM_CPU_KERNELS", "1") != "0"
+
+
+def _available() -> bool:
+    return _enabled and load_kernels() is not None
+
+
+@contextlib.contextmanager
+def torch_path() -> Iterator[None]:
+    """Within this block the callers take their torch path, as without a compiler (tests
+    compare the two paths; a model runner decides which row layout it builds when created)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
 def row_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `row_attention` runs for these tensors (CPU, float32 queries, a covered KV dtype)."""
     return (
         q.device.type == "cpu"
         and q.dtype == torch.float32
         and k_cache.dtype in _KV_SUFFIX
-        and load_kernels() is not None
+        and _available()
     )
 
 
@@ -166,29 +191,94 @@ def row_attention(
     )
 
 
+def rope_store_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `rope_store` runs for these tensors (CPU, float32, a covered KV dtype)."""
+    return row_attention_supported(q, k_cache)
+
+
+def rope_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kernels: ctypes.CDLL | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rotary embedding of q [T, H, D] and k [T, KVH, D] (rotate-half; `sin` carries its
+    sign; cos/sin [T, 1, D] or [T, D]), and this step's K/V written at `slots` of each head of
+    the pool [KVH, S, D], all in one pass. Each token's heads must be contiguous (q, k, v may be
+    views into one fused projection). Returns q [T, H, D] and head-major k, v [KVH, T, D].
+    Call only where `rope_store_supported`; kernels defaults to `load_kernels()`."""
+    lib = kernels or load_kernels()
+    assert lib is not None
+    t, h, d = q.shape
+    kvh = k.shape[1]
+    q, k, v = (x if x.stride(2) == 1 and x.stride(1) == d else x.contiguous() for x in (q, k, v))
+    cos, sin = cos.reshape(t, d).contiguous(), sin.reshape(t, d).contiguous()
+    for x in (cos, sin, slots, k_cache, v_cache):
+        assert x.is_contiguous() and x.device.type == "cpu"
+    q_out = torch.empty(t, h, d, dtype=q.dtype)
+    k_out = torch.empty(kvh, t, d, dtype=q.dtype)
+    v_out = torch.empty(kvh, t, d, dtype=q.dtype)
+    getattr(lib, f"radixlm_rope_store_{_KV_SUFFIX[k_cache.dtype]}")(
+        q.data_ptr(),
+        q.stride(0),
+        k.data_ptr(),
+        k.stride(0),
+        v.data_ptr(),
+        v.stride(0),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        slots.data_ptr(),
+        t,
+        h,
+        kvh,
+        d,
+        q_out.data_ptr(),
+        k_out.data_ptr(),
+        v_out.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.shape[1] * d,
+        torch.get_num_threads(),
+    )
+    return q_out, k_out, v_out
+
+
 def layer_ops_supported(*tensors: torch.Tensor) -> bool:
     """Whether `rms_norm` and `silu_mul` run for these tensors (CPU, float32)."""
     return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-        and load_kernels() is not None
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and _available()
     )
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: ctypes.CDLL | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    kernels: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
-    """weight * x / sqrt(mean(x^2) + eps) over the last dim, in one pass; a new tensor.
-    Call only where `layer_ops_supported(x, weight)`; kernels defaults to `load_kernels()`."""
+    """weight * x / sqrt(mean(x^2) + eps) over the last dim, in one pass; a new tensor. With a
+    contiguous `residual` of x's shape, first residual += x (in place) and the norm is of that
+    sum. Call only where `layer_ops_supported(x, weight)`; kernels defaults to `load_kernels()`."""
     lib = kernels or load_kernels()
     assert lib is not None and weight.is_contiguous()
     dim = x.shape[-1]
     rows = x.reshape(-1, dim)  # a view when the rows are evenly strided
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
+    if residual is not None:
+        assert residual.shape == x.shape and residual.is_contiguous()
+        assert residual.dtype == x.dtype and residual.device.type == "cpu"
     out = torch.empty(x.shape, dtype=x.dtype)
     lib.radixlm_rms_norm_f32(
         rows.data_ptr(),
         rows.stride(0),
+        None if residual is None else residual.data_ptr(),
         weight.data_ptr(),
         eps,
         out.data_ptr(),

@@ -25,4 +25,16 @@ inline float exp_nonpositive(float x) {
     return x < -87.0f ? 0.0f : p * two_n;
 }
 
+// bfloat16 is the top half of a float32: widening is exact.
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) { return __builtin_bit_cast(float, uint32_t(x) << 16); }
+
+// float32 to float32 or bfloat16; bfloat16 rounds to nearest even like torch (NaN: 0x7fc0).
+inline void store(float x, float* out) { *out = x; }
+inline void store(float x, uint16_t* out) {
+    const uint32_t u = __builtin_bit_cast(uint32_t, x);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    *out = uint16_t(x != x ? 0x7fc0u : rounded);
+}
+
 }  // namespace radixlm

@@ -19,15 +19,11 @@
 namespace {
 
 using radixlm::exp_nonpositive;
+using radixlm::to_float;
 
 constexpr int64_t kBlock = 64;         // keys per block of the online softmax
+constexpr int64_t kTile = 4;           // queries per block pass, at most
 constexpr float kNoScore = -1.0e30f;   // finite "minus infinity": exp of a difference stays 0
-
-inline float to_float(float x) { return x; }
-
-inline float to_float(uint16_t x) {  // bfloat16 is the top half of a float32
-    return __builtin_bit_cast(float, uint32_t(x) << 16);
-}
 
 // Pointers to a block's K or V rows, padded to a multiple of 16 with the first row.
 template <typename KV>
@@ -37,49 +33,10 @@ inline void block_rows(const KV* base, const int64_t* slots, int64_t n, int64_t 
     for (int64_t j = n; j % 16; ++j) rows[j] = rows[0];
 }
 
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-
-inline __m512 load16(const uint16_t* p) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-#endif
-
-// s[j] = q . rows[j] for j < n rounded up to 16.
+// s[j] = q . rows[j] for j < n: the portable loop (see tile_block for AVX-512).
 template <typename KV>
 inline void block_scores(const float* __restrict q, const KV* const* rows, int64_t n,
                          int64_t d, float* __restrict s) {
-#if defined(__AVX512F__)
-    if (d % 16 == 0) {
-        for (int64_t j0 = 0; j0 < n; j0 += 16) {
-            // Sixteen lane-wise partial dot products, then a transpose-and-add tree that leaves
-            // key j's total in lane j (instead of sixteen horizontal sums).
-            __m512 r[16];
-            for (int j = 0; j < 16; ++j) {
-                const KV* k = rows[j0 + j];
-                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), load16(k));
-                for (int64_t x = 16; x < d; x += 16)
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + x), load16(k + x), acc);
-                r[j] = acc;
-            }
-            __m512 a[8], c[4];
-            for (int i = 0; i < 8; ++i)
-                a[i] = _mm512_add_ps(_mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]),
-                                     _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]));
-            for (int i = 0; i < 4; ++i)
-                c[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
-                                     _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
-            const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
-                                            _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
-            const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88),
-                                            _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
-            _mm512_storeu_ps(s + j0, _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88),
-                                                   _mm512_shuffle_f32x4(d0, d1, 0xDD)));
-        }
-        return;
-    }
-#endif
     for (int64_t j = 0; j < n; ++j) {
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
@@ -88,25 +45,10 @@ inline void block_scores(const float* __restrict q, const KV* const* rows, int64
     }
 }
 
-// acc = acc * correction + sum_j p[j] * rows[j], for j < n.
-template <typename KV, int64_t D>
+// acc = acc * correction + sum_j p[j] * rows[j], for j < n: the portable loop.
+template <typename KV>
 inline void block_values(const float* __restrict p, const KV* const* rows, int64_t n,
                          int64_t d, float correction, float* __restrict acc) {
-#if defined(__AVX512F__)
-    if constexpr (D > 0 && D % 16 == 0) {
-        constexpr int64_t kChunks = D / 16;
-        __m512 a[kChunks];
-        const __m512 c = _mm512_set1_ps(correction);
-        for (int64_t i = 0; i < kChunks; ++i) a[i] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * i), c);
-        for (int64_t j = 0; j < n; ++j) {
-            const __m512 pj = _mm512_set1_ps(p[j]);
-            for (int64_t i = 0; i < kChunks; ++i)
-                a[i] = _mm512_fmadd_ps(pj, load16(rows[j] + 16 * i), a[i]);
-        }
-        for (int64_t i = 0; i < kChunks; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
-        return;
-    }
-#endif
     for (int64_t x = 0; x < d; ++x) acc[x] *= correction;
     for (int64_t j = 0; j < n; ++j) {
         const float pj = p[j];
@@ -114,6 +56,96 @@ inline void block_values(const float* __restrict p, const KV* const* rows, int64
         for (int64_t x = 0; x < d; ++x) acc[x] += pj * to_float(v[x]);
     }
 }
+
+// Turns one query's scores s[0, n) of a block into probabilities (keys from `visible` on are
+// its future: probability 0), folds the block into its running max and sum, and returns the
+// factor that rescales its accumulated values.
+inline float softmax_block(float* __restrict s, int64_t n, int64_t visible, float& row_max,
+                           float& row_sum) {
+    float block_max = kNoScore;
+#pragma omp simd reduction(max : block_max)
+    for (int64_t j = 0; j < visible; ++j) block_max = std::max(block_max, s[j]);
+    const float new_max = std::max(row_max, block_max);
+    const float correction = exp_nonpositive(row_max - new_max);
+    for (int64_t j = visible; j < n; ++j) s[j] = kNoScore;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+        const float p = exp_nonpositive(s[j] - new_max);
+        s[j] = p;
+        sum += p;
+    }
+    row_sum = row_sum * correction + sum;
+    row_max = new_max;
+    return correction;
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 load16(const uint16_t* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// The totals of four vectors' lanes, as four floats.
+inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    // Per 128-bit lane: [a0 a1 a0 a1] pair sums, then [a0 a1 a2 a3]; then the lanes are added.
+    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
+    const __m512 v = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, 0x4E));
+    return _mm512_castps512_ps128(_mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1)));
+}
+
+// One block of keys for MT queries at once (the heads of a GQA group share their K/V): each K
+// and V row is loaded and widened once for all MT. q holds MT scaled queries of D floats; s is
+// scratch of MT x kBlock; m0 is the first query's index m in its row.
+template <typename KV, int64_t D, int64_t MT>
+void tile_block(const float* __restrict q, int64_t m0, int64_t group, int64_t last_visible,
+                int64_t j0, const KV* const* k_rows, const KV* const* v_rows, int64_t nb,
+                float* __restrict s, float* __restrict acc, float* __restrict row_max,
+                float* __restrict row_sum) {
+    constexpr int64_t C = D / 16;
+    __m512 qv[MT][C];
+    for (int64_t i = 0; i < MT; ++i)
+        for (int64_t c = 0; c < C; ++c) qv[i][c] = _mm512_loadu_ps(q + i * D + 16 * c);
+    for (int64_t j = 0; j < nb; j += 4) {  // rows are padded to a multiple of 16
+        __m512 dot[MT][4];
+        for (int64_t jj = 0; jj < 4; ++jj) {
+            __m512 k[C];
+            for (int64_t c = 0; c < C; ++c) k[c] = load16(k_rows[j + jj] + 16 * c);
+            for (int64_t i = 0; i < MT; ++i) {
+                __m512 a = _mm512_mul_ps(qv[i][0], k[0]);
+                for (int64_t c = 1; c < C; ++c) a = _mm512_fmadd_ps(qv[i][c], k[c], a);
+                dot[i][jj] = a;
+            }
+        }
+        for (int64_t i = 0; i < MT; ++i)
+            _mm_store_ps(s + i * kBlock + j, sum4(dot[i][0], dot[i][1], dot[i][2], dot[i][3]));
+    }
+    __m512 out[MT][C];
+    for (int64_t i = 0; i < MT; ++i) {
+        // Query m sits at position last_visible + m / group: it sees keys up to there.
+        const int64_t m = m0 + i;
+        const int64_t visible = std::clamp(last_visible + m / group + 1 - j0, int64_t(0), nb);
+        const __m512 corr = _mm512_set1_ps(
+            softmax_block(s + i * kBlock, nb, visible, row_max[i], row_sum[i]));
+        for (int64_t c = 0; c < C; ++c)
+            out[i][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * D + 16 * c), corr);
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+        __m512 v[C];
+        for (int64_t c = 0; c < C; ++c) v[c] = load16(v_rows[j] + 16 * c);
+        for (int64_t i = 0; i < MT; ++i) {
+            const __m512 p = _mm512_set1_ps(s[i * kBlock + j]);
+            for (int64_t c = 0; c < C; ++c) out[i][c] = _mm512_fmadd_ps(p, v[c], out[i][c]);
+        }
+    }
+    for (int64_t i = 0; i < MT; ++i)
+        for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(acc + i * D + 16 * c, out[i][c]);
+}
+#endif
 
 // One row's queries of one KV head (m = query * group + head in group) over its keys, block by
 // block with an online softmax. D is a compile-time constant for the common head sizes.
@@ -125,36 +157,39 @@ void attend_row(const float* __restrict qs, int64_t m_count, int64_t group, int6
     const int64_t d = D > 0 ? D : d_runtime;
     const KV* k_rows[kBlock];
     const KV* v_rows[kBlock];
-    alignas(64) float s[kBlock];
+    alignas(64) float s[kTile * kBlock];
     for (int64_t m = 0; m < m_count; ++m) {
         std::fill_n(acc + m * d, d, 0.0f);
         row_max[m] = kNoScore;
         row_sum[m] = 0.0f;
     }
+    // The row's first query sits at position len - nq.
+    const int64_t last_visible = len - nq;
     for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
         const int64_t nb = std::min(kBlock, len - j0);
         block_rows(k_head, slots + j0, nb, d, k_rows);
         block_rows(v_head, slots + j0, nb, d, v_rows);
+#if defined(__AVX512F__)
+        if constexpr (D > 0 && D % 16 == 0) {
+            constexpr int64_t kMt = D <= 64 ? 4 : 2;  // accumulators fit in the registers
+            static_assert(kMt <= kTile);
+            for (int64_t m0 = 0; m0 < m_count; m0 += kMt) {
+                const int64_t mt = std::min(kMt, m_count - m0);
+                auto tile = mt == 4   ? tile_block<KV, D, 4>
+                            : mt == 3 ? tile_block<KV, D, 3>
+                            : mt == 2 ? tile_block<KV, D, 2>
+                                      : tile_block<KV, D, 1>;
+                tile(qs + m0 * D, m0, group, last_visible, j0, k_rows, v_rows, nb, s,
+                     acc + m0 * D, row_max + m0, row_sum + m0);
+            }
+            continue;
+        }
+#endif
         for (int64_t m = 0; m < m_count; ++m) {
             block_scores(qs + m * d, k_rows, nb, d, s);
-            // Query i of the row sits at position len - nq + i: it sees keys up to there.
-            const int64_t visible = std::clamp(len - nq + m / group + 1 - j0, int64_t(0), nb);
-            float block_max = kNoScore;
-#pragma omp simd reduction(max : block_max)
-            for (int64_t j = 0; j < visible; ++j) block_max = std::max(block_max, s[j]);
-            const float new_max = std::max(row_max[m], block_max);
-            const float correction = exp_nonpositive(row_max[m] - new_max);
-            for (int64_t j = visible; j < nb; ++j) s[j] = kNoScore;
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < nb; ++j) {
-                const float p = exp_nonpositive(s[j] - new_max);
-                s[j] = p;
-                sum += p;
-            }
-            row_sum[m] = row_sum[m] * correction + sum;
-            row_max[m] = new_max;
-            block_values<KV, D>(s, v_rows, nb, d, correction, acc + m * d);
+            const int64_t visible = std::clamp(last_visible + m / group + 1 - j0, int64_t(0), nb);
+            const float correction = softmax_block(s, nb, visible, row_max[m], row_sum[m]);
+            block_values(s, v_rows, nb, d, correction, acc + m * d);
         }
     }
 }

@@ -24,6 +24,19 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu.layer_ops_supported(x, self.weight):
             return cpu.rms_norm(x, self.weight, self.eps)
+        return self._norm(x)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream's next value, residual + x, and its norm: (norm, sum). The
+        residual is updated in place (one pass with the norm on the CPU)."""
+        if cpu.layer_ops_supported(x, residual, self.weight) and residual.is_contiguous():
+            return cpu.rms_norm(x, self.weight, self.eps, residual), residual
+        residual += x
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -79,33 +92,53 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, D] by the cos/sin of its positions."""
+    """Rotate x [T, heads, D] by the cos/sin of its positions; the products and the sum are
+    rounded separately, as in the reference implementation (no fused multiply-add)."""
     half = x.shape[-1] // 2
     swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
-    return torch.addcmul(x * cos, swapped, sin)
+    return x * cos + swapped * sin
 
 
 # Queries per attention call on a cached prefix: bounds the causal mask at [512, keys].
 _Q_BLOCK = 512
 
 
-def paged_attention(
+def rope_and_store(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotate q [T, H, D] and k [T, KVH, D] by their positions' cos/sin and write this step's
+    K/V at `slots` of the head-major caches [KVH, num_slots + 1, D]. Returns q and the
+    head-major k, v [KVH, T, D]. One compiled pass on the CPU."""
+    cos, sin = rope
+    if cpu.rope_store_supported(q, k_cache):
+        return cpu.rope_store(q, k, v, cos, sin, slots, k_cache, v_cache)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    kh, vh = k.transpose(0, 1), v.transpose(0, 1)
+    k_cache.index_copy_(1, slots, kh.to(k_cache.dtype))
+    v_cache.index_copy_(1, slots, vh.to(v_cache.dtype))
+    return q, kh, vh
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kh: torch.Tensor,
+    vh: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     batch: ForwardBatch,
     scale: float,
 ) -> torch.Tensor:
-    """Write this step's k/v into the pool, then attend each token over its request's slots.
+    """Attend each token over its request's slots, this step's K/V already in the pool.
 
-    q [T, H, D], k/v [T, KVH, D]; the caches are head-major [KVH, num_slots + 1, D].
-    Returns [T, H, D].
+    q [T, H, D]; kh/vh [KVH, T, D] are this step's K/V (what a prefill without a cached prefix
+    attends over); the caches are head-major [KVH, num_slots + 1, D]. Returns [T, H, D].
     """
-    kh, vh = k.transpose(0, 1), v.transpose(0, 1)  # [KVH, T, D]
-    k_cache.index_copy_(1, batch.out_slots, kh.to(k_cache.dtype))
-    v_cache.index_copy_(1, batch.out_slots, vh.to(v_cache.dtype))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, for the kernel
     for seq in batch.extends:
         lo, hi = seq.q_start, seq.q_start + seq.q_len

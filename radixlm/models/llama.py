@@ -8,7 +8,7 @@ from torch import nn
 
 from radixlm.kernels import cpu
 from radixlm.models.config import ModelConfig
-from radixlm.models.layers import RMSNorm, RotaryEmbedding, apply_rope, paged_attention
+from radixlm.models.layers import RMSNorm, RotaryEmbedding, paged_attention, rope_and_store
 from radixlm.runner.batch import ForwardBatch
 
 
@@ -47,8 +47,8 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)
+        q, kh, vh = rope_and_store(q, k, v, rope, k_cache, v_cache, batch.out_slots)
+        o = paged_attention(q, kh, vh, k_cache, v_cache, batch, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
@@ -81,14 +81,23 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | None,
+        residual: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         batch: ForwardBatch,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x is the previous layer's output (None before the first): the residual stream is
+        residual + x, carried unsummed so that each add is fused with the norm after it.
+        Returns this layer's (x, residual)."""
+        if x is None:
+            h = self.input_layernorm(residual)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, rope, batch, k_cache, v_cache)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 # Hugging Face checkpoint names of the projections fused here: (fused name, part index).
@@ -121,11 +130,14 @@ class LlamaForCausalLM(nn.Module):
     def forward(
         self, batch: ForwardBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]
     ) -> torch.Tensor:
-        x = self.embed_tokens(batch.input_ids)
-        rope = self.rope(batch.positions, x.dtype)
+        residual = self.embed_tokens(batch.input_ids)
+        rope = self.rope(batch.positions, residual.dtype)
+        x = None
         for layer, kc, vc in zip(self.layers, k_caches, v_caches, strict=True):
-            x = layer(x, rope, batch, kc, vc)
-        x = self.norm(x[batch.logits_index])
+            x, residual = layer(x, residual, rope, batch, kc, vc)
+        assert x is not None, "a model has at least one layer"
+        idx = batch.logits_index
+        x = self.norm(residual[idx] + x[idx])
         return self.lm_head(x).float()
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:

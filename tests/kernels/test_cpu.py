@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from radixlm.kernels import cpu
-from radixlm.models.layers import row_attention
+from radixlm.models.layers import RotaryEmbedding, apply_rope, row_attention
 from radixlm.runner.batch import ScheduledSeq
 from radixlm.runner.runner import ModelRunner
 
@@ -56,6 +56,7 @@ CASES = [
     # heads, kv heads, head dim, rows as (cached tokens, new tokens)
     (9, 3, 64, [(1, 1), (63, 1), (64, 1), (200, 1)]),
     (4, 4, 128, [(5, 16), (100, 3), (65, 1)]),
+    (8, 2, 64, [(40, 3), (130, 1), (2, 3)]),  # query tiles of 4 and 2 heads
     (8, 2, 24, [(7, 2), (129, 16), (1, 1)]),  # a head size without a specialised path
     (6, 1, 32, [(300, 5)]),
 ]
@@ -124,13 +125,19 @@ def test_rms_norm_equals_the_torch_norm(rows: int, dim: int, flags: tuple[str, .
     weight = torch.randn(dim, generator=gen)
     xd = x.double()
     ref = weight.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)
-    out = cpu.rms_norm(x, weight, 1e-6, cpu.load_kernels(flags))
+    out = cpu.rms_norm(x, weight, 1e-6, kernels=cpu.load_kernels(flags))
     torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=1e-6)
     # Rows that are not contiguous with each other (a head view of a fused projection).
     wide = torch.randn(rows, 3, dim, generator=gen)
     heads = wide[:, 1:]
-    expected = cpu.rms_norm(heads.contiguous(), weight, 1e-6, cpu.load_kernels(flags))
-    assert torch.equal(cpu.rms_norm(heads, weight, 1e-6, cpu.load_kernels(flags)), expected)
+    expected = cpu.rms_norm(heads.contiguous(), weight, 1e-6, kernels=cpu.load_kernels(flags))
+    assert torch.equal(cpu.rms_norm(heads, weight, 1e-6, kernels=cpu.load_kernels(flags)), expected)
+    # With a residual: the sum, in place, then its norm, exactly as the add and norm apart.
+    residual = torch.randn(rows, 2, dim, generator=gen)
+    total = residual + heads
+    out = cpu.rms_norm(heads, weight, 1e-6, residual, cpu.load_kernels(flags))
+    assert torch.equal(residual, total)
+    assert torch.equal(out, cpu.rms_norm(total, weight, 1e-6, kernels=cpu.load_kernels(flags)))
 
 
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
@@ -142,3 +149,32 @@ def test_silu_mul_equals_torch(rows: int, inter: int, flags: tuple[str, ...]) ->
     ref = torch.nn.functional.silu(gd[:, :inter]) * gd[:, inter:]
     out = cpu.silu_mul(gate_up, cpu.load_kernels(flags))
     torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("t", "h", "kvh", "d"), [(1, 9, 3, 64), (37, 4, 4, 128), (3000, 2, 1, 24)])
+def test_rope_store_equals_the_torch_path(t, h, kvh, d, kv_dtype, flags) -> None:
+    """Rotated q, head-major k/v and the pool after the write equal apply_rope + index_copy_
+    exactly (same roundings), for views into a fused projection; other slots are untouched."""
+    gen = torch.Generator().manual_seed(t + h * d)
+    qkv = torch.randn(t, (h + 2 * kvh) * d, generator=gen) * 4
+    q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+    q, k, v = q.view(t, h, d), k.view(t, kvh, d), v.view(t, kvh, d)
+    rope = RotaryEmbedding(d, 4096, 10000.0, None)
+    cos, sin = rope(torch.randint(0, 4096, (t,), generator=gen), torch.float32)
+    slots = torch.randperm(t + 50, generator=gen)[:t] + 1
+    pool = [torch.randn(kvh, t + 51, d, generator=gen).to(kv_dtype) for _ in range(2)]
+    caches = [c.clone() for c in pool + pool]  # K, V written by the kernel; K, V by torch
+    kernels = cpu.load_kernels(flags)
+    got = cpu.rope_store(q, k, v, cos, sin, slots, caches[0], caches[1], kernels)
+    rq, rk = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    caches[2].index_copy_(1, slots, rk.transpose(0, 1).to(kv_dtype))
+    caches[3].index_copy_(1, slots, v.transpose(0, 1).to(kv_dtype))
+    for a, b in zip(got, (rq, rk.transpose(0, 1), v.transpose(0, 1)), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    # apply_rope is the rotate-half rotation: check it once against float64.
+    x, c, s = q.double(), cos.double(), sin.double()
+    ref = x * c + torch.cat([x[..., d // 2 :], x[..., : d // 2]], -1) * s
+    torch.testing.assert_close(rq.double(), ref, rtol=1e-6, atol=1e-5)

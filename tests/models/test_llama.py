@@ -7,6 +7,7 @@ generated tokens are compared through logprobs, never by exact argmax identity.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from radixlm.engine.engine import Engine
+from radixlm.kernels import cpu
 from radixlm.models.loader import load_model_files
 from radixlm.runner.batch import ScheduledSeq
 from radixlm.runner.runner import ModelRunner
@@ -115,8 +117,21 @@ def test_long_prefill_on_a_long_prefix_equals_transformers(hf: Any, runner: Mode
     torch.testing.assert_close(rest, ref[140:], atol=ATOL, rtol=0)
 
 
-def test_mixed_batch_equals_separate_forwards(hf: Any, runner: ModelRunner) -> None:
-    """Two fresh prefills, a prefill on a cached prefix and two decodes in one forward."""
+@pytest.mark.parametrize("path", ["kernels", "torch"])
+def test_mixed_batch_equals_separate_forwards(
+    hf: Any, folder: Path, runner: ModelRunner, path: str
+) -> None:
+    """Two fresh prefills, a prefill on a cached prefix and two decodes in one forward; on the
+    CPU kernels and on the torch path (what other devices run) with a runner of its own."""
+    with cpu.torch_path() if path == "torch" else contextlib.nullcontext():
+        if path == "torch":
+            config, weights = load_model_files(str(folder))
+            runner = ModelRunner(config, weights, torch.device("cpu"), torch.float32, NUM_SLOTS)
+            assert not runner.row_kernel
+        _check_mixed_batch(hf, runner)
+
+
+def _check_mixed_batch(hf: Any, runner: ModelRunner) -> None:
     a, b, c, d, e = (prompt(n, seed=10 + i) for i, n in enumerate((12, 5, 20, 9, 14)))
     slots = scattered_slots(12 + 5 + 20 + 9 + 14, seed=2)
     sa, sb, sc, sd, se = torch.split(slots, [12, 5, 20, 9, 14])
