@@ -197,6 +197,17 @@ def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
     )
     print(f"  step / matmuls = {step / mm:.2f}  (target <= 1.5)")
     print(f"  time outside the forward = {(step - fwd) / step:.1%} of a step  (target <= 10%)")
+    model, runner = core.runner.model, core.runner
+    weight_bytes = (
+        sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "proj" in n)
+        + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    )
+    kv = runner.pool.k[0]
+    kv_bytes = 2 * len(runner.pool.k) * kv.shape[0] * kv.shape[2] * kv.element_size() * b * ctx
+    print(
+        f"  bytes read per step: weights {weight_bytes / 1e6:.0f} MB (the GEMMs), "
+        f"K/V {kv_bytes / 1e6:.0f} MB (attention)"
+    )
 
 
 def bench_ttft(args: argparse.Namespace) -> None:

@@ -2,7 +2,9 @@
 //
 // Each row (a decode, or a few new tokens after a cached prefix) attends over its own slots,
 // read straight from the head-major pool [KVH, slots, D]: no gathered copy of the K/V is made,
-// so a decode step reads every K/V byte once. An online softmax runs over blocks of keys.
+// so a decode step reads every K/V byte once. An online softmax runs over blocks of keys; with
+// AVX-512 the query heads of a GQA group go through each block together, so a K/V row is loaded
+// (and widened from bfloat16) once for the group; elsewhere a portable loop runs per head.
 // Built at first use by radixlm/kernels/cpu.py and called through ctypes with raw pointers.
 #include <algorithm>
 #include <cmath>
