@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     import tokenizers
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class Tokenizer:
@@ -41,6 +43,12 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens or {})
         self._special_ids = frozenset(
             i for i, t in backend.get_added_tokens_decoder().items() if t.special
+        )
+        # Tokens that spell one byte (<0x41>) in a vocabulary with byte fallback (SentencePiece).
+        self.byte_token_ids = frozenset(
+            i
+            for t, i in backend.get_vocab().items()
+            if getattr(backend.model, "byte_fallback", False) and _BYTE_TOKEN.fullmatch(t)
         )
         self._template: jinja2.Template | None = None
 
@@ -157,7 +165,9 @@ class IncrementalDetokenizer:
 
     Each push decodes only a window: the tokens of the last emitted piece (context for decoders
     that depend on the previous token, like a leading-space rule) plus the tokens not yet emitted.
-    Text ending in U+FFFD is held back until the character's remaining bytes arrive.
+    Text ending in U+FFFD is held back until the character's remaining bytes arrive. With byte
+    fallback, a run of byte tokens is held back until it ends: the decoder turns a whole run to
+    U+FFFD if any of it is not UTF-8, so a window must not cut one.
     """
 
     __slots__ = (
@@ -191,7 +201,11 @@ class IncrementalDetokenizer:
         self.ids.extend(new_ids)
         prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
         full_text = self._decode(self.ids[self._prefix_offset :])
-        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+        if (
+            len(full_text) <= len(prefix_text)
+            or full_text.endswith("\ufffd")
+            or self._last_decoded() in self.tokenizer.byte_token_ids
+        ):
             return ""
         delta = full_text[len(prefix_text) :]
         self._prefix_offset = self._read_offset
@@ -208,6 +222,13 @@ class IncrementalDetokenizer:
         self._read_offset = len(self.ids)
         self.text += delta
         return delta
+
+    def _last_decoded(self) -> int | None:
+        """The last id a decode sees (skipped special tokens are left out before decoding)."""
+        for i in reversed(self.ids):
+            if not (self.skip_special_tokens and self.tokenizer.is_special(i)):
+                return i
+        return None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(

@@ -68,6 +68,19 @@ def make_tiny_gguf() -> Callable[..., tuple[Path, ModelConfig, dict[str, torch.T
     return write_tiny_gguf
 
 
+@pytest.fixture(scope="session")
+def make_sentencepiece_gguf() -> Callable[..., tuple[Any, dict[str, Any]]]:
+    """`sentencepiece_gguf_metadata`, for tests."""
+    return sentencepiece_gguf_metadata
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_gguf() -> tuple[Any, dict[str, Any]]:
+    """A trained SentencePiece processor and its GGUF tokenizer metadata (see
+    `sentencepiece_gguf_metadata`)."""
+    return sentencepiece_gguf_metadata()
+
+
 @pytest.fixture
 def gguf_tokenizer_metadata() -> dict[str, Any]:
     """The tokenizer metadata of the tiny GGUF, as `GGUFReader` field contents."""
@@ -197,6 +210,73 @@ def tiny_gguf_tokenizer_metadata() -> dict[str, Any]:
     }
 
 
+# A few lines of English, accents, CJK, digits and indentation to train a SentencePiece model on.
+SPM_CORPUS = [
+    "The radix tree keeps the KV cache of every prefix that requests share.",
+    "A request that finishes inserts its prompt and output; the next turn reuses them.",
+    "Least recently used leaves are evicted first, and running requests lock their path.",
+    "Continuous batching mixes prefill chunks with decodes in one forward pass.",
+    "Grüße aus Köln, ça va? naïve café. 你好，世界。",
+    "In 2024 there were 366 days; pi is 3.14159 and e is 2.71828.",
+    "def add(a, b):\n    return a + b  # the sum\n",
+    "    indented   text\twith tabs  and  double  spaces",
+]
+
+
+def sentencepiece_gguf_metadata(add_space_prefix: bool = True) -> tuple[Any, dict[str, Any]]:
+    """A small SentencePiece BPE model trained like Llama 2's (byte fallback, digits split, no
+    normalization), and the GGUF tokenizer metadata llama.cpp's converter writes for it."""
+    import io
+
+    import sentencepiece
+
+    proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SPM_CORPUS * 4),
+        model_writer=proto,
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        add_dummy_prefix=add_space_prefix,
+        minloglevel=2,
+    )
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto.getvalue())
+    n = sp.get_piece_size()
+    # llama.cpp's token types: 1 normal, 2 unknown, 3 control, 5 unused, 6 byte.
+    types = [
+        2
+        if sp.is_unknown(i)
+        else 3
+        if sp.is_control(i)
+        else 5
+        if sp.is_unused(i)
+        else 6
+        if sp.is_byte(i)
+        else 1
+        for i in range(n)
+    ]
+    return sp, {
+        "general.architecture": "llama",
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.unknown_token_id": sp.unk_id(),
+        "tokenizer.ggml.bos_token_id": sp.bos_id(),
+        "tokenizer.ggml.eos_token_id": sp.eos_id(),
+        "tokenizer.ggml.add_space_prefix": add_space_prefix,
+        "tokenizer.chat_template": (
+            "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+            "{{ eos_token }}{% endfor %}"
+        ),
+    }
+
+
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute`, applied to Q and K of llama models."""
     return (
@@ -210,16 +290,21 @@ def write_tiny_gguf(
     path: Path,
     arch: str = "llama",
     seed: int = 0,
-    tokenizer_model: str = "gpt2",
+    tokenizer_model: str | None = None,
+    tokenizer: dict[str, Any] | None = None,
+    extra_tensors: dict[str, np.ndarray] | None = None,
     **overrides: Any,
 ) -> tuple[Path, ModelConfig, dict[str, torch.Tensor]]:
     """Write a tiny float32 GGUF as llama.cpp's converter would; returns it, its config and weights.
 
-    `overrides` go to the config.json the weights are made from (`tie_word_embeddings=True`, ...).
+    `tokenizer` is its tokenizer metadata (default: `tiny_gguf_tokenizer_metadata()`), with
+    `tokenizer_model` in place of its model name if given; `extra_tensors` are written as they
+    are (like rope_freqs); `overrides` go to the config.json the weights are made from
+    (`tie_word_embeddings=True`, ...).
     """
     import gguf
 
-    tok = tiny_gguf_tokenizer_metadata()
+    tok = tokenizer or tiny_gguf_tokenizer_metadata()
     hf = tiny_config(arch, vocab_size=len(tok["tokenizer.ggml.tokens"]), **overrides)
     config = ModelConfig.from_hf(hf)
     weights = tiny_weights(config, seed)
@@ -235,14 +320,21 @@ def write_tiny_gguf(
     writer.add_value_length(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_tokenizer_model(tokenizer_model)
-    writer.add_tokenizer_pre(tok["tokenizer.ggml.pre"])
+    writer.add_tokenizer_model(tokenizer_model or tok["tokenizer.ggml.model"])
     writer.add_token_list(tok["tokenizer.ggml.tokens"])
     writer.add_token_types(tok["tokenizer.ggml.token_type"])
-    writer.add_token_merges(tok["tokenizer.ggml.merges"])
     writer.add_bos_token_id(tok["tokenizer.ggml.bos_token_id"])
     writer.add_eos_token_id(tok["tokenizer.ggml.eos_token_id"])
-    writer.add_add_bos_token(tok["tokenizer.ggml.add_bos_token"])
+    for key, add in [
+        ("pre", writer.add_tokenizer_pre),
+        ("merges", writer.add_token_merges),
+        ("scores", writer.add_token_scores),
+        ("unknown_token_id", writer.add_unk_token_id),
+        ("add_bos_token", writer.add_add_bos_token),
+        ("add_space_prefix", writer.add_add_space_prefix),
+    ]:
+        if f"tokenizer.ggml.{key}" in tok:
+            add(tok[f"tokenizer.ggml.{key}"])
     writer.add_chat_template(tok["tokenizer.chat_template"])
 
     gguf_names = {
@@ -273,6 +365,8 @@ def write_tiny_gguf(
                 heads = config.num_heads if module == "self_attn.q_proj" else config.num_kv_heads
                 array = llama_cpp_permute(array, heads)
         writer.add_tensor(gguf_name, np.ascontiguousarray(array))
+    for gguf_name, array in (extra_tensors or {}).items():
+        writer.add_tensor(gguf_name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

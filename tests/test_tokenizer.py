@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,150 @@ def test_gguf_pre_tokenizers(
     backend = hf_tokenizer(gguf_tokenizer_metadata | {"tokenizer.ggml.pre": pre})
     assert backend.pre_tokenizer is not None
     assert [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(text)] == pieces
+
+
+# --- SentencePiece ("llama") GGUF vocabularies, against the sentencepiece library -------------
+
+SPM_TEXTS = [
+    *TEXTS,
+    "The radix tree keeps the cache",
+    "a  b   c    d",
+    "Grüße 你好 Ωμέγα ☃",  # Greek and the snowman are not in the vocabulary: byte tokens
+]
+# Words of the training corpus (whole pieces and their merges), and a few more.
+SPM_WORDS = [
+    "The",
+    "radix",
+    "tree",
+    "keeps",
+    "the",
+    "KV",
+    "cache",
+    "of",
+    "every",
+    "prefix",
+    "that",
+    "requests",
+    "share,",
+    "café",
+    "Köln",
+]
+SPM_WORDS += ["", " ", "  ", "3.14159", "\n", "retraction"]
+
+
+@pytest.fixture(scope="module")
+def spm_gguf(sentencepiece_gguf: tuple[Any, dict[str, Any]]) -> tuple[Any, Tokenizer]:
+    """The trained SentencePiece processor, and our tokenizer built from its GGUF metadata."""
+    sp, metadata = sentencepiece_gguf
+    backend = hf_tokenizer(metadata)
+    return sp, Tokenizer(
+        backend,
+        vocab_size=backend.get_vocab_size(),
+        bos_token_id=sp.bos_id(),
+        eos_token_ids=(sp.eos_id(),),
+        chat_template=None,
+    )
+
+
+@pytest.mark.parametrize("text", SPM_TEXTS)
+def test_gguf_sentencepiece_matches_sentencepiece(
+    spm_gguf: tuple[Any, Tokenizer], text: str
+) -> None:
+    sp, tok = spm_gguf
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids == sp.encode(text)
+    assert tok.decode(ids) == sp.decode(ids)
+    assert "".join(_stream(tok, ids)) == tok.decode(ids)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(st.sampled_from("aeinorst TRKC.,'\n\t0123456789éü你好Ω☃🙂"), max_size=40)
+    | st.lists(st.sampled_from(SPM_WORDS), max_size=8).map(" ".join)
+)
+def test_gguf_sentencepiece_property(spm_gguf: tuple[Any, Tokenizer], text: str) -> None:
+    sp, tok = spm_gguf
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids == sp.encode(text)
+    assert tok.decode(ids) == sp.decode(ids) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, 12) | st.integers(0, 399), max_size=30),
+    chunk=st.integers(1, 3),
+    skip_special_tokens=st.booleans(),
+)
+def test_gguf_sentencepiece_streaming_on_arbitrary_ids(
+    spm_gguf: tuple[Any, Tokenizer], ids: list[int], chunk: int, skip_special_tokens: bool
+) -> None:
+    """Ids 0-2 are control tokens and 3-258 bytes (often not UTF-8): a window never cuts a run
+    of byte tokens, so the stream is always a prefix of the full decode."""
+    _, tok = spm_gguf
+    full = tok.decode(ids, skip_special_tokens=skip_special_tokens)
+    detok = IncrementalDetokenizer(tok, skip_special_tokens=skip_special_tokens)
+    for i in range(0, len(ids), chunk):
+        detok.push(ids[i : i + chunk])
+        assert full.startswith(detok.text)
+    detok.flush()
+    assert detok.text == full
+
+
+def test_gguf_sentencepiece_special_tokens(spm_gguf: tuple[Any, Tokenizer]) -> None:
+    sp, tok = spm_gguf
+    bos, eos = sp.bos_id(), sp.eos_id()
+    # BOS by default (llama.cpp's rule for SentencePiece files that carry no add_bos flag).
+    assert tok.backend.encode("Hi").ids == [bos, *sp.encode("Hi")]
+    # Special tokens in the text are parsed whole, and text after one gets its own space prefix,
+    # as llama.cpp does: " there" after </s> is what sentencepiece makes of " there" alone.
+    ids = tok.encode("<s>Hi</s> there", add_special_tokens=False)
+    assert ids == [bos, *sp.encode("Hi"), eos, *sp.encode(" there")]
+    # Decoding drops only the space prefix in front of the whole text.
+    assert tok.decode(ids) == "Hi  there"
+    assert tok.decode(ids, skip_special_tokens=False) == "<s> Hi</s>  there"
+
+
+def test_gguf_sentencepiece_without_space_prefix(
+    make_sentencepiece_gguf: Callable[..., tuple[Any, dict[str, Any]]],
+) -> None:
+    sp, metadata = make_sentencepiece_gguf(add_space_prefix=False)
+    backend = hf_tokenizer(metadata)
+    for text in SPM_TEXTS:
+        ids = backend.encode(text, add_special_tokens=False).ids
+        assert ids == sp.encode(text)
+        assert backend.decode(ids) == sp.decode(ids) == text
+
+
+def test_engine_on_a_sentencepiece_gguf(
+    tmp_path: Path,
+    tmp_cache_dir: Path,
+    make_tiny_gguf: Callable[..., Any],
+    sentencepiece_gguf: tuple[Any, dict[str, Any]],
+) -> None:
+    from radixlm import Engine
+
+    sp, metadata = sentencepiece_gguf
+    path, _, _ = make_tiny_gguf(tmp_path / "spm.gguf", tokenizer=metadata)
+    tok = Tokenizer.load(str(path))
+    assert tok.encode("Hello world") == [sp.bos_id(), *sp.encode("Hello world")]
+    assert tok.eos_token_ids == (sp.eos_id(),)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert prompt == "<s>[user] Hi</s>"
+    with Engine(model_path=str(path), max_total_tokens=256) as engine:
+        out = engine.generate("Hello world", {"max_new_tokens": 8, "temperature": 0})
+        assert out["meta_info"]["prompt_tokens"] == 1 + len(sp.encode("Hello world"))
+        assert out["text"] == tok.decode(out["output_ids"])
+        engine_sp = engine.generate(
+            input_ids=[[sp.bos_id(), *sp.encode("Hello world")]],
+            sampling_params={"max_new_tokens": 8, "temperature": 0},
+        )
+        assert engine_sp[0]["output_ids"] == out["output_ids"]
+        # Structured output over this vocabulary: ▁ for spaces, byte tokens for Ω and ☃.
+        for seed, regex in enumerate([r"[a-z]{1,5} [0-9]{3}", r"(yes|no), café", r"Ω[ab]{2}☃"]):
+            params = {"max_new_tokens": 24, "temperature": 1.0, "sampling_seed": seed}
+            out = engine.generate("Hello", {**params, "regex": regex})
+            assert re.fullmatch(regex, out["text"]), out["text"]
+            assert out["meta_info"]["finish_reason"]["type"] == "stop"
 
 
 def test_tokenizer_from_gguf_converts_only_metadata(

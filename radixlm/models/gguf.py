@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from radixlm.models.rope import rope_inv_freq
 from radixlm.utils import atomic_write, cache_dir
 
 if TYPE_CHECKING:
@@ -56,13 +57,22 @@ _LAYER_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-# Tensors llama.cpp adds that have no Hugging Face weight; rope_freqs carries Llama 3.1's rope
-# scaling, which we do not reconstruct.
-_IGNORED_TENSORS = {"rope_freqs.weight"}
+# llama.cpp writes Llama 3.1-3.3's rope scaling only as this tensor: each frequency's divisor.
+_ROPE_FREQS = "rope_freqs.weight"
+# The parameters every Llama 3.x release scales with, besides its factor (the largest divisor).
+_LLAMA3_ROPE = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
-# llama.cpp's token types (llama_token_type): 3 is CONTROL, 4 is USER_DEFINED.
+# llama.cpp's token types (llama_token_type).
+_TOKEN_NORMAL = 1
+_TOKEN_UNKNOWN = 2
 _TOKEN_CONTROL = 3
 _TOKEN_USER_DEFINED = 4
+# SentencePiece writes a space as this character (LOWER ONE EIGHTH BLOCK).
+_SPM_SPACE = "\u2581"
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -113,7 +123,10 @@ def convert_gguf(path: str | Path, *, weights: bool = True) -> Path:
     reader = gguf.GGUFReader(path)
     metadata = {name: field.contents() for name, field in reader.fields.items()}
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
-    config = hf_config(metadata, shapes)
+    rope_freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
+    config = hf_config(
+        metadata, shapes, None if rope_freqs is None else _dequantize(rope_freqs).reshape(-1)
+    )
     _write_json(folder / "config.json", config)
     _write_json(
         folder / "generation_config.json",
@@ -151,8 +164,13 @@ def _replace_stale(folder: Path, source: Path) -> None:
             shutil.rmtree(other, ignore_errors=True)
 
 
-def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """A Hugging Face config.json dict from GGUF metadata and the tensor shapes (torch order)."""
+def hf_config(
+    metadata: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
+    rope_freqs: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """A Hugging Face config.json dict from GGUF metadata, the tensor shapes (torch order) and
+    the rope_freqs tensor if the file has one."""
     arch = metadata.get("general.architecture")
     if arch not in _HF_ARCHITECTURES:
         raise ValueError(
@@ -175,6 +193,11 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> d
     else:
         vocab_size = len(metadata["tokenizer.ggml.tokens"])
     eos_ids = _eos_token_ids(metadata)
+    head_dim = int(get("attention.key_length", hidden // heads))
+    theta = _f32(get("rope.freq_base", 10000.0))
+    rope_scaling = _rope_scaling(metadata, arch)
+    if rope_scaling is None and rope_freqs is not None:
+        rope_scaling = _llama3_rope_scaling(rope_freqs, head_dim, theta)
     return {
         "architectures": [_HF_ARCHITECTURES[arch]],
         "model_type": arch,
@@ -184,10 +207,10 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> d
         "num_hidden_layers": int(get("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(kv_heads),
-        "head_dim": int(get("attention.key_length", hidden // heads)),
+        "head_dim": head_dim,
         "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": _f32(get("rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(metadata, arch),
+        "rope_theta": theta,
+        "rope_scaling": rope_scaling,
         "max_position_embeddings": int(get("context_length", 4096)),
         "tie_word_embeddings": "output.weight" not in shapes,
         "attention_bias": "blk.0.attn_q.bias" in shapes,
@@ -195,6 +218,13 @@ def hf_config(metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> d
         "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else list(eos_ids),
         "torch_dtype": "float32",
     }
+
+
+def _adds_bos(metadata: dict[str, Any]) -> bool:
+    """Whether encoding adds BOS: the file's flag, else llama.cpp's default (yes for a
+    SentencePiece vocabulary, which older files do not flag)."""
+    default = metadata.get("tokenizer.ggml.model") == "llama"
+    return bool(metadata.get("tokenizer.ggml.add_bos_token", default))
 
 
 def hf_tokenizer_config(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -205,12 +235,10 @@ def hf_tokenizer_config(metadata: dict[str, Any]) -> dict[str, Any]:
         token_id = metadata.get(f"tokenizer.ggml.{key}")
         return tokens[token_id] if token_id is not None and token_id < len(tokens) else None
 
-    # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise.
-    default_bos = metadata.get("tokenizer.ggml.model") == "llama"
     arch = metadata.get("general.architecture")
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", default_bos)),
+        "add_bos_token": _adds_bos(metadata),
         "add_eos_token": bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
         "bos_token": token("bos_token_id"),
         "eos_token": token("eos_token_id"),
@@ -222,22 +250,60 @@ def hf_tokenizer_config(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def hf_tokenizer(metadata: dict[str, Any]) -> tokenizers.Tokenizer:
-    """A `tokenizers.Tokenizer` equivalent to llama.cpp's for a byte-level BPE ("gpt2") vocabulary."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
-    from tokenizers import pre_tokenizers as pre
+    """A `tokenizers.Tokenizer` equivalent to llama.cpp's, for a byte-level BPE ("gpt2") or a
+    SentencePiece ("llama": Llama 2, Mistral, TinyLlama, ...) vocabulary."""
+    from tokenizers import AddedToken, processors
 
     kind = metadata.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(
-            f"unsupported GGUF tokenizer model {kind!r}; only byte-level BPE ('gpt2') is supported"
-        )
     tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-    types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    types: list[int] = metadata.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise ValueError("GGUF tokenizer has a token_type list of the wrong length")
+    if kind == "gpt2":
+        tok = _byte_level_bpe(metadata, tokens)
+    elif kind == "llama":
+        tok = _sentencepiece_bpe(metadata, tokens, types)
+    else:
+        raise ValueError(
+            f"unsupported GGUF tokenizer model {kind!r}; supported: byte-level BPE ('gpt2') and "
+            "SentencePiece ('llama')"
+        )
+
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, kind_id in zip(tokens, types, strict=True)
+            if kind_id in (_TOKEN_CONTROL, _TOKEN_UNKNOWN)
+        ]
+    )
+    # User-defined tokens (like <think>) are matched whole but, unlike control tokens, are text
+    # the user should see, so decoding keeps them even when skipping special tokens.
+    tok.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, kind_id in zip(tokens, types, strict=True)
+            if kind_id == _TOKEN_USER_DEFINED
+        ]
+    )
+
+    bos_id = metadata.get("tokenizer.ggml.bos_token_id")
+    if _adds_bos(metadata) and bos_id is not None:
+        bos = tokens[bos_id]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0",
+            pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            special_tokens=[(bos, bos_id)],
+        )
+    return tok
+
+
+def _byte_level_bpe(metadata: dict[str, Any], tokens: list[str]) -> tokenizers.Tokenizer:
+    """GPT-2-style BPE over bytes, split into words as the file's pre-tokenizer name says."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers as pre
+
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
     pre_type = metadata.get("tokenizer.ggml.pre", "default")
-
     tok = Tokenizer(
         models.BPE(
             vocab={t: i for i, t in enumerate(tokens)},
@@ -267,43 +333,64 @@ def hf_tokenizer(metadata: dict[str, Any]) -> tokenizers.Tokenizer:
         if pre_type not in _GPT2_PRE:
             warnings.warn(
                 f"unknown GGUF pre-tokenizer {pre_type!r}; splitting text like GPT-2",
-                stacklevel=2,
+                stacklevel=3,
             )
         tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-
-    tok.add_special_tokens(
-        [
-            AddedToken(t, special=True, normalized=False)
-            for t, kind_id in zip(tokens, types, strict=True)
-            if kind_id == _TOKEN_CONTROL
-        ]
-    )
-    # User-defined tokens (like <think>) are matched whole but, unlike control tokens, are text
-    # the user should see, so decoding keeps them even when skipping special tokens.
-    tok.add_tokens(
-        [
-            AddedToken(t, special=False, normalized=False)
-            for t, kind_id in zip(tokens, types, strict=True)
-            if kind_id == _TOKEN_USER_DEFINED
-        ]
-    )
-
-    bos_id = metadata.get("tokenizer.ggml.bos_token_id")
-    if metadata.get("tokenizer.ggml.add_bos_token", False) and bos_id is not None:
-        bos = tokens[bos_id]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0",
-            pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-            special_tokens=[(bos, bos_id)],
-        )
     return tok
+
+
+def _sentencepiece_bpe(
+    metadata: dict[str, Any], tokens: list[str], types: list[int]
+) -> tokenizers.Tokenizer:
+    """SentencePiece BPE as llama.cpp runs it: spaces become U+2581 (one more in front of the
+    text, and after each special token, unless the file says add_space_prefix is false), then
+    the adjacent pair whose merged piece scores highest is merged until none is in the vocabulary;
+    a character outside it is spelled with the <0xXX> byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = metadata.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in reversed(list(enumerate(tokens)))},  # first id of a duplicate
+            merges=_sentencepiece_merges(tokens, types, scores),
+            unk_token=tokens[unk_id] if unk_id is not None and unk_id < len(tokens) else None,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    escape = normalizers.Replace(" ", _SPM_SPACE)
+    tok.normalizer = (
+        normalizers.Sequence([normalizers.Prepend(_SPM_SPACE), escape]) if space_prefix else escape
+    )
+    steps = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if space_prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(steps)
+    return tok
+
+
+def _sentencepiece_merges(
+    tokens: list[str], types: list[int], scores: list[float]
+) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's scores: every split of a normal piece into two
+    normal pieces, the best-scoring merged piece first (its splits in vocabulary order)."""
+    normal = {t: i for i, t in reversed(list(enumerate(tokens))) if types[i] == _TOKEN_NORMAL}
+    ranked: list[tuple[float, int, int, int]] = []
+    for piece, i in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = normal.get(piece[:cut]), normal.get(piece[cut:])
+            if left is not None and right is not None:
+                ranked.append((-scores[i], i, left, right))
+    ranked.sort()
+    return [(tokens[left], tokens[right]) for _, _, left, right in ranked]
 
 
 def _write_weights(reader: gguf.GGUFReader, config: dict[str, Any], path: Path) -> None:
     """Dequantize every tensor to float32 under its Hugging Face name and save them."""
     import torch
-    from gguf.quants import dequantize
     from safetensors.torch import save_file
 
     # llama.cpp interleaves the two rotary halves of each Q and K head for llama-arch models
@@ -315,8 +402,7 @@ def _write_weights(reader: gguf.GGUFReader, config: dict[str, Any], path: Path) 
         name = hf_tensor_name(t.name)
         if name is None:
             continue
-        array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        array = array.reshape(tuple(int(d) for d in reversed(t.shape)))
+        array = _dequantize(t)
         kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
         if permuted and kind in heads:
             array = _unpermute_rotary(array, heads[kind])
@@ -324,14 +410,18 @@ def _write_weights(reader: gguf.GGUFReader, config: dict[str, Any], path: Path) 
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
+def _dequantize(t: gguf.ReaderTensor) -> np.ndarray:
+    """A GGUF tensor as float32, in torch's dimension order."""
+    from gguf.quants import dequantize
+
+    array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+    return array.reshape(tuple(int(d) for d in reversed(t.shape)))
+
+
 def hf_tensor_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor, or None for a tensor we deliberately drop."""
-    if gguf_name in _IGNORED_TENSORS:
-        if gguf_name == "rope_freqs.weight":
-            warnings.warn(
-                "this GGUF has Llama 3.1 rope scaling factors (rope_freqs), which are ignored",
-                stacklevel=3,
-            )
+    """The Hugging Face name of a GGUF tensor, or None for one that is not a weight (rope_freqs
+    becomes the config's rope_scaling)."""
+    if gguf_name == _ROPE_FREQS:
         return None
     stem, _, suffix = gguf_name.rpartition(".")
     parts = stem.split(".")
@@ -373,6 +463,25 @@ def _rope_scaling(metadata: dict[str, Any], arch: str) -> dict[str, Any] | None:
     if original is not None:
         scaling["original_max_position_embeddings"] = int(original)
     return scaling
+
+
+def _llama3_rope_scaling(
+    rope_freqs: np.ndarray, head_dim: int, theta: float
+) -> dict[str, Any] | None:
+    """The Hugging Face llama3 rope_scaling that llama.cpp computed these per-frequency divisors
+    from, or None (with a warning) if the Llama 3 parameters do not reproduce them."""
+    factor = _f32(float(rope_freqs.max()))
+    if factor == 1.0:
+        return None
+    scaling = {"rope_type": "llama3", "factor": factor, **_LLAMA3_ROPE}
+    divisors = rope_inv_freq(head_dim, theta, None) / rope_inv_freq(head_dim, theta, scaling)
+    if divisors.shape == rope_freqs.shape and np.allclose(divisors, rope_freqs, rtol=1e-5):
+        return scaling
+    warnings.warn(
+        "this GGUF's rope scaling factors (rope_freqs) match no Llama 3 scaling; they are ignored",
+        stacklevel=3,
+    )
+    return None
 
 
 def _f32(value: float) -> float:

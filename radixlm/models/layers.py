@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixlm.kernels import cpu
+from radixlm.models.rope import rope_inv_freq
 from radixlm.runner.batch import ForwardBatch
 
 
@@ -43,27 +43,6 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Inverse frequencies of the rotary embedding, with Llama 3 or linear scaling."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind == "default":
-        return inv
-    assert scaling is not None
-    if kind == "linear":
-        return inv / scaling["factor"]
-    if kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        smooth = (old_len / wavelen - low) / (high - low)
-        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
-        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
-        return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    raise ValueError(f"unsupported rope scaling type {kind!r}")
-
-
 class RotaryEmbedding(nn.Module):
     """Non-interleaved (rotate-half) rotary embedding with a precomputed cos/sin table."""
 
@@ -71,7 +50,7 @@ class RotaryEmbedding(nn.Module):
         self, head_dim: int, max_pos: int, theta: float, scaling: dict[str, Any] | None
     ) -> None:
         super().__init__()
-        inv = rope_inv_freq(head_dim, theta, scaling)
+        inv = torch.tensor(rope_inv_freq(head_dim, theta, scaling))  # on the default device
         freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv)
         # sin carries the sign of rotate-half, so applying it needs no negation per layer.
         self.cos: torch.Tensor

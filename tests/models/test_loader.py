@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -168,6 +170,67 @@ def test_bad_paths(tmp_path: Path, make_tiny_model: Callable[..., Path]) -> None
         load_model_files(str(folder))
 
 
+def llama_cpp_rope_freqs(head_dim: int, theta: float, factor: float) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py writes as rope_freqs for a Llama 3.1 rope_scaling
+    (low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192)."""
+    low, high, old_len = 1.0, 4.0, 8192
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    divisors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_len / high:
+            divisors.append(1.0)
+        elif wavelen > old_len / low:
+            divisors.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(divisors, dtype=np.float32)
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])  # Llama 3.1 / 3.3, and 3.2
+def test_gguf_rope_freqs_become_llama3_rope_scaling(
+    tmp_path: Path, tmp_cache_dir: Path, make_tiny_gguf: Callable[..., Any], factor: float
+) -> None:
+    from radixlm.models.layers import RotaryEmbedding
+
+    theta, head_dim = 500000.0, 16
+    rope_freqs = llama_cpp_rope_freqs(head_dim, theta, factor)
+    assert ((rope_freqs > 1) & (rope_freqs < factor)).any()  # the smoothed band is covered
+    path, _, expected = make_tiny_gguf(
+        tmp_path / "llama31.gguf", rope_theta=theta, extra_tensors={"rope_freqs.weight": rope_freqs}
+    )
+    config, tensors = load_model_files(str(path))
+    assert config.head_dim == head_dim
+    assert config.rope_scaling == {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert tensors.keys() == expected.keys()  # rope_freqs is no weight
+    # The rotary table turns each frequency as llama.cpp does: divided by its rope_freqs entry.
+    rope = RotaryEmbedding(head_dim, 4096, config.rope_theta, config.rope_scaling)
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2) / head_dim)) / rope_freqs.astype(np.float64)
+    angles = np.outer(np.arange(4096), inv)
+    torch.testing.assert_close(
+        rope.cos[:, : head_dim // 2].double(), torch.from_numpy(np.cos(angles)), atol=1e-5, rtol=0
+    )
+
+
+def test_gguf_rope_freqs_that_no_llama3_scaling_explains_are_ignored(
+    tmp_path: Path, tmp_cache_dir: Path, make_tiny_gguf: Callable[..., Any]
+) -> None:
+    rope_freqs = np.linspace(1.0, 3.0, 8, dtype=np.float32)
+    path, _, _ = make_tiny_gguf(
+        tmp_path / "odd.gguf", extra_tensors={"rope_freqs.weight": rope_freqs}
+    )
+    with pytest.warns(UserWarning, match="rope_freqs"):
+        config, _ = load_model_files(str(path))
+    assert config.rope_scaling is None
+
+
 @pytest.mark.parametrize(
     ("arch", "error"),
     [("phi2", "unsupported GGUF architecture 'phi2'"), ("llama", "lacks llama.embedding_length")],
@@ -193,10 +256,10 @@ def test_gguf_weights_load_even_if_its_tokenizer_is_unsupported(
 ) -> None:
     from radixlm.tokenizer import Tokenizer
 
-    path, expected_config, _ = make_tiny_gguf(tmp_path / "spm.gguf", tokenizer_model="llama")
+    path, expected_config, _ = make_tiny_gguf(tmp_path / "t5.gguf", tokenizer_model="t5")
     config, _ = load_model_files(str(path))
     assert config == expected_config
-    with pytest.raises(ValueError, match="unsupported GGUF tokenizer model 'llama'"):
+    with pytest.raises(ValueError, match="unsupported GGUF tokenizer model 't5'"):
         Tokenizer.load(str(path))
 
 
