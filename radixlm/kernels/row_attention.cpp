@@ -3,8 +3,8 @@
 // Each row (a decode, or a few new tokens after a cached prefix) attends over its own slots,
 // read straight from the head-major pool [KVH, slots, D]: no gathered copy of the K/V is made,
 // so a decode step reads every K/V byte once. An online softmax runs over blocks of keys; with
-// AVX-512 the query heads of a GQA group go through each block together, so a K/V row is loaded
-// (and widened from bfloat16) once for the group; elsewhere a portable loop runs per head.
+// AVX-512 or AVX2 the query heads of a GQA group go through each block together, so a K/V row is
+// loaded (and widened from bfloat16) once for the group; elsewhere a portable loop runs per head.
 // Built at first use by radixlm/kernels/cpu.py and called through ctypes with raw pointers.
 #include <algorithm>
 #include <cmath>
@@ -14,7 +14,7 @@
 
 #include "cpu_math.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -83,23 +83,55 @@ inline float softmax_block(float* __restrict s, int64_t n, int64_t visible, floa
 }
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+#define RADIXLM_TILES 1
+// 16 floats a vector.
+struct Simd {
+    using V = __m512;
+    static constexpr int64_t kWidth = 16;
+    static V load(const float* p) { return _mm512_loadu_ps(p); }
+    static V load(const uint16_t* p) {
+        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+    }
+    static V set1(float x) { return _mm512_set1_ps(x); }
+    static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+    static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
+    // The totals of four vectors' lanes, as four floats.
+    static __m128 sum4(V a0, V a1, V a2, V a3) {
+        // Per 128-bit lane: [a0 a1 a0 a1] pair sums, then [a0 a1 a2 a3]; then the lanes are added.
+        const V t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+        const V t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+        const V u = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
+        const V v = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, 0x4E));
+        return _mm512_castps512_ps128(_mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1)));
+    }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+#define RADIXLM_TILES 1
+// 8 floats a vector. With 16 registers a tile of several heads spills some queries and
+// accumulators to the stack; it still beats one head a pass, which re-reads each block.
+struct Simd {
+    using V = __m256;
+    static constexpr int64_t kWidth = 8;
+    static V load(const float* p) { return _mm256_loadu_ps(p); }
+    static V load(const uint16_t* p) {
+        const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+    }
+    static V set1(float x) { return _mm256_set1_ps(x); }
+    static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+    static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
+    static __m128 sum4(V a0, V a1, V a2, V a3) {
+        // Per 128-bit lane: pair sums, then [a0 a1 a2 a3] sums; then the two lanes are added.
+        const V u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+    }
+};
+#endif
 
-inline __m512 load16(const uint16_t* p) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-// The totals of four vectors' lanes, as four floats.
-inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-    // Per 128-bit lane: [a0 a1 a0 a1] pair sums, then [a0 a1 a2 a3]; then the lanes are added.
-    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-    const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
-    const __m512 v = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, 0x4E));
-    return _mm512_castps512_ps128(_mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1)));
-}
-
+#if defined(RADIXLM_TILES)
 // One block of keys for MT queries at once (the heads of a GQA group share their K/V): each K
 // and V row is loaded and widened once for all MT. q holds MT scaled queries of D floats; s is
 // scratch of MT x kBlock; m0 is the first query's index m in its row.
@@ -108,44 +140,43 @@ void tile_block(const float* __restrict q, int64_t m0, int64_t group, int64_t la
                 int64_t j0, const KV* const* k_rows, const KV* const* v_rows, int64_t nb,
                 float* __restrict s, float* __restrict acc, float* __restrict row_max,
                 float* __restrict row_sum) {
-    constexpr int64_t C = D / 16;
-    __m512 qv[MT][C];
+    using V = Simd::V;
+    constexpr int64_t W = Simd::kWidth, C = D / W;
+    V qv[MT][C];
     for (int64_t i = 0; i < MT; ++i)
-        for (int64_t c = 0; c < C; ++c) qv[i][c] = _mm512_loadu_ps(q + i * D + 16 * c);
+        for (int64_t c = 0; c < C; ++c) qv[i][c] = Simd::load(q + i * D + W * c);
     for (int64_t j = 0; j < nb; j += 4) {  // rows are padded to a multiple of 16
-        __m512 dot[MT][4];
+        V dot[MT][4];
         for (int64_t jj = 0; jj < 4; ++jj) {
-            __m512 k[C];
-            for (int64_t c = 0; c < C; ++c) k[c] = load16(k_rows[j + jj] + 16 * c);
+            V k[C];
+            for (int64_t c = 0; c < C; ++c) k[c] = Simd::load(k_rows[j + jj] + W * c);
             for (int64_t i = 0; i < MT; ++i) {
-                __m512 a = _mm512_mul_ps(qv[i][0], k[0]);
-                for (int64_t c = 1; c < C; ++c) a = _mm512_fmadd_ps(qv[i][c], k[c], a);
+                V a = Simd::mul(qv[i][0], k[0]);
+                for (int64_t c = 1; c < C; ++c) a = Simd::fmadd(qv[i][c], k[c], a);
                 dot[i][jj] = a;
             }
         }
         for (int64_t i = 0; i < MT; ++i)
-            _mm_store_ps(s + i * kBlock + j, sum4(dot[i][0], dot[i][1], dot[i][2], dot[i][3]));
+            _mm_store_ps(s + i * kBlock + j, Simd::sum4(dot[i][0], dot[i][1], dot[i][2], dot[i][3]));
     }
-    __m512 out[MT][C];
+    V out[MT][C];
     for (int64_t i = 0; i < MT; ++i) {
         // Query m sits at position last_visible + m / group: it sees keys up to there.
         const int64_t m = m0 + i;
         const int64_t visible = std::clamp(last_visible + m / group + 1 - j0, int64_t(0), nb);
-        const __m512 corr = _mm512_set1_ps(
-            softmax_block(s + i * kBlock, nb, visible, row_max[i], row_sum[i]));
-        for (int64_t c = 0; c < C; ++c)
-            out[i][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * D + 16 * c), corr);
+        const V corr = Simd::set1(softmax_block(s + i * kBlock, nb, visible, row_max[i], row_sum[i]));
+        for (int64_t c = 0; c < C; ++c) out[i][c] = Simd::mul(Simd::load(acc + i * D + W * c), corr);
     }
     for (int64_t j = 0; j < nb; ++j) {
-        __m512 v[C];
-        for (int64_t c = 0; c < C; ++c) v[c] = load16(v_rows[j] + 16 * c);
+        V v[C];
+        for (int64_t c = 0; c < C; ++c) v[c] = Simd::load(v_rows[j] + W * c);
         for (int64_t i = 0; i < MT; ++i) {
-            const __m512 p = _mm512_set1_ps(s[i * kBlock + j]);
-            for (int64_t c = 0; c < C; ++c) out[i][c] = _mm512_fmadd_ps(p, v[c], out[i][c]);
+            const V p = Simd::set1(s[i * kBlock + j]);
+            for (int64_t c = 0; c < C; ++c) out[i][c] = Simd::fmadd(p, v[c], out[i][c]);
         }
     }
     for (int64_t i = 0; i < MT; ++i)
-        for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(acc + i * D + 16 * c, out[i][c]);
+        for (int64_t c = 0; c < C; ++c) Simd::store(acc + i * D + W * c, out[i][c]);
 }
 #endif
 
@@ -171,9 +202,9 @@ void attend_row(const float* __restrict qs, int64_t m_count, int64_t group, int6
         const int64_t nb = std::min(kBlock, len - j0);
         block_rows(k_head, slots + j0, nb, d, k_rows);
         block_rows(v_head, slots + j0, nb, d, v_rows);
-#if defined(__AVX512F__)
+#if defined(RADIXLM_TILES)
         if constexpr (D > 0 && D % 16 == 0) {
-            constexpr int64_t kMt = D <= 64 ? 4 : 2;  // accumulators fit in the registers
+            constexpr int64_t kMt = D <= 64 ? 4 : 2;  // heads a pass: 4 x 64 floats of queries
             static_assert(kMt <= kTile);
             for (int64_t m0 = 0; m0 < m_count; m0 += kMt) {
                 const int64_t mt = std::min(kMt, m_count - m0);

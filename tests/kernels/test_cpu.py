@@ -62,16 +62,20 @@ CASES = [
 ]
 
 
-def _has_avx512() -> bool:
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            return " avx512f " in f.read()
+            return set(f.read().split())
     except OSError:
-        return False
+        return set()
 
 
-# The build for this CPU, and (where it has AVX-512) the portable loops other CPUs run.
-VARIANTS = [()] + ([("-mno-avx512f",)] if _has_avx512() else [])
+# The build for this CPU, and those of the paths other CPUs take: AVX2 tiles, portable loops.
+VARIANTS: list[tuple[str, ...]] = [()]
+if "avx512f" in _cpu_flags():
+    VARIANTS.append(("-mno-avx512f",))
+if "avx2" in _cpu_flags():
+    VARIANTS.append(("-mno-avx512f", "-mno-avx2"))
 
 
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
