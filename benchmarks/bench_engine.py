@@ -6,11 +6,13 @@ python benchmarks/bench_engine.py no-sharing     # radix cache on vs off, nothin
 python benchmarks/bench_engine.py prefill        # uncached prefill vs its weight matmuls alone
 python benchmarks/bench_engine.py decode         # decode step vs its weight matmuls; overhead
 python benchmarks/bench_engine.py ttft           # time to first token, cached vs uncached prefix
+python benchmarks/bench_engine.py attention-kernel  # the CPU decode attention kernel per ISA build
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -235,12 +237,67 @@ def bench_ttft(args: argparse.Namespace) -> None:
     )
 
 
+def bench_attention_kernel(args: argparse.Namespace) -> None:
+    """The short-row attention kernel alone at the decode shape (SmolLM2's heads, one pool per
+    layer, contiguous slots), built for this CPU and for the paths other CPUs take, against a
+    plain read of the same K/V (torch.sum): the memory-bandwidth floor."""
+    from radixlm.kernels import cpu
+
+    layers, heads, kv_heads, d = 30, 9, 3, 64
+    b, n = args.decode_batch, args.decode_context
+    builds = {name: cpu.load_kernels(flags) for name, flags in cpu.isa_variants().items()}
+    q = torch.randn(b, heads, d)
+    out = torch.empty_like(q)
+    row_kv = (torch.arange(b * n) + 1).view(b, n)
+    spans = torch.stack([torch.arange(b), torch.ones(b, dtype=torch.long), torch.full((b,), n)])
+    for dtype in (torch.float32, torch.bfloat16):
+        pools = [
+            tuple(torch.randn(kv_heads, b * n + 1, d).to(dtype) for _ in range(2))
+            for _ in range(layers)
+        ]
+        fns: dict[str, Callable[[], None]] = {
+            name: functools.partial(_attend_layers, lib, pools, q, row_kv, spans, out)
+            for name, lib in builds.items()
+            if lib is not None
+        }
+        fns["plain read (torch.sum)"] = functools.partial(_read_layers, pools)
+        times = [statistics.median(t) for t in _alternating(list(fns.values()), args.repeat)]
+        nbytes = 2 * layers * kv_heads * b * n * d * pools[0][0].element_size()
+        print(
+            f"attention kernel: {layers} layers x {b} rows x {n} keys, {dtype}: {nbytes / 1e6:.0f} MB of K/V"
+        )
+        for name, t in zip(fns, times, strict=True):
+            print(f"  {name:24s} {t * 1000:7.1f} ms  {nbytes / t / 1e9:5.1f} GB/s")
+
+
+def _attend_layers(
+    lib: Any,
+    pools: list[tuple[torch.Tensor, ...]],
+    q: torch.Tensor,
+    row_kv: torch.Tensor,
+    spans: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """Decode attention over every layer's pool, as a forward runs it layer by layer."""
+    from radixlm.kernels import cpu
+
+    for k, v in pools:
+        cpu.row_attention(q, k, v, row_kv, spans, q.shape[-1] ** -0.5, out, lib)
+
+
+def _read_layers(pools: list[tuple[torch.Tensor, ...]]) -> None:
+    for k, v in pools:
+        k.sum()
+        v.sum()
+
+
 SCENARIOS = {
     "shared-prefix": bench_shared_prefix,
     "no-sharing": bench_no_sharing,
     "prefill": bench_prefill,
     "decode": bench_decode,
     "ttft": bench_ttft,
+    "attention-kernel": bench_attention_kernel,
 }
 
 

@@ -60,6 +60,19 @@ def _cpu_flags() -> str:
     return ""
 
 
+def isa_variants() -> dict[str, tuple[str, ...]]:
+    """The extra flags of the builds this CPU can run: its own ("native"), and where it has
+    more than them, the AVX2 tiles and the portable loops that other CPUs take (for tests and
+    benchmarks; `load_kernels(flags)` builds one)."""
+    features = set(_cpu_flags().split())
+    variants: dict[str, tuple[str, ...]] = {"native": ()}
+    if "avx512f" in features:
+        variants["avx2"] = ("-mno-avx512f",)
+    if "avx2" in features:
+        variants["portable"] = ("-mno-avx512f", "-mno-avx2")
+    return variants
+
+
 @functools.cache
 def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """The compiled kernels, built once per source, compiler, flags and CPU; None if they cannot

@@ -62,20 +62,8 @@ CASES = [
 ]
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(f.read().split())
-    except OSError:
-        return set()
-
-
 # The build for this CPU, and those of the paths other CPUs take: AVX2 tiles, portable loops.
-VARIANTS: list[tuple[str, ...]] = [()]
-if "avx512f" in _cpu_flags():
-    VARIANTS.append(("-mno-avx512f",))
-if "avx2" in _cpu_flags():
-    VARIANTS.append(("-mno-avx512f", "-mno-avx2"))
+VARIANTS = list(cpu.isa_variants().values())
 
 
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
