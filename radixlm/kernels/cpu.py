@@ -61,15 +61,15 @@ def _cpu_flags() -> str:
 
 
 def isa_variants() -> dict[str, tuple[str, ...]]:
-    """The extra flags of the builds this CPU can run: its own ("native"), and where it has
-    more than them, the AVX2 tiles and the portable loops that other CPUs take (for tests and
+    """The extra flags of the builds this CPU can run: its own ("native") and, where it has
+    more, the paths other CPUs take: AVX2, and 128-bit vectors as on SSE or NEON (for tests and
     benchmarks; `load_kernels(flags)` builds one)."""
     features = set(_cpu_flags().split())
     variants: dict[str, tuple[str, ...]] = {"native": ()}
     if "avx512f" in features:
         variants["avx2"] = ("-mno-avx512f",)
     if "avx2" in features:
-        variants["portable"] = ("-mno-avx512f", "-mno-avx2")
+        variants["128-bit"] = ("-mno-avx512f", "-mno-avx2")
     return variants
 
 

@@ -2,9 +2,11 @@
 //
 // Each row (a decode, or a few new tokens after a cached prefix) attends over its own slots,
 // read straight from the head-major pool [KVH, slots, D]: no gathered copy of the K/V is made,
-// so a decode step reads every K/V byte once. An online softmax runs over blocks of keys; with
-// AVX-512 or AVX2 the query heads of a GQA group go through each block together, so a K/V row is
-// loaded (and widened from bfloat16) once for the group; elsewhere a portable loop runs per head.
+// so a decode step reads every K/V byte once. An online softmax runs over blocks of keys, and the
+// query heads of a GQA group go through each block together, so a K/V row is loaded (and widened
+// from bfloat16) once for the group: in AVX-512 or AVX2 registers, or on other CPUs (SSE, NEON)
+// in 4-float vectors of the compiler's vector extensions. Head sizes other than 64 and 128, or a
+// compiler without those, take a plain loop per head.
 // Built at first use by radixlm/kernels/cpu.py and called through ctypes with raw pointers.
 #include <algorithm>
 #include <cmath>
@@ -82,6 +84,12 @@ inline float softmax_block(float* __restrict s, int64_t n, int64_t visible, floa
     return correction;
 }
 
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector) && __has_builtin(__builtin_convertvector)
+#define RADIXLM_VECTOR_BUILTINS 1  // GCC 12+, Clang
+#endif
+#endif
+
 #if defined(__AVX512F__)
 #define RADIXLM_TILES 1
 // 16 floats a vector.
@@ -97,14 +105,14 @@ struct Simd {
     static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
     static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
     static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
-    // The totals of four vectors' lanes, as four floats.
-    static __m128 sum4(V a0, V a1, V a2, V a3) {
+    // out[0..3] = the totals of a0's, a1's, a2's and a3's lanes.
+    static void store_sum4(float* out, V a0, V a1, V a2, V a3) {
         // Per 128-bit lane: [a0 a1 a0 a1] pair sums, then [a0 a1 a2 a3]; then the lanes are added.
         const V t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
         const V t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
         const V u = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
         const V v = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, 0x4E));
-        return _mm512_castps512_ps128(_mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1)));
+        _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1))));
     }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -123,10 +131,39 @@ struct Simd {
     static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
     static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
     static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
-    static __m128 sum4(V a0, V a1, V a2, V a3) {
+    static void store_sum4(float* out, V a0, V a1, V a2, V a3) {
         // Per 128-bit lane: pair sums, then [a0 a1 a2 a3] sums; then the two lanes are added.
         const V u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-        return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+        _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+    }
+};
+#elif defined(RADIXLM_VECTOR_BUILTINS)
+#define RADIXLM_TILES 1
+// Any other CPU (SSE, NEON, ...): GCC / Clang vector extensions, 4 floats a vector.
+struct Simd {
+    typedef float V __attribute__((vector_size(16)));
+    typedef uint16_t Half __attribute__((vector_size(8)));
+    typedef uint32_t Wide __attribute__((vector_size(16)));
+    static constexpr int64_t kWidth = 4;
+    static V load(const float* p) {
+        V v;
+        std::memcpy(&v, p, sizeof v);
+        return v;
+    }
+    static V load(const uint16_t* p) {
+        Half h;
+        std::memcpy(&h, p, sizeof h);
+        return (V)(__builtin_convertvector(h, Wide) << 16);
+    }
+    static V set1(float x) { return V{x, x, x, x}; }
+    static V mul(V a, V b) { return a * b; }
+    static V fmadd(V a, V b, V c) { return a * b + c; }
+    static void store(float* p, V a) { std::memcpy(p, &a, sizeof a); }
+    static void store_sum4(float* out, V a0, V a1, V a2, V a3) {
+        // [a0 a1 a0 a1] pair sums, then [a0 a1 a2 a3].
+        const V t0 = __builtin_shufflevector(a0, a1, 0, 4, 1, 5) + __builtin_shufflevector(a0, a1, 2, 6, 3, 7);
+        const V t1 = __builtin_shufflevector(a2, a3, 0, 4, 1, 5) + __builtin_shufflevector(a2, a3, 2, 6, 3, 7);
+        store(out, __builtin_shufflevector(t0, t1, 0, 1, 4, 5) + __builtin_shufflevector(t0, t1, 2, 3, 6, 7));
     }
 };
 #endif
@@ -157,7 +194,7 @@ void tile_block(const float* __restrict q, int64_t m0, int64_t group, int64_t la
             }
         }
         for (int64_t i = 0; i < MT; ++i)
-            _mm_store_ps(s + i * kBlock + j, Simd::sum4(dot[i][0], dot[i][1], dot[i][2], dot[i][3]));
+            Simd::store_sum4(s + i * kBlock + j, dot[i][0], dot[i][1], dot[i][2], dot[i][3]);
     }
     V out[MT][C];
     for (int64_t i = 0; i < MT; ++i) {

@@ -62,7 +62,7 @@ CASES = [
 ]
 
 
-# The build for this CPU, and those of the paths other CPUs take: AVX2 tiles, portable loops.
+# The build for this CPU, and those of the paths other CPUs take (AVX2, 128-bit vectors).
 VARIANTS = list(cpu.isa_variants().values())
 
 
