@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any
 
 from radixlm.engine.args import EngineArgs
@@ -21,15 +23,38 @@ class EngineDeadError(RuntimeError):
     """The engine core stopped (it crashed or was shut down)."""
 
 
+class _ToLoop:
+    """Where the core thread puts one request's outputs for an asyncio caller: onto the call's
+    queue in the caller's event loop, tagged with the request's index in the call."""
+
+    __slots__ = ("loop", "queue", "index")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue[tuple[int, Any]], index: int
+    ) -> None:
+        self.loop, self.queue, self.index = loop, q, index
+
+    def put(self, item: TokenOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, item))
+
+
+def _generate_input(call: dict[str, Any]) -> GenerateInput:
+    """The arguments of a `generate` or `async_generate` call (their locals()) as the input."""
+    args = {name: value for name, value in call.items() if name != "self"}
+    return GenerateInput(text=args.pop("prompt"), **args)
+
+
 class Engine:
-    """Offline generation with SGLang's `Engine` shape: `generate`, `flush_cache`, `shutdown`."""
+    """Offline generation with SGLang's `Engine` shape: `generate`, `async_generate`,
+    `flush_cache`, `shutdown`."""
 
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
         self.args = EngineArgs(model_path=model_path, **kwargs)
         self.core = EngineCore(self.args)
         self.tokenizer = self.core.tokenizer
         self._inbox: queue.Queue[Message] = queue.Queue()
-        self._streams: dict[str, queue.Queue[TokenOutput | BaseException]] = {}
+        # Each running request's outputs: a queue.Queue, or a _ToLoop for an asyncio caller.
+        self._streams: dict[str, queue.Queue[TokenOutput | BaseException] | _ToLoop] = {}
         self._calls: dict[int, queue.Queue[Any]] = {}
         self._call_ids = itertools.count()
         self._lock = threading.Lock()
@@ -113,18 +138,8 @@ class Engine:
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """Generate for one prompt (a dict back) or a batch (a list); stream=True yields dicts
         whose text and output_ids are cumulative. Bad input raises ValueError."""
-        inp = GenerateInput(
-            text=prompt,
-            input_ids=input_ids,
-            sampling_params=sampling_params,
-            return_logprob=return_logprob,
-            logprob_start_len=logprob_start_len,
-            top_logprobs_num=top_logprobs_num,
-            return_text_in_logprobs=return_text_in_logprobs,
-            stream=stream,
-            rid=rid,
-        )
-        states = self._submit(inp)
+        inp = _generate_input(locals())  # first: locals() is the call's arguments
+        states = self._submit(inp, lambda _: queue.Queue())
         if stream:
             return self._stream(states)
         try:
@@ -136,7 +151,76 @@ class Engine:
         outs = [s.to_dict() for s in states]
         return outs if inp.is_batch or len(outs) > 1 else outs[0]
 
-    def _submit(self, inp: GenerateInput) -> list[RequestState]:
+    async def async_generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] | None = None,
+        top_logprobs_num: int | list[int] | None = None,
+        return_text_in_logprobs: bool = False,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
+        """`generate` for asyncio code, as SGLang's Engine has it: awaiting gives the output (a
+        dict, or a list for a batch), or with stream=True an async iterator of cumulative dicts.
+        The event loop is never blocked; leaving a stream early aborts its requests."""
+        inp = _generate_input(locals())  # first: locals() is the call's arguments
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        states = self._submit(inp, lambda i: _ToLoop(loop, outputs, i))
+        updates = self._async_updates(states, outputs)
+        if stream:
+            return self._async_stream(states, updates)
+        async for _ in updates:
+            pass
+        outs = [s.to_dict() for s in states]
+        return outs if inp.is_batch or len(outs) > 1 else outs[0]
+
+    async def _async_updates(
+        self, states: list[RequestState], outputs: asyncio.Queue[tuple[int, Any]]
+    ) -> AsyncGenerator[list[int], None]:
+        """Apply the requests' outputs as they arrive; yields the indices of the requests each
+        round changed. Requests still running when this stops are aborted."""
+        try:
+            while not all(s.finished for s in states):
+                try:
+                    item = await asyncio.wait_for(outputs.get(), _POLL_S)
+                except asyncio.TimeoutError:
+                    if not self._thread.is_alive():
+                        raise self._error or EngineDeadError("the engine thread is gone") from None
+                    continue
+                changed: set[int] = set()
+                while True:  # this output, then whatever else has arrived
+                    i, out = item
+                    if isinstance(out, BaseException):
+                        raise out
+                    states[i].apply(out)
+                    changed.add(i)
+                    if outputs.empty():
+                        break
+                    item = outputs.get_nowait()
+                yield sorted(changed)
+        finally:
+            self._close(states)
+
+    async def _async_stream(
+        self, states: list[RequestState], updates: AsyncGenerator[list[int], None]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Cumulative chunks, as `generate(stream=True)` yields them."""
+        async with contextlib.aclosing(updates):
+            async for changed in updates:
+                for i in changed:
+                    out = states[i].to_dict()
+                    yield out if len(states) == 1 else {"index": i, **out}
+
+    def _submit(
+        self,
+        inp: GenerateInput,
+        inbox: Callable[[int], queue.Queue[TokenOutput | BaseException] | _ToLoop],
+    ) -> list[RequestState]:
+        """Tokenize and queue the requests; inbox(i) is where request i's outputs will go."""
         self._check_alive()
         cfg = self.core.scheduler.config
         reqs = tokenize_input(
@@ -147,20 +231,18 @@ class Engine:
             for r in reqs:
                 if r.rid in self._streams:
                     raise ValueError(f"a request with rid {r.rid!r} is already running")
-            for r in reqs:
-                self._streams[r.rid] = queue.Queue()
+            for i, r in enumerate(reqs):
+                self._streams[r.rid] = inbox(i)
         for r in reqs:
             self._inbox.put(r)
         return states
 
     def _next(self, state: RequestState, block: bool) -> bool:
         """Apply the request's next output; False if none is queued (only when not blocking)."""
+        q = self._streams[state.req.rid]
+        assert isinstance(q, queue.Queue), "a request of an asyncio caller"
         try:
-            item = (
-                self._wait(self._streams[state.req.rid])
-                if block
-                else (self._streams[state.req.rid].get_nowait())
-            )
+            item = self._wait(q) if block else q.get_nowait()
         except queue.Empty:
             return False
         if isinstance(item, BaseException):

@@ -7,6 +7,7 @@ run must reproduce that run exactly.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -256,6 +257,85 @@ def test_batch_stream_tags_chunks_with_their_index(engine: Engine) -> None:
             assert chunk["output_ids"][: len(last[i]["output_ids"])] == last[i]["output_ids"]
         last[i] = chunk
     assert [last[i]["output_ids"] for i in range(2)] == want
+
+
+# ---- asyncio -------------------------------------------------------------------------------
+
+
+def test_async_generate_equals_generate(engine: Engine) -> None:
+    texts = [PROMPT, "Hello there", "One two three"]
+    want = gen_batch(engine, texts, greedy(12))
+
+    async def main() -> tuple[Any, Any, list[Any]]:
+        one = await engine.async_generate(PROMPT, greedy(12))
+        batch = await engine.async_generate(texts, greedy(12))
+        # Concurrent calls from one event loop share the engine's batches.
+        each = await asyncio.gather(*(engine.async_generate(t, greedy(12)) for t in texts))
+        return one, batch, each
+
+    one, batch, each = asyncio.run(main())
+    assert isinstance(one, dict) and isinstance(batch, list)
+    assert one["output_ids"] == want[0]["output_ids"] and one["text"] == want[0]["text"]
+    assert [o["output_ids"] for o in batch] == [o["output_ids"] for o in want]
+    assert [o["text"] for o in each] == [o["text"] for o in want]
+    assert [o["meta_info"]["finish_reason"] for o in each] == [
+        o["meta_info"]["finish_reason"] for o in want
+    ]
+
+
+def test_async_stream_is_cumulative_and_ends_like_the_plain_call(engine: Engine) -> None:
+    texts = [PROMPT, "Hello there"]
+    want = gen_batch(engine, texts, greedy(10))
+
+    async def main() -> tuple[list[Any], dict[int, Any]]:
+        single = [c async for c in await engine.async_generate(PROMPT, greedy(10), stream=True)]
+        last: dict[int, Any] = {}
+        async for chunk in await engine.async_generate(texts, greedy(10), stream=True):
+            i = chunk["index"]
+            if i in last:
+                assert chunk["output_ids"][: len(last[i]["output_ids"])] == last[i]["output_ids"]
+            last[i] = chunk
+        return single, last
+
+    single, last = asyncio.run(main())
+    assert len(single) > 1
+    for prev, cur in zip(single, single[1:], strict=False):
+        assert cur["text"].startswith(prev["text"])
+        assert prev["meta_info"]["finish_reason"] is None
+    assert single[-1]["output_ids"] == want[0]["output_ids"]
+    assert [last[i]["output_ids"] for i in range(2)] == [o["output_ids"] for o in want]
+
+
+def test_leaving_an_async_stream_early_aborts_its_request(engine: Engine) -> None:
+    before = engine.get_stats()["num_forward_passes"]
+
+    async def main() -> int:
+        stream = await engine.async_generate(PROMPT, greedy(200, ignore_eos=True), stream=True)
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 2:
+                break
+        await stream.aclose()
+        # The engine finishes the abort on its own thread; wait for it without blocking.
+        for _ in range(500):
+            if engine.get_stats()["num_running_reqs"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        return seen
+
+    assert asyncio.run(main()) == 2
+    assert engine.get_stats()["num_forward_passes"] - before < 100  # not the 200 asked for
+    assert gen(engine, PROMPT, greedy(4))["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_async_bad_input_raises_and_the_engine_keeps_serving(engine: Engine) -> None:
+    async def main() -> None:
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            await engine.async_generate(PROMPT, {"max_new_tokens": -1})
+
+    asyncio.run(main())
+    assert gen(engine, PROMPT, greedy(4))["meta_info"]["finish_reason"]["type"] == "length"
 
 
 # ---- sampling ------------------------------------------------------------------------------
