@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+
+import radixlm  # noqa: F401  (first: its OpenMP defaults apply only before torch loads)
+
+# isort: split
 
 import torch
 import torch.nn.functional as F
@@ -323,7 +328,10 @@ def main() -> None:
     p.add_argument("--decode-context", type=int, default=512)
     p.add_argument("--decode-steps", type=int, default=10)
     args = p.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    )
     for name, fn in SCENARIOS.items():
         if args.scenario in (name, "all"):
             fn(args)

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import radixlm  # noqa: F401  (first: its OpenMP defaults apply only before torch loads)
+
+# isort: split
 
 import torch
 
@@ -251,7 +256,10 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2, help="timed runs per mode (best kept)")
     args = p.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    )
     for name, fn in SCENARIOS.items():
         if args.scenario in (name, "all"):
             fn(args)
