@@ -90,6 +90,9 @@ inline float softmax_block(float* __restrict s, int64_t n, int64_t visible, floa
 #endif
 #endif
 
+// Simd, for the widest vectors this CPU has: a vector type V of kWidth floats; load (floats, or
+// bfloat16 widened), set1, mul, fmadd, store; and store_sum4, which writes the totals of four
+// vectors. tile_block is written once over it.
 #if defined(__AVX512F__)
 #define RADIXLM_TILES 1
 // 16 floats a vector.
