@@ -30,6 +30,7 @@ from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.engine.engine import Engine
 from radixlm.engine.io import GenerateRequest
+from radixlm.kernels import cpu
 from radixlm.runner.batch import ScheduledSeq
 from radixlm.sampling import SamplingParams
 
@@ -246,8 +247,6 @@ def bench_attention_kernel(args: argparse.Namespace) -> None:
     """The short-row attention kernel alone at the decode shape (SmolLM2's heads, one pool per
     layer, contiguous slots), built for this CPU and for the paths other CPUs take, against a
     plain read of the same K/V (torch.sum): the memory-bandwidth floor."""
-    from radixlm.kernels import cpu
-
     layers, heads, kv_heads, d = 30, 9, 3, 64
     b, n = args.decode_batch, args.decode_context
     builds = {name: cpu.load_kernels(flags) for name, flags in cpu.isa_variants().items()}
@@ -284,8 +283,6 @@ def _attend_layers(
     out: torch.Tensor,
 ) -> None:
     """Decode attention over every layer's pool, as a forward runs it layer by layer."""
-    from radixlm.kernels import cpu
-
     for k, v in pools:
         cpu.row_attention(q, k, v, row_kv, spans, q.shape[-1] ** -0.5, out, lib)
 

@@ -45,11 +45,11 @@ class Tokenizer:
             i for i, t in backend.get_added_tokens_decoder().items() if t.special
         )
         # Tokens that spell one byte (<0x41>) in a vocabulary with byte fallback (SentencePiece).
-        self.byte_token_ids = frozenset(
-            i
-            for t, i in backend.get_vocab().items()
-            if getattr(backend.model, "byte_fallback", False) and _BYTE_TOKEN.fullmatch(t)
-        )
+        self.byte_token_ids: frozenset[int] = frozenset()
+        if getattr(backend.model, "byte_fallback", False):
+            self.byte_token_ids = frozenset(
+                i for t, i in backend.get_vocab().items() if _BYTE_TOKEN.fullmatch(t)
+            )
         self._template: jinja2.Template | None = None
 
     @classmethod
@@ -204,7 +204,10 @@ class IncrementalDetokenizer:
         if (
             len(full_text) <= len(prefix_text)
             or full_text.endswith("\ufffd")
-            or self._last_decoded() in self.tokenizer.byte_token_ids
+            or (
+                self.tokenizer.byte_token_ids
+                and self._last_decoded() in self.tokenizer.byte_token_ids
+            )
         ):
             return ""
         delta = full_text[len(prefix_text) :]

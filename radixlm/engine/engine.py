@@ -148,8 +148,7 @@ class Engine:
                     self._next(s, block=True)
         finally:
             self._close(states)
-        outs = [s.to_dict() for s in states]
-        return outs if inp.is_batch or len(outs) > 1 else outs[0]
+        return self._result(inp, states)
 
     async def async_generate(
         self,
@@ -175,6 +174,13 @@ class Engine:
             return self._async_stream(states, updates)
         async for _ in updates:
             pass
+        return self._result(inp, states)
+
+    @staticmethod
+    def _result(
+        inp: GenerateInput, states: list[RequestState]
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """The finished requests' dicts: a list for a batch, else the one dict."""
         outs = [s.to_dict() for s in states]
         return outs if inp.is_batch or len(outs) > 1 else outs[0]
 

@@ -351,10 +351,11 @@ def _sentencepiece_bpe(
 
     scores = metadata.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
     unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    vocab = {t: i for i, t in reversed(list(enumerate(tokens)))}  # first id of a duplicate
     tok = Tokenizer(
         models.BPE(
-            vocab={t: i for i, t in reversed(list(enumerate(tokens)))},  # first id of a duplicate
-            merges=_sentencepiece_merges(tokens, types, scores),
+            vocab=vocab,
+            merges=_sentencepiece_merges(vocab, types, scores),
             unk_token=tokens[unk_id] if unk_id is not None and unk_id < len(tokens) else None,
             fuse_unk=True,
             byte_fallback=True,
@@ -373,19 +374,19 @@ def _sentencepiece_bpe(
 
 
 def _sentencepiece_merges(
-    tokens: list[str], types: list[int], scores: list[float]
+    vocab: dict[str, int], types: list[int], scores: list[float]
 ) -> list[tuple[str, str]]:
     """BPE merges equivalent to SentencePiece's scores: every split of a normal piece into two
     normal pieces, the best-scoring merged piece first (its splits in vocabulary order)."""
-    normal = {t: i for i, t in reversed(list(enumerate(tokens))) if types[i] == _TOKEN_NORMAL}
-    ranked: list[tuple[float, int, int, int]] = []
+    normal = {t: i for t, i in vocab.items() if types[i] == _TOKEN_NORMAL}
+    ranked: list[tuple[float, int, int, int, str, str]] = []
     for piece, i in normal.items():
         for cut in range(1, len(piece)):
-            left, right = normal.get(piece[:cut]), normal.get(piece[cut:])
-            if left is not None and right is not None:
-                ranked.append((-scores[i], i, left, right))
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-scores[i], i, normal[left], normal[right], left, right))
     ranked.sort()
-    return [(tokens[left], tokens[right]) for _, _, left, right in ranked]
+    return [(left, right) for *_, left, right in ranked]
 
 
 def _write_weights(reader: gguf.GGUFReader, config: dict[str, Any], path: Path) -> None:
