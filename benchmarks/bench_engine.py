@@ -5,6 +5,7 @@ python benchmarks/bench_engine.py shared-prefix  # radix cache on vs off, shared
 python benchmarks/bench_engine.py no-sharing     # radix cache on vs off, nothing shared
 python benchmarks/bench_engine.py prefill        # uncached prefill vs its weight matmuls alone
 python benchmarks/bench_engine.py decode         # decode step vs its weight matmuls; overhead
+python benchmarks/bench_engine.py decode-pass    # CPU decode pass vs the layers one by one
 python benchmarks/bench_engine.py ttft           # time to first token, cached vs uncached prefix
 python benchmarks/bench_engine.py attention-kernel  # the CPU decode attention kernel per ISA build
 """
@@ -15,6 +16,8 @@ import argparse
 import functools
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -135,6 +138,38 @@ def weight_matmuls(core: EngineCore, rows: int, logit_rows: int) -> Callable[[],
     return run
 
 
+def pass_matmuls(core: EngineCore, rows: int) -> Callable[[], None] | None:
+    """The same GEMMs as the CPU decode pass runs them (each thread its share of every weight's
+    columns, in one OpenMP region; `cpu.decode_layers` with `gemms_only`), then the LM head as
+    torch runs it; None where that pass does not run."""
+    runner, model = core.runner, core.runner.model
+    x = torch.randn(rows, model.config.hidden_size, dtype=runner.dtype)
+    if not cpu.decode_layers_supported(x, runner.pool.k[0], model.config.head_dim):
+        return None
+    weights = model.decode_weights()
+    cos = torch.zeros(rows, model.config.head_dim)
+    zeros = torch.zeros(rows, dtype=torch.int64)
+    row_kv, spans = zeros[:, None], torch.stack([torch.arange(rows), zeros + 1, zeros + 1])
+
+    def run() -> None:
+        with torch.inference_mode():
+            cpu.decode_layers(
+                weights,
+                x,
+                cos,
+                cos,
+                zeros,
+                row_kv,
+                spans,
+                runner.pool.k,
+                runner.pool.v,
+                gemms_only=True,
+            )
+            F.linear(x, model.lm_head.weight)
+
+    return run
+
+
 def bench_prefill(args: argparse.Namespace) -> None:
     core = EngineCore(
         EngineArgs(args.model_path, max_total_tokens=args.batch * args.prefill_len + 64)
@@ -170,17 +205,25 @@ def bench_decode(args: argparse.Namespace) -> None:
         _bench_decode(args, kv_dtype)
 
 
-def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
-    b, ctx = args.decode_batch, args.decode_context
-    slots = b * (ctx + args.decode_steps + 300) + 64
-    core = EngineCore(EngineArgs(args.model_path, max_total_tokens=slots, kv_cache_dtype=kv_dtype))
+def _decoding(model_path: str | None, b: int, ctx: int, steps: int, kv_dtype: str) -> EngineCore:
+    """An engine core whose `b` requests have prefilled `ctx` random tokens each and can decode
+    `steps` more (and 256 beyond)."""
+    slots = b * (ctx + steps + 300) + 64
+    core = EngineCore(EngineArgs(model_path, max_total_tokens=slots, kv_cache_dtype=kv_dtype))
     sched = core.scheduler
     gen = torch.Generator().manual_seed(3)
-    params = SamplingParams(max_new_tokens=args.decode_steps + 256, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=steps + 256, temperature=0, ignore_eos=True)
     for i in range(b):
         sched.add(GenerateRequest(f"d{i}", random_ids(ctx, gen), params))
     while sched.waiting or any(r.seq_len - r.kv_len > 1 for r in sched.running):
         sched.step()
+    return core
+
+
+def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
+    b, ctx = args.decode_batch, args.decode_context
+    core = _decoding(args.model_path, b, ctx, args.decode_steps, kv_dtype)
+    sched = core.scheduler
     forward_times: list[float] = []
     inner = core.runner.forward
 
@@ -191,17 +234,27 @@ def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
         return out
 
     core.runner.forward = timed_forward  # type: ignore[method-assign]
-    # Each decode step is followed by the same GEMMs alone; medians of both.
-    step_times, mm_times = _alternating([sched.step, weight_matmuls(core, b, b)], args.decode_steps)
+    # Each decode step is followed by the same GEMMs alone, as torch runs them and as the CPU
+    # decode pass splits them; the faster is the machine's GEMM speed. Medians of each.
+    baselines = {
+        "torch": weight_matmuls(core, b, b),
+        "split as the decode pass": pass_matmuls(core, b),
+    }
+    names = [name for name, fn in baselines.items() if fn is not None]
+    step_times, *mm_times = _alternating(
+        [sched.step, *(baselines[name] for name in names)], args.decode_steps
+    )
     assert len(sched.running) == b, "every request must still be decoding"
     step = statistics.median(step_times)
     fwd = statistics.median(forward_times[1:])  # the first is the untimed turn's
-    mm = statistics.median(mm_times)
+    mms = {name: statistics.median(ts) for name, ts in zip(names, mm_times, strict=True)}
+    mm = min(mms.values())
     print(
         f"decode: batch {b}, {ctx}-token contexts, {args.decode_steps} steps, KV cache {kv_dtype}"
     )
+    alone = ", ".join(f"{name} {t * 1000:7.1f} ms" for name, t in mms.items())
     print(
-        f"  step {step * 1000:7.1f} ms (forward {fwd * 1000:7.1f} ms); weight matmuls alone {mm * 1000:7.1f} ms"
+        f"  step {step * 1000:7.1f} ms (forward {fwd * 1000:7.1f} ms); weight matmuls alone: {alone}"
     )
     print(f"  step / matmuls = {step / mm:.2f}  (target <= 1.5)")
     print(f"  time outside the forward = {(step - fwd) / step:.1%} of a step  (target <= 10%)")
@@ -216,6 +269,50 @@ def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
         f"  bytes read per step: weights {weight_bytes / 1e6:.0f} MB (the GEMMs), "
         f"K/V {kv_bytes / 1e6:.0f} MB (attention)"
     )
+
+
+def bench_decode_pass(args: argparse.Namespace) -> None:
+    """Decode steps with the CPU decode pass (every layer in one OpenMP region) against the
+    layers one by one, alternating, at several batch sizes; then again next to a process that
+    keeps one core busy (a shared machine)."""
+    supported = cpu.decode_layers_supported
+    settings = [("", False)] + ([(" next to a busy process", True)] if args.pass_neighbour else [])
+    steps = len(settings) * 2 * (args.decode_steps + 1)  # both paths, one untimed turn each
+    ctx = args.decode_context
+    cores = {b: _decoding(args.model_path, b, ctx, steps, "auto") for b in args.pass_batches}
+    runner = cores[args.pass_batches[0]].runner
+    if not supported(torch.zeros(1), runner.pool.k[0], runner.model.config.head_dim):
+        print("decode pass: not available here (no compiler, or torch without MKL)")
+        return
+
+    def step(core: EngineCore, fused: bool) -> Callable[[], None]:
+        def run() -> None:
+            cpu.decode_layers_supported = supported if fused else (lambda *a: False)  # type: ignore[assignment]
+            core.scheduler.step()
+
+        return run
+
+    try:
+        for label, busy in settings:
+            neighbour = (
+                subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+            )
+            try:
+                for b, core in cores.items():
+                    fused, layers = _alternating(
+                        [step(core, True), step(core, False)], args.decode_steps
+                    )
+                    f, lay = statistics.median(fused), statistics.median(layers)
+                    print(
+                        f"decode pass{label}: batch {b} x {ctx}: pass {f * 1000:7.1f} ms, "
+                        f"layer by layer {lay * 1000:7.1f} ms: layers / pass = {lay / f:.2f}"
+                    )
+            finally:
+                if neighbour is not None:
+                    neighbour.kill()
+                    neighbour.wait()
+    finally:
+        cpu.decode_layers_supported = supported  # type: ignore[assignment]
 
 
 def bench_ttft(args: argparse.Namespace) -> None:
@@ -298,6 +395,7 @@ SCENARIOS = {
     "no-sharing": bench_no_sharing,
     "prefill": bench_prefill,
     "decode": bench_decode,
+    "decode-pass": bench_decode_pass,
     "ttft": bench_ttft,
     "attention-kernel": bench_attention_kernel,
 }
@@ -324,6 +422,15 @@ def main() -> None:
     p.add_argument("--decode-batch", type=int, default=32)
     p.add_argument("--decode-context", type=int, default=512)
     p.add_argument("--decode-steps", type=int, default=10)
+    p.add_argument(
+        "--pass-batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 32]
+    )
+    p.add_argument(
+        "--pass-neighbour",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode-pass: also run next to a busy process",
+    )
     args = p.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

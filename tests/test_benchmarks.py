@@ -18,13 +18,15 @@ CASES = [
         "bench_engine.py",
         "all --questions 2 --prefix-len 40 --question-len 8 --rounds 1 --prompts 2 --prompt-len 16"
         " --output-len 2 --batch 1 --prefill-len 32 --repeat 1 --decode-batch 2"
-        " --decode-context 16 --decode-steps 2 --max-total-tokens 4096",
+        " --decode-context 16 --decode-steps 2 --pass-batches 2 --max-total-tokens 4096",
         [
             rf"throughput cache on / off = {RATIO}x",
             rf"throughput cache on / off = {RATIO}  ",
             rf"forward / matmuls = {RATIO}",
             rf"step / matmuls = {RATIO}",
             rf"time outside the forward = {RATIO}% of a step",
+            rf"decode pass: batch 2 x 16: .* layers / pass = {RATIO}",
+            rf"decode pass next to a busy process: .* layers / pass = {RATIO}",
             rf"cached / uncached = {RATIO}",
             rf"native +{RATIO} ms",
             rf"plain read \(torch.sum\) +{RATIO} ms",

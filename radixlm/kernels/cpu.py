@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -22,8 +22,10 @@ from radixlm.utils import atomic_write, cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("row_attention.cpp", "layer_ops.cpp")]
-_HEADERS = [Path(__file__).with_name("cpu_math.h")]
+_SOURCES = [
+    Path(__file__).with_name(n) for n in ("row_attention.cpp", "layer_ops.cpp", "decode_layers.cpp")
+]
+_HEADERS = [Path(__file__).with_name(n) for n in ("cpu_math.h", "layer_ops.h", "row_attention.h")]
 _STEM = "cpu_kernels"
 _FLAGS = [
     "-O3",
@@ -45,6 +47,7 @@ _LAYER_OPS: dict[str, list[type]] = {
     "radixlm_rms_norm_f32": [_P, _I64, _P, _P, ctypes.c_float, _P, _I64, _I64, ctypes.c_int],
     "radixlm_silu_mul_f32": [_P, _P, _I64, _I64, ctypes.c_int],
     **{f"radixlm_rope_store_{suffix}": _ROPE_STORE for suffix in ("f32", "bf16")},
+    **{f"radixlm_decode_layers_{suffix}": [_P] for suffix in ("f32", "bf16")},
 }
 
 
@@ -102,8 +105,12 @@ def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         if not path.exists():
 
             def build(tmp: Path) -> None:
+                # One translation unit: the attention tiles are compiled once for the
+                # standalone kernel and the decode pass.
+                unity = "".join(f'#include "{source}"\n' for source in _SOURCES)
                 subprocess.run(
-                    [compiler, *flags, *map(str, _SOURCES), "-o", str(tmp)],
+                    [compiler, *flags, "-x", "c++", "-", "-o", str(tmp)],
+                    input=unity,
                     capture_output=True,
                     text=True,
                     check=True,
@@ -313,4 +320,146 @@ def silu_mul(gate_up: torch.Tensor, kernels: ctypes.CDLL | None = None) -> torch
     lib.radixlm_silu_mul_f32(
         gate_up.data_ptr(), out.data_ptr(), rows, inter, torch.get_num_threads()
     )
+    return out
+
+
+class _DecodeArgs(ctypes.Structure):
+    """DecodeArgs of decode_layers.cpp, field for field."""
+
+    _fields_ = [
+        *((n, _I64) for n in ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter")),
+        *((n, _P) for n in ("in_norm", "qkv_w", "qkv_b", "q_norm", "k_norm", "o_w")),
+        *((n, _P) for n in ("post_norm", "gate_up_w", "down_w", "k_cache", "v_cache")),
+        ("head_stride", _I64),
+        ("tokens", _I64),
+        *((n, _P) for n in ("residual", "out", "cos", "sin", "out_slots", "row_kv")),
+        ("row_stride", _I64),
+        *((n, _P) for n in ("q_start", "q_len", "kv_len")),
+        ("rows", _I64),
+        ("sgemm", _P),
+        ("num_threads", _I64),
+        ("gemms_only", _I64),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
+
+
+@functools.cache
+def _sgemm() -> int | None:
+    """The address of the BLAS `sgemm_` torch links (MKL), or None. Only MKL is used: it runs
+    single-threaded inside another OpenMP region, where a BLAS with its own threads would not."""
+    if not torch.backends.mkl.is_available():
+        return None
+    for lib_path in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
+        try:
+            fn = ctypes.CDLL(str(lib_path)).sgemm_
+        except (OSError, AttributeError):
+            continue
+        return ctypes.cast(fn, ctypes.c_void_p).value
+    return None
+
+
+def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array[ctypes.c_void_p]:
+    """A C array of the tensors' data pointers."""
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+class DecodeWeights:
+    """A decoder stack's weights for `decode_layers`: per layer, the tensors in the order of
+    `names` (`qkv_b`, `q_norm` and `k_norm` may be None), all float32, contiguous and on the
+    CPU; collected once per model."""
+
+    names = (
+        *("in_norm", "qkv_w", "qkv_b", "q_norm", "k_norm"),
+        *("o_w", "post_norm", "gate_up_w", "down_w"),
+    )
+
+    def __init__(
+        self,
+        layers: Sequence[tuple[torch.Tensor | None, ...]],
+        *,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        inter: int,
+        eps: float,
+        scale: float,
+    ) -> None:
+        self.tensors = layers  # keeps what the pointers point at alive
+        self.args = _DecodeArgs(
+            layers=len(layers),
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            inter=inter,
+            eps=eps,
+            scale=scale,
+        )
+        self.arrays = []  # alive as long as args points at them
+        for i, name in enumerate(self.names):
+            column = [layer[i] for layer in layers]
+            present = [t for t in column if t is not None]
+            for t in present:
+                assert t.dtype == torch.float32 and t.is_contiguous()
+                assert t.device.type == "cpu"
+            if len(present) < len(column):
+                assert not present, f"{name}: every layer has one, or none"
+                continue  # a null array: the model has none
+            array = _pointers(present)
+            self.arrays.append(array)
+            setattr(self.args, name, ctypes.cast(array, ctypes.c_void_p))
+
+
+def decode_layers_supported(x: torch.Tensor, k_cache: torch.Tensor, head_dim: int) -> bool:
+    """Whether `decode_layers` runs for activations x and this KV pool (CPU, float32
+    activations, a covered KV dtype, MKL's sgemm, a head size up to 512)."""
+    return row_attention_supported(x, k_cache) and head_dim <= 512 and _sgemm() is not None
+
+
+def decode_layers(
+    weights: DecodeWeights,
+    residual: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    out_slots: torch.Tensor,
+    row_kv: torch.Tensor,
+    row_spans: torch.Tensor,
+    k_caches: list[torch.Tensor],
+    v_caches: list[torch.Tensor],
+    kernels: ctypes.CDLL | None = None,
+    num_threads: int | None = None,
+    gemms_only: bool = False,
+) -> torch.Tensor:
+    """Every decoder layer over a batch of short rows (no extends) in one call: each token's K/V
+    is written at out_slots of each layer's pool and its rows attend as in `row_attention`.
+    residual [T, hidden] holds the embeddings and is updated in place; returns the last layer's
+    output [T, hidden] (not yet added to the residual). cos / sin [T, 1, D] or [T, D]. Call only
+    where `decode_layers_supported`; kernels defaults to `load_kernels()`, num_threads to
+    torch's. `gemms_only` runs only the weight GEMMs, as the pass runs them (for benchmarks:
+    nothing else is computed or written)."""
+    lib = kernels or load_kernels()
+    sgemm = _sgemm()
+    assert lib is not None and sgemm is not None
+    t = residual.shape[0]
+    cos, sin = cos.reshape(t, -1).contiguous(), sin.reshape(t, -1).contiguous()
+    for x in (residual, cos, sin, out_slots, row_kv, row_spans, *k_caches, *v_caches):
+        assert x.is_contiguous() and x.device.type == "cpu"
+    out = torch.empty_like(residual)
+    args = _DecodeArgs.from_buffer_copy(weights.args)
+    k_ptrs, v_ptrs = _pointers(list(k_caches)), _pointers(list(v_caches))
+    spans = row_spans.data_ptr()
+    step = row_spans.stride(0) * row_spans.element_size()
+    args.k_cache, args.v_cache = ctypes.cast(k_ptrs, _P), ctypes.cast(v_ptrs, _P)
+    args.head_stride = k_caches[0].shape[1] * k_caches[0].shape[2]
+    args.tokens, args.rows, args.row_stride = t, row_kv.shape[0], row_kv.shape[1]
+    args.residual, args.out = residual.data_ptr(), out.data_ptr()
+    args.cos, args.sin, args.out_slots = cos.data_ptr(), sin.data_ptr(), out_slots.data_ptr()
+    args.row_kv = row_kv.data_ptr()
+    args.q_start, args.q_len, args.kv_len = spans, spans + step, spans + 2 * step
+    args.sgemm = sgemm
+    args.num_threads = num_threads or torch.get_num_threads()
+    args.gemms_only = gemms_only
+    getattr(lib, f"radixlm_decode_layers_{_KV_SUFFIX[k_caches[0].dtype]}")(ctypes.byref(args))
     return out

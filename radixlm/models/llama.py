@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,6 +127,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self._decode_weights: cpu.DecodeWeights | None = None
 
     @torch.inference_mode()
     def forward(
@@ -133,12 +136,64 @@ class LlamaForCausalLM(nn.Module):
         residual = self.embed_tokens(batch.input_ids)
         rope = self.rope(batch.positions, residual.dtype)
         x = None
-        for layer, kc, vc in zip(self.layers, k_caches, v_caches, strict=True):
-            x, residual = layer(x, residual, rope, batch, kc, vc)
+        if (
+            not batch.extends
+            and batch.row_kv is not None
+            and batch.row_spans is not None
+            and cpu.decode_layers_supported(residual, k_caches[0], self.config.head_dim)
+        ):
+            # Short rows only (decodes): every layer in one compiled pass on the CPU.
+            cos, sin = rope
+            x = cpu.decode_layers(
+                self.decode_weights(),
+                residual,
+                cos,
+                sin,
+                batch.out_slots,
+                batch.row_kv,
+                batch.row_spans,
+                k_caches,
+                v_caches,
+            )
+        else:
+            for layer, kc, vc in zip(self.layers, k_caches, v_caches, strict=True):
+                x, residual = layer(x, residual, rope, batch, kc, vc)
         assert x is not None, "a model has at least one layer"
         idx = batch.logits_index
         x = self.norm(residual[idx] + x[idx])
         return self.lm_head(x).float()
+
+    def decode_weights(self) -> cpu.DecodeWeights:
+        """The layers' weights as `cpu.decode_layers` takes them, collected on first use."""
+        if self._decode_weights is None:
+            cfg = self.config
+            layers = []
+            for layer in cast(list[DecoderLayer], list(self.layers)):
+                a, mlp = layer.self_attn, layer.mlp
+                layers.append(
+                    (
+                        layer.input_layernorm.weight,
+                        a.qkv_proj.weight,
+                        a.qkv_proj.bias,
+                        a.q_norm.weight if a.q_norm is not None else None,
+                        a.k_norm.weight if a.k_norm is not None else None,
+                        a.o_proj.weight,
+                        layer.post_attention_layernorm.weight,
+                        mlp.gate_up_proj.weight,
+                        mlp.down_proj.weight,
+                    )
+                )
+            self._decode_weights = cpu.DecodeWeights(
+                layers,
+                hidden=cfg.hidden_size,
+                heads=cfg.num_heads,
+                kv_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim,
+                inter=cfg.intermediate_size,
+                eps=cfg.rms_norm_eps,
+                scale=cfg.head_dim**-0.5,
+            )
+        return self._decode_weights
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; every parameter is set."""

@@ -189,3 +189,98 @@ def test_engine_greedy_follows_transformers(hf: Any, engine: Engine) -> None:
         want = lp[: len(p) - 1].gather(1, torch.tensor(p[1:])[:, None])[:, 0]
         torch.testing.assert_close(prompt_lp, want, atol=ATOL, rtol=0)
     engine.check_invariant()
+
+
+# (torch threads, kernel build): the pass splits its work among the threads, unevenly for 3; the
+# builds are this CPU's and those other CPUs run (the attention inside differs).
+PASS_RUNS = [(1, ()), (2, ()), (3, ())] + [(2, f) for f in list(cpu.isa_variants().values())[1:]]
+
+
+@pytest.mark.parametrize(("threads", "flags"), PASS_RUNS, ids=lambda x: str(x or "native"))
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_decode_pass_equals_the_layer_path(
+    folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kv_dtype: torch.dtype,
+    threads: int,
+    flags: tuple[str, ...],
+) -> None:
+    """A batch of short rows (decodes, and a row of 3 new tokens as jump-forward feeds) runs
+    every layer in the CPU decode pass; its logits and the K/V it writes equal the layer-by-layer
+    path's (itself checked against transformers above)."""
+    config, weights = load_model_files(str(folder))
+    runner = ModelRunner(
+        config, weights, torch.device("cpu"), torch.float32, NUM_SLOTS, kv_dtype=kv_dtype
+    )
+    if not cpu.decode_layers_supported(torch.zeros(1), runner.pool.k[0], config.head_dim):
+        pytest.skip("no CPU decode pass here (no compiler, or torch without MKL)")
+    pool = runner.pool.k + runner.pool.v
+    for c in pool:
+        c.fill_(float("nan"))  # a slot nobody writes stays NaN
+    lengths, new = (9, 30, 70, 4), (1, 1, 3, 1)
+    prompts = [prompt(n, seed=20 + i) for i, n in enumerate(lengths)]
+    slots = torch.split(scattered_slots(sum(lengths), seed=7), list(lengths))
+    parts = list(zip(prompts, new, slots, strict=True))
+    runner.forward([seq(p[: len(p) - k], 0, s) for p, k, s in parts])
+    rows = [seq(p[len(p) - k :], len(p) - k, s) for p, k, s in parts]
+    row_slots = torch.cat([s[len(p) - k :] for p, k, s in parts])
+    before = [c.clone() for c in pool]
+
+    calls = []
+    run_pass = cpu.decode_layers
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return run_pass(*args, **kwargs, kernels=cpu.load_kernels(flags))
+
+    monkeypatch.setattr(cpu, "decode_layers", counted)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = runner.forward(rows)
+    finally:
+        torch.set_num_threads(saved_threads)
+    assert len(calls) == 1, "the batch must take the decode pass"
+    written = [c.clone() for c in pool]
+    for c, b in zip(pool, before, strict=True):
+        c.copy_(b)
+    monkeypatch.setattr(cpu, "decode_layers_supported", lambda *args: False)
+    layered = runner.forward(rows)
+    assert len(calls) == 1
+    torch.testing.assert_close(fused, layered, atol=ATOL, rtol=0)
+    for got, want, old in zip(written, pool, before, strict=True):
+        rtol = 0 if kv_dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=rtol, equal_nan=True)
+        assert old[:, row_slots].isnan().all() and got[:, row_slots].isfinite().all()
+
+
+def test_decode_pass_gemms_only_leaves_the_pool_and_residual_alone(folder: Path) -> None:
+    """The benchmarks' GEMMs-alone mode of the pass computes nothing else and writes nothing."""
+    config, weights = load_model_files(str(folder))
+    runner = ModelRunner(config, weights, torch.device("cpu"), torch.float32, NUM_SLOTS)
+    if not cpu.decode_layers_supported(torch.zeros(1), runner.pool.k[0], config.head_dim):
+        pytest.skip("no CPU decode pass here (no compiler, or torch without MKL)")
+    pool = runner.pool.k + runner.pool.v
+    for c in pool:
+        c.normal_()
+    before = [c.clone() for c in pool]
+    residual = torch.randn(5, config.hidden_size)
+    kept = residual.clone()
+    zeros = torch.zeros(5, dtype=torch.int64)
+    cos = torch.ones(5, config.head_dim)
+    spans = torch.stack([torch.arange(5), zeros + 1, zeros + 1])
+    out = cpu.decode_layers(
+        runner.model.decode_weights(),
+        residual,
+        cos,
+        cos,
+        zeros + 3,
+        zeros[:, None],
+        spans,
+        runner.pool.k,
+        runner.pool.v,
+        gemms_only=True,
+    )
+    assert out.shape == residual.shape and torch.isfinite(out).all()
+    assert torch.equal(residual, kept)
+    assert all(torch.equal(c, b) for c, b in zip(pool, before, strict=True))

@@ -1,0 +1,265 @@
+// Every decoder layer of a Llama-family model over a batch of short rows (decodes), in one
+// OpenMP region on the CPU.
+//
+// Layer by layer, torch would run each op as its own parallel region: about six a layer, each
+// waking the sleeping worker threads (OMP_WAIT_POLICY=PASSIVE) and each followed by Python.
+// Here the threads are woken once per forward and meet at a barrier (a short spin, then a futex
+// sleep) between ops. Each weight GEMM is split by output columns: every thread multiplies all
+// rows by its share of the weight through the BLAS sgemm torch links (single-threaded inside
+// the region), so each weight byte is read once, by one core. Norms, rotary + KV write and
+// SwiGLU reuse layer_ops.h; the attention reuses row_attention.h.
+// Built at first use by radixlm/kernels/cpu.py and called through ctypes.
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "layer_ops.h"
+#include "row_attention.h"
+
+extern "C" {
+
+// BLAS sgemm, column-major, 32-bit integers (Fortran calling convention).
+typedef void (*Sgemm)(const char* transa, const char* transb, const int* m, const int* n,
+                      const int* k, const float* alpha, const float* a, const int* lda,
+                      const float* b, const int* ldb, const float* beta, float* c,
+                      const int* ldc);
+
+// Mirrored by _DecodeArgs in radixlm/kernels/cpu.py. Per-layer arrays have `layers` entries;
+// qkv_b, q_norm and k_norm are null where the model has none.
+struct DecodeArgs {
+    // The model: hidden size, heads, KV heads, head size, MLP width; weights as nn.Linear
+    // stores them ([out, in], row-major); caches [KVH, head_stride / D, D] in float32 or bfloat16.
+    int64_t layers, hidden, heads, kv_heads, head_dim, inter;
+    const float* const* in_norm;
+    const float* const* qkv_w;  // [(H + 2 KVH) D, hidden]: q, then k, then v
+    const float* const* qkv_b;
+    const float* const* q_norm;  // [D], applied to each head before the rotary embedding
+    const float* const* k_norm;
+    const float* const* o_w;  // [hidden, H D]
+    const float* const* post_norm;
+    const float* const* gate_up_w;  // [2 inter, hidden]: gate, then up
+    const float* const* down_w;     // [hidden, inter]
+    void* const* k_cache;
+    void* const* v_cache;
+    int64_t head_stride;
+    // The batch: `tokens` rows of residual [tokens, hidden] (the embeddings; updated in place),
+    // out [tokens, hidden] receives the last layer's output (the model adds it to the residual
+    // before its final norm); cos / sin [tokens, D]; out_slots [tokens], where each token's K/V
+    // is written; the short rows as in RowBatch.
+    int64_t tokens;
+    float* residual;
+    float* out;
+    const float* cos;
+    const float* sin;
+    const int64_t* out_slots;
+    const int64_t* row_kv;
+    int64_t row_stride;
+    const int64_t* q_start;
+    const int64_t* q_len;
+    const int64_t* kv_len;
+    int64_t rows;
+    Sgemm sgemm;
+    int64_t num_threads;
+    int64_t gemms_only;  // nonzero: only the weight GEMMs, as the pass runs them (benchmarks)
+    float eps, scale;
+};
+
+}  // extern "C"
+
+namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+// Sleep while *word == value (until a wake), and wake every sleeper: a futex on Linux; elsewhere
+// a yield and nothing.
+inline void sleep_while(std::atomic<int>& word, int value) {
+#if defined(__linux__)
+    syscall(SYS_futex, reinterpret_cast<int*>(&word), FUTEX_WAIT_PRIVATE, value, nullptr,
+            nullptr, 0);
+#else
+    (void)word, (void)value;
+    std::this_thread::yield();
+#endif
+}
+inline void wake_all(std::atomic<int>& word) {
+#if defined(__linux__)
+    syscall(SYS_futex, reinterpret_cast<int*>(&word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr,
+            nullptr, 0);
+#else
+    (void)word;
+#endif
+}
+
+// Threads wait here for each other between ops. A spin first: the other threads are working on
+// the same op and arrive within microseconds, far sooner than the futex sleep of an OpenMP
+// barrier under OMP_WAIT_POLICY=PASSIVE would return. A wait that outlasts the spin (another
+// thread descheduled on a shared machine) sleeps, leaving the core to whoever needs it.
+class Barrier {
+  public:
+    explicit Barrier(int n) : n_(n) {}
+
+    void wait() {
+        const int gen = gen_.load();
+        if (arrived_.fetch_add(1) == n_ - 1) {
+            arrived_.store(0);
+            gen_.fetch_add(1);
+            if (sleepers_.load() > 0) wake_all(gen_);
+            return;
+        }
+        for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
+            if (spins < kSpins) {
+                cpu_relax();
+                continue;
+            }
+            // Seen by the last arrival (sequentially consistent), or it has moved gen_ on.
+            sleepers_.fetch_add(1);
+            sleep_while(gen_, gen);
+            sleepers_.fetch_sub(1);
+        }
+    }
+
+  private:
+    // ~10-30 us of pauses. On 2 cores next to a busy process, decode steps at batch 4 took 73 ms
+    // with 512, 143 ms with 16384 (162 ms spinning without end), 80 ms layer by layer; without
+    // the neighbour the spin count made no difference (docs/benchmarks.md).
+    static constexpr int kSpins = 512;
+    const int n_;
+    std::atomic<int> arrived_{0};
+    std::atomic<int> gen_{0};
+    std::atomic<int> sleepers_{0};
+};
+
+// Thread t's share [lo, hi) of n items split into `parts`, in multiples of `align`.
+struct Range {
+    int64_t lo, hi;
+};
+inline Range share(int64_t n, int t, int parts, int64_t align = 1) {
+    const int64_t units = (n + align - 1) / align;
+    return {std::min(n, units * t / parts * align), std::min(n, units * (t + 1) / parts * align)};
+}
+
+// y[:, cols] = x @ w[cols]^T (+ bias[cols]) for x [m, k] and w [n, k] row-major; y has row
+// stride ldy. In sgemm's column-major terms: y^T[cols] = w[cols] (k x |cols|, transposed) x^T.
+void linear_cols(Sgemm sgemm, const float* x, int64_t m, int64_t k, const float* w,
+                 const float* bias, Range cols, float* y, int64_t ldy) {
+    if (cols.hi <= cols.lo) return;
+    const int n = int(cols.hi - cols.lo), mm = int(m), kk = int(k), ld = int(ldy);
+    const float one = 1.0f, zero = 0.0f;
+    sgemm("T", "N", &n, &mm, &kk, &one, w + cols.lo * k, &kk, x, &kk, &zero, y + cols.lo, &ld);
+    if (bias == nullptr) return;
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t c = cols.lo; c < cols.hi; ++c) y[r * ldy + c] += bias[c];
+}
+
+template <typename KV>
+void decode_layers(const DecodeArgs& a) {
+    const int64_t m = a.tokens, hid = a.hidden, d = a.head_dim, inter = a.inter;
+    const int64_t q_cols = a.heads * d, kv_cols = a.kv_heads * d, qkv_cols = q_cols + 2 * kv_cols;
+    const bool all = a.gemms_only == 0;
+    std::vector<float> h(m * hid), qkv(m * qkv_cols), q(m * q_cols), attn(m * q_cols),
+        o(m * hid), gate_up(m * 2 * inter), act(m * inter);
+    const RowBatch<KV> rows{q.data(), nullptr, nullptr, a.row_kv, a.row_stride, a.q_start,
+                            a.q_len, a.kv_len, a.rows, a.heads, a.kv_heads, d, a.head_stride,
+                            a.scale, attn.data()};
+    const int64_t max_m = rows.max_m();
+    std::optional<Barrier> barrier;
+    std::atomic<int64_t> next_task{0};  // the attention's work queue
+
+#pragma omp parallel num_threads(int(std::max<int64_t>(1, a.num_threads)))
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        omp_set_num_threads(1);  // this thread's sgemm calls run on it alone, never nested
+#pragma omp single
+        barrier.emplace(n);  // the single's own barrier publishes it
+        Barrier& sync = *barrier;
+        RowScratch scratch(max_m, d);
+        RowBatch<KV> my_rows_batch = rows;  // pointed at each layer's caches
+        const Range my_rows = share(m, t, n);
+        const Range my_hidden = share(hid, t, n, 16), my_qkv = share(qkv_cols, t, n, 16);
+        const Range gate = share(inter, t, n, 16), up{inter + gate.lo, inter + gate.hi};
+
+        for (int64_t l = 0; l < a.layers; ++l) {
+            KV* k_cache = static_cast<KV*>(a.k_cache[l]);
+            KV* v_cache = static_cast<KV*>(a.v_cache[l]);
+            // Input norm; from the second layer on, the previous layer's output joins the
+            // residual first.
+            for (int64_t r = my_rows.lo; all && r < my_rows.hi; ++r) {
+                const float* x = l == 0 ? a.residual + r * hid : a.out + r * hid;
+                float* res = l == 0 ? nullptr : a.residual + r * hid;
+                rms_norm_row(x, res, a.in_norm[l], a.eps, hid, h.data() + r * hid);
+            }
+            sync.wait();
+            linear_cols(a.sgemm, h.data(), m, hid, a.qkv_w[l], a.qkv_b ? a.qkv_b[l] : nullptr,
+                        my_qkv, qkv.data(), qkv_cols);
+            sync.wait();
+            // Per token: q/k head norms where the model has them, the rotary embedding, and
+            // the token's K/V into the pool.
+            for (int64_t r = my_rows.lo; all && r < my_rows.hi; ++r) {
+                float* x = qkv.data() + r * qkv_cols;
+                for (int64_t hh = 0; a.q_norm != nullptr && hh < a.heads + a.kv_heads; ++hh)
+                    rms_norm_row(x + hh * d, nullptr, hh < a.heads ? a.q_norm[l] : a.k_norm[l],
+                                 a.eps, d, x + hh * d);
+                rope_store_token(x, x + q_cols, x + q_cols + kv_cols, a.cos + r * d,
+                                 a.sin + r * d, a.out_slots[r], a.heads, a.kv_heads, d,
+                                 q.data() + r * q_cols, nullptr, nullptr, 0, k_cache, v_cache,
+                                 a.head_stride);
+            }
+            // The previous layer's attention ended at a barrier: nobody takes from the queue.
+            if (t == 0) next_task.store(0, std::memory_order_relaxed);
+            sync.wait();
+            my_rows_batch.k_cache = k_cache;
+            my_rows_batch.v_cache = v_cache;
+            for (int64_t task; all && (task = next_task.fetch_add(1)) < rows.tasks();)
+                attend_task(my_rows_batch, task, scratch);
+            sync.wait();
+            linear_cols(a.sgemm, attn.data(), m, q_cols, a.o_w[l], nullptr, my_hidden, o.data(),
+                        hid);
+            sync.wait();
+            for (int64_t r = my_rows.lo; all && r < my_rows.hi; ++r)
+                rms_norm_row(o.data() + r * hid, a.residual + r * hid, a.post_norm[l], a.eps, hid,
+                             h.data() + r * hid);
+            sync.wait();
+            // This thread's columns of both gate and up, so SwiGLU needs no barrier before it.
+            linear_cols(a.sgemm, h.data(), m, hid, a.gate_up_w[l], nullptr, gate, gate_up.data(),
+                        2 * inter);
+            linear_cols(a.sgemm, h.data(), m, hid, a.gate_up_w[l], nullptr, up, gate_up.data(),
+                        2 * inter);
+            for (int64_t r = 0; all && r < m; ++r) {
+                const float* g = gate_up.data() + r * 2 * inter;
+                silu_mul_row(g + gate.lo, g + inter + gate.lo, gate.hi - gate.lo,
+                             act.data() + r * inter + gate.lo);
+            }
+            sync.wait();
+            linear_cols(a.sgemm, act.data(), m, inter, a.down_w[l], nullptr, my_hidden, a.out,
+                        hid);
+            sync.wait();
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+void radixlm_decode_layers_f32(const DecodeArgs* args) { decode_layers<float>(*args); }
+
+void radixlm_decode_layers_bf16(const DecodeArgs* args) { decode_layers<uint16_t>(*args); }
+
+}  // extern "C"
