@@ -155,14 +155,63 @@ inline Range share(int64_t n, int t, int parts, int64_t align = 1) {
     return {std::min(n, units * t / parts * align), std::min(n, units * (t + 1) / parts * align)};
 }
 
+#if defined(RADIXLM_TILES)
+// Rows of x at most, for which a GEMM is a stream over its weight: each weight row is loaded once
+// and dotted with every row of x (a few KB, in L1), four weight rows at a time. BLAS runs far
+// below memory speed there (the LM head at 1 row: 11 GB/s).
+constexpr int64_t kStreamRows = 4;
+
+// y[:, cols] = x @ w[cols]^T for M rows of x; k is a multiple of the vector width.
+template <int64_t M>
+void stream_cols(const float* __restrict x, int64_t k, const float* __restrict w, Range cols,
+                 float* __restrict y, int64_t ldy) {
+    using V = Simd::V;
+    constexpr int64_t W = Simd::kWidth;
+    int64_t c = cols.lo;
+    for (; c + 4 <= cols.hi; c += 4) {
+        V acc[M][4];
+        for (int64_t r = 0; r < M; ++r)
+            for (int64_t j = 0; j < 4; ++j) acc[r][j] = Simd::set1(0.0f);
+        const float* w0 = w + c * k;
+        for (int64_t i = 0; i < k; i += W) {
+            const V wv[4] = {Simd::load(w0 + i), Simd::load(w0 + k + i),
+                             Simd::load(w0 + 2 * k + i), Simd::load(w0 + 3 * k + i)};
+            for (int64_t r = 0; r < M; ++r) {
+                const V xv = Simd::load(x + r * k + i);
+                for (int64_t j = 0; j < 4; ++j) acc[r][j] = Simd::fmadd(xv, wv[j], acc[r][j]);
+            }
+        }
+        for (int64_t r = 0; r < M; ++r)
+            Simd::store_sum4(y + r * ldy + c, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    }
+    for (; c < cols.hi; ++c)
+        for (int64_t r = 0; r < M; ++r) {
+            float dot = 0.0f;
+            for (int64_t i = 0; i < k; ++i) dot += x[r * k + i] * w[c * k + i];
+            y[r * ldy + c] = dot;
+        }
+}
+#endif
+
 // y[:, cols] = x @ w[cols]^T (+ bias[cols]) for x [m, k] and w [n, k] row-major; y has row
-// stride ldy. In sgemm's column-major terms: y^T[cols] = w[cols] (k x |cols|, transposed) x^T.
+// stride ldy. A few rows stream the weight (stream_cols); more go to sgemm, in whose
+// column-major terms y^T[cols] = w[cols] (k x |cols|, transposed) x^T.
 void linear_cols(Sgemm sgemm, const float* x, int64_t m, int64_t k, const float* w,
                  const float* bias, Range cols, float* y, int64_t ldy) {
     if (cols.hi <= cols.lo) return;
-    const int n = int(cols.hi - cols.lo), mm = int(m), kk = int(k), ld = int(ldy);
-    const float one = 1.0f, zero = 0.0f;
-    sgemm("T", "N", &n, &mm, &kk, &one, w + cols.lo * k, &kk, x, &kk, &zero, y + cols.lo, &ld);
+#if defined(RADIXLM_TILES)
+    if (m <= kStreamRows && k % Simd::kWidth == 0) {
+        auto stream = m == 1 ? stream_cols<1> : m == 2 ? stream_cols<2> : m == 3 ? stream_cols<3>
+                                                                                 : stream_cols<4>;
+        stream(x, k, w, cols, y, ldy);
+    } else
+#endif
+    {
+        const int n = int(cols.hi - cols.lo), mm = int(m), kk = int(k), ld = int(ldy);
+        const float one = 1.0f, zero = 0.0f;
+        sgemm("T", "N", &n, &mm, &kk, &one, w + cols.lo * k, &kk, x, &kk, &zero, y + cols.lo,
+              &ld);
+    }
     if (bias == nullptr) return;
     for (int64_t r = 0; r < m; ++r)
         for (int64_t c = cols.lo; c < cols.hi; ++c) y[r * ldy + c] += bias[c];
@@ -257,6 +306,18 @@ void decode_layers(const DecodeArgs& a) {
 }  // namespace
 
 extern "C" {
+
+// y [m, n] = x [m, k] @ w [n, k]^T, row-major, each thread computing its share of y's columns
+// as the decode pass does (for the LM head after it).
+void radixlm_linear_f32(const float* x, int64_t m, int64_t k, const float* w, int64_t n, float* y,
+                        Sgemm sgemm, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    {
+        omp_set_num_threads(1);  // as in the pass
+        const Range cols = share(n, omp_get_thread_num(), omp_get_num_threads(), 16);
+        linear_cols(sgemm, x, m, k, w, nullptr, cols, y, n);
+    }
+}
 
 void radixlm_decode_layers_f32(const DecodeArgs* args) { decode_layers<float>(*args); }
 

@@ -161,6 +161,8 @@ class LlamaForCausalLM(nn.Module):
         assert x is not None, "a model has at least one layer"
         idx = batch.logits_index
         x = self.norm(residual[idx] + x[idx])
+        if cpu.linear_streams(x, self.lm_head.weight):  # a few rows: a stream over the weight
+            return cpu.linear(x, self.lm_head.weight)
         return self.lm_head(x).float()
 
     def decode_weights(self) -> cpu.DecodeWeights:

@@ -170,3 +170,24 @@ def test_rope_store_equals_the_torch_path(t, h, kvh, d, kv_dtype, flags) -> None
     x, c, s = q.double(), cos.double(), sin.double()
     ref = x * c + torch.cat([x[..., d // 2 :], x[..., : d // 2]], -1) * s
     torch.testing.assert_close(rq.double(), ref, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not cpu.linear_streams(torch.zeros(1, 16), torch.zeros(1, 16)), reason="torch without MKL"
+)
+@pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6])
+def test_linear_equals_torch(rows: int, threads: int, flags: tuple[str, ...]) -> None:
+    """Up to 4 rows stream the weight four output columns at a time (here with a tail of 3
+    columns and threads' shares of uneven size); more rows go to sgemm. Both equal F.linear."""
+    gen = torch.Generator().manual_seed(rows * 10 + threads)
+    x = torch.randn(rows, 96, generator=gen)
+    w = torch.randn(203, 96, generator=gen)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu.linear(x, w, cpu.load_kernels(flags))
+    finally:
+        torch.set_num_threads(saved)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5)

@@ -198,16 +198,19 @@ PASS_RUNS = [(1, ()), (2, ()), (3, ())] + [(2, f) for f in list(cpu.isa_variants
 
 @pytest.mark.parametrize(("threads", "flags"), PASS_RUNS, ids=lambda x: str(x or "native"))
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("new", [(1, 1, 3, 1), (1, 2)], ids=["6 tokens", "3 tokens"])
 def test_decode_pass_equals_the_layer_path(
     folder: Path,
     monkeypatch: pytest.MonkeyPatch,
+    new: tuple[int, ...],
     kv_dtype: torch.dtype,
     threads: int,
     flags: tuple[str, ...],
 ) -> None:
-    """A batch of short rows (decodes, and a row of 3 new tokens as jump-forward feeds) runs
-    every layer in the CPU decode pass; its logits and the K/V it writes equal the layer-by-layer
-    path's (itself checked against transformers above)."""
+    """A batch of short rows (decodes, and rows of several new tokens as jump-forward feeds)
+    runs every layer in the CPU decode pass; its logits and the K/V it writes equal the
+    layer-by-layer path's (itself checked against transformers above). Up to 4 tokens the
+    pass's GEMMs stream their weights; more go to sgemm."""
     config, weights = load_model_files(str(folder))
     runner = ModelRunner(
         config, weights, torch.device("cpu"), torch.float32, NUM_SLOTS, kv_dtype=kv_dtype
@@ -217,7 +220,7 @@ def test_decode_pass_equals_the_layer_path(
     pool = runner.pool.k + runner.pool.v
     for c in pool:
         c.fill_(float("nan"))  # a slot nobody writes stays NaN
-    lengths, new = (9, 30, 70, 4), (1, 1, 3, 1)
+    lengths = (9, 30, 70, 4)[: len(new)]
     prompts = [prompt(n, seed=20 + i) for i, n in enumerate(lengths)]
     slots = torch.split(scattered_slots(sum(lengths), seed=7), list(lengths))
     parts = list(zip(prompts, new, slots, strict=True))
@@ -247,7 +250,10 @@ def test_decode_pass_equals_the_layer_path(
     monkeypatch.setattr(cpu, "decode_layers_supported", lambda *args: False)
     layered = runner.forward(rows)
     assert len(calls) == 1
-    torch.testing.assert_close(fused, layered, atol=ATOL, rtol=0)
+    # The GEMMs sum in another order than torch's: float32 K/V differ in the last bits, which
+    # can round a bfloat16 K/V element to its neighbour (~0.4%) and move logits by ~2e-5.
+    atol = ATOL if kv_dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(fused, layered, atol=atol, rtol=0)
     for got, want, old in zip(written, pool, before, strict=True):
         rtol = 0 if kv_dtype == torch.float32 else 1e-2
         torch.testing.assert_close(got, want, atol=1e-6, rtol=rtol, equal_nan=True)
