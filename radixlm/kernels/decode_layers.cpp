@@ -7,8 +7,8 @@
 // sleep) between ops. Each weight GEMM is split by output columns: every thread multiplies all
 // rows by its share of the weight through the BLAS sgemm torch links (single-threaded inside
 // the region), or for up to 4 rows streams its share (stream_cols), so each weight byte is
-// read once, by one core. Norms, rotary + KV write and
-// SwiGLU reuse layer_ops.h; the attention reuses row_attention.h.
+// read once, by one core. Norms, rotary + KV write and SwiGLU reuse layer_ops.h; the attention
+// reuses row_attention.h.
 // Built at first use by radixlm/kernels/cpu.py and called through ctypes.
 #include <omp.h>
 
