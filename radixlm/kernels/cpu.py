@@ -366,11 +366,11 @@ STREAM_ROWS = 4
 
 
 def linear_streams(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` runs for x [rows, k] and streams the weight: CPU, float32, at most
+    """Whether `linear` runs for x [rows, k] and streams the weight: CPU, float32, 1 to
     STREAM_ROWS rows, k a multiple of 16 (the vector width the kernel assumes at most)."""
     return (
         x.dim() == 2
-        and x.shape[0] <= STREAM_ROWS
+        and 0 < x.shape[0] <= STREAM_ROWS
         and weight.shape[1] % 16 == 0
         and layer_ops_supported(x, weight)
         and _sgemm() is not None

@@ -199,11 +199,11 @@ void stream_cols(const float* __restrict x, int64_t k, const float* __restrict w
 // column-major terms y^T[cols] = w[cols] (k x |cols|, transposed) x^T.
 void linear_cols(Sgemm sgemm, const float* x, int64_t m, int64_t k, const float* w,
                  const float* bias, Range cols, float* y, int64_t ldy) {
-    if (cols.hi <= cols.lo) return;
+    if (cols.hi <= cols.lo || m <= 0) return;
 #if defined(RADIXLM_TILES)
     if (m <= kStreamRows && k % Simd::kWidth == 0) {
-        auto stream = m == 1 ? stream_cols<1> : m == 2 ? stream_cols<2> : m == 3 ? stream_cols<3>
-                                                                                 : stream_cols<4>;
+        auto stream = m == 4 ? stream_cols<4> : m == 3 ? stream_cols<3> : m == 2 ? stream_cols<2>
+                                                                                 : stream_cols<1>;
         stream(x, k, w, cols, y, ldy);
     } else
 #endif

@@ -177,10 +177,11 @@ def test_rope_store_equals_the_torch_path(t, h, kvh, d, kv_dtype, flags) -> None
 )
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 6])
 def test_linear_equals_torch(rows: int, threads: int, flags: tuple[str, ...]) -> None:
     """Up to 4 rows stream the weight four output columns at a time (here with a tail of 3
-    columns and threads' shares of uneven size); more rows go to sgemm. Both equal F.linear."""
+    columns and threads' shares of uneven size); more rows go to sgemm. Both equal F.linear,
+    and no rows give an empty result."""
     gen = torch.Generator().manual_seed(rows * 10 + threads)
     x = torch.randn(rows, 96, generator=gen)
     w = torch.randn(203, 96, generator=gen)
