@@ -409,9 +409,9 @@ def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array[ctypes.c_void_p]:
 
 
 class DecodeWeights:
-    """A decoder stack's weights for `decode_layers`: per layer, the tensors in the order of
-    `names` (`qkv_b`, `q_norm` and `k_norm` may be None), all float32, contiguous and on the
-    CPU; collected once per model."""
+    """A decoder stack's weights for `decode_layers`: per layer, a tensor for each of `names`
+    (`qkv_b`, `q_norm` and `k_norm` may be None), all float32, contiguous and on the CPU;
+    collected once per model."""
 
     names = (
         *("in_norm", "qkv_w", "qkv_b", "q_norm", "k_norm"),
@@ -420,7 +420,7 @@ class DecodeWeights:
 
     def __init__(
         self,
-        layers: Sequence[tuple[torch.Tensor | None, ...]],
+        layers: Sequence[dict[str, torch.Tensor | None]],
         *,
         hidden: int,
         heads: int,
@@ -442,8 +442,10 @@ class DecodeWeights:
             scale=scale,
         )
         self.arrays = []  # alive as long as args points at them
-        for i, name in enumerate(self.names):
-            column = [layer[i] for layer in layers]
+        for layer in layers:
+            assert set(layer) == set(self.names), sorted(set(layer) ^ set(self.names))
+        for name in self.names:
+            column = [layer[name] for layer in layers]
             present = [t for t in column if t is not None]
             for t in present:
                 assert t.dtype == torch.float32 and t.is_contiguous()
@@ -473,15 +475,14 @@ def decode_layers(
     k_caches: list[torch.Tensor],
     v_caches: list[torch.Tensor],
     kernels: ctypes.CDLL | None = None,
-    num_threads: int | None = None,
     gemms_only: bool = False,
 ) -> torch.Tensor:
     """Every decoder layer over a batch of short rows (no extends) in one call: each token's K/V
     is written at out_slots of each layer's pool and its rows attend as in `row_attention`.
     residual [T, hidden] holds the embeddings and is updated in place; returns the last layer's
     output [T, hidden] (not yet added to the residual). cos / sin [T, 1, D] or [T, D]. Call only
-    where `decode_layers_supported`; kernels defaults to `load_kernels()`, num_threads to
-    torch's. `gemms_only` runs only the weight GEMMs, as the pass runs them (for benchmarks:
+    where `decode_layers_supported`; kernels defaults to `load_kernels()`; torch's thread count
+    is used. `gemms_only` runs only the weight GEMMs, as the pass runs them (for benchmarks:
     nothing else is computed or written)."""
     lib = kernels or load_kernels()
     sgemm = _sgemm()
@@ -503,7 +504,7 @@ def decode_layers(
     args.row_kv = row_kv.data_ptr()
     args.q_start, args.q_len, args.kv_len = spans, spans + step, spans + 2 * step
     args.sgemm = sgemm
-    args.num_threads = num_threads or torch.get_num_threads()
+    args.num_threads = torch.get_num_threads()
     args.gemms_only = gemms_only
     getattr(lib, f"radixlm_decode_layers_{_KV_SUFFIX[k_caches[0].dtype]}")(ctypes.byref(args))
     return out

@@ -169,21 +169,21 @@ class LlamaForCausalLM(nn.Module):
         """The layers' weights as `cpu.decode_layers` takes them, collected on first use."""
         if self._decode_weights is None:
             cfg = self.config
-            layers = []
+            layers: list[dict[str, torch.Tensor | None]] = []
             for layer in cast(list[DecoderLayer], list(self.layers)):
                 a, mlp = layer.self_attn, layer.mlp
                 layers.append(
-                    (
-                        layer.input_layernorm.weight,
-                        a.qkv_proj.weight,
-                        a.qkv_proj.bias,
-                        a.q_norm.weight if a.q_norm is not None else None,
-                        a.k_norm.weight if a.k_norm is not None else None,
-                        a.o_proj.weight,
-                        layer.post_attention_layernorm.weight,
-                        mlp.gate_up_proj.weight,
-                        mlp.down_proj.weight,
-                    )
+                    {
+                        "in_norm": layer.input_layernorm.weight,
+                        "qkv_w": a.qkv_proj.weight,
+                        "qkv_b": a.qkv_proj.bias,
+                        "q_norm": a.q_norm.weight if a.q_norm is not None else None,
+                        "k_norm": a.k_norm.weight if a.k_norm is not None else None,
+                        "o_w": a.o_proj.weight,
+                        "post_norm": layer.post_attention_layernorm.weight,
+                        "gate_up_w": mlp.gate_up_proj.weight,
+                        "down_w": mlp.down_proj.weight,
+                    }
                 )
             self._decode_weights = cpu.DecodeWeights(
                 layers,
