@@ -29,13 +29,13 @@ import radixlm  # noqa: F401  (first: its OpenMP defaults apply only before torc
 import torch
 import torch.nn.functional as F
 
+from radixlm.core.messages import GenerateRequest
+from radixlm.core.params import SamplingParams
+from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.engine.engine import Engine
-from radixlm.engine.io import GenerateRequest
 from radixlm.kernels import cpu
-from radixlm.runner.batch import ScheduledSeq
-from radixlm.sampling import SamplingParams
 
 
 def random_ids(n: int, gen: torch.Generator) -> list[int]:

@@ -22,13 +22,14 @@ import radixlm  # noqa: F401  (first: its OpenMP defaults apply only before torc
 
 import torch
 
+from radixlm.core.messages import GenerateRequest
+from radixlm.core.params import SamplingParams
+from radixlm.core.request import Req
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.engine.engine import Engine
-from radixlm.engine.io import GenerateRequest
 from radixlm.grammar import GrammarManager
-from radixlm.sampling import SamplingBatch, SamplingParams
-from radixlm.scheduler.request import Req
+from radixlm.sampling import SamplingBatch
 
 SCHEMA = {
     "type": "object",

@@ -10,8 +10,20 @@ from typing import Any
 import torch
 
 from radixlm.cache import RadixCache, SlotAllocator
+from radixlm.core.messages import (
+    AbortRequest,
+    CheckInvariant,
+    ControlCall,
+    ControlReply,
+    ControlRequest,
+    CoreInfo,
+    CoreStats,
+    FlushCache,
+    GenerateRequest,
+    GetStats,
+    Message,
+)
 from radixlm.engine.args import EngineArgs
-from radixlm.engine.io import AbortRequest, ControlReply, ControlRequest, GenerateRequest
 from radixlm.grammar import GrammarManager
 from radixlm.models.default import default_model_path
 from radixlm.models.loader import load_model_files
@@ -21,8 +33,6 @@ from radixlm.scheduler.scheduler import Scheduler, SchedulerConfig
 from radixlm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-Message = GenerateRequest | AbortRequest | ControlRequest | None  # None asks the loop to stop
 
 
 class EngineCore:
@@ -85,34 +95,51 @@ class EngineCore:
         elif isinstance(msg, AbortRequest):
             self.scheduler.abort(msg.rid, msg.message)
         else:
-            return ControlReply(msg.call_id, self.control(msg.kind, msg.args))
+            try:
+                value: object = self.control(msg.call)
+            except Exception as e:  # a failed call (a broken invariant) answers with its error
+                value = e
+            return ControlReply(msg.call_id, value)
         return None
 
-    def control(self, kind: str, args: dict[str, Any]) -> Any:
+    def control(self, call: ControlCall) -> object:
         """Synchronous calls: cache flush, statistics, the slot invariant check."""
-        if kind == "flush_cache":
+        if isinstance(call, FlushCache):
             return self.scheduler.flush_cache()
-        if kind == "stats":
+        if isinstance(call, GetStats):
             return self.stats()
-        if kind == "check_invariant":
-            self.scheduler.check_invariant()
-            return True
-        raise ValueError(f"unknown control call {kind!r}")
+        assert isinstance(call, CheckInvariant)
+        self.scheduler.check_invariant()
+        return True
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> CoreStats:
         """Numbers for /metrics, /server_info and tests."""
         s = self.scheduler
         used = self.allocator.num_slots - self.allocator.num_free - self.cache.evictable_size
-        return {
-            "num_running_reqs": len(s.running),
-            "num_queue_reqs": len(s.waiting),
-            "num_used_tokens": used,
-            "token_usage": used / self.allocator.num_slots,
-            "max_total_num_tokens": self.allocator.num_slots,
-            "cached_tree_tokens": self.cache.total_size(),
-            "num_forward_passes": s.num_forward_passes,
-            "num_retractions": s.num_retractions,
-        }
+        return CoreStats(
+            num_running_reqs=len(s.running),
+            num_queue_reqs=len(s.waiting),
+            num_used_tokens=used,
+            token_usage=used / self.allocator.num_slots,
+            max_total_num_tokens=self.allocator.num_slots,
+            cached_tree_tokens=self.cache.total_size(),
+            num_forward_passes=s.num_forward_passes,
+            num_retractions=s.num_retractions,
+        )
+
+    def info(self) -> CoreInfo:
+        """What the frontend needs to know about this core."""
+        return CoreInfo(
+            model_path=self.model_path,
+            context_len=self.scheduler.config.context_len,
+            vocab_size=self.model_config.vocab_size,
+            max_total_num_tokens=self.allocator.num_slots,
+            chunked_prefill_size=self.scheduler.config.chunked_prefill_size,
+            max_running_requests=self.scheduler.config.max_running_requests,
+            device=str(self.runner.device),
+            dtype=str(self.runner.dtype).removeprefix("torch."),
+            load_seconds=self.load_seconds,
+        )
 
     def run(
         self,
@@ -126,10 +153,7 @@ class EngineCore:
                 for msg in receive(not self.scheduler.has_work):
                     if msg is None:
                         return
-                    try:
-                        reply = self.handle(msg)
-                    except Exception as e:  # a bad control call must not kill the loop
-                        reply = ControlReply(getattr(msg, "call_id", -1), e)
+                    reply = self.handle(msg)
                     if reply is not None:
                         replies.append(reply)
                 if replies:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import queue
 import threading
@@ -11,10 +12,20 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any
 
+from radixlm.core.messages import (
+    AbortRequest,
+    CheckInvariant,
+    ControlCall,
+    ControlReply,
+    ControlRequest,
+    FlushCache,
+    GetStats,
+    Message,
+    TokenOutput,
+)
 from radixlm.engine.args import EngineArgs
-from radixlm.engine.core import EngineCore, Message
+from radixlm.engine.core import EngineCore
 from radixlm.engine.frontend import GenerateInput, RequestState, tokenize_input
-from radixlm.engine.io import AbortRequest, ControlReply, ControlRequest, TokenOutput
 
 _POLL_S = 0.5  # how often a waiting caller re-checks that the engine thread is alive
 
@@ -102,13 +113,13 @@ class Engine:
         if self._error is not None:
             raise self._error
 
-    def _control(self, kind: str, **args: Any) -> Any:
+    def _control(self, call: ControlCall) -> Any:
         self._check_alive()
         q: queue.Queue[Any] = queue.Queue()
         call_id = next(self._call_ids)
         with self._lock:
             self._calls[call_id] = q
-        self._inbox.put(ControlRequest(kind, call_id, args))
+        self._inbox.put(ControlRequest(call_id, call))
         value = self._wait(q)
         if isinstance(value, BaseException):
             raise value
@@ -293,15 +304,15 @@ class Engine:
 
     def flush_cache(self) -> bool:
         """Drop the radix cache; False (nothing changes) while requests are running."""
-        return bool(self._control("flush_cache"))
+        return bool(self._control(FlushCache()))
 
     def get_stats(self) -> dict[str, Any]:
         """Scheduler and cache counters."""
-        return dict(self._control("stats"))
+        return dataclasses.asdict(self._control(GetStats()))
 
     def check_invariant(self) -> None:
         """Raise AssertionError unless every KV slot has exactly one owner (for tests)."""
-        self._control("check_invariant")
+        self._control(CheckInvariant())
 
     def get_server_info(self) -> dict[str, Any]:
         """The resolved arguments plus live statistics."""

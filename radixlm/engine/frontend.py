@@ -9,9 +9,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from radixlm.engine.io import GenerateRequest, LogprobEntry, TokenOutput
+from radixlm.core.finish import FinishReason
+from radixlm.core.messages import GenerateRequest, LogprobEntry, TokenOutput
+from radixlm.core.params import SamplingParams
 from radixlm.grammar import GrammarSpec, validate_spec
-from radixlm.sampling import SamplingParams
 from radixlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -142,7 +143,7 @@ class RequestState:
     return_text_in_logprobs: bool = False
     created: float = field(default_factory=time.perf_counter)
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: dict[str, Any] | None = None
+    finish_reason: FinishReason | None = None
     cached_tokens: int = 0
     queue_time: float | None = None  # seconds the engine kept it waiting before admission
     input_logprobs: list[LogprobEntry] = field(default_factory=list)
@@ -185,7 +186,7 @@ class RequestState:
         """The text so far: cut at a matched stop string; while running, a partial stop held back."""
         text = self.detok.text
         stops = self.req.params.stop
-        matched = (self.finish_reason or {}).get("matched")
+        matched = self.finish_reason.matched if self.finish_reason is not None else None
         if isinstance(matched, int) and not self.req.params.no_stop_trim and self.output_ids:
             # The matched stop token stays in output_ids but not in the text (as SGLang does).
             if self._trimmed is None:
@@ -217,7 +218,7 @@ class RequestState:
         """SGLang's response: text, output_ids and meta_info (text and ids are cumulative)."""
         meta: dict[str, Any] = {
             "id": self.req.rid,
-            "finish_reason": self.finish_reason,
+            "finish_reason": (None if self.finish_reason is None else self.finish_reason.to_dict()),
             "prompt_tokens": len(self.req.input_ids),
             "completion_tokens": len(self.output_ids),
             "cached_tokens": self.cached_tokens,

@@ -8,12 +8,10 @@ import multiprocessing as mp
 import os
 import signal
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from radixlm.core.messages import CoreInfo, Message
 from radixlm.engine.args import EngineArgs
-
-if TYPE_CHECKING:
-    from radixlm.engine.core import EngineCore, Message
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +29,7 @@ def _engine_main(args: EngineArgs, inbox: Connection, outbox: Connection) -> Non
     except BaseException as e:
         outbox.send(("error", f"{type(e).__name__}: {e}"))
         return
-    outbox.send(("ready", core_info(core)))
+    outbox.send(("ready", core.info()))
 
     def receive(block: bool) -> list[Message]:
         msgs: list[Message] = []
@@ -51,21 +49,6 @@ def _engine_main(args: EngineArgs, inbox: Connection, outbox: Connection) -> Non
             os._exit(0)
 
     core.run(receive, emit)
-
-
-def core_info(core: EngineCore) -> dict[str, Any]:
-    """What the frontend needs to know about a started core."""
-    return {
-        "model_path": core.model_path,
-        "context_len": core.scheduler.config.context_len,
-        "vocab_size": core.model_config.vocab_size,
-        "max_total_num_tokens": core.allocator.num_slots,
-        "chunked_prefill_size": core.scheduler.config.chunked_prefill_size,
-        "max_running_requests": core.scheduler.config.max_running_requests,
-        "device": str(core.runner.device),
-        "dtype": str(core.runner.dtype).removeprefix("torch."),
-        "load_seconds": core.load_seconds,
-    }
 
 
 class EngineProcess:
@@ -95,7 +78,7 @@ class EngineProcess:
         if kind == "error":
             self.process.join(timeout=5)
             raise RuntimeError(f"the engine failed to start: {payload}")
-        self.info: dict[str, Any] = payload
+        self.info: CoreInfo = payload
 
     def send(self, msg: Message) -> None:
         """Send one message to the core (raises OSError/BrokenPipeError if it is gone)."""

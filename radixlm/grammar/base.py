@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from radixlm.sampling import SamplingParams
+from radixlm.core.params import SamplingParams
 
 if TYPE_CHECKING:  # the frontend (HTTP process) imports this package and must not load torch
     import torch

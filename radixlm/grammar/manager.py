@@ -39,7 +39,7 @@ from radixlm.tokenizer import Tokenizer
 if TYPE_CHECKING:
     import torch
 
-    from radixlm.scheduler.request import Req
+    from radixlm.core.request import Req
 
 # Tokens before a jump that retokenization reads as context; they are never changed.
 _CONTEXT_TOKENS = 2

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixlm.core.forward import ForwardBatch
 from radixlm.kernels import cpu
 from radixlm.models.rope import rope_inv_freq
-from radixlm.runner.batch import ForwardBatch
 
 
 class RMSNorm(nn.Module):

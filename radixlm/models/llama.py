@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixlm.core.forward import ForwardBatch
 from radixlm.kernels import cpu
 from radixlm.models.config import ModelConfig
 from radixlm.models.layers import RMSNorm, RotaryEmbedding, paged_attention, rope_and_store
-from radixlm.runner.batch import ForwardBatch
 
 
 class Attention(nn.Module):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from radixlm.cache import KVPool
+from radixlm.core.forward import ExtendSeq, ForwardBatch
+from radixlm.core.plan import ScheduledSeq, is_short_row
 from radixlm.kernels import cpu as cpu_kernels
 from radixlm.models.config import ModelConfig
 from radixlm.models.llama import LlamaForCausalLM
-from radixlm.runner.batch import ExtendSeq, ForwardBatch, ScheduledSeq, is_short_row
 
 # Share of the memory left after the weights that the KV pool takes when no size is given.
 _CPU_KV_SHARE = 0.15

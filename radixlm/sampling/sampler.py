@@ -8,7 +8,7 @@ from itertools import chain
 
 import torch
 
-from radixlm.sampling.params import SamplingParams
+from radixlm.core.params import SamplingParams
 
 # top-k/top-p thresholds come from the best few candidates of a row (topk is ~10x cheaper than a
 # full sort on CPU); a top-p row whose nucleus does not fit grows its candidate set by this factor.

@@ -3,34 +3,34 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
-from radixlm.scheduler.request import Req
+from radixlm.core.finish import FinishReason
+from radixlm.core.request import Req
 from radixlm.tokenizer import Tokenizer
 
 # Output tokens searched for a stop regex (a stop string needs only its own length).
 _STOP_REGEX_WINDOW = 64
 
 
-def finish_reason(req: Req, tokenizer: Tokenizer, context_len: int) -> dict[str, Any] | None:
+def finish_reason(req: Req, tokenizer: Tokenizer, context_len: int) -> FinishReason | None:
     """SGLang's finish reason for req after its latest tokens, or None while it goes on."""
     p = req.params
     token = req.output_ids[-1]
     if req.grammar is not None and req.grammar.error is not None:
-        return {"type": "abort", "message": f"grammar error: {req.grammar.error}"}
+        return FinishReason.abort(f"grammar error: {req.grammar.error}")
     if token in req.eos_ids and len(req.output_ids) >= p.min_new_tokens:
-        return {"type": "stop", "matched": token}
+        return FinishReason.stop(token)
     if req.grammar is not None and req.grammar.is_terminated:
         # Complete: nothing was matched (a matched int would be trimmed from the text).
-        return {"type": "stop", "matched": None}
+        return FinishReason.stop(None)
     if (p.stop or p.stop_regex) and len(req.output_ids) >= p.min_new_tokens:
         matched = match_stop(req, tokenizer)
         if matched is not None:
-            return {"type": "stop", "matched": matched}
+            return FinishReason.stop(matched)
     if len(req.output_ids) >= p.max_new_tokens:
-        return {"type": "length", "length": p.max_new_tokens}
+        return FinishReason.at_length(p.max_new_tokens)
     if req.seq_len >= context_len:
-        return {"type": "length", "length": len(req.output_ids)}
+        return FinishReason.at_length(len(req.output_ids))
     return None
 
 

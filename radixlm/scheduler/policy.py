@@ -6,7 +6,7 @@ import time
 from collections import defaultdict
 
 from radixlm.cache import MatchResult, RadixCache, TreeNode
-from radixlm.scheduler.request import Req
+from radixlm.core.request import Req
 
 POLICIES = ("lpm", "fcfs", "dfs-weight")
 

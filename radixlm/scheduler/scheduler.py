@@ -8,14 +8,15 @@ from dataclasses import dataclass
 import torch
 
 from radixlm.cache import MatchResult, RadixCache, SlotAllocator
-from radixlm.engine.io import GenerateRequest, LogprobEntry, TokenOutput
+from radixlm.core.finish import FinishReason
+from radixlm.core.messages import GenerateRequest, LogprobEntry, TokenOutput
+from radixlm.core.plan import ScheduledSeq, is_short_row
+from radixlm.core.request import Req
 from radixlm.grammar import GrammarManager, GrammarSpec
-from radixlm.runner.batch import ScheduledSeq, is_short_row
 from radixlm.runner.runner import ModelRunner
 from radixlm.sampling import Sampler, SamplingBatch
 from radixlm.scheduler.finish import finish_reason
 from radixlm.scheduler.policy import SchedulePolicy
-from radixlm.scheduler.request import Req
 from radixlm.tokenizer import Tokenizer
 
 # Cap on the future tokens a running request is assumed to need when admitting new work.
@@ -67,7 +68,7 @@ class Scheduler:
         eos = () if msg.params.ignore_eos else self.tokenizer.eos_token_ids
         req = Req.from_message(msg, tuple(dict.fromkeys(eos + msg.params.stop_token_ids)))
         if error is not None:
-            req.finish_reason = {"type": "abort", "message": error}
+            req.finish_reason = FinishReason.abort(error)
             self.pending_outputs.append(self._output(req, []))
             return
         req.input_lp_next = max(req.logprob_start_len, 0)
@@ -80,7 +81,7 @@ class Scheduler:
         """Queue the requests whose grammar is ready; a forced start of the output is sent now."""
         ready, failed = self.grammar.poll(block=not (self.waiting or self.running))
         for req, message in failed:
-            req.finish_reason = {"type": "abort", "message": message}
+            req.finish_reason = FinishReason.abort(message)
             self.pending_outputs.append(self._output(req, []))
         for req in ready:
             new_ids = self.grammar.start(req, self.config.context_len)
@@ -109,14 +110,14 @@ class Scheduler:
         for queue in (self.waiting, self.running):
             for req in queue:
                 if req.rid == rid and not req.finished:
-                    req.finish_reason = {"type": "abort", "message": message}
+                    req.finish_reason = FinishReason.abort(message)
                     queue.remove(req)
                     self._release(req)
                     self.pending_outputs.append(self._output(req, []))
                     return
         compiling = self.grammar.discard(rid)
         if compiling is not None:
-            compiling.finish_reason = {"type": "abort", "message": message}
+            compiling.finish_reason = FinishReason.abort(message)
             self.pending_outputs.append(self._output(compiling, []))
 
     @property
@@ -258,11 +259,9 @@ class Scheduler:
             self.waiting.append(victim)
             self.num_retractions += 1
             return
-        victim.finish_reason = {
-            "type": "abort",
-            "message": f"the request needs more than the {self.allocator.num_slots} KV slots "
-            "of the pool",
-        }
+        victim.finish_reason = FinishReason.abort(
+            f"the request needs more than the {self.allocator.num_slots} KV slots of the pool"
+        )
         self.pending_outputs.append(self._output(victim, []))
 
     def _retract_for(self, decodes: list[Req]) -> list[Req]:
@@ -273,11 +272,10 @@ class Scheduler:
             if not victims:  # alone and still no room: it can never finish in this pool
                 decodes.remove(victim)
                 self.running.remove(victim)
-                victim.finish_reason = {
-                    "type": "abort",
-                    "message": f"the request needs more than the {self.allocator.num_slots} "
-                    "KV slots of the pool",
-                }
+                victim.finish_reason = FinishReason.abort(
+                    f"the request needs more than the {self.allocator.num_slots} KV slots of "
+                    "the pool"
+                )
                 self._release(victim)
                 self.pending_outputs.append(self._output(victim, []))
                 break
@@ -397,7 +395,7 @@ class Scheduler:
             return
         new_ids: list[int] = []
         if req.params.max_new_tokens == 0:
-            req.finish_reason = {"type": "length", "length": 0}
+            req.finish_reason = FinishReason.at_length(0)
         elif sampled is not None:
             token, entry, top = sampled
             if req.has_draft:  # the model's own token where the draft was fed decides

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import fields
@@ -155,7 +156,7 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
             "model_path": manager.model_path,
             "served_model_name": manager.served_model_name,
             "version": radixlm.__version__,
-            **manager.info,
+            **(dataclasses.asdict(manager.info) if manager.info is not None else {}),
         }
         stats: dict[str, Any] = {}
         if manager.ready:

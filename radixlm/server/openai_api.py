@@ -12,8 +12,8 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from radixlm.core.messages import LogprobEntry
 from radixlm.engine.frontend import GenerateInput, RequestState
-from radixlm.engine.io import LogprobEntry
 from radixlm.server.errors import ApiError
 from radixlm.server.http import (
     DONE,
@@ -146,14 +146,14 @@ def finish_fields(state: RequestState) -> dict[str, Any]:
     fr = state.finish_reason
     if fr is None:
         return {"finish_reason": None}
-    return {"finish_reason": fr["type"], "matched_stop": fr.get("matched")}
+    return {"finish_reason": fr.kind.value, "matched_stop": fr.matched}
 
 
 def abort_message(states: list[RequestState]) -> str | None:
     """The message of the first aborted request, if one was."""
     for s in states:
-        if s.finish_reason is not None and s.finish_reason["type"] == "abort":
-            return f"the request was aborted: {s.finish_reason.get('message', '')}"
+        if s.finish_reason is not None and s.finish_reason.is_abort:
+            return f"the request was aborted: {s.finish_reason.message}"
     return None
 
 
@@ -365,13 +365,14 @@ def openai_router(manager: TokenizerManager) -> APIRouter:
     @router.get("/v1/models")
     async def models() -> Response:
         ready_tokenizer()
+        assert manager.info is not None  # set with the tokenizer
         card = {
             "id": manager.served_model_name,
             "object": "model",
             "created": created,
             "owned_by": "radixlm",
             "root": manager.model_path,
-            "max_model_len": manager.info["context_len"],
+            "max_model_len": manager.info.context_len,
         }
         return json_response({"object": "list", "data": [card]})
 
@@ -404,7 +405,8 @@ def openai_router(manager: TokenizerManager) -> APIRouter:
         tokenizer = ready_tokenizer()
         size = sum(len(m.content) if isinstance(m.content, str) else 0 for m in req.messages)
         ids = await manager.offload(size, chat_prompt_ids, req, tokenizer)
-        inp = chat_input(req, ids, manager.info["context_len"])
+        assert manager.info is not None  # set with the tokenizer
+        inp = chat_input(req, ids, manager.info.context_len)
         group = await submit(manager, inp, openai_names)
         reply = reply_for("chatcmpl", tokenizer, req.n)
         if req.stream:

@@ -8,6 +8,7 @@ blocks on the engine's pipe and hands each output batch to the loop with call_so
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -16,17 +17,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
+from radixlm.core.messages import (
+    AbortRequest,
+    CheckInvariant,
+    ControlCall,
+    ControlReply,
+    ControlRequest,
+    CoreInfo,
+    FlushCache,
+    GetStats,
+    Message,
+    TokenOutput,
+)
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.frontend import GenerateInput, RequestState, tokenize_input
-from radixlm.engine.io import AbortRequest, ControlReply, ControlRequest, TokenOutput
 from radixlm.engine.process import EngineProcess
 from radixlm.server.metrics import ServerMetrics
 from radixlm.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from radixlm.engine.core import Message
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +126,7 @@ class TokenizerManager:
         self.metrics = ServerMetrics(self.served_model_name)
         self.engine: EngineProcess | None = None
         self.tokenizer: Tokenizer | None = None
-        self.info: dict[str, Any] = {}
+        self.info: CoreInfo | None = None  # set once the engine has started
         # Why the engine cannot serve: None while starting and while healthy.
         self.failure: str | None = None
         # Called (on the loop) if the engine fails to start; the launcher then stops the server.
@@ -142,7 +151,7 @@ class TokenizerManager:
     def _start_engine(self) -> None:
         try:
             engine = EngineProcess(self.args)
-            tokenizer = Tokenizer.load(engine.info["model_path"])
+            tokenizer = Tokenizer.load(engine.info.model_path)
         except BaseException as e:
             logger.error("the engine failed to start: %s", e)
             self._post(self._start_failed, f"the engine failed to start: {e}")
@@ -164,8 +173,8 @@ class TokenizerManager:
         ).start()
         logger.info(
             "serving model %r from %s (%d KV slots, context %d, %s %s)",
-            self.served_model_name, self.info["model_path"], self.info["max_total_num_tokens"],
-            self.info["context_len"], self.info["device"], self.info["dtype"],
+            self.served_model_name, engine.info.model_path, engine.info.max_total_num_tokens,
+            engine.info.context_len, engine.info.device, engine.info.dtype,
         )  # fmt: skip
 
     def stop_serving(self, reason: str) -> None:
@@ -304,7 +313,7 @@ class TokenizerManager:
     async def submit(self, inp: GenerateInput) -> RequestGroup:
         """Validate, tokenize and send; ValueError for a bad request, EngineUnavailable if down."""
         self.check_ready()
-        assert self.tokenizer is not None
+        assert self.tokenizer is not None and self.info is not None
         texts = inp.text if isinstance(inp.text, list) else [inp.text]
         size = sum(len(t) for t in texts if isinstance(t, str))
         reqs = await self.offload(
@@ -312,11 +321,11 @@ class TokenizerManager:
             tokenize_input,
             inp,
             self.tokenizer,
-            self.info["vocab_size"],
-            self.info["context_len"],
+            self.info.vocab_size,
+            self.info.context_len,
         )
         self.check_ready()  # it may have died while we tokenized
-        pool = self.info["max_total_num_tokens"]
+        pool = self.info.max_total_num_tokens
         rids: set[str] = set()
         for r in reqs:
             if len(r.input_ids) + 1 > pool:
@@ -363,20 +372,20 @@ class TokenizerManager:
 
     # ---- control calls -----------------------------------------------------------------------
 
-    async def control(self, kind: str, **args: Any) -> Any:
+    async def control(self, call: ControlCall) -> Any:
         """A synchronous call into the engine core (stats, flush_cache, check_invariant)."""
         self.check_ready()
         assert self._loop is not None
         call_id = next(self._call_ids)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._calls[call_id] = fut
-        self._outbox.put(ControlRequest(kind, call_id, args))
+        self._outbox.put(ControlRequest(call_id, call))
         try:
             value = await asyncio.wait_for(fut, CONTROL_TIMEOUT_S)
         except asyncio.TimeoutError:
             self._calls.pop(call_id, None)
             raise EngineUnavailable(
-                f"the engine did not answer {kind!r} in {CONTROL_TIMEOUT_S:.0f}s"
+                f"the engine did not answer {type(call).__name__} in {CONTROL_TIMEOUT_S:.0f}s"
             ) from None
         if isinstance(value, BaseException):
             raise value
@@ -386,15 +395,15 @@ class TokenizerManager:
         """Empty the radix cache; False (nothing changes) while requests run."""
         if self._running:
             return False
-        return bool(await self.control("flush_cache"))
+        return bool(await self.control(FlushCache()))
 
     async def stats(self) -> dict[str, Any]:
         """Scheduler and cache numbers."""
-        return dict(await self.control("stats"))
+        return dataclasses.asdict(await self.control(GetStats()))
 
     async def check_invariant(self) -> None:
         """Raise AssertionError unless every KV slot has exactly one owner."""
-        await self.control("check_invariant")
+        await self.control(CheckInvariant())
 
 
 def served_name_of(model_path: str) -> str:

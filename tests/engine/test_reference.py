@@ -15,8 +15,8 @@ import pytest
 import torch
 from hf_reference import hf_logprobs, load_hf_smollm2
 
+from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.engine import Engine
-from radixlm.runner.batch import ScheduledSeq
 
 pytestmark = pytest.mark.slow
 

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from radixlm.cache import RadixCache, SlotAllocator
+from radixlm.core.messages import GenerateRequest, TokenOutput
+from radixlm.core.params import SamplingParams
+from radixlm.core.request import Req
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
-from radixlm.engine.io import GenerateRequest, TokenOutput
 from radixlm.grammar import GrammarCache, GrammarManager, GrammarSpec
 from radixlm.grammar.base import GrammarBackend
-from radixlm.sampling import SamplingParams
-from radixlm.scheduler.request import Req
 from radixlm.scheduler.scheduler import Scheduler
 from radixlm.tokenizer import Tokenizer
 
@@ -81,7 +81,7 @@ def run(
             assert o.rid not in reasons, f"{o.rid} produced output after it finished"
             ids.setdefault(o.rid, []).extend(o.new_ids)
             if o.finish_reason is not None:
-                reasons[o.rid] = o.finish_reason
+                reasons[o.rid] = o.finish_reason.to_dict()
     pytest.fail("the scheduler is still busy")
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from radixlm.core.plan import ScheduledSeq
 from radixlm.kernels import cpu
 from radixlm.models.layers import RotaryEmbedding, apply_rope, row_attention
-from radixlm.runner.batch import ScheduledSeq
 from radixlm.runner.runner import ModelRunner
 
 pytestmark = pytest.mark.skipif(

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import torch
 
+from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.engine import Engine
 from radixlm.kernels import cpu
 from radixlm.models.loader import load_model_files
-from radixlm.runner.batch import ScheduledSeq
 from radixlm.runner.runner import ModelRunner
 
 # float32 on both sides; the tiny models' logits are ~0.2 in size, and summation order (fused

@@ -9,13 +9,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from radixlm.sampling import (
-    Sampler,
-    SamplingBatch,
-    SamplingParams,
-    compute_logprobs,
-    compute_top_logprobs,
-)
+from radixlm.core.params import SamplingParams
+from radixlm.sampling import Sampler, SamplingBatch, compute_logprobs, compute_top_logprobs
 
 GREEDY = SamplingParams(temperature=0.0)
 

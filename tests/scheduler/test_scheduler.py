@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 
+from radixlm.core.messages import GenerateRequest, TokenOutput
+from radixlm.core.params import SamplingParams
+from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
-from radixlm.engine.io import GenerateRequest, TokenOutput
-from radixlm.runner.batch import ScheduledSeq
-from radixlm.sampling import SamplingParams
 from radixlm.scheduler.scheduler import Scheduler
 
 Make = Callable[..., Scheduler]
@@ -69,7 +69,9 @@ def collect(results: dict[str, Result], outs: list[TokenOutput]) -> None:
         r = results.setdefault(o.rid, Result())
         assert r.finish_reason is None, f"{o.rid} produced output after it finished"
         r.output_ids += o.new_ids
-        r.finish_reason, r.cached_tokens = o.finish_reason, o.cached_tokens
+        r.cached_tokens = o.cached_tokens
+        if o.finish_reason is not None:
+            r.finish_reason = o.finish_reason.to_dict()
 
 
 def run(s: Scheduler, max_steps: int = 400) -> dict[str, Result]:
@@ -306,8 +308,9 @@ def test_a_prompt_longer_than_the_pool_is_rejected_at_once(make: Make) -> None:
     s.add(request("long", ids(40, seed=1)))
     outs = step(s)
     assert [o.rid for o in outs] == ["long"] and outs[0].finish_reason is not None
-    assert outs[0].finish_reason["type"] == "abort"
-    assert "KV pool" in outs[0].finish_reason["message"]
+    reason = outs[0].finish_reason
+    assert reason is not None and reason.is_abort
+    assert "KV pool" in reason.message
     assert not s.has_work
 
 

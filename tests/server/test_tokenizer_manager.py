@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from server_harness import ServerProcess, pid_alive
 
+from radixlm.core.messages import GenerateRequest, TokenOutput
+from radixlm.core.params import SamplingParams
 from radixlm.engine.frontend import RequestState
-from radixlm.engine.io import GenerateRequest, TokenOutput
-from radixlm.sampling import SamplingParams
 from radixlm.server.tokenizer_manager import EngineUnavailable, RequestGroup, served_name_of
 from radixlm.tokenizer import Tokenizer
 

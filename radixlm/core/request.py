@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from radixlm.cache import TreeNode
-from radixlm.engine.io import GenerateRequest, LogprobEntry
-from radixlm.sampling import SamplingParams
+from radixlm.core.finish import FinishReason
+from radixlm.core.messages import GenerateRequest, LogprobEntry
+from radixlm.core.params import SamplingParams
 
 if TYPE_CHECKING:
     from radixlm.grammar import GrammarMatcher
@@ -40,7 +41,7 @@ class Req:
     node: TreeNode | None = None
     tree_len: int = 0
     cached_tokens: int = 0  # prompt tokens served from the cache at (first) admission
-    finish_reason: dict[str, Any] | None = None
+    finish_reason: FinishReason | None = None
     arrival: float = field(default_factory=time.monotonic)
     queue_time: float | None = None  # seconds from arrival to first admission
     # logprobs waiting to be sent with the next output

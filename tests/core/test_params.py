@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from radixlm.sampling import SamplingParams
+from radixlm.core.params import SamplingParams
 
 
 def test_defaults_match_sglang() -> None:

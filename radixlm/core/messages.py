@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from radixlm.sampling import SamplingParams
+from radixlm.core.finish import FinishReason
+from radixlm.core.params import SamplingParams
 
 # A logprob entry: (logprob or None for the first prompt token, token id).
 LogprobEntry = tuple[float | None, int]
@@ -32,20 +32,70 @@ class AbortRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class ControlRequest:
-    """A call into the engine core answered with a ControlReply (flush_cache, stats, ...)."""
+class FlushCache:
+    """Empty the radix cache; answered with False (nothing changed) while requests run."""
 
-    kind: str
+
+@dataclass(frozen=True, slots=True)
+class GetStats:
+    """Read the core's counters; answered with a CoreStats."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckInvariant:
+    """Assert that every KV slot has one owner; answered with True or the AssertionError."""
+
+
+ControlCall = FlushCache | GetStats | CheckInvariant
+
+
+@dataclass(frozen=True, slots=True)
+class ControlRequest:
+    """A control call into the core, answered by the ControlReply with the same call_id."""
+
     call_id: int
-    args: dict[str, Any] = field(default_factory=dict)
+    call: ControlCall
 
 
 @dataclass(frozen=True, slots=True)
 class ControlReply:
-    """The answer to a ControlRequest with the same call_id."""
+    """The answer to a ControlRequest: the call's value, or the exception it raised."""
 
     call_id: int
-    value: Any
+    value: object
+
+
+# What the frontend sends the core; None asks the core's loop to stop.
+Message = GenerateRequest | AbortRequest | ControlRequest | None
+
+
+@dataclass(frozen=True, slots=True)
+class CoreInfo:
+    """What the frontend needs to know about a started core."""
+
+    model_path: str
+    context_len: int
+    vocab_size: int
+    max_total_num_tokens: int  # KV slots in the pool
+    chunked_prefill_size: int
+    max_running_requests: int
+    device: str
+    dtype: str
+    load_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CoreStats:
+    """The core's live counters, for /metrics, /server_info and tests."""
+
+    num_running_reqs: int
+    num_queue_reqs: int
+    num_used_tokens: int
+    token_usage: float
+    max_total_num_tokens: int
+    cached_tree_tokens: int
+    num_forward_passes: int
+    num_retractions: int
 
 
 @dataclass(slots=True)
@@ -57,7 +107,7 @@ class TokenOutput:
     prompt_tokens: int
     cached_tokens: int
     queue_time: float | None = None  # seconds from arrival to first admission; None before
-    finish_reason: dict[str, Any] | None = None
+    finish_reason: FinishReason | None = None
     # logprob data produced in this step (lists extend across outputs of the same request)
     output_logprobs: list[LogprobEntry] = field(default_factory=list)
     output_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
