@@ -5,13 +5,12 @@ from __future__ import annotations
 import threading
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from radixlm.lang.backends.base import Backend, Prompt
 from radixlm.lang.ir import (
     CommitPrefix,
-    ConcatForks,
     Expr,
     Gen,
     GenParams,
@@ -26,6 +25,15 @@ from radixlm.lang.ir import (
 )
 
 SPEC_MAX_TRIES = 3  # chat-model speculation: sampled attempts before giving up on the format
+
+
+# Defined here, not in ir.py, because it holds live executors: ir.py stays plain data that
+# imports nothing from the interpreter.
+@dataclass(eq=False)
+class ConcatForks(Expr):
+    """Append the text each fork added after the fork point (join mode concate_and_append)."""
+
+    forks: list[Executor] = field(default_factory=list)
 
 
 class Executor:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from radixlm.lang.choices import ChoicesMethod
-    from radixlm.lang.interpreter import Executor
 
 # SGLang's regexes for typed generation (`gen(dtype=int)`, `gen_int`, `gen_string`).
 REGEX_INT = r"[-+]?[0-9]+[ \n]*"
@@ -192,13 +191,6 @@ class VarScopeEnd(Expr):
 @dataclass(eq=False)
 class CommitPrefix(Expr):
     """Prefill the state's text once (max_new_tokens 0) so that forks share its KV cache."""
-
-
-@dataclass(eq=False)
-class ConcatForks(Expr):
-    """Append the text each fork added after the fork point (join mode concate_and_append)."""
-
-    forks: list[Executor] = field(default_factory=list)
 
 
 def flatten(expr: Expr) -> list[Expr]:

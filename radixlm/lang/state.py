@@ -6,9 +6,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from radixlm.lang.interpreter import Executor
+from radixlm.lang.interpreter import ConcatForks, Executor
 from radixlm.lang.ir import (
-    ConcatForks,
     Expr,
     ExprList,
     RoleBegin,
