@@ -214,9 +214,9 @@ def _decoding(model_path: str | None, b: int, ctx: int, steps: int, kv_dtype: st
     gen = torch.Generator().manual_seed(3)
     params = SamplingParams(max_new_tokens=steps + 256, temperature=0, ignore_eos=True)
     for i in range(b):
-        sched.add(GenerateRequest(f"d{i}", random_ids(ctx, gen), params))
+        core.add(GenerateRequest(f"d{i}", random_ids(ctx, gen), params))
     while sched.waiting or any(r.seq_len - r.kv_len > 1 for r in sched.running):
-        sched.step()
+        core.step()
     return core
 
 
@@ -242,7 +242,7 @@ def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
     }
     names = [name for name, fn in baselines.items() if fn is not None]
     step_times, *mm_times = _alternating(
-        [sched.step, *(baselines[name] for name in names)], args.decode_steps
+        [core.step, *(baselines[name] for name in names)], args.decode_steps
     )
     assert len(sched.running) == b, "every request must still be decoding"
     step = statistics.median(step_times)
@@ -288,7 +288,7 @@ def bench_decode_pass(args: argparse.Namespace) -> None:
     def step(core: EngineCore, fused: bool) -> Callable[[], None]:
         def run() -> None:
             cpu.decode_layers_supported = supported if fused else (lambda *a: False)  # type: ignore[assignment]
-            core.scheduler.step()
+            core.step()
 
         return run
 

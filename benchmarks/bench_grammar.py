@@ -24,11 +24,13 @@ import torch
 
 from radixlm.core.messages import GenerateRequest
 from radixlm.core.params import SamplingParams
+from radixlm.core.plan import StepPlan
 from radixlm.core.request import Req
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.engine.engine import Engine
-from radixlm.grammar import GrammarManager
+from radixlm.grammar.manager import GrammarManager
+from radixlm.grammar.state import GrammarState
 from radixlm.sampling import SamplingBatch
 
 SCHEMA = {
@@ -161,24 +163,35 @@ def _valid(text: str) -> bool:
     return isinstance(value, dict) and set(value) == {"name", "age", "city"}
 
 
+class TimedState(GrammarState):
+    """A request's grammar state, adding the time its per-step work takes to a shared clock."""
+
+    def __init__(self, clock: TimedGrammar, *args: Any) -> None:
+        super().__init__(*args)
+        self.clock = clock
+
+    def settle(self, req: Req, sampled: Sequence[int], context_len: int) -> tuple[int, list[int]]:
+        t0 = time.perf_counter()
+        edit = super().settle(req, sampled, context_len)
+        self.clock.seconds += time.perf_counter() - t0
+        return edit
+
+
 class TimedGrammar(GrammarManager):
-    """The scheduler's grammar helper, timing the per-step work it does."""
+    """The engine's grammar manager, timing the per-step work it and its states do."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.seconds = 0.0
 
-    def fill_masks(self, reqs: Sequence[Req], drafted: Sequence[Req] = ()) -> torch.Tensor | None:
+    def new_state(self, compiled: Any) -> GrammarState:
+        return TimedState(self, self.backend.matcher(compiled), self.backend, self.jump_forward)
+
+    def fill_masks(self, plan: StepPlan) -> torch.Tensor | None:
         t0 = time.perf_counter()
-        masks = super().fill_masks(reqs, drafted)
+        masks = super().fill_masks(plan)
         self.seconds += time.perf_counter() - t0
         return masks
-
-    def advance(self, req: Req, context_len: int) -> list[int]:
-        t0 = time.perf_counter()
-        new = super().advance(req, context_len)
-        self.seconds += time.perf_counter() - t0
-        return new
 
 
 def bench_overhead(args: argparse.Namespace) -> None:
@@ -187,25 +200,28 @@ def bench_overhead(args: argparse.Namespace) -> None:
         core = EngineCore(EngineArgs(args.model_path, disable_jump_forward=not jump))
         sched = core.scheduler
         grammar = TimedGrammar(core.tokenizer, core.model_config.vocab_size, jump_forward=jump)
-        sched.grammar = grammar
+        core.grammar = grammar
         texts = prompts(core.tokenizer, b)
         p = SamplingParams(
             max_new_tokens=args.max_new_tokens, temperature=0, json_schema=json.dumps(SCHEMA)
         )
         for i, text in enumerate(texts):
             ids = core.tokenizer.encode(text, add_special_tokens=False)
-            sched.add(GenerateRequest(f"r{i}", ids, p))
+            core.add(GenerateRequest(f"r{i}", ids, p))
         steps: list[tuple[float, float]] = []
         masks: torch.Tensor | None = None
         with torch.inference_mode():
-            while sched.has_work:
+            while core.has_work:
                 decodes = sum(r.seq_len - r.kv_len == 1 for r in sched.running) == b
                 grammar.seconds = 0.0
                 t0 = time.perf_counter()
-                sched.step()
+                core.step()
                 if decodes:  # every row a one-token decode: the steady state
                     steps.append((time.perf_counter() - t0, grammar.seconds))
-                    masks = grammar.fill_masks(sched.running) if len(sched.running) == b else masks
+                    if len(sched.running) == b:  # the masks of a full batch, to time applying
+                        states = [r.grammar for r in sched.running]
+                        matchers = [s.matcher for s in states if isinstance(s, GrammarState)]
+                        masks = grammar.backend.fill_masks(matchers)
         assert steps and masks is not None, "no decode step ran with the full batch"
         apply = _mask_apply_seconds(core, masks, args.repeat)
         step = statistics.median(s for s, _ in steps)
@@ -227,7 +243,7 @@ def _mask_apply_seconds(core: EngineCore, masks: torch.Tensor, repeat: int) -> f
     greedy = SamplingParams(temperature=0)
     batch = SamplingBatch([greedy] * b, [[]] * b, [[]] * b, [()] * b, [0] * b, [False] * b)
     masked = SamplingBatch([greedy] * b, [[]] * b, [[]] * b, [()] * b, [0] * b, [False] * b, masks)
-    sampler = core.scheduler.sampler
+    sampler = core.sampler
 
     def best(sb: SamplingBatch) -> float:
         times = []

@@ -1,4 +1,4 @@
 """The types every layer shares: requests, step plans, forward batches, messages, finish reasons.
 
-A leaf: nothing in radixlm.core imports another radixlm package.
+Near a leaf: radixlm.core imports no other radixlm package but the radix tree's node type.
 """

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from radixlm.core.messages import LogprobEntry
+from radixlm.core.request import Req
 
 # Sequences with a cached prefix and at most this many new tokens (decodes, jump-forward tails,
 # short turns after a cached prompt) attend together in one padded batch instead of one by one.
@@ -34,3 +37,42 @@ class ScheduledSeq:
 def is_short_row(seq: ScheduledSeq) -> bool:
     """Whether seq goes to the batched short-row attention (the runner puts these last)."""
     return seq.start > 0 and len(seq.new_ids) <= MAX_ROW_QUERIES
+
+
+@dataclass(slots=True)
+class ScheduledReq:
+    """One request's part of a step: its chunk, the rows it samples, the prompt logprobs owed."""
+
+    req: Req
+    seq: ScheduledSeq
+    # Rows sampled, the last of the chunk's logit rows: 0, or one per draft (the model's own
+    # token where the draft was fed) and one after the whole output.
+    num_samples: int
+    # Prompt tokens [start, end) whose logprobs this chunk's logits give (token 0 has none).
+    prompt_logprobs: tuple[int, int] = (0, 0)
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """What one engine step computes, in the runner's order (extends first, then short rows)."""
+
+    reqs: list[ScheduledReq]
+
+    @property
+    def seqs(self) -> list[ScheduledSeq]:
+        """The runner's input."""
+        return [r.seq for r in self.reqs]
+
+    def __bool__(self) -> bool:
+        return bool(self.reqs)
+
+
+@dataclass(slots=True)
+class SampledReq:
+    """What sampling gave one ScheduledReq."""
+
+    tokens: list[int] = field(default_factory=list)  # one per sampled row, in row order
+    logprob: LogprobEntry | None = None  # of the last token, when asked for
+    top_logprobs: list[LogprobEntry] = field(default_factory=list)
+    prompt_logprobs: list[LogprobEntry] = field(default_factory=list)
+    prompt_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)

@@ -1,10 +1,11 @@
-"""The scheduler's per-request state."""
+"""The scheduler's per-request state, and what it needs of a request's grammar."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -13,10 +14,36 @@ from radixlm.core.finish import FinishReason
 from radixlm.core.messages import GenerateRequest, LogprobEntry
 from radixlm.core.params import SamplingParams
 
-if TYPE_CHECKING:
-    from radixlm.grammar import GrammarMatcher
-
 _EMPTY = torch.empty(0, dtype=torch.int64)
+
+
+class OutputGrammar(Protocol):
+    """A request's grammar state, as the scheduler sees it (radixlm.grammar.GrammarState).
+
+    It may end the output with `num_draft` draft tokens: forced text fed to the model before the
+    model chose it, verified by the logits at the draft's position (jump-forward).
+    """
+
+    @property
+    def num_draft(self) -> int:
+        """How many of the last output tokens are unverified drafts."""
+        ...
+
+    @property
+    def error(self) -> str | None:
+        """Why the grammar rejected the output; None while it is fine."""
+        ...
+
+    @property
+    def is_terminated(self) -> bool:
+        """Whether the output is complete (nothing but end-of-sequence may follow)."""
+        ...
+
+    def settle(self, req: Req, sampled: Sequence[int], context_len: int) -> tuple[int, list[int]]:
+        """The output after this step's samples, as an edit (keep, tail): output_ids[keep:] becomes
+        tail. sampled holds the model's token at each draft's position, then after the output.
+        The caller must apply the edit to req.output_ids before anything else reads it."""
+        ...
 
 
 @dataclass(slots=True, eq=False)
@@ -27,6 +54,7 @@ class Req:
     to the radix tree (locked through `node`), the rest are this request's private tail.
     Between steps kv_len <= committed_len: a jump-forward draft has K/V only during the step
     that verifies it, so it never enters the tree (the scheduler caches only up to kv_len).
+    output_ids[:num_sent] have been sent and never change.
     """
 
     rid: str
@@ -50,22 +78,22 @@ class Req:
     output_logprobs: list[LogprobEntry] = field(default_factory=list)
     output_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
     input_lp_next: int = 0  # next prompt token whose logprob is owed
-    grammar: GrammarMatcher | None = None  # set once compiled; has accepted all of output_ids
-    # The last output token is a draft: forced text jump-forward fed before the model chose it;
-    # sent once the model's own token there agrees (see radixlm/grammar/manager.py).
-    has_draft: bool = False
+    num_sent: int = 0  # output tokens already sent to the frontend
+    grammar: OutputGrammar | None = None  # set once compiled; has accepted all of output_ids
 
     @classmethod
-    def from_message(cls, msg: GenerateRequest, eos_ids: tuple[int, ...]) -> Req:
-        """Build from a GenerateRequest; eos_ids are the ids that end it (model eos + stop ids)."""
+    def from_message(cls, msg: GenerateRequest, model_eos: Sequence[int]) -> Req:
+        """Build from a GenerateRequest; model_eos are the model's end-of-sequence ids."""
+        eos = () if msg.params.ignore_eos else tuple(model_eos)
         return cls(
             rid=msg.rid,
             input_ids=list(msg.input_ids),
             params=msg.params,
-            eos_ids=eos_ids,
+            eos_ids=tuple(dict.fromkeys(eos + msg.params.stop_token_ids)),
             return_logprob=msg.return_logprob,
             logprob_start_len=msg.logprob_start_len,
             top_logprobs_num=msg.top_logprobs_num,
+            input_lp_next=max(msg.logprob_start_len, 0),
         )
 
     @property
@@ -84,9 +112,14 @@ class Req:
         return len(self.input_ids) + len(self.output_ids)
 
     @property
+    def num_draft(self) -> int:
+        """How many of the last output tokens are unverified drafts (see OutputGrammar)."""
+        return 0 if self.grammar is None else self.grammar.num_draft
+
+    @property
     def committed_len(self) -> int:
-        """Tokens of fill_ids that no later step will change: all but a draft."""
-        return self.seq_len - self.has_draft
+        """Tokens of fill_ids that no later step will change: all but the drafts."""
+        return self.seq_len - self.num_draft
 
     @property
     def kv_len(self) -> int:

@@ -14,6 +14,7 @@ class EngineArgs:
     served_model_name: str | None = None
     disable_radix_cache: bool = False
     schedule_policy: str = "lpm"
+    max_wait_s: float = 10.0  # a request waiting longer is admitted before cache-aware order
     max_total_tokens: int | None = None  # KV pool size in tokens
     chunked_prefill_size: int | None = None  # tokens per forward (prefill chunks + decodes)
     max_running_requests: int | None = None
@@ -29,6 +30,8 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {self.context_length}")
 

@@ -1,4 +1,5 @@
-"""The engine core: model, cache and scheduler behind a message loop (thread or process)."""
+"""The engine core: scheduler, runner, sampler and grammars composed into one step, behind a
+message loop (in a thread or a process)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from radixlm.cache import RadixCache, SlotAllocator
+from radixlm.core.finish import FinishReason
 from radixlm.core.messages import (
     AbortRequest,
     CheckInvariant,
@@ -22,13 +24,17 @@ from radixlm.core.messages import (
     GenerateRequest,
     GetStats,
     Message,
+    TokenOutput,
 )
+from radixlm.core.request import Req
 from radixlm.engine.args import EngineArgs
-from radixlm.grammar import GrammarManager
+from radixlm.grammar import GrammarSpec
+from radixlm.grammar.manager import GrammarManager
 from radixlm.models.default import default_model_path
 from radixlm.models.loader import load_model_files
 from radixlm.runner.runner import ModelRunner, default_num_slots, resolve_device, resolve_dtype
 from radixlm.sampling import Sampler
+from radixlm.sampling.step import sample_step
 from radixlm.scheduler.scheduler import Scheduler, SchedulerConfig
 from radixlm.tokenizer import Tokenizer
 
@@ -65,17 +71,12 @@ class EngineCore:
             max_running_requests=args.max_running_requests
             or (1024 if device.type == "cuda" else 256),
             schedule_policy=args.schedule_policy,
+            max_wait_s=args.max_wait_s,
         )
-        self.scheduler = Scheduler(
-            self.runner,
-            self.cache,
-            self.allocator,
-            self.tokenizer,
-            sched_config,
-            Sampler(device, seed=args.random_seed),
-            GrammarManager(
-                self.tokenizer, config.vocab_size, jump_forward=not args.disable_jump_forward
-            ),
+        self.scheduler = Scheduler(self.cache, self.allocator, self.tokenizer, sched_config)
+        self.sampler = Sampler(device, seed=args.random_seed)
+        self.grammar = GrammarManager(
+            self.tokenizer, config.vocab_size, jump_forward=not args.disable_jump_forward
         )
         self.load_seconds = time.perf_counter() - t0
         logger.info(
@@ -88,12 +89,62 @@ class EngineCore:
             context_len,
         )
 
+    # ---- the step ------------------------------------------------------------------------------
+
+    def step(self) -> list[TokenOutput]:
+        """Schedule, run the forward, sample, update; returns the step's outputs."""
+        self._queue_compiled()
+        plan = self.scheduler.schedule()
+        if plan:
+            logits = self.runner.forward(plan.seqs)
+            masks = self.grammar.fill_masks(plan)
+            self.scheduler.update(plan, sample_step(self.sampler, plan, logits, masks))
+        return self.scheduler.take_outputs()
+
+    def _queue_compiled(self) -> None:
+        """Requests whose grammar is ready join the scheduler's queue; failed ones end."""
+        if not self.grammar.num_pending:
+            return
+        idle = not (self.scheduler.waiting or self.scheduler.running)
+        ready, failed = self.grammar.poll(self.scheduler.config.context_len, block=idle)
+        for req, message in failed:
+            self.scheduler.reject(req, FinishReason.abort(message))
+        for req in ready:
+            self.scheduler.add(req)
+
+    @property
+    def has_work(self) -> bool:
+        """Whether step() would do anything."""
+        return self.scheduler.has_work or bool(self.grammar.num_pending)
+
+    # ---- messages ------------------------------------------------------------------------------
+
+    def add(self, msg: GenerateRequest) -> None:
+        """Take a new request: to the grammar compiler if it has a grammar, else to the queue."""
+        req = Req.from_message(msg, self.tokenizer.eos_token_ids)
+        if GrammarSpec.from_params(msg.params) is not None and self.scheduler.check(req) is None:
+            self.grammar.submit(req)  # queued by _queue_compiled once its grammar is ready
+        else:
+            self.scheduler.add(req)
+
+    def abort(self, rid: str, message: str = "aborted by the client") -> None:
+        """End a request wherever it is, even while its grammar compiles."""
+        if self.scheduler.abort(rid, message):
+            return
+        compiling = self.grammar.discard(rid)
+        if compiling is not None:
+            self.scheduler.reject(compiling, FinishReason.abort(message))
+
+    def check_invariant(self) -> None:
+        """Raise AssertionError unless every KV slot has exactly one owner."""
+        self.scheduler.check_invariant()
+
     def handle(self, msg: GenerateRequest | AbortRequest | ControlRequest) -> ControlReply | None:
         """Apply one incoming message; control calls are answered at once."""
         if isinstance(msg, GenerateRequest):
-            self.scheduler.add(msg)
+            self.add(msg)
         elif isinstance(msg, AbortRequest):
-            self.scheduler.abort(msg.rid, msg.message)
+            self.abort(msg.rid, msg.message)
         else:
             try:
                 value: object = self.control(msg.call)
@@ -150,7 +201,7 @@ class EngineCore:
         with torch.inference_mode():
             while True:
                 replies: list[Any] = []
-                for msg in receive(not self.scheduler.has_work):
+                for msg in receive(not self.has_work):
                     if msg is None:
                         return
                     reply = self.handle(msg)
@@ -158,7 +209,7 @@ class EngineCore:
                         replies.append(reply)
                 if replies:
                     emit(replies)
-                if self.scheduler.has_work:
-                    outputs = self.scheduler.step()
+                if self.has_work:
+                    outputs = self.step()
                     if outputs:
                         emit(outputs)

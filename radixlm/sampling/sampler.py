@@ -204,7 +204,7 @@ def _block_maxima(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def compute_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log_softmax(logits)[i, ids[i]] as float32 [N], in row chunks of bounded memory."""
-    return _logprobs(logits, ids, 0)[0]
+    return gather_logprobs(logits, ids, 0)[0]
 
 
 def compute_top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,12 +213,12 @@ def compute_top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, to
         raise ValueError(f"k must be >= 1, got {k}")
     # The gathered logprob of id 0 is a by-product nobody reads.
     dummy = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
-    _, top_ids, top_logprobs = _logprobs(logits, dummy, k)
+    _, top_ids, top_logprobs = gather_logprobs(logits, dummy, k)
     assert top_ids is not None and top_logprobs is not None
     return top_ids, top_logprobs
 
 
-def _logprobs(
+def gather_logprobs(
     logits: torch.Tensor, ids: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Logprobs of `ids` and, if k > 0, the top-k of each row, from one log_softmax pass."""
@@ -421,10 +421,10 @@ def _attach_logprobs(out: SampleOutput, logits: torch.Tensor, batch: SamplingBat
     device = logits.device
     k = max(wants_top[i] for i in asked)
     if len(asked) == num_rows:
-        out.logprobs, out.top_ids, out.top_logprobs = _logprobs(logits, out.next_ids, k)
+        out.logprobs, out.top_ids, out.top_logprobs = gather_logprobs(logits, out.next_ids, k)
     else:
         index = torch.tensor(asked, device=device)
-        chosen, top_ids, top_logprobs = _logprobs(logits[index], out.next_ids[index], k)
+        chosen, top_ids, top_logprobs = gather_logprobs(logits[index], out.next_ids[index], k)
         out.logprobs = torch.full((num_rows,), float("nan"), device=device)
         out.logprobs[index] = chosen
         if top_ids is not None and top_logprobs is not None:

@@ -1,8 +1,10 @@
-"""The grammar manager inside the scheduler, on a tiny random-weight model (a fast fuzzer: it
-picks arbitrary allowed tokens), stepped by hand with the slot invariant checked every step."""
+"""Grammars in the engine step, on a tiny random-weight model (a fast fuzzer: it picks arbitrary
+allowed tokens), stepped by hand with the slot invariant checked every step; and a request's
+GrammarState (jump-forward, drafts) on its own."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import threading
@@ -22,8 +24,10 @@ from radixlm.core.params import SamplingParams
 from radixlm.core.request import Req
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
-from radixlm.grammar import GrammarCache, GrammarManager, GrammarSpec
+from radixlm.grammar import GrammarSpec
 from radixlm.grammar.base import GrammarBackend
+from radixlm.grammar.manager import GrammarCache, GrammarManager
+from radixlm.grammar.state import GrammarState
 from radixlm.scheduler.scheduler import Scheduler
 from radixlm.tokenizer import Tokenizer
 
@@ -53,11 +57,39 @@ def core(tiny_model_dir: Path) -> EngineCore:
     )
 
 
-@pytest.fixture
-def sched(core: EngineCore) -> Scheduler:
-    """A fresh scheduler over the shared model; the grammar cache is shared too (as in a server)."""
+def variant(
+    core: EngineCore,
+    grammar: GrammarManager | None = None,
+    pool: int | None = None,
+    **config: Any,
+) -> EngineCore:
+    """The shared core with a fresh scheduler (its config changed by `config`, over a corner of
+    the KV pool of `pool` slots if given) and optionally another grammar manager."""
     s = core.scheduler
-    return Scheduler(s.runner, s.cache, s.allocator, s.tokenizer, s.config, s.sampler, s.grammar)
+    allocator = s.allocator if pool is None else SlotAllocator(pool)
+    cache = s.cache if pool is None else RadixCache(allocator)
+    c = copy.copy(core)
+    c.scheduler = Scheduler(cache, allocator, s.tokenizer, replace(s.config, **config))
+    c.grammar = grammar or core.grammar
+    return c
+
+
+@pytest.fixture
+def sched(core: EngineCore) -> EngineCore:
+    """A fresh scheduler over the shared model; the grammar cache is shared too (as in a server)."""
+    return variant(core)
+
+
+def grammar_state(core: EngineCore, spec: GrammarSpec) -> GrammarState:
+    backend = core.grammar.backend
+    return GrammarState(backend.matcher(backend.compile(spec)), backend, jump_forward=True)
+
+
+def apply(req: Req, edit: tuple[int, list[int]]) -> list[int]:
+    """Apply a GrammarState edit to req's output; returns the new tail."""
+    keep, tail = edit
+    req.output_ids[keep:] = tail
+    return tail
 
 
 def request(rid: str, prompt: list[int] = PROMPT, **params: Any) -> GenerateRequest:
@@ -66,7 +98,7 @@ def request(rid: str, prompt: list[int] = PROMPT, **params: Any) -> GenerateRequ
 
 
 def run(
-    s: Scheduler, max_steps: int = 300, after_step: Callable[[], None] = lambda: None
+    s: EngineCore, max_steps: int = 300, after_step: Callable[[], None] = lambda: None
 ) -> tuple[dict[str, list[int]], dict[str, Any]]:
     ids: dict[str, list[int]] = {}
     reasons: dict[str, Any] = {}
@@ -85,11 +117,11 @@ def run(
     pytest.fail("the scheduler is still busy")
 
 
-def text(s: Scheduler, ids: list[int]) -> str:
+def text(s: EngineCore, ids: list[int]) -> str:
     return s.tokenizer.decode(ids)
 
 
-def encode(s: Scheduler, text: str) -> list[int]:
+def encode(s: EngineCore, text: str) -> list[int]:
     return s.tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -104,7 +136,7 @@ def test_cache_drops_the_least_recently_used() -> None:
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_random_model_outputs_match_their_grammars(sched: Scheduler, temperature: float) -> None:
+def test_random_model_outputs_match_their_grammars(sched: EngineCore, temperature: float) -> None:
     """Arbitrary allowed tokens, in one mixed batch with a request that has no grammar."""
     specs: dict[str, dict[str, Any]] = {
         "json": {"json_schema": json.dumps(SMALL)},
@@ -123,11 +155,11 @@ def test_random_model_outputs_match_their_grammars(sched: Scheduler, temperature
     assert reasons["free"]["type"] == "length"
 
 
-def test_forced_output_needs_no_forward_pass(sched: Scheduler) -> None:
+def test_forced_output_needs_no_forward_pass(sched: EngineCore) -> None:
     sched.add(request("fixed", regex=r"Hello, world! This text is entirely forced\."))
-    before = sched.num_forward_passes
+    before = sched.scheduler.num_forward_passes
     ids, reasons = run(sched)
-    assert sched.num_forward_passes == before
+    assert sched.scheduler.num_forward_passes == before
     assert text(sched, ids["fixed"]) == "Hello, world! This text is entirely forced."
     assert ids["fixed"] == sched.tokenizer.encode(
         text(sched, ids["fixed"]), add_special_tokens=False
@@ -136,9 +168,7 @@ def test_forced_output_needs_no_forward_pass(sched: Scheduler) -> None:
 
 
 def test_jumps_longer_than_a_chunk_are_fed_in_chunks(core: EngineCore) -> None:
-    s = core.scheduler
-    config = replace(s.config, chunked_prefill_size=6)
-    small = Scheduler(s.runner, s.cache, s.allocator, s.tokenizer, config, s.sampler, s.grammar)
+    small = variant(core, chunked_prefill_size=6)
     pattern = r"(red|blue) is the colour of the sky over the sea at noon; (yes|no) it is\."
     for i in range(3):
         small.add(request(f"r{i}", regex=pattern, temperature=1.0, sampling_seed=i))
@@ -163,9 +193,7 @@ def test_a_chunk_never_stops_just_before_a_draft(
     """`Price: "` after the 4-token prompt, `a is one of the letters, ` after a letter: the chunk
     that would end one token short takes the draft too, since verifying it needs the logits of
     the token before it."""
-    s = core.scheduler
-    config = replace(s.config, chunked_prefill_size=chunk)
-    small = Scheduler(s.runner, s.cache, s.allocator, s.tokenizer, config, s.sampler, s.grammar)
+    small = variant(core, chunked_prefill_size=chunk)
     small.add(request("r", regex=pattern, temperature=1.0, sampling_seed=0, max_new_tokens=24))
     ids, reasons = run(small)
     out = text(small, ids["r"])
@@ -175,7 +203,7 @@ def test_a_chunk_never_stops_just_before_a_draft(
         assert letters_prefix(out) and reasons["r"] == {"type": "length", "length": 24}
 
 
-def test_max_new_tokens_cuts_a_jump(sched: Scheduler) -> None:
+def test_max_new_tokens_cuts_a_jump(sched: EngineCore) -> None:
     sched.add(request("cut", json_schema=json.dumps(SMALL), max_new_tokens=2))
     ids, reasons = run(sched)
     assert ids["cut"] == sched.tokenizer.encode('{"id', add_special_tokens=False)
@@ -183,28 +211,27 @@ def test_max_new_tokens_cuts_a_jump(sched: Scheduler) -> None:
 
 
 def test_jump_forward_off_feeds_one_token_per_step(core: EngineCore) -> None:
-    s = core.scheduler
-    off = GrammarManager(s.tokenizer, jump_forward=False)
-    off.cache, off._backend = s.grammar.cache, s.grammar.backend  # share the built backend
-    plain = Scheduler(s.runner, s.cache, s.allocator, s.tokenizer, s.config, s.sampler, off)
+    off = GrammarManager(core.tokenizer, jump_forward=False)
+    off.cache, off._backend = core.grammar.cache, core.grammar.backend  # share the built backend
+    plain = variant(core, grammar=off)
     plain.add(request("fixed", regex="Hello, world!"))
     ids, _ = run(plain)
     assert text(plain, ids["fixed"]) == "Hello, world!"
-    assert plain.num_forward_passes == len(ids["fixed"])
+    assert plain.scheduler.num_forward_passes == len(ids["fixed"])
 
 
 @pytest.mark.parametrize("kind", ["logprobs", "stop"])
-def test_logprob_and_stop_string_requests_do_not_jump(sched: Scheduler, kind: str) -> None:
+def test_logprob_and_stop_string_requests_do_not_jump(sched: EngineCore, kind: str) -> None:
     msg = request("r", regex="Hello, world!", stop=["xyz"] if kind == "stop" else [])
     sched.add(
         GenerateRequest(msg.rid, msg.input_ids, msg.params, return_logprob=kind == "logprobs")
     )
     ids, _ = run(sched)
     assert text(sched, ids["r"]) == "Hello, world!"
-    assert sched.num_forward_passes == len(ids["r"])
+    assert sched.scheduler.num_forward_passes == len(ids["r"])
 
 
-def test_a_grammar_the_frontend_did_not_check_aborts_only_its_request(sched: Scheduler) -> None:
+def test_a_grammar_the_frontend_did_not_check_aborts_only_its_request(sched: EngineCore) -> None:
     sched.add(request("bad", regex="a(b"))
     sched.add(request("good", regex="[0-9]{3}"))
     ids, reasons = run(sched)
@@ -213,15 +240,14 @@ def test_a_grammar_the_frontend_did_not_check_aborts_only_its_request(sched: Sch
 
 
 def test_abort_while_compiling(core: EngineCore) -> None:
-    s = core.scheduler
     gate = threading.Event()
 
     def slow_backend(tokenizer: Tokenizer, vocab_size: int | None) -> GrammarBackend:
         assert gate.wait(timeout=30)
-        return s.grammar.backend
+        return core.grammar.backend
 
-    manager = GrammarManager(s.tokenizer, backend_factory=slow_backend)
-    gated = Scheduler(s.runner, s.cache, s.allocator, s.tokenizer, s.config, s.sampler, manager)
+    manager = GrammarManager(core.tokenizer, backend_factory=slow_backend)
+    gated = variant(core, grammar=manager)
     gated.add(request("slow", regex="[a-z]+"))
     gated.add(request("plain"))
     with torch.inference_mode():
@@ -241,10 +267,7 @@ def test_jump_forward_on_a_full_pool_retracts_instead_of_stalling(
     """Each sampled letter brings a tail of forced tokens, fed as one extend that needs several
     free slots at once. With the pool full of such tails no decode is left to trigger a
     retraction; the scheduler must still send someone back rather than spin on empty steps."""
-    s = core.scheduler
-    allocator = SlotAllocator(pool)  # a corner of the runner's KV pool
-    cache = RadixCache(allocator)
-    tight = Scheduler(s.runner, cache, allocator, s.tokenizer, s.config, s.sampler, s.grammar)
+    tight = variant(core, pool=pool)  # a corner of the runner's KV pool
     # LETTERS is 48 tokens: cut at 40, as admission assumes 28
     for i in range(6):
         prompt = torch.randint(3, 49000, (12,), generator=torch.Generator().manual_seed(i)).tolist()
@@ -256,10 +279,12 @@ def test_jump_forward_on_a_full_pool_retracts_instead_of_stalling(
     retracted_with_draft: list[str] = []
 
     def note_retracted_with_draft() -> None:
-        retracted_with_draft.extend(r.rid for r in tight.waiting if r.admitted and r.has_draft)
+        retracted_with_draft.extend(
+            r.rid for r in tight.scheduler.waiting if r.admitted and r.num_draft
+        )
 
     ids, reasons = run(tight, max_steps=500, after_step=note_retracted_with_draft)
-    assert tight.num_retractions > 0 and retracted_with_draft
+    assert tight.scheduler.num_retractions > 0 and retracted_with_draft
     for i in range(6):
         assert letters_prefix(text(tight, ids[f"r{i}"]))
         assert reasons[f"r{i}"] == {"type": "length", "length": 40}
@@ -269,7 +294,7 @@ def test_jump_retokenizes_the_sampled_token(core: EngineCore) -> None:
     """A model that samples `"` where `",` exists: the jump replaces it with the tokenizer's own
     tokens for `", "age":`, and the matcher follows the replacement. What llguidance's forced
     tokens hold back (` "` before a string, ` ` before an integer) is appended as a draft."""
-    s = core.scheduler
+    s = core
     schema = {
         "type": "object",
         "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -278,37 +303,41 @@ def test_jump_retokenizes_the_sampled_token(core: EngineCore) -> None:
     }
     spec = GrammarSpec("json_schema", json.dumps(schema))
     req = Req("r", list(PROMPT), SamplingParams(max_new_tokens=64, json_schema=spec.text), (2,))
-    req.grammar = matcher = s.grammar.backend.matcher(s.grammar.backend.compile(spec))
-    assert s.grammar.start(req, 2048) == encode(s, '{"name":')
-    assert req.output_ids == encode(s, '{"name": "') and req.has_draft
-    assert s.grammar.verify_draft(req, encode(s, ' "')[0]) and not req.has_draft
-    for piece in ("Bob", '"'):
-        req.output_ids += encode(s, piece)
-        new = s.grammar.advance(req, 2048)
-    assert new == encode(s, '", "age":')
-    assert req.output_ids == encode(s, '{"name": "Bob", "age": ') and req.has_draft
+    req.grammar = state = grammar_state(core, spec)
+    req.output_ids = state.start(req, 2048)
+    assert req.output_ids == encode(s, '{"name": "') and state.num_draft == 1
+    assert req.output_ids[:-1] == encode(s, '{"name":')  # what is sent: all but the draft
+    (quote,) = encode(s, ' "')
+    bob, close = encode(s, "Bob"), encode(s, '"')
+    apply(req, state.settle(req, [quote, bob[0]], 2048))  # the model writes the draft: kept
+    assert state.num_draft == 0 and req.output_ids == encode(s, '{"name": "') + bob[:1]
+    for token in bob[1:] + close:
+        new = apply(req, state.settle(req, [token], 2048))
+    assert new[: len(new) - state.num_draft] == encode(s, '", "age":')
+    assert req.output_ids == encode(s, '{"name": "Bob", "age": ') and state.num_draft == 1
     rest = encode(s, "42}")
-    assert matcher.num_valid(rest) == len(rest)  # the matcher follows the replaced tokens
+    assert state.matcher.num_valid(rest) == len(rest)  # the matcher follows the replaced tokens
 
 
 def test_a_rejected_draft_leaves_the_output_and_the_matcher(core: EngineCore) -> None:
-    s = core.scheduler
+    s = core
     spec = GrammarSpec("regex", PRICE)
     req = Req("r", list(PROMPT), SamplingParams(max_new_tokens=16, regex=PRICE), (2,))
-    req.grammar = matcher = s.grammar.backend.matcher(s.grammar.backend.compile(spec))
-    assert s.grammar.start(req, 2048) == encode(s, "Price:") and req.has_draft
+    req.grammar = state = grammar_state(core, spec)
+    req.output_ids = state.start(req, 2048)
+    assert req.output_ids == encode(s, 'Price: "') and state.num_draft == 1
     (dollar,) = encode(s, ' "$')
-    assert not s.grammar.verify_draft(req, dollar)
-    assert req.output_ids == encode(s, "Price:") and not req.has_draft
-    req.output_ids.append(dollar)
-    assert s.grammar.advance(req, 2048) == [dollar]
+    (five,) = encode(s, "5")
+    # The model writes ` "$` where the draft ` "` was fed: the sample after the draft is moot.
+    assert apply(req, state.settle(req, [dollar, five], 2048)) == [dollar]
+    assert req.output_ids == encode(s, "Price:") + [dollar] and state.num_draft == 0
     rest = encode(s, '5"')
-    assert matcher.num_valid(rest) == len(rest)
+    assert state.matcher.num_valid(rest) == len(rest)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_drafts_are_kept_or_replaced_and_their_slots_freed(
-    sched: Scheduler, temperature: float
+    sched: EngineCore, temperature: float
 ) -> None:
     """Each request's forced ` "` is fed as a draft; the model keeps it or writes ` "$` / ` "(`
     there instead. Either way the output matches and every slot has one owner after each step."""
@@ -333,10 +362,8 @@ def test_drafts_are_kept_or_replaced_and_their_slots_freed(
 def test_a_request_that_ends_on_a_draft_sends_it(core: EngineCore, limit: str) -> None:
     """Cut right after a draft, at the start (`Price: "`) or after a jump
     (`a is one of the letters, `): the draft is sent, as forced text tokenized as the output ends."""
-    s = core.scheduler
     context_len = 24
-    config = replace(s.config, context_len=context_len)
-    short = Scheduler(s.runner, s.cache, s.allocator, s.tokenizer, config, s.sampler, s.grammar)
+    short = variant(core, context_len=context_len)
     lengths = {"start": 3, "jump": 8}
     for rid, n in lengths.items():
         if limit == "max_new_tokens":
@@ -353,10 +380,10 @@ def test_a_request_that_ends_on_a_draft_sends_it(core: EngineCore, limit: str) -
         assert reasons[rid] == {"type": "length", "length": n}
 
 
-def test_an_aborted_request_drops_its_draft(sched: Scheduler) -> None:
+def test_an_aborted_request_drops_its_draft(sched: EngineCore) -> None:
     sched.add(request("r", regex=LETTERS, temperature=1.0, sampling_seed=0))
     sent: list[int] = []
-    while not (sched.running and sched.running[0].has_draft):
+    while not (sched.scheduler.running and sched.scheduler.running[0].num_draft):
         with torch.inference_mode():
             sent += [i for o in sched.step() for i in o.new_ids]
     sched.abort("r")
@@ -367,16 +394,16 @@ def test_an_aborted_request_drops_its_draft(sched: Scheduler) -> None:
 
 
 def test_poll_hands_back_compiled_and_cached_grammars(core: EngineCore) -> None:
-    shared = core.scheduler.grammar.backend
+    shared = core.grammar.backend
     manager = GrammarManager(core.tokenizer, backend_factory=lambda t, v: shared)
     req = Req("r", list(PROMPT), SamplingParams(regex="[a-z]{1,5}q"), (2,))
     manager.submit(req)
     t0 = time.perf_counter()
     ready: list[Req] = []
     while not ready:
-        ready, failed = manager.poll(block=True)
+        ready, failed = manager.poll(2048, block=True)
         assert not failed
     assert time.perf_counter() - t0 < 5 and req.grammar is not None
     assert manager.num_pending == 0
     manager.submit(Req("again", list(PROMPT), SamplingParams(regex="[a-z]{1,5}q"), (2,)))
-    assert manager.poll()[0][0].rid == "again"  # a cache hit is ready at once
+    assert manager.poll(2048)[0][0].rid == "again"  # a cache hit is ready at once

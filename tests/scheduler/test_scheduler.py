@@ -1,346 +1,227 @@
-"""The scheduler driven step by step on a tiny model: policies, limits, chunking, retraction.
+"""The scheduler with no model: plans out, fake sampled tokens back in.
 
-Every step is followed by the slot-ownership check (free + tree + private == pool, no slot owned
-twice). Generated tokens are compared with the same requests run under generous limits: limits
-and policies decide when work happens, never what it computes.
+Each test drives `schedule()` / `update()` by hand and checks the plan (chunks, logit rows, rows
+to sample, prompt logprobs owed), the outputs, and the slot invariant after every step. The
+engine core runs the same scheduler with a real model in tests/engine/test_core.py.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
+from radixlm.cache import RadixCache, SlotAllocator
 from radixlm.core.messages import GenerateRequest, TokenOutput
 from radixlm.core.params import SamplingParams
-from radixlm.core.plan import ScheduledSeq
-from radixlm.engine.args import EngineArgs
-from radixlm.engine.core import EngineCore
-from radixlm.scheduler.scheduler import Scheduler
+from radixlm.core.plan import SampledReq, StepPlan
+from radixlm.core.request import Req
+from radixlm.scheduler.scheduler import Scheduler, SchedulerConfig
+from radixlm.tokenizer import Tokenizer
+
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path) -> Tokenizer:
+    return Tokenizer.load(str(tiny_model_dir))
+
 
 Make = Callable[..., Scheduler]
 
 
 @pytest.fixture
-def make(tiny_model_dir: Path) -> Make:
-    """Build a fresh scheduler over the tiny model; max_wait_s overrides the age bound."""
-
-    def build(max_wait_s: float | None = None, **args: Any) -> Scheduler:
-        args = {"max_total_tokens": 1024, "random_seed": 0, **args}
-        s = EngineCore(EngineArgs(model_path=str(tiny_model_dir), **args)).scheduler
-        if max_wait_s is not None:
-            config = replace(s.config, max_wait_s=max_wait_s)
-            s = Scheduler(s.runner, s.cache, s.allocator, s.tokenizer, config, s.sampler)
-        return s
+def make(tokenizer: Tokenizer) -> Make:
+    def build(pool: int = 256, **config: Any) -> Scheduler:
+        allocator = SlotAllocator(pool, check=True)
+        cfg = {"context_len": 512, "chunked_prefill_size": 64, "max_running_requests": 8}
+        return Scheduler(
+            RadixCache(allocator), allocator, tokenizer, SchedulerConfig(**{**cfg, **config})
+        )
 
     return build
 
 
-def ids(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 49000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+def req(rid: str, prompt: Sequence[int], **params: Any) -> Req:
+    p = SamplingParams(**{"temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True, **params})
+    return Req.from_message(GenerateRequest(rid, list(prompt), p), (EOS,))
 
 
-def request(rid: str, input_ids: list[int], **params: Any) -> GenerateRequest:
-    p = SamplingParams(**{"temperature": 0.0, "max_new_tokens": 4, **params})
-    return GenerateRequest(rid=rid, input_ids=list(input_ids), params=p)
+def prompt(n: int, start: int = 10) -> list[int]:
+    return list(range(start, start + n))
 
 
-@dataclass
-class Result:
-    output_ids: list[int] = field(default_factory=list)
-    finish_reason: dict[str, Any] | None = None
-    cached_tokens: int = 0
-
-
-def step(s: Scheduler) -> list[TokenOutput]:
-    with torch.inference_mode():
-        outs = s.step()
+def step(s: Scheduler, token: Callable[[Req], int] = lambda r: 100 + r.seq_len) -> StepPlan:
+    """One step: the plan, each sampled row answered with token(req), then the checks."""
+    plan = s.schedule()
+    results = [SampledReq(tokens=[token(r.req)] * r.num_samples) for r in plan.reqs]
+    s.update(plan, results)
     s.check_invariant()
-    return outs
+    return plan
 
 
-def collect(results: dict[str, Result], outs: list[TokenOutput]) -> None:
-    for o in outs:
-        r = results.setdefault(o.rid, Result())
-        assert r.finish_reason is None, f"{o.rid} produced output after it finished"
-        r.output_ids += o.new_ids
-        r.cached_tokens = o.cached_tokens
-        if o.finish_reason is not None:
-            r.finish_reason = o.finish_reason.to_dict()
-
-
-def run(s: Scheduler, max_steps: int = 400) -> dict[str, Result]:
-    """Step until idle; fails if the scheduler still has work after max_steps."""
-    results: dict[str, Result] = {}
+def drain(s: Scheduler, max_steps: int = 200) -> dict[str, TokenOutput]:
+    """Step until idle; the last output of each request, with all its new_ids."""
+    last: dict[str, TokenOutput] = {}
+    ids: dict[str, list[int]] = {}
     for _ in range(max_steps):
+        for o in s.take_outputs():
+            assert o.rid not in last or not last[o.rid].finished, "output after the end"
+            ids.setdefault(o.rid, []).extend(o.new_ids)
+            last[o.rid] = o
         if not s.has_work:
-            return results
-        collect(results, step(s))
-    pytest.fail(f"busy after {max_steps} steps: {len(s.waiting)} waiting, {len(s.running)} running")
+            for rid, o in last.items():
+                o.new_ids = ids[rid]
+            return last
+        step(s)
+    pytest.fail("the scheduler is still busy")
 
 
-def tokens(results: dict[str, Result]) -> dict[str, list[int]]:
-    return {rid: r.output_ids for rid, r in results.items()}
+def test_prefill_then_decodes_sample_one_row_each(make: Make) -> None:
+    s = make()
+    for i in range(3):
+        s.add(req(f"r{i}", prompt(5 + i, start=10 * i + 10)))
+    plan = step(s)
+    assert [len(r.seq.new_ids) for r in plan.reqs] == [5, 6, 7]
+    assert all(r.seq.start == 0 and r.seq.num_logits == 1 and r.num_samples == 1 for r in plan.reqs)
+    outs = s.take_outputs()
+    assert [o.new_ids for o in outs] == [[105], [106], [107]]
+    plan = step(s)
+    assert [(r.seq.new_ids, r.seq.start) for r in plan.reqs] == [([105], 5), ([106], 6), ([107], 7)]
+    assert [o.new_ids for o in s.take_outputs()] == [[106], [107], [108]]
 
 
-def warm(s: Scheduler, *prompts: list[int]) -> None:
-    """Put prompts in the cache (max_new_tokens=0 caches exactly the prompt)."""
-    for i, p in enumerate(prompts):
-        s.add(request(f"warm{i}", p, max_new_tokens=0))
-    run(s)
-
-
-def running(s: Scheduler) -> list[str]:
-    return [r.rid for r in s.running]
-
-
-# ---- policies ------------------------------------------------------------------------------
-
-
-def test_lpm_admits_the_longest_cached_prefix_first(make: Make) -> None:
-    s = make(max_running_requests=1)
-    shared = ids(40, seed=1)
-    warm(s, shared)
-    s.add(request("cold", ids(40, seed=2)))  # first to arrive, nothing cached
-    s.add(request("some", shared[:20] + ids(20, seed=3)))
-    s.add(request("most", shared + ids(5, seed=4)))
-    ordered, _ = s.policy.order(s.waiting)
-    assert [r.rid for r in ordered] == ["most", "some", "cold"]
-    step(s)
-    assert running(s) == ["most"]
-    results = run(s)
-    assert {rid: r.cached_tokens for rid, r in results.items()} == {
-        "most": 40,
-        "some": 20,
-        "cold": 0,
+def test_max_new_tokens_finishes_and_caches_the_sequence(make: Make) -> None:
+    s = make()
+    s.add(req("a", prompt(8), max_new_tokens=3))
+    out = drain(s)["a"]
+    assert out.new_ids == [108, 109, 110]
+    assert out.finish_reason is not None and out.finish_reason.to_dict() == {
+        "type": "length",
+        "length": 3,
     }
+    # Finished: its prompt and output (all but the last token, which has no K/V) are in the tree.
+    assert s.cache.total_size() == 10 and not s.running
+    s.add(req("b", prompt(8) + [108, 109, 110, 7]))
+    plan = step(s)
+    assert plan.reqs[0].seq.start == 10 and plan.reqs[0].seq.new_ids == [110, 7]
+    assert s.running[0].cached_tokens == 10
 
 
-def test_fcfs_admits_in_arrival_order(make: Make) -> None:
-    s = make(max_running_requests=1, schedule_policy="fcfs")
-    shared = ids(40, seed=1)
-    warm(s, shared)
-    s.add(request("cold", ids(40, seed=2)))
-    s.add(request("most", shared + ids(5, seed=4)))
-    step(s)
-    assert running(s) == ["cold"]
-    assert run(s)["most"].cached_tokens == 40  # still served from the cache when its turn comes
+def test_a_long_prompt_is_prefilled_in_chunks_shared_as_it_goes(make: Make) -> None:
+    s = make(chunked_prefill_size=8)
+    s.add(req("long", prompt(20)))
+    chunks = [step(s).reqs[0] for _ in range(3)]
+    assert [(c.seq.start, len(c.seq.new_ids), c.num_samples) for c in chunks] == [
+        (0, 8, 0),
+        (8, 8, 0),
+        (16, 4, 1),
+    ]
+    assert [c.seq.num_logits for c in chunks] == [0, 0, 1]
+    assert s.cache.total_size() >= 16  # each chunk went into the tree at once
 
 
-def test_lpm_age_bound_puts_an_old_request_first(make: Make) -> None:
-    s = make(max_running_requests=1)
-    shared = ids(40, seed=1)
-    warm(s, shared)
-    s.add(request("cold", ids(40, seed=2)))
-    s.add(request("hot", shared + ids(5, seed=4)))
-    s.waiting[0].arrival -= s.config.max_wait_s + 1  # "cold" has waited past the bound
-    step(s)
-    assert running(s) == ["cold"]
-    run(s)
+def test_max_new_tokens_zero_caches_the_prompt_without_sampling(make: Make) -> None:
+    s = make()
+    s.add(req("warm", prompt(6), max_new_tokens=0))
+    plan = step(s)
+    assert plan.reqs[0].num_samples == 0
+    (out,) = s.take_outputs()
+    assert out.new_ids == [] and out.finish_reason is not None
+    assert s.cache.total_size() == 6
 
 
-def test_lpm_does_not_starve_a_request_without_a_cached_prefix(make: Make) -> None:
-    """A steady stream of cache hits would always win under lpm; the age bound lets the cold
-    request in once it has waited max_wait_s."""
-    max_wait = 0.5
-    s = make(max_running_requests=1, max_wait_s=max_wait)
-    shared = ids(40, seed=1)
-    warm(s, shared)
-    s.add(request("cold", ids(40, seed=2), max_new_tokens=1))
-    arrival = s.waiting[0].arrival
-    results: dict[str, Result] = {}
-    hot = 0
-    deadline = time.monotonic() + max_wait + 30
-    while "cold" not in results and time.monotonic() < deadline:
-        while sum(r.rid.startswith("hot") for r in s.waiting) < 2:
-            s.add(request(f"hot{hot}", shared + [hot + 3], max_new_tokens=1))
-            hot += 1
-        collect(results, step(s))
-    assert "cold" in results, "the cold request starved"
-    served_hot = sum(rid.startswith("hot") for rid in results)
-    assert served_hot >= 1  # lpm preferred the cache hits while the cold request was young
-    assert time.monotonic() - arrival >= max_wait
-    run(s)
+def test_prompt_logprobs_owed_are_planned_chunk_by_chunk(make: Make) -> None:
+    s = make(chunked_prefill_size=8)
+    r = Req.from_message(
+        GenerateRequest(
+            "lp",
+            prompt(12),
+            SamplingParams(temperature=0.0, max_new_tokens=1),
+            return_logprob=True,
+            logprob_start_len=3,
+        ),
+        (EOS,),
+    )
+    s.add(r)
+    first, second = step(s).reqs[0], step(s).reqs[0]
+    # Token t is predicted by position t - 1: tokens 3..8 from the first chunk's positions 2..7.
+    assert first.seq.logit_from == 2 and first.prompt_logprobs == (3, 9)
+    assert second.seq.logit_from == 8 and second.prompt_logprobs == (9, 12)
+    assert r.input_lp_next == 12
 
 
-def test_dfs_weight_visits_the_heaviest_subtree_first(make: Make) -> None:
-    s = make(schedule_policy="dfs-weight", max_running_requests=1)
-    p1, p2, q = ids(30, seed=1), ids(30, seed=2), ids(10, seed=3)
-    warm(s, p1, p2, p2 + q)
-    # Arrival order: the lone p1 request first, then the p2 subtree's three, one of them deeper.
-    s.add(request("x1", p1 + ids(4, seed=10)))
-    s.add(request("root", ids(20, seed=11)))
-    s.add(request("y1", p2 + ids(4, seed=12)))
-    s.add(request("z1", p2 + q + ids(4, seed=13)))
-    s.add(request("y2", p2 + ids(4, seed=14)))
-    order = [r.rid for r in s.policy.order(s.waiting)[0]]
-    assert sorted(order) == ["root", "x1", "y1", "y2", "z1"]
-    # Depth-first: a subtree's requests are contiguous and the heavier subtree (p2: three
-    # requests) comes before the lighter one (p1: one); requests at one node in arrival order.
-    # Requests with no match sit at the root, before or after every subtree.
-    assert order.index("root") in (0, len(order) - 1)
-    tree_order = [r for r in order if r != "root"]
-    assert set(tree_order[:3]) == {"y1", "y2", "z1"} and tree_order[3] == "x1"
-    assert tree_order.index("y1") < tree_order.index("y2")
-    step(s)
-    assert running(s)[0] in ({"y1", "y2", "z1"} | ({"root"} if order[0] == "root" else set()))
-    run(s)
-
-
-# ---- limits --------------------------------------------------------------------------------
-
-
-def test_max_running_requests_is_respected(make: Make) -> None:
-    prompts = [ids(10 + i, seed=i) for i in range(6)]
-
-    def submit(s: Scheduler) -> None:
-        for i, p in enumerate(prompts):
-            s.add(request(f"r{i}", p, max_new_tokens=5, ignore_eos=True))
-
-    free = make()
-    submit(free)
-    want = run(free)
-
-    s = make(max_running_requests=2)
-    submit(s)
-    sizes: list[int] = []
-    results: dict[str, Result] = {}
-    while s.has_work:
-        collect(results, step(s))
-        sizes.append(len(s.running))
-    assert max(sizes) == 2
-    assert tokens(results) == tokens(want)
-    assert all(r.finish_reason == {"type": "length", "length": 5} for r in results.values())
-
-
-def test_queue_time_is_the_wait_before_first_admission(make: Make) -> None:
-    """A request held back by max_running_requests reports a longer queue time than the one
-    admitted at once; every output carries its request's queue time."""
-    s = make(max_running_requests=1)
-    s.add(request("first", ids(12, seed=1), max_new_tokens=6, ignore_eos=True))
-    s.add(request("second", ids(12, seed=2), max_new_tokens=2, ignore_eos=True))
-    queue_times: dict[str, set[float | None]] = {}
-    while s.has_work:
-        for o in step(s):
-            queue_times.setdefault(o.rid, set()).add(o.queue_time)
-    (first,), (second,) = queue_times["first"], queue_times["second"]
-    assert first is not None and second is not None
-    assert 0 <= first < second
-
-
-def test_chunked_prefill_keeps_every_forward_within_the_budget(
-    make: Make, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    prompts = [ids(45, seed=1), ids(7, seed=2), ids(26, seed=3)]
-
-    def submit(s: Scheduler) -> None:
-        for i, p in enumerate(prompts):
-            s.add(request(f"r{i}", p, max_new_tokens=6, ignore_eos=True))
-
-    whole = make()
-    submit(whole)
-    want = run(whole)
-
-    s = make(chunked_prefill_size=16)
-    sizes: list[int] = []
-    real = s.runner.forward
-
-    def forward(seqs: list[ScheduledSeq]) -> torch.Tensor:
-        sizes.append(sum(len(q.new_ids) for q in seqs))
-        return real(seqs)
-
-    monkeypatch.setattr(s.runner, "forward", forward)
-    submit(s)
-    got = run(s)
-    assert max(sizes) <= 16 and sizes.count(16) >= 3, sizes  # prefill tokens plus decodes
-    assert tokens(got) == tokens(want)
-
-
-def test_retraction_keeps_outputs_and_every_slot_owned(make: Make) -> None:
-    """Six requests of 42 tokens each on a 120-slot pool: running ones are sent back to the
-    queue and resume; greedy tokens are those of a run with room for all."""
-    prompts = [ids(12, seed=20 + i) for i in range(6)]
-
-    def submit(s: Scheduler) -> None:
-        for i, p in enumerate(prompts):
-            s.add(request(f"r{i}", p, max_new_tokens=30, ignore_eos=True))
-
+def test_retraction_keeps_every_request_and_its_output(make: Make) -> None:
     roomy = make()
-    submit(roomy)
-    want = run(roomy)
-
-    s = make(max_total_tokens=120)
-    submit(s)
-    got = run(s, max_steps=2000)
-    assert s.num_retractions > 0
-    assert tokens(got) == tokens(want)
-    assert all(r.finish_reason == {"type": "length", "length": 30} for r in got.values())
-
-
-def test_a_request_that_outgrows_the_pool_is_aborted_and_others_finish(make: Make) -> None:
-    """Admitted, then alone and out of slots: it ends with an abort naming the pool; the slots
-    it held are released and a neighbour's output is unaffected."""
-    small = ids(5, seed=5)
-    roomy = make()
-    roomy.add(request("small", small, max_new_tokens=3))
-    want = run(roomy)["small"].output_ids
-
-    s = make(max_total_tokens=64)
-    s.add(request("big", ids(10, seed=6), max_new_tokens=60, ignore_eos=True))
-    s.add(request("small", small, max_new_tokens=3))
-    results = run(s)
-    big = results["big"]
-    assert big.finish_reason is not None and big.finish_reason["type"] == "abort"
-    assert "64 KV slots" in big.finish_reason["message"]
-    assert 0 < len(big.output_ids) < 60
-    assert results["small"].output_ids == want
-    assert results["small"].finish_reason == {"type": "length", "length": 3}
-    assert s.allocator.num_free + s.cache.evictable_size == 64
+    small = make(pool=48)
+    for s in (roomy, small):
+        for i in range(4):
+            s.add(req(f"r{i}", prompt(6, start=20 * i + 10), max_new_tokens=12))
+    want, got = drain(roomy), drain(small)
+    assert small.num_retractions > 0
+    assert {k: v.new_ids for k, v in got.items()} == {k: v.new_ids for k, v in want.items()}
+    assert small.allocator.num_free + small.cache.evictable_size == 48
 
 
-def test_a_prompt_longer_than_the_pool_is_rejected_at_once(make: Make) -> None:
-    s = make(max_total_tokens=32)
-    s.add(request("long", ids(40, seed=1)))
-    outs = step(s)
-    assert [o.rid for o in outs] == ["long"] and outs[0].finish_reason is not None
-    reason = outs[0].finish_reason
-    assert reason is not None and reason.is_abort
-    assert "KV pool" in reason.message
-    assert not s.has_work
+def test_a_prompt_that_can_never_fit_is_rejected_at_once(make: Make) -> None:
+    s = make(pool=16)
+    s.add(req("big", prompt(20)))
+    (out,) = s.take_outputs()
+    assert out.finish_reason is not None and out.finish_reason.is_abort
+    assert "KV cache holds only 16" in out.finish_reason.message and not s.has_work
 
 
-def test_a_request_asking_for_more_tokens_than_the_pool_holds_still_runs(make: Make) -> None:
-    s = make(max_total_tokens=64)
-    s.add(request("greedy", ids(20, seed=7), max_new_tokens=128, ignore_eos=True))
-    results = run(s, max_steps=200)
-    r = results["greedy"]
-    assert r.output_ids and r.finish_reason is not None
-    assert r.finish_reason["type"] in ("length", "abort")
-
-
-# ---- abort ---------------------------------------------------------------------------------
-
-
-def test_abort_releases_running_and_waiting_requests(make: Make) -> None:
-    s = make(max_running_requests=1)
-    s.add(request("a", ids(20, seed=1), max_new_tokens=50, ignore_eos=True))
-    s.add(request("b", ids(20, seed=2), max_new_tokens=50, ignore_eos=True))
-    results: dict[str, Result] = {}
-    for _ in range(3):
-        collect(results, step(s))
-    assert running(s) == ["a"] and [r.rid for r in s.waiting] == ["b"]
-    s.abort("a")
-    s.abort("b")
+def test_abort_frees_a_running_request(make: Make) -> None:
+    s = make()
+    s.add(req("a", prompt(6), max_new_tokens=50))
+    step(s)
+    step(s)
+    assert s.abort("a", "bye") and not s.abort("a")
+    out = s.take_outputs()[-1]
+    assert out.finish_reason is not None and out.finish_reason.message == "bye"
+    assert not s.running and s.allocator.num_free + s.cache.evictable_size == 256
     s.check_invariant()
-    collect(results, step(s))
-    assert not s.has_work
-    for rid in ("a", "b"):
-        reason = results[rid].finish_reason
-        assert reason is not None and reason["type"] == "abort", rid
-    assert len(results["a"].output_ids) == 3 and results["b"].output_ids == []
-    assert s.allocator.num_free + s.cache.evictable_size == s.allocator.num_slots
+
+
+class FakeGrammar:
+    """An OutputGrammar that appends `forced` after each sampled token, its last one a draft,
+    and verifies the draft against the model's token."""
+
+    def __init__(self, forced: list[int]) -> None:
+        self.forced = forced
+        self.num_draft = 0
+        self.error: str | None = None
+        self.is_terminated = False
+
+    def settle(self, r: Req, sampled: Sequence[int], context_len: int) -> tuple[int, list[int]]:
+        keep, token = len(r.output_ids), sampled[-1]
+        if self.num_draft:
+            self.num_draft = 0
+            if sampled[0] != r.output_ids[-1]:
+                keep, token = keep - 1, sampled[0]
+        self.num_draft = 1
+        return keep, [token, *self.forced]
+
+
+@pytest.mark.parametrize("agrees", [True, False])
+def test_a_draft_is_verified_by_the_row_before_it(make: Make, agrees: bool) -> None:
+    s = make()
+    r = req("g", prompt(5), max_new_tokens=20)
+    r.grammar = FakeGrammar(forced=[7, 8, 9])
+    s.add(r)
+    step(s, token=lambda _: 50)  # prefill: 50, then forced 7 8 and the draft 9
+    assert r.output_ids == [50, 7, 8, 9] and r.num_draft == 1 and r.kv_len == 5
+    assert s.take_outputs()[0].new_ids == [50, 7, 8]  # the draft is not sent
+    plan = step(s, token=lambda _: 9 if agrees else 60)
+    (sr,) = plan.reqs
+    # The draft is fed with the tokens before it; the row before it and the last are sampled.
+    assert sr.seq.new_ids == [50, 7, 8, 9] and sr.num_samples == 2 and sr.seq.num_logits == 2
+    (out,) = s.take_outputs()
+    if agrees:  # kept: it is sent, and the token after it is the step's
+        assert r.output_ids == [50, 7, 8, 9, 9, 7, 8, 9] and out.new_ids == [9, 9, 7, 8]
+        assert r.kv_len == 9
+    else:  # replaced by the model's token; the draft's slot went back to the free list
+        assert r.output_ids == [50, 7, 8, 60, 7, 8, 9] and out.new_ids == [60, 7, 8]
+        assert r.kv_len == 8
