@@ -1,4 +1,5 @@
-"""Engine benchmarks of the engine-core issue; every figure is a ratio measured in one run.
+"""Engine benchmarks: the radix cache, prefill, decode and the CPU kernels, each as ratios
+measured in one run.
 
 python benchmarks/bench_engine.py all            # every scenario below, default sizes
 python benchmarks/bench_engine.py shared-prefix  # radix cache on vs off, shared few-shot prefix

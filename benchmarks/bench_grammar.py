@@ -1,4 +1,5 @@
-"""Structured-output benchmarks of the grammar issue; every figure is a ratio measured in one run.
+"""Structured-output benchmarks: jump-forward and the grammar work per step, as ratios measured
+in one run.
 
 python benchmarks/bench_grammar.py all
 python benchmarks/bench_grammar.py jump-forward  # JSON extraction: passes and throughput, on vs off

@@ -1,4 +1,5 @@
-"""Frontend-language benchmarks of the language issue; cache on vs off are measured in one run.
+"""Frontend-language benchmarks: LM programs with the radix cache on vs off, measured in one run,
+and the interpreter's own overhead.
 
     python benchmarks/bench_lang.py              # all three, default (CPU-sized) sizes
     python benchmarks/bench_lang.py --tot-programs 4 --context-words 1500 --fewshot-batch 32

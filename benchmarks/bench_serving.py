@@ -1,4 +1,4 @@
-"""Serving benchmark of the server issue, modelled on SGLang's bench_serving.
+"""Serving benchmark, modelled on SGLang's bench_serving.
 
 Streams requests to a radixlm (or SGLang) server and reports requests/s, input and output
 tokens/s, TTFT / ITL / end-to-end latency (mean, p50, p99) and the cache hit rate. Unless

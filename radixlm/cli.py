@@ -31,6 +31,14 @@ _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     (
+        "--max-wait-s",
+        {
+            "type": float,
+            "default": 10.0,
+            "help": "seconds after which a waiting request is admitted before cache-aware order",
+        },
+    ),
+    (
         "--max-total-tokens",
         {"type": int, "help": "KV pool size in tokens (default: from free memory)"},
     ),

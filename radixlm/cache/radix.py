@@ -213,22 +213,6 @@ class RadixCache:
         """Every slot id the tree holds (for tests and debugging)."""
         return _cat([node.value for node in self._nodes()], self._empty)
 
-    def pretty(self) -> str:
-        """The tree as indented text, one node per line (for debugging)."""
-        lines = [f"root evictable={self._evictable_size} protected={self._protected_size}"]
-
-        def visit(node: TreeNode, indent: int) -> None:
-            for child in node.children.values():
-                key = str(child.key[:8])[:-1] + (", ...]" if len(child.key) > 8 else "]")
-                lines.append(
-                    f"{'  ' * indent}{key} len={len(child.key)} slots={child.value.tolist()[:8]}"
-                    f" lock={child.lock_ref} access={child.last_access}"
-                )
-                visit(child, indent + 1)
-
-        visit(self.root, 1)
-        return "\n".join(lines)
-
     def _insert(self, ids: list[int], slots: torch.Tensor) -> tuple[int, TreeNode]:
         """Make the tree hold ids; returns how many leading tokens it already held and the node ending at len(ids)."""
         node, pos, tick = self.root, 0, next(self._clock)

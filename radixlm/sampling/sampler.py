@@ -19,7 +19,7 @@ _CANDIDATE_GROWTH = 8
 _CDF_BLOCK = 256
 
 # argmax and topk look at per-block maxima first (a vectorised reduction), then inside the best
-# blocks only; on CPU this is ~6x faster than argmax, and 2-5x faster than topk for k up to ~100.
+# blocks only: on the CPU that beats torch's own argmax and topk over the whole vocabulary.
 _ARGMAX_BLOCK = 64
 _TOPK_BLOCK = 32
 

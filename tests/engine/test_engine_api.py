@@ -460,7 +460,9 @@ def test_a_prompt_larger_than_the_pool_fails_alone(tiny_model_dir: Path) -> None
         long_ids = list(range(100, 180))
         outs = gen_batch(small, input_ids=[long_ids, [5, 6, 7]], sampling_params=greedy(4))
         reason = outs[0]["meta_info"]["finish_reason"]
-        assert reason["type"] == "abort" and re.search("KV cache holds only 64", reason["message"]), reason
+        assert reason["type"] == "abort" and re.search(
+            "KV cache holds only 64", reason["message"]
+        ), reason
         assert outs[0]["output_ids"] == []
         assert outs[1]["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
         small.check_invariant()

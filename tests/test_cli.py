@@ -1,0 +1,30 @@
+"""The command line's engine flags become EngineArgs."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from radixlm.cli import add_engine_args, engine_args_from
+from radixlm.engine.args import EngineArgs
+
+
+def parse(*argv: str) -> EngineArgs:
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    return engine_args_from(parser.parse_args(argv))
+
+
+def test_defaults_are_the_engine_arguments_defaults() -> None:
+    assert parse() == EngineArgs()
+
+
+def test_scheduling_flags() -> None:
+    args = parse("--schedule-policy", "fcfs", "--max-wait-s", "2.5", "--chunked-prefill-size", "64")
+    assert (args.schedule_policy, args.max_wait_s, args.chunked_prefill_size) == ("fcfs", 2.5, 64)
+
+
+def test_a_negative_age_bound_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_wait_s"):
+        parse("--max-wait-s", "-1")
