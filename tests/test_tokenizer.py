@@ -18,8 +18,8 @@ from radixlm.models.gguf import (
     TOKENIZER_FILES,
     WEIGHTS_FILE,
     gguf_cache_path,
-    hf_tokenizer,
 )
+from radixlm.models.gguf_tokenizer import hf_tokenizer
 from radixlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
