@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from radixlm.cache import MatchResult
@@ -61,7 +62,7 @@ class Admission:
             for r in t.running
             if r.kv_len - r.tree_len >= _SHARED_RUN and r.kv_len <= len(r.input_ids)
         }
-        reserve = sum(self._future_tokens(r) for r in t.running)
+        reserve = sum(self._future_tokens(r, r.kv_len) for r in t.running)
         for req in ordered:
             if budget <= 0 or len(t.running) >= self.max_running:
                 break
@@ -75,7 +76,7 @@ class Admission:
                 continue  # a request admitted this step computes the same tokens: reuse them next step
             n = chunk_len(req, prefix, min(req.seq_len - prefix, budget))
             t.cache.lock(match.node)
-            own = self._future_tokens(req)
+            own = self._future_tokens(req, prefix + n)
             # With nothing running, only the chunk must fit: retraction covers the rest.
             need = n if not t.running else n + reserve + own
             if t.allocator.num_free + t.cache.evictable_size < need or not t.ensure_free(n):
@@ -92,7 +93,11 @@ class Admission:
             reserve += own
         return admitted
 
-    def _future_tokens(self, req: Req) -> int:
-        """Slots req is expected to take as it decodes; never more than the pool could give it."""
+    def _future_tokens(self, req: Req, filled: int) -> int:
+        """Slots req is expected to take once `filled` tokens have K/V: the rest of its prompt (a
+        chunked prefill under way needs all of it), then a share of its remaining output, at least one token while
+        it may still generate; never more than the pool could give it."""
+        unfilled = req.seq_len - filled
         room = max(self.table.allocator.num_slots - req.seq_len, 0)
-        return int(min(req.remaining_new_tokens, _RESERVE_CAP, room) * self.new_token_ratio)
+        output = min(req.remaining_new_tokens, _RESERVE_CAP, room)
+        return unfilled + (math.ceil(output * self.new_token_ratio) if output > 0 else 0)

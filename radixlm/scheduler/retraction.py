@@ -25,12 +25,14 @@ class Retraction:
 
     def retract_for(self, decodes: list[Req]) -> list[Req]:
         """Retract running requests until the rest of decodes can each decode one more token;
-        returns the decodes that remain."""
+        returns the decodes that remain. Any running request may go back (a chunked prefill
+        under way holds slots too); only one left alone that still does not fit is aborted."""
         t = self.table
-        victims = sorted(decodes, key=_victim_order)
+        victims = sorted(t.running, key=_victim_order)
         while not t.ensure_free(len(decodes)):
             victim = victims.pop(0)
-            decodes.remove(victim)
+            if victim in decodes:
+                decodes.remove(victim)
             if not victims:  # alone and still no room: it can never finish in this pool
                 t.finish(victim, self._too_big())
                 break

@@ -225,3 +225,50 @@ def test_a_draft_is_verified_by_the_row_before_it(make: Make, agrees: bool) -> N
     else:  # replaced by the model's token; the draft's slot went back to the free list
         assert r.output_ids == [50, 7, 8, 60, 7, 8, 9] and out.new_ids == [60, 7, 8]
         assert r.kv_len == 8
+
+
+def test_a_request_that_fits_is_never_aborted_while_others_hold_slots(make: Make) -> None:
+    """Pool 64, chunks of 16: B's long prompt is prefilled in chunks while A decodes; when A
+    runs out of slots it must wait (or B must), not be aborted as too big for the pool."""
+    s = make(pool=64, chunked_prefill_size=16)
+    s.add(req("a", prompt(10), max_new_tokens=50))
+    step(s)
+    s.add(req("b", prompt(60, start=200), max_new_tokens=2))
+    out = drain(s, max_steps=400)
+    for rid in ("a", "b"):
+        reason = out[rid].finish_reason
+        assert reason is not None and not reason.is_abort, (rid, reason)
+    assert len(out["a"].new_ids) == 50 and len(out["b"].new_ids) == 2
+
+
+def test_admission_reserves_the_rest_of_a_prompt_being_prefilled(make: Make) -> None:
+    """B's 60-token prompt stalls halfway (A holds the slots it needs); C, smaller and later,
+    must not take slots B's remaining chunks need: it is admitted only once B's prompt is in."""
+    s = make(pool=64, chunked_prefill_size=24)
+    s.add(req("a", prompt(10), max_new_tokens=5))
+    s.add(req("b", prompt(60, start=200), max_new_tokens=2))
+    b = s.waiting[-1]
+    step(s)
+    s.add(req("c", prompt(4, start=400), max_new_tokens=2))
+    while s.has_work:
+        plan = step(s)
+        if any(r.req.rid == "c" and r.seq.start == 0 for r in plan.reqs):
+            assert b.finished or b.kv_len >= 60, "c admitted while b's prompt still waits"
+        s.take_outputs()
+    assert s.num_retractions == 0
+
+
+def test_a_step_never_exceeds_the_chunked_prefill_size(make: Make) -> None:
+    """More requests than the token budget: running requests are capped so that the decodes
+    alone fit a step, and every step still admits or continues a prefill."""
+    s = make(chunked_prefill_size=8, max_running_requests=64)
+    for i in range(12):
+        s.add(req(f"r{i}", prompt(5, start=10 * i + 10), max_new_tokens=6))
+    for _ in range(200):
+        if not s.has_work:
+            break
+        plan = step(s)
+        assert sum(len(r.seq.new_ids) for r in plan.reqs) <= 8
+        assert len(s.running) <= 8
+        s.take_outputs()
+    assert not s.has_work
