@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from radixlm.core.finish import FinishReason
-from radixlm.core.messages import GenerateRequest, LogprobEntry, TokenOutput
+from radixlm.core.limits import prompt_error
+from radixlm.core.messages import CoreInfo, GenerateRequest, LogprobEntry, TokenOutput
 from radixlm.core.params import SamplingParams
 from radixlm.grammar import GrammarSpec, validate_spec
 from radixlm.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -54,9 +55,11 @@ def _check_int(value: Any, name: str, lo: int) -> int:
 
 
 def tokenize_input(
-    inp: GenerateInput, tokenizer: Tokenizer, vocab_size: int, context_len: int
+    inp: GenerateInput, tokenizer: Tokenizer, limits: CoreInfo
 ) -> list[GenerateRequest]:
-    """Validate and tokenize; one GenerateRequest per (prompt, sample). Raises ValueError."""
+    """Validate and tokenize; one GenerateRequest per (prompt, sample). Raises ValueError, also
+    for a prompt that can never run on this core (longer than its context or its KV pool)."""
+    vocab_size = limits.vocab_size
     if (inp.text is None) == (inp.input_ids is None):
         raise ValueError("exactly one of text and input_ids must be given")
     if inp.text is not None:
@@ -97,13 +100,9 @@ def tokenize_input(
     rids = _per_item(inp.rid, n, "rid")
     reqs: list[GenerateRequest] = []
     for i, ids in enumerate(prompts):
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) >= context_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens, but the context length is {context_len} "
-                f"(prompts may have at most {context_len - 1})"
-            )
+        error = prompt_error(len(ids), limits.context_len, limits.max_total_num_tokens)
+        if error is not None:
+            raise ValueError(error)
         s = -1 if start[i] is None else _check_int(start[i], "logprob_start_len", -1)
         k = 0 if top[i] is None else _check_int(top[i], "top_logprobs_num", 0)
         rid = rids[i] or uuid.uuid4().hex

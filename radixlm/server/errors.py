@@ -14,7 +14,8 @@ _TYPES = {
 
 
 class ApiError(Exception):
-    """A request that fails with an HTTP status and an OpenAI-style error body."""
+    """A request that fails with an HTTP status and an OpenAI-style error body; the app answers
+    any ApiError a route raises (radixlm.server.app), so routes never map errors themselves."""
 
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -31,3 +32,18 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
     """The error object for a status; `code` is the HTTP status, as SGLang sends it."""
     kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+class RequestFailed(ApiError):
+    """A request that ended without its answer (500 unless a subclass says otherwise)."""
+
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(type(self).status, message)
+
+
+class EngineUnavailable(RequestFailed):
+    """The engine is still starting, or it is gone or stopping: 503, wherever it is raised."""
+
+    status = 503

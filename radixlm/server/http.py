@@ -12,14 +12,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from radixlm.engine.client import RequestGroup
 from radixlm.engine.frontend import GenerateInput
 from radixlm.server.errors import ApiError, error_body
-from radixlm.server.tokenizer_manager import (
-    EngineUnavailable,
-    RequestFailed,
-    RequestGroup,
-    TokenizerManager,
-)
+from radixlm.server.tokenizer_manager import TokenizerManager
 
 DONE = b"data: [DONE]\n\n"
 
@@ -54,13 +50,12 @@ async def read_json(request: Request) -> dict[str, Any]:
 async def submit(
     manager: TokenizerManager, inp: GenerateInput, rename: Callable[[str], str] = str
 ) -> RequestGroup:
-    """Send a request to the engine; a validation error is 400, an engine that is down 503."""
+    """Send a request to the engine; a validation error is 400 (an engine that is down raises
+    EngineUnavailable, itself an ApiError: 503)."""
     try:
         return await manager.submit(inp)
     except ValueError as e:
         raise ApiError(400, rename(str(e))) from None
-    except EngineUnavailable as e:
-        raise ApiError(503, str(e)) from None
 
 
 async def _await_disconnect(receive: Receive) -> None:
@@ -70,7 +65,8 @@ async def _await_disconnect(receive: Receive) -> None:
 
 
 async def wait_finished(request: Request, manager: TokenizerManager, group: RequestGroup) -> None:
-    """Wait for a non-streaming answer; the client leaving aborts it at once."""
+    """Wait for a non-streaming answer; the client leaving aborts it at once. A failed request
+    raises its RequestFailed, an ApiError with the status to answer."""
 
     async def abort_on_disconnect() -> None:
         await _await_disconnect(request.receive)
@@ -79,8 +75,6 @@ async def wait_finished(request: Request, manager: TokenizerManager, group: Requ
     watcher = asyncio.create_task(abort_on_disconnect())
     try:
         await group.wait_finished()
-    except RequestFailed as e:
-        raise ApiError(e.status, str(e)) from None
     finally:
         watcher.cancel()
         manager.abort_unfinished(group)  # also when this handler itself is cancelled

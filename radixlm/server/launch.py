@@ -69,4 +69,4 @@ def serve(
     finally:
         manager.shutdown()  # idempotent; covers exits that skip the app's shutdown
         sock.close()
-    return 1 if manager.engine is None and manager.failure is not None else 0
+    return 1 if manager.client is None and manager.failure is not None else 0

@@ -15,8 +15,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 import radixlm
+from radixlm.engine.client import RequestGroup
 from radixlm.engine.frontend import GenerateInput
-from radixlm.server.errors import ApiError
+from radixlm.server.errors import ApiError, EngineUnavailable, RequestFailed
 from radixlm.server.http import (
     DONE,
     EventStream,
@@ -27,12 +28,7 @@ from radixlm.server.http import (
     submit,
     wait_finished,
 )
-from radixlm.server.tokenizer_manager import (
-    EngineUnavailable,
-    RequestFailed,
-    RequestGroup,
-    TokenizerManager,
-)
+from radixlm.server.tokenizer_manager import TokenizerManager
 
 HEALTH_GENERATE_TIMEOUT_S = 30.0
 
@@ -111,10 +107,7 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
 
     @router.get("/health")
     async def health() -> Response:
-        try:
-            manager.check_ready()
-        except EngineUnavailable as e:
-            raise ApiError(503, str(e)) from None
+        manager.check_ready()
         return Response(status_code=200)
 
     @router.get("/health_generate")
@@ -130,8 +123,8 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
                 wait_finished(request, manager, group), HEALTH_GENERATE_TIMEOUT_S
             )
         except asyncio.TimeoutError:
-            raise ApiError(
-                503, "the engine did not answer a one-token generation in time"
+            raise EngineUnavailable(
+                "the engine did not answer a one-token generation in time"
             ) from None
         return Response(status_code=200)
 
@@ -168,10 +161,7 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
 
     @router.post("/flush_cache")
     async def flush_cache() -> Response:
-        try:
-            flushed = await manager.flush_cache()
-        except EngineUnavailable as e:
-            raise ApiError(503, str(e)) from None
+        flushed = await manager.flush_cache()
         if not flushed:
             raise ApiError(
                 400, f"cannot flush the cache while {manager.num_running} requests are running"
@@ -206,8 +196,6 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
         """Check the KV slot invariant in the engine (tests and debugging)."""
         try:
             await manager.check_invariant()
-        except EngineUnavailable as e:
-            raise ApiError(503, str(e)) from None
         except AssertionError as e:
             raise ApiError(500, f"KV slot invariant broken: {e}") from None
         return json_response({"ok": True})

@@ -13,8 +13,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from radixlm.core.messages import LogprobEntry
+from radixlm.engine.client import RequestGroup
 from radixlm.engine.frontend import GenerateInput, RequestState
-from radixlm.server.errors import ApiError
+from radixlm.server.errors import ApiError, RequestFailed
 from radixlm.server.http import (
     DONE,
     EventStream,
@@ -25,12 +26,7 @@ from radixlm.server.http import (
     wait_finished,
 )
 from radixlm.server.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
-from radixlm.server.tokenizer_manager import (
-    EngineUnavailable,
-    RequestFailed,
-    RequestGroup,
-    TokenizerManager,
-)
+from radixlm.server.tokenizer_manager import TokenizerManager
 from radixlm.tokenizer import Tokenizer
 
 # SamplingParams names the SGLang keys; an OpenAI client sent these instead.
@@ -339,10 +335,7 @@ def openai_router(manager: TokenizerManager) -> APIRouter:
     created = int(time.time())
 
     def ready_tokenizer() -> Tokenizer:
-        try:
-            manager.check_ready()
-        except EngineUnavailable as e:
-            raise ApiError(503, str(e)) from None
+        manager.check_ready()
         assert manager.tokenizer is not None
         return manager.tokenizer
 

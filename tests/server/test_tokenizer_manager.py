@@ -1,4 +1,5 @@
-"""The tokenizer manager: output routing, and an engine that dies under a running server."""
+"""The tokenizer manager: output routing, metrics, aborts and control calls over a fake engine
+core, and an engine that dies under a running server."""
 
 from __future__ import annotations
 
@@ -13,12 +14,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from server_harness import ServerProcess, pid_alive
+from server_harness import (
+    TINY_CONTEXT,
+    TINY_POOL,
+    ServerProcess,
+    metric,
+    parse_metrics,
+    pid_alive,
+)
 
-from radixlm.core.messages import GenerateRequest, TokenOutput
-from radixlm.core.params import SamplingParams
-from radixlm.engine.frontend import RequestState
-from radixlm.server.tokenizer_manager import EngineUnavailable, RequestGroup, served_name_of
+from radixlm.core.finish import FinishReason
+from radixlm.core.messages import (
+    AbortRequest,
+    ControlReply,
+    ControlRequest,
+    CoreInfo,
+    FlushCache,
+    GenerateRequest,
+    Message,
+    TokenOutput,
+)
+from radixlm.engine.args import EngineArgs
+from radixlm.engine.client import EngineDeadError
+from radixlm.engine.frontend import GenerateInput
+from radixlm.server.errors import EngineUnavailable
+from radixlm.server.tokenizer_manager import TokenizerManager, served_name_of
 from radixlm.tokenizer import Tokenizer
 
 
@@ -97,22 +117,113 @@ def test_server_still_shuts_down_cleanly(doomed: ServerProcess) -> None:
     assert not pid_alive(doomed.proc.pid)
 
 
-def test_request_group_coalesces_updates_and_reports_failure(tiny_server_model: Path) -> None:
-    tok = Tokenizer.load(str(tiny_server_model))
-    reqs = [GenerateRequest(f"r{i}", [1, 2], SamplingParams(max_new_tokens=2)) for i in range(2)]
+class FakeTransport:
+    """An engine core played by the test: it reads what was sent and emits by hand."""
 
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.closed = False
+
+    def start(
+        self,
+        on_outputs: Callable[[list[TokenOutput | ControlReply]], None],
+        on_exit: Callable[[EngineDeadError], None],
+    ) -> None:
+        self.emit, self.exit = on_outputs, on_exit
+
+    def send(self, msg: Message) -> None:
+        self.sent.append(msg)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def attached(model: Path) -> tuple[TokenizerManager, FakeTransport]:
+    """A manager serving from a fake core (call on the event loop)."""
+    manager = TokenizerManager(EngineArgs(model_path=str(model)))
+    with pytest.raises(EngineUnavailable, match="starting"):
+        manager.check_ready()
+    tok = Tokenizer.load(str(model))
+    info = CoreInfo(
+        str(model), TINY_CONTEXT, tok.vocab_size, TINY_POOL, 2048, 256, "cpu", "float32", 0.0
+    )
+    transport = FakeTransport()
+    manager.attach(transport, info, tok)
+    assert manager.ready
+    return manager, transport
+
+
+def test_outputs_reach_their_group_and_the_metrics(tiny_server_model: Path) -> None:
     async def scenario() -> None:
-        group = RequestGroup([RequestState(r, tok) for r in reqs], is_batch=True)
-        for i in (1, 0, 1):  # three outputs before the consumer looks: one update
-            group.states[i].apply(TokenOutput(f"r{i}", [5], 2, 0))
-            group.notify(i)
-        assert await group.updates() == [0, 1]
-        waiter = asyncio.create_task(group.updates())
+        manager, core = attached(tiny_server_model)
+        group = await manager.submit(GenerateInput(text=["hello", "there"], rid=["a", "b"]))
+        assert [m.rid for m in core.sent if isinstance(m, GenerateRequest)] == ["a", "b"]
+        with pytest.raises(ValueError, match="already in use"):
+            await manager.submit(GenerateInput(text="x", rid="a"))
+        with pytest.raises(ValueError, match="KV cache holds only"):
+            await manager.submit(GenerateInput(input_ids=[7] * (TINY_POOL + 10)))
+        done = FinishReason.at_length(2)
+        core.emit([TokenOutput("b", [5], 1, 0, 0.01), TokenOutput("a", [5], 1, 0, 0.02)])
+        core.emit(
+            [TokenOutput("a", [6], 1, 0, 0.02, done), TokenOutput("b", [6], 1, 0, 0.01, done)]
+        )
+        await group.wait_finished()
+        assert [s.output_ids for s in group.states] == [[5, 6], [5, 6]]
+        assert manager.num_running == 0
+        samples = parse_metrics(manager.metrics.render(None))
+        assert metric(samples, "sglang:generation_tokens_total") == 4
+        assert metric(samples, "sglang:num_requests_total") == 2
+        assert metric(samples, "sglang:inter_token_latency_seconds_count") == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_disconnect_aborts_and_the_engine_dying_fails_every_request(
+    tiny_server_model: Path,
+) -> None:
+    async def scenario() -> None:
+        manager, core = attached(tiny_server_model)
+        group = await manager.submit(GenerateInput(text="hello", rid="a"))
+        other = await manager.submit(GenerateInput(text="there", rid="b"))
+        manager.abort_unfinished(group)
+        assert AbortRequest("a") in core.sent and not manager.abort("unknown")
+        stats = asyncio.create_task(manager.stats())
+        waiters = [asyncio.create_task(g.wait_finished()) for g in (group, other)]
         await asyncio.sleep(0)
-        group.fail(EngineUnavailable("gone"))
-        with pytest.raises(EngineUnavailable, match="gone"):
-            await waiter
-        assert not group.finished
+        core.exit(EngineDeadError("the engine process exited (exit code -9)"))
+        for waiter in [*waiters, stats]:
+            with pytest.raises(EngineUnavailable, match="exit code -9") as info:
+                await waiter
+            assert info.value.status == 503
+        assert not manager.ready
+        with pytest.raises(EngineUnavailable, match="exit code -9"):
+            await manager.submit(GenerateInput(text="x"))
+        manager.shutdown()
+        assert core.closed
+
+    asyncio.run(scenario())
+
+
+def test_control_calls_answer_or_time_out(tiny_server_model: Path) -> None:
+    async def scenario() -> None:
+        manager, core = attached(tiny_server_model)
+        flush = asyncio.create_task(manager.flush_cache())
+        await asyncio.sleep(0)
+        call = core.sent[-1]
+        assert isinstance(call, ControlRequest) and isinstance(call.call, FlushCache)
+        core.emit([ControlReply(call.call_id, True)])
+        assert await flush
+        group = await manager.submit(GenerateInput(text="hello"))
+        assert not await manager.flush_cache()  # refused at once while a request runs
+        manager.control_timeout_s = 0.05
+        with pytest.raises(EngineUnavailable, match="did not answer GetStats"):
+            await manager.stats()
+        manager.stop_serving("the server is shutting down")
+        assert AbortRequest(group.rids[0]) in core.sent
+        with pytest.raises(EngineUnavailable, match="shutting down"):
+            await group.wait_finished()
+        with pytest.raises(EngineUnavailable, match="shutting down"):
+            manager.check_ready()
 
     asyncio.run(scenario())
 
