@@ -106,6 +106,15 @@ class Req:
         """Prompt plus generated tokens: what the KV must cover before the next sample."""
         return self.input_ids + self.output_ids
 
+    def fill_range(self, start: int, end: int) -> list[int]:
+        """fill_ids[start:end], without building all of fill_ids (a decode reads one token)."""
+        n = len(self.input_ids)
+        if end <= n:
+            return self.input_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.input_ids[start:] + self.output_ids[: end - n]
+
     @property
     def seq_len(self) -> int:
         """Length of fill_ids without building it."""

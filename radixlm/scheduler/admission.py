@@ -54,11 +54,13 @@ class Admission:
     def admit(self, budget: int) -> list[ScheduledReq]:
         """Move requests from waiting to running, each with its first chunk, within budget tokens."""
         t = self.table
+        if budget <= 0 or len(t.running) >= self.max_running:
+            return []  # ordering would match every waiting request against the tree for nothing
         ordered, _ = self.policy.order(t.waiting)
         admitted: list[ScheduledReq] = []
         # Prompt tokens being prefilled by running requests count as computed this step too.
         seen_runs = {
-            tuple(r.fill_ids[r.tree_len : r.tree_len + _SHARED_RUN])
+            tuple(r.fill_range(r.tree_len, r.tree_len + _SHARED_RUN))
             for r in t.running
             if r.kv_len - r.tree_len >= _SHARED_RUN and r.kv_len <= len(r.input_ids)
         }
