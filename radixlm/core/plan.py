@@ -76,3 +76,4 @@ class SampledReq:
     top_logprobs: list[LogprobEntry] = field(default_factory=list)
     prompt_logprobs: list[LogprobEntry] = field(default_factory=list)
     prompt_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
+    error: str | None = None  # sampling failed for this request alone: it ends with this message

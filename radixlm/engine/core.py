@@ -26,6 +26,7 @@ from radixlm.core.messages import (
     Message,
     TokenOutput,
 )
+from radixlm.core.plan import SampledReq, StepPlan
 from radixlm.core.request import Req
 from radixlm.engine.args import EngineArgs
 from radixlm.grammar import GrammarSpec
@@ -97,9 +98,28 @@ class EngineCore:
         plan = self.scheduler.schedule()
         if plan:
             logits = self.runner.forward(plan.seqs)
-            masks = self.grammar.fill_masks(plan)
-            self.scheduler.update(plan, sample_step(self.sampler, plan, logits, masks))
+            self.scheduler.update(plan, self._sample(plan, logits))
         return self.scheduler.take_outputs()
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> list[SampledReq]:
+        """The plan's samples; if the batch fails (a grammar or sampling error), each request is
+        sampled alone, so that only the requests that fail alone end, with the error."""
+        try:
+            return sample_step(self.sampler, plan, logits, self.grammar.fill_masks(plan))
+        except Exception:
+            logger.exception("sampling a batch of %d failed; retrying one by one", len(plan.reqs))
+        results: list[SampledReq] = []
+        offset = 0
+        for r in plan.reqs:
+            rows = logits[offset : offset + r.seq.num_logits]
+            offset += r.seq.num_logits
+            single = StepPlan([r])
+            try:
+                results += sample_step(self.sampler, single, rows, self.grammar.fill_masks(single))
+            except Exception as e:
+                logger.exception("sampling request %s failed", r.req.rid)
+                results.append(SampledReq(error=f"internal error: {type(e).__name__}: {e}"))
+        return results
 
     def _queue_compiled(self) -> None:
         """Requests whose grammar is ready join the scheduler's queue; failed ones end."""

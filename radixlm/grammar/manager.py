@@ -183,13 +183,14 @@ class GrammarManager:
         """Each matcher steps back over its request's draft for one batched fill, then accepts
         it again (microseconds each)."""
         matchers: list[GrammarMatcher] = []
-        for _, state in drafted:
-            state.matcher.rollback(1)
-            matchers.append(state.matcher)
-        masks = self.backend.fill_masks(matchers)
-        for req, state in drafted:
-            state.matcher.accept(req.output_ids[-1:])
-        return masks
+        try:
+            for _, state in drafted:
+                state.matcher.rollback(1)
+                matchers.append(state.matcher)
+            return self.backend.fill_masks(matchers)
+        finally:  # each matcher is after its whole output again, even if the fill failed
+            for (req, state), _ in zip(drafted, matchers, strict=False):
+                state.matcher.accept(req.output_ids[-1:])
 
 
 def _grammar(req: Req) -> GrammarState:

@@ -7,6 +7,7 @@ back to `update()`, which appends them, finishes requests and queues their outpu
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from radixlm.cache import RadixCache, SlotAllocator
@@ -21,6 +22,8 @@ from radixlm.scheduler.policy import SchedulePolicy
 from radixlm.scheduler.retraction import Retraction
 from radixlm.scheduler.table import RequestTable
 from radixlm.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,9 @@ class Scheduler:
 
     def _update(self, s: ScheduledReq, res: SampledReq) -> None:
         req, seq, t = s.req, s.seq, self.table
+        if res.error is not None:
+            t.finish(req, FinishReason.abort(res.error))
+            return
         start, stop = s.prompt_logprobs
         if stop > start:
             req.input_logprobs.extend(res.prompt_logprobs)
@@ -171,7 +177,12 @@ class Scheduler:
         if req.params.max_new_tokens == 0:
             req.finish_reason = FinishReason.at_length(0)
         elif s.num_samples:
-            self._append(req, res)
+            try:
+                self._append(req, res)
+            except Exception as e:  # a bug in this request's grammar ends this request only
+                logger.exception("request %s: cannot take in its token", req.rid)
+                t.finish(req, FinishReason.abort(f"internal error: {type(e).__name__}: {e}"))
+                return
             req.finish_reason = finish_reason(req, self.tokenizer, self.config.context_len)
         if req.finished:
             t.running.remove(req)

@@ -9,7 +9,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from radixlm.core.request import Req
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.grammar import GrammarSpec
-from radixlm.grammar.base import GrammarBackend
+from radixlm.grammar.base import GrammarBackend, GrammarMatcher
 from radixlm.grammar.manager import GrammarCache, GrammarManager
 from radixlm.grammar.state import GrammarState
 from radixlm.scheduler.scheduler import Scheduler
@@ -237,6 +237,53 @@ def test_a_grammar_the_frontend_did_not_check_aborts_only_its_request(sched: Eng
     ids, reasons = run(sched)
     assert reasons["bad"]["type"] == "abort" and "unclosed group" in reasons["bad"]["message"]
     assert re.fullmatch("[0-9]{3}", text(sched, ids["good"]))
+
+
+class PoisonedBackend(GrammarBackend):
+    """The shared backend, except that filling a mask for a batch holding a matcher of the
+    poisoned grammar fails (as a backend bug on one request's grammar would)."""
+
+    def __init__(self, inner: GrammarBackend, poison: str) -> None:
+        self.inner, self.poison, self.vocab_size = inner, poison, inner.vocab_size
+        self.poisoned: set[int] = set()
+
+    def compile(self, spec: GrammarSpec) -> Any:
+        compiled = self.inner.compile(spec)
+        return (compiled, spec.text == self.poison)
+
+    def matcher(self, compiled: Any) -> GrammarMatcher:
+        inner, poisoned = compiled
+        m = self.inner.matcher(inner)
+        if poisoned:
+            self.poisoned.add(id(m))
+        return m
+
+    def fill_masks(self, matchers: Sequence[GrammarMatcher | None]) -> torch.Tensor:
+        if any(id(m) in self.poisoned for m in matchers):
+            raise RuntimeError("mask fill failed")
+        return self.inner.fill_masks(matchers)
+
+    def retokenize(
+        self, context: Sequence[int], tokens: Sequence[int], text: bytes = b""
+    ) -> list[int] | None:
+        return self.inner.retokenize(context, tokens, text)
+
+
+def test_a_mask_error_ends_only_the_request_it_belongs_to(core: EngineCore) -> None:
+    backend = PoisonedBackend(core.grammar.backend, "[a-z]{40}")
+    manager = GrammarManager(core.tokenizer, backend_factory=lambda t, v: backend)
+    alone = variant(core)
+    alone.add(request("good", regex="[0-9]{3}"))
+    alone.add(request("free", max_new_tokens=6))
+    want, _ = run(alone)
+    mixed = variant(core, grammar=manager)
+    mixed.add(request("bad", regex="[a-z]{40}"))
+    mixed.add(request("good", regex="[0-9]{3}"))
+    mixed.add(request("free", max_new_tokens=6))
+    ids, reasons = run(mixed)
+    assert reasons["bad"]["type"] == "abort" and "mask fill failed" in reasons["bad"]["message"]
+    assert ids["good"] == want["good"] and ids["free"] == want["free"]
+    assert reasons["good"]["type"] == "stop" and reasons["free"]["type"] == "length"
 
 
 def test_abort_while_compiling(core: EngineCore) -> None:

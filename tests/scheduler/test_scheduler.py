@@ -272,3 +272,39 @@ def test_a_step_never_exceeds_the_chunked_prefill_size(make: Make) -> None:
         assert len(s.running) <= 8
         s.take_outputs()
     assert not s.has_work
+
+
+class BrokenGrammar(FakeGrammar):
+    def settle(self, r: Req, sampled: Sequence[int], context_len: int) -> tuple[int, list[int]]:
+        raise RuntimeError("broken matcher")
+
+
+def test_an_error_in_one_requests_grammar_ends_that_request_only(make: Make) -> None:
+    s = make()
+    bad = req("bad", prompt(5), max_new_tokens=8)
+    bad.grammar = BrokenGrammar(forced=[])
+    s.add(bad)
+    s.add(req("good", prompt(5, start=50), max_new_tokens=3))
+    out = drain(s)
+    reason = out["bad"].finish_reason
+    assert reason is not None and reason.is_abort and "broken matcher" in reason.message
+    assert out["good"].new_ids == [105, 106, 107]
+    assert s.allocator.num_free + s.cache.evictable_size == 256
+
+
+def test_a_sampling_error_ends_that_request_only(make: Make) -> None:
+    s = make()
+    s.add(req("bad", prompt(5), max_new_tokens=8))
+    s.add(req("good", prompt(5, start=50), max_new_tokens=3))
+    plan = s.schedule()
+    s.update(
+        plan,
+        [
+            SampledReq(error="internal error: boom") if r.req.rid == "bad" else SampledReq([105])
+            for r in plan.reqs
+        ],
+    )
+    s.check_invariant()
+    bad = next(o for o in s.take_outputs() if o.rid == "bad")
+    assert bad.finish_reason is not None and bad.finish_reason.message == "internal error: boom"
+    assert [r.rid for r in s.running] == ["good"]
