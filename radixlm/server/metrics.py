@@ -107,6 +107,7 @@ class ServerMetrics:
         """A request produced n tokens; since_last is None for its first."""
         self.generation_tokens += n
         self._recent.append((now, n))
+        self._trim(now)  # bounded even when nobody reads /metrics
         if since_last is None:
             self.ttft.observe(since_submit)
         else:
@@ -131,9 +132,13 @@ class ServerMetrics:
     def gen_throughput(self, now: float | None = None) -> float:
         """Generated tokens per second over the last THROUGHPUT_WINDOW_S seconds."""
         now = time.perf_counter() if now is None else now
+        self._trim(now)
+        return sum(n for _, n in self._recent) / THROUGHPUT_WINDOW_S
+
+    def _trim(self, now: float) -> None:
+        """Forget outputs older than the throughput window."""
         while self._recent and self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
             self._recent.popleft()
-        return sum(n for _, n in self._recent) / THROUGHPUT_WINDOW_S
 
     def render(self, engine_stats: dict[str, Any] | None) -> str:
         """The exposition text; engine gauges are left out when the engine cannot answer."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 from server_harness import metric, parse_metrics
 
-from radixlm.server.metrics import Histogram, ServerMetrics
+from radixlm.server.metrics import THROUGHPUT_WINDOW_S, Histogram, ServerMetrics
 
 GAUGES = [
     "sglang:num_running_reqs",
@@ -57,6 +58,15 @@ def test_render_without_engine_stats_still_parses() -> None:
     assert metric(samples, "sglang:cache_hit_rate") == 4 / 13
     assert metric(samples, "sglang:inter_token_latency_seconds_count") == 2
     assert "sglang:num_running_reqs" not in "".join(samples)
+
+
+def test_the_throughput_window_stays_bounded_without_scrapes() -> None:
+    m = ServerMetrics("m")
+    for i in range(10_000):  # one output every 10 ms for 100 s; nobody reads /metrics
+        m.on_tokens(2, now=i * 0.01, since_submit=0.1, since_last=0.01)
+    assert len(m._recent) <= THROUGHPUT_WINDOW_S / 0.01 + 1
+    assert m.gen_throughput(now=99.99) == pytest.approx(2 / 0.01, rel=0.01)
+    assert m.generation_tokens == 20_000
 
 
 def test_metrics_parse_and_counters_move(http: httpx.Client) -> None:
