@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, cast
 
-from radixlm.engine.args import EngineArgs
+from radixlm.engine.args import MAX_QUEUED_REQUESTS, EngineArgs
 
 _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     (
@@ -109,11 +109,11 @@ def _generate(ns: argparse.Namespace) -> None:
 def _serve(ns: argparse.Namespace) -> int:
     from radixlm.server.launch import serve
 
-    return serve(engine_args_from(ns), ns.host, ns.port, ns.api_key)
+    return serve(engine_args_from(ns), ns.host, ns.port, ns.api_key, ns.max_queued_requests)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `radixlm` command."""
+def build_parser() -> argparse.ArgumentParser:
+    """The `radixlm` command line: `generate` and `serve`."""
     parser = argparse.ArgumentParser(prog="radixlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
@@ -128,7 +128,19 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument(
         "--api-key", help="require `Authorization: Bearer KEY` (health and metrics stay open)"
     )
+    srv.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=MAX_QUEUED_REQUESTS,
+        help="requests waiting beyond --max-running-requests before new ones get 503",
+    )
     add_engine_args(srv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `radixlm` command."""
+    parser = build_parser()
     ns = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

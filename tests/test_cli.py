@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from radixlm.cli import add_engine_args, engine_args_from
-from radixlm.engine.args import EngineArgs
+from radixlm.cli import add_engine_args, build_parser, engine_args_from
+from radixlm.engine.args import MAX_QUEUED_REQUESTS, EngineArgs
 
 
 def parse(*argv: str) -> EngineArgs:
@@ -28,3 +28,9 @@ def test_scheduling_flags() -> None:
 def test_a_negative_age_bound_is_refused() -> None:
     with pytest.raises(ValueError, match="max_wait_s"):
         parse("--max-wait-s", "-1")
+
+
+def test_serve_flags() -> None:
+    ns = build_parser().parse_args(["serve", "--port", "0", "--max-queued-requests", "8"])
+    assert (ns.command, ns.port, ns.max_queued_requests) == ("serve", 0, 8)
+    assert build_parser().parse_args(["serve"]).max_queued_requests == MAX_QUEUED_REQUESTS

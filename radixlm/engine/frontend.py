@@ -39,6 +39,23 @@ class GenerateInput:
         ids = self.input_ids
         return ids is not None and len(ids) > 0 and isinstance(ids[0], list)
 
+    @property
+    def num_requests(self) -> int:
+        """How many engine requests this call becomes (prompts times `n`), read before any
+        validation: a malformed input counts as what it claims to be."""
+        if self.text is not None:
+            prompts = len(self.text) if isinstance(self.text, list) else 1
+        else:
+            prompts = len(self.input_ids or []) if self.is_batch else 1
+        params = self.sampling_params
+        each = params if isinstance(params, Sequence) else [params or {}] * max(prompts, 1)
+
+        def n_of(p: Any) -> int:
+            n = p.get("n", 1) if isinstance(p, Mapping) else 1
+            return n if isinstance(n, int) and n > 0 else 1
+
+        return sum(n_of(p) for p in each[: max(prompts, 1)])
+
 
 def _per_item(value: Any, n: int, name: str) -> list[Any]:
     if isinstance(value, list):

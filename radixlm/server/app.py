@@ -71,7 +71,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
-        return json_response(exc.body(), exc.status)
+        return json_response(exc.body(), exc.status, exc.headers())
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:

@@ -27,6 +27,10 @@ class ApiError(Exception):
         """`{"error": {message, type, param, code}}`, as OpenAI's clients parse it."""
         return error_body(self.status, self.message, self.param)
 
+    def headers(self) -> dict[str, str]:
+        """Extra response headers."""
+        return {}
+
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     """The error object for a status; `code` is the HTTP status, as SGLang sends it."""
@@ -47,3 +51,11 @@ class EngineUnavailable(RequestFailed):
     """The engine is still starting, or it is gone or stopping: 503, wherever it is raised."""
 
     status = 503
+
+
+class Overloaded(EngineUnavailable):
+    """Too many requests are queued: 503 with Retry-After, refused before any work is done."""
+
+    def headers(self) -> dict[str, str]:
+        """When to try again, in seconds."""
+        return {"Retry-After": "1"}

@@ -20,9 +20,13 @@ from radixlm.server.tokenizer_manager import TokenizerManager
 DONE = b"data: [DONE]\n\n"
 
 
-def json_response(content: Any, status: int = 200) -> Response:
+def json_response(
+    content: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     """A JSON response serialized with orjson (NaN and inf become null)."""
-    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+    return Response(
+        orjson.dumps(content), status_code=status, headers=headers, media_type="application/json"
+    )
 
 
 def sse(obj: Any) -> bytes:

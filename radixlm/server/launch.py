@@ -7,7 +7,7 @@ import socket
 
 import uvicorn
 
-from radixlm.engine.args import EngineArgs
+from radixlm.engine.args import MAX_QUEUED_REQUESTS, EngineArgs
 from radixlm.server.app import create_app
 from radixlm.server.tokenizer_manager import TokenizerManager
 
@@ -38,7 +38,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(
-    engine_args: EngineArgs, host: str = "127.0.0.1", port: int = 30000, api_key: str | None = None
+    engine_args: EngineArgs,
+    host: str = "127.0.0.1",
+    port: int = 30000,
+    api_key: str | None = None,
+    max_queued_requests: int = MAX_QUEUED_REQUESTS,
 ) -> int:
     """Run the server until Ctrl-C or SIGTERM; the exit status (1 if it could not start)."""
     try:
@@ -47,7 +51,7 @@ def serve(
         logger.error("cannot listen on %s:%d: %s", host, port, e)
         return 1
     port = sock.getsockname()[1]
-    manager = TokenizerManager(engine_args)
+    manager = TokenizerManager(engine_args, max_queued_requests)
     app = create_app(manager, api_key, {"host": host, "port": port})
     config = uvicorn.Config(
         app, log_level="info", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S

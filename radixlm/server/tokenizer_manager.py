@@ -26,7 +26,7 @@ from radixlm.core.messages import (
     FlushCache,
     GetStats,
 )
-from radixlm.engine.args import EngineArgs
+from radixlm.engine.args import MAX_QUEUED_REQUESTS, EngineArgs
 from radixlm.engine.client import (
     EngineClient,
     EngineDeadError,
@@ -39,7 +39,7 @@ from radixlm.engine.client import (
 from radixlm.engine.frontend import GenerateInput, RequestState, tokenize_input
 from radixlm.engine.process import EngineProcess
 from radixlm.engine.transport import ProcessTransport
-from radixlm.server.errors import EngineUnavailable, RequestFailed
+from radixlm.server.errors import EngineUnavailable, Overloaded, RequestFailed
 from radixlm.server.metrics import ServerMetrics
 from radixlm.tokenizer import Tokenizer
 
@@ -65,10 +65,12 @@ class _Entry:
 class TokenizerManager:
     """Owns the engine process and the tokenizer; turns API calls into engine requests."""
 
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, max_queued_requests: int = MAX_QUEUED_REQUESTS) -> None:
         from radixlm.models.default import default_model_path
 
         self.args = args
+        # Requests in flight beyond the engine's running limit before new ones get a 503.
+        self.max_queued_requests = max_queued_requests
         self.model_path = args.model_path or default_model_path()
         self.served_model_name = args.served_model_name or served_name_of(self.model_path)
         self.metrics = ServerMetrics(self.served_model_name)
@@ -178,6 +180,12 @@ class TokenizerManager:
         """Validate, tokenize and send; ValueError for a bad request, EngineUnavailable if down."""
         self.check_ready()
         assert self.tokenizer is not None and self.info is not None
+        limit = self.info.max_running_requests + self.max_queued_requests
+        if self.num_running + inp.num_requests > limit:
+            raise Overloaded(
+                f"the server is full: {self.num_running} requests in flight, at most {limit} "
+                "(--max-queued-requests beyond --max-running-requests); retry shortly"
+            )
         texts = inp.text if isinstance(inp.text, list) else [inp.text]
         size = sum(len(t) for t in texts if isinstance(t, str))
         reqs = await self.offload(size, tokenize_input, inp, self.tokenizer, self.info)

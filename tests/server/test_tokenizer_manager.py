@@ -37,7 +37,7 @@ from radixlm.core.messages import (
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.client import EngineDeadError
 from radixlm.engine.frontend import GenerateInput
-from radixlm.server.errors import EngineUnavailable
+from radixlm.server.errors import EngineUnavailable, Overloaded
 from radixlm.server.tokenizer_manager import TokenizerManager, served_name_of
 from radixlm.tokenizer import Tokenizer
 
@@ -138,14 +138,24 @@ class FakeTransport:
         self.closed = True
 
 
-def attached(model: Path) -> tuple[TokenizerManager, FakeTransport]:
+def attached(
+    model: Path, max_running: int = 256, max_queued: int = 4096
+) -> tuple[TokenizerManager, FakeTransport]:
     """A manager serving from a fake core (call on the event loop)."""
-    manager = TokenizerManager(EngineArgs(model_path=str(model)))
+    manager = TokenizerManager(EngineArgs(model_path=str(model)), max_queued)
     with pytest.raises(EngineUnavailable, match="starting"):
         manager.check_ready()
     tok = Tokenizer.load(str(model))
     info = CoreInfo(
-        str(model), TINY_CONTEXT, tok.vocab_size, TINY_POOL, 2048, 256, "cpu", "float32", 0.0
+        str(model),
+        TINY_CONTEXT,
+        tok.vocab_size,
+        TINY_POOL,
+        2048,
+        max_running,
+        "cpu",
+        "float32",
+        0.0,
     )
     transport = FakeTransport()
     manager.attach(transport, info, tok)
@@ -224,6 +234,27 @@ def test_control_calls_answer_or_time_out(tiny_server_model: Path) -> None:
             await group.wait_finished()
         with pytest.raises(EngineUnavailable, match="shutting down"):
             manager.check_ready()
+
+    asyncio.run(scenario())
+
+
+def test_a_full_server_refuses_new_requests_before_reading_them(tiny_server_model: Path) -> None:
+    async def scenario() -> None:
+        manager, core = attached(tiny_server_model, max_running=2, max_queued=2)
+        first = await manager.submit(GenerateInput(text="a", rid="a"))
+        await manager.submit(GenerateInput(text=["b", "c"], rid=["b", "c"]))
+        with pytest.raises(Overloaded, match="4 requests at most|at most 4") as full:
+            await manager.submit(GenerateInput(text="d", sampling_params={"n": 2}))
+        assert full.value.status == 503 and full.value.headers() == {"Retry-After": "1"}
+        with pytest.raises(Overloaded):  # refused before validation: no work spent on it
+            await manager.submit(GenerateInput(text=["x", 7], sampling_params=[{}, {}]))  # type: ignore[list-item]
+        await manager.submit(GenerateInput(text="d"))  # the fourth fits
+        with pytest.raises(Overloaded):
+            await manager.submit(GenerateInput(text="e"))
+        core.emit([TokenOutput("a", [5], 1, 0, 0.01, FinishReason.at_length(1))])
+        await first.wait_finished()
+        await manager.submit(GenerateInput(text="e"))  # room again
+        assert len([m for m in core.sent if isinstance(m, GenerateRequest)]) == 5
 
     asyncio.run(scenario())
 
