@@ -105,9 +105,8 @@ def tokenize_input(
     n = len(prompts)
     if n == 0:
         raise ValueError("the batch is empty")
-    params = [
-        SamplingParams.from_dict(p) for p in _per_item(inp.sampling_params, n, "sampling_params")
-    ]
+    raw_params = _per_item(inp.sampling_params, n, "sampling_params")
+    params = [SamplingParams.from_dict(p) for p in raw_params]
     for p in params:
         p.validate(vocab_size)
     _check_grammars(params)
@@ -120,6 +119,7 @@ def tokenize_input(
         error = prompt_error(len(ids), limits.context_len, limits.max_total_num_tokens)
         if error is not None:
             raise ValueError(error)
+        _check_room(len(ids), raw_params[i], params[i], limits.context_len)
         s = -1 if start[i] is None else _check_int(start[i], "logprob_start_len", -1)
         k = 0 if top[i] is None else _check_int(top[i], "top_logprobs_num", 0)
         rid = rids[i] or uuid.uuid4().hex
@@ -139,6 +139,20 @@ def tokenize_input(
                 )
             )
     return reqs
+
+
+def _check_room(num_prompt: int, raw: Any, params: SamplingParams, context_len: int) -> None:
+    """An explicit max_new_tokens must fit in the context after the prompt (as SGLang, vLLM and
+    OpenAI check); the default one is cut at the context instead."""
+    if not (isinstance(raw, Mapping) and raw.get("max_new_tokens") is not None):
+        return
+    total = num_prompt + params.max_new_tokens
+    if total > context_len:
+        raise ValueError(
+            f"the context length is {context_len} tokens, but {total} were requested: "
+            f"{num_prompt} in the prompt and {params.max_new_tokens} to generate "
+            "(max_new_tokens / max_tokens)"
+        )
 
 
 def _check_grammars(params: list[SamplingParams]) -> None:

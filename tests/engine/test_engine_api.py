@@ -223,10 +223,16 @@ def test_eos_ignore_eos_and_min_new_tokens(eos_engine: tuple[Engine, list[int]])
 
 
 def test_generation_stops_at_the_context_length(engine: Engine) -> None:
+    """The default max_new_tokens (128) is cut at the context; an explicit one that cannot fit
+    is refused, as SGLang, vLLM and OpenAI refuse it."""
     prompt_ids = list(range(100, 100 + CONTEXT - 6))
-    out = gen(engine, input_ids=prompt_ids, sampling_params=greedy(20, ignore_eos=True))
+    out = gen(engine, input_ids=prompt_ids, sampling_params={"temperature": 0, "ignore_eos": True})
     assert len(out["output_ids"]) == 6
     assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 6}
+    with pytest.raises(ValueError, match=f"context length is {CONTEXT} tokens, but {CONTEXT + 14}"):
+        engine.generate(input_ids=prompt_ids, sampling_params=greedy(20, ignore_eos=True))
+    exact = gen(engine, input_ids=prompt_ids, sampling_params=greedy(6, ignore_eos=True))
+    assert exact["meta_info"]["finish_reason"] == {"type": "length", "length": 6}
 
 
 # ---- streaming -----------------------------------------------------------------------------
