@@ -67,6 +67,10 @@ _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ),
     ("--random-seed", {"type": int, "help": "seed of the sampler's RNG"}),
     (
+        "--request-timeout",
+        {"type": float, "help": "seconds after which a request still running is aborted"},
+    ),
+    (
         "--disable-jump-forward",
         {"action": "store_true", "help": "decode forced grammar tokens one by one (ablation)"},
     ),

@@ -34,3 +34,10 @@ def test_serve_flags() -> None:
     ns = build_parser().parse_args(["serve", "--port", "0", "--max-queued-requests", "8"])
     assert (ns.command, ns.port, ns.max_queued_requests) == ("serve", 0, 8)
     assert build_parser().parse_args(["serve"]).max_queued_requests == MAX_QUEUED_REQUESTS
+
+
+def test_request_timeout_flag() -> None:
+    assert parse().request_timeout is None
+    assert parse("--request-timeout", "30").request_timeout == 30.0
+    with pytest.raises(ValueError, match="request_timeout"):
+        parse("--request-timeout", "0")

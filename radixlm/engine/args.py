@@ -19,6 +19,7 @@ class EngineArgs:
     disable_radix_cache: bool = False
     schedule_policy: str = "lpm"
     max_wait_s: float = 10.0  # a request waiting longer is admitted before cache-aware order
+    request_timeout: float | None = None  # seconds a request may take before it is aborted
     max_total_tokens: int | None = None  # KV pool size in tokens
     chunked_prefill_size: int | None = None  # tokens per forward (prefill chunks + decodes)
     max_running_requests: int | None = None
@@ -34,6 +35,8 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
         if self.max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
         if self.context_length is not None and self.context_length < 2:

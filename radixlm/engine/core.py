@@ -73,6 +73,7 @@ class EngineCore:
             or (1024 if device.type == "cuda" else 256),
             schedule_policy=args.schedule_policy,
             max_wait_s=args.max_wait_s,
+            request_timeout_s=args.request_timeout,
         )
         self.scheduler = Scheduler(self.cache, self.allocator, self.tokenizer, sched_config)
         self.sampler = Sampler(device, seed=args.random_seed)

@@ -8,6 +8,7 @@ back to `update()`, which appends them, finishes requests and queues their outpu
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from radixlm.cache import RadixCache, SlotAllocator
@@ -35,6 +36,7 @@ class SchedulerConfig:
     max_running_requests: int
     schedule_policy: str = "lpm"
     max_wait_s: float = 10.0
+    request_timeout_s: float | None = None  # a request older than this ends with an abort
 
 
 class Scheduler:
@@ -130,6 +132,8 @@ class Scheduler:
         """The next step: every running decode, prefill chunks under way, then new admissions,
         within the chunked-prefill token budget; retracting requests when the pool is short."""
         t = self.table
+        if self.config.request_timeout_s is not None:
+            self._expire(self.config.request_timeout_s)
         decodes = [r for r in t.running if r.seq_len - r.kv_len == 1]
         if decodes and not t.ensure_free(len(decodes)):
             decodes = self.retraction.retract_for(decodes)
@@ -153,6 +157,14 @@ class Scheduler:
         # Extends first, short rows (decodes among them) last: the runner's flat layout.
         batch.sort(key=lambda s: is_short_row(s.seq))
         return StepPlan(batch)
+
+    def _expire(self, timeout_s: float) -> None:
+        """End the requests that have been in the engine longer than timeout_s."""
+        now = time.monotonic()
+        for req in [
+            r for r in self.table.waiting + self.table.running if now - r.arrival > timeout_s
+        ]:
+            self.abort(req.rid, f"the request took longer than the {timeout_s:g} s request timeout")
 
     def update(self, plan: StepPlan, results: list[SampledReq]) -> None:
         """Take in what the step produced (one SampledReq per plan entry)."""

@@ -308,3 +308,20 @@ def test_a_sampling_error_ends_that_request_only(make: Make) -> None:
     bad = next(o for o in s.take_outputs() if o.rid == "bad")
     assert bad.finish_reason is not None and bad.finish_reason.message == "internal error: boom"
     assert [r.rid for r in s.running] == ["good"]
+
+
+def test_a_request_past_its_timeout_is_aborted_and_releases_its_slots(make: Make) -> None:
+    s = make(request_timeout_s=60.0)
+    s.add(req("slow", prompt(6), max_new_tokens=100))
+    s.add(req("queued", prompt(6, start=50), max_new_tokens=100))
+    step(s)
+    s.add(req("fresh", prompt(6, start=90), max_new_tokens=3))
+    for r in s.running:  # slow and queued have been in the engine for a minute now
+        if r.rid != "fresh":
+            r.arrival -= 61
+    step(s)
+    out = drain(s)
+    for rid in ("slow", "queued"):
+        reason = out[rid].finish_reason
+        assert reason is not None and reason.is_abort and "60 s request timeout" in reason.message
+    assert out["fresh"].new_ids == [106, 107, 108]
