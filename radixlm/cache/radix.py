@@ -104,12 +104,12 @@ class RadixCache:
             child = node.children.get(ids[pos])
             if child is None:
                 break
-            child.last_access = tick
             m = common_prefix_len(child.key, ids, pos)
             if m < len(child.key):
                 # The upper half has one child, whose first token differs from ids[pos + m]:
                 # the next lookup ends the walk.
                 child = self._split(child, m)
+            child.last_access = tick  # only what matched: an unmatched lower half keeps its age
             values.append(child.value)
             node, pos = child, pos + m
         return MatchResult(_cat(values, self._empty), node)
@@ -224,10 +224,10 @@ class RadixCache:
                 self._evictable_size += len(leaf.key)
                 self._push(leaf)
                 return pos, leaf
-            child.last_access = tick
             m = common_prefix_len(child.key, ids, pos)
             if m < len(child.key):
                 child = self._split(child, m)  # ids end or branch off inside this edge
+            child.last_access = tick
             node, pos = child, pos + m
         return pos, node
 

@@ -286,6 +286,17 @@ class CacheMachine(RuleBasedStateMachine):
         # Fake KV content: the (token, position) each slot was written for.
         self.token_of = torch.full((NUM_SLOTS + 1,), -1)
         self.pos_of = torch.full((NUM_SLOTS + 1,), -1)
+        # LRU model: the last operation that used each cached prefix (a match or an insert of
+        # a sequence it starts).
+        self.clock = 0
+        self.last_use: dict[tuple[int, ...], int] = {}
+
+    def use(self, ids: list[int]) -> None:
+        """An operation walked ids: every cached prefix of it was used now."""
+        self.clock += 1
+        for i in range(len(ids)):
+            if tuple(ids[: i + 1]) in self.cached:
+                self.last_use[tuple(ids[: i + 1])] = self.clock
 
     def write(self, slots: torch.Tensor, ids: list[int], start: int) -> None:
         self.token_of[slots] = torch.tensor(ids[start:], dtype=torch.int64)
@@ -321,6 +332,14 @@ class CacheMachine(RuleBasedStateMachine):
         if freed < n:
             assert self.cache.evictable_size == 0, "an evictable node was not found"
         self.cached = after
+        # Least recently used first: nothing evicted was used after a leaf that stays evictable.
+        locked = {tuple(r.ids[: i + 1]) for r in self.running for i in range(r.node.depth)}
+        parents = {q[:-1] for q in after}
+        leaves = [q for q in after if q not in parents and q not in locked]
+        evicted = before - after
+        if evicted and leaves:
+            newest = max(self.last_use[e] for e in evicted)
+            assert newest <= min(self.last_use[q] for q in leaves), "a more recent leaf went first"
 
     def pick(self, data: st.DataObject) -> Request:
         return self.running[data.draw(st.integers(0, len(self.running) - 1))]
@@ -328,6 +347,7 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(ids=SEQS)
     def start(self, ids: list[int]) -> None:
         m = self.cache.match_prefix(ids)
+        self.use(ids)
         assert m.slots.numel() == m.node.depth == self.expected_match(ids)
         self.assert_content(m.slots, ids)
         self.cache.lock(m.node)
@@ -355,6 +375,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.running.remove(req)
         self.cache.cache_finished(req.ids, req.slots, req.node)
         self.add(req.ids)
+        self.use(req.ids)
 
     @precondition(lambda self: self.running)
     @rule(data=st.data())
@@ -367,12 +388,14 @@ class CacheMachine(RuleBasedStateMachine):
         if not self.disable:
             assert res.node.depth == cut
         self.add(req.ids[:cut])
+        self.use(req.ids[:cut])
         req.slots = torch.cat([res.slots, req.slots[cut:]])
         req.node = res.node
 
     @rule(ids=SEQS)
     def match(self, ids: list[int]) -> None:
         m = self.cache.match_prefix(ids)
+        self.use(ids)
         assert m.slots.numel() == m.node.depth == self.expected_match(ids)
         self.assert_content(m.slots, ids)
 

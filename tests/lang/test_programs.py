@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from typing import Any
@@ -16,10 +15,6 @@ from radixlm.lang.backends.engine import EngineBackend
 pytestmark = pytest.mark.slow
 
 GREEDY: dict[str, Any] = {"temperature": 0}
-needs_grammar = pytest.mark.skipif(
-    importlib.util.find_spec("radixlm.grammar") is None,
-    reason="the engine does not enforce regex / json_schema yet (radixlm.grammar)",
-)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +164,6 @@ def test_decode_int(engine: Any, backend: EngineBackend) -> None:
     int(state["hours"])
 
 
-@needs_grammar
 def test_regex(backend: EngineBackend) -> None:
     regex = r"((25[0-5]|2[0-4]\d|[01]?\d\d?).){3}(25[0-5]|2[0-4]\d|[01]?\d\d?)"
 
@@ -182,7 +176,6 @@ def test_regex(backend: EngineBackend) -> None:
     assert re.fullmatch(regex, state["answer"])
 
 
-@needs_grammar
 def test_json_schema(backend: EngineBackend) -> None:
     schema = {
         "type": "object",
@@ -199,7 +192,6 @@ def test_json_schema(backend: EngineBackend) -> None:
     assert isinstance(value["name"], str) and isinstance(value["age"], int)
 
 
-@needs_grammar
 def test_dtype_gen(backend: EngineBackend) -> None:
     @sgl.function
     def dtype_gen(s):
