@@ -30,13 +30,18 @@ import radixlm  # noqa: F401  (first: its OpenMP defaults apply only before torc
 import torch
 import torch.nn.functional as F
 
+from radixlm.core.forward import KernelRowLayout
 from radixlm.core.messages import GenerateRequest
 from radixlm.core.params import SamplingParams
 from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.engine.engine import Engine
-from radixlm.kernels import cpu
+from radixlm.kernels.build import isa_variants, load_kernels
+from radixlm.kernels.cpu import CpuKernelBackend
+from radixlm.models.llama import LlamaForCausalLM
+from radixlm.models.loader import load_model_files
+from radixlm.runner.runner import build_model
 
 
 def random_ids(n: int, gen: torch.Generator) -> list[int]:
@@ -141,31 +146,17 @@ def weight_matmuls(core: EngineCore, rows: int, logit_rows: int) -> Callable[[],
 
 def pass_matmuls(core: EngineCore, rows: int) -> Callable[[], None] | None:
     """The same GEMMs as the CPU decode pass runs them (each thread its share of every weight's
-    columns, in one OpenMP region; `cpu.decode_layers` with `gemms_only`), then the LM head as
-    torch runs it; None where that pass does not run."""
+    columns, in one OpenMP region; the pass's `gemms` entry), then the LM head as torch runs
+    it; None where that pass does not run."""
     runner, model = core.runner, core.runner.model
-    x = torch.randn(rows, model.config.hidden_size, dtype=runner.dtype)
-    if not cpu.decode_layers_supported(x, runner.pool.k[0], model.config.head_dim):
+    decode_pass = model.decode_pass
+    if decode_pass is None:
         return None
-    weights = model.decode_weights()
-    cos = torch.zeros(rows, model.config.head_dim)
-    zeros = torch.zeros(rows, dtype=torch.int64)
-    row_kv, spans = zeros[:, None], torch.stack([torch.arange(rows), zeros + 1, zeros + 1])
+    x = torch.randn(rows, model.config.hidden_size, dtype=runner.dtype)
 
     def run() -> None:
         with torch.inference_mode():
-            cpu.decode_layers(
-                weights,
-                x,
-                cos,
-                cos,
-                zeros,
-                row_kv,
-                spans,
-                runner.pool.k,
-                runner.pool.v,
-                gemms_only=True,
-            )
+            decode_pass.gemms(x, runner.pool.k, runner.pool.v)
             F.linear(x, model.lm_head.weight)
 
     return run
@@ -272,48 +263,57 @@ def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
     )
 
 
+class _LayerByLayer(CpuKernelBackend):
+    """The CPU kernels without their decode pass: the layers run one by one."""
+
+    def decode_pass(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def bench_decode_pass(args: argparse.Namespace) -> None:
     """Decode steps with the CPU decode pass (every layer in one OpenMP region) against the
     layers one by one, alternating, at several batch sizes; then again next to a process that
-    keeps one core busy (a shared machine)."""
-    supported = cpu.decode_layers_supported
+    keeps one core busy (a shared machine). Both run on the same cores (the same requests and
+    pool): the layer-by-layer model is the same weights over a backend without the pass."""
     settings = [("", False)] + ([(" next to a busy process", True)] if args.pass_neighbour else [])
     steps = len(settings) * 2 * (args.decode_steps + 1)  # both paths, one untimed turn each
     ctx = args.decode_context
     cores = {b: _decoding(args.model_path, b, ctx, steps, "auto") for b in args.pass_batches}
-    runner = cores[args.pass_batches[0]].runner
-    if not supported(torch.zeros(1), runner.pool.k[0], runner.model.config.head_dim):
+    first = cores[args.pass_batches[0]]
+    runner = first.runner
+    if not isinstance(runner.backend, CpuKernelBackend) or runner.model.decode_pass is None:
         print("decode pass: not available here (no compiler, or torch without MKL)")
         return
+    _, weights = load_model_files(first.model_path)
+    layers = build_model(
+        first.model_config, weights, runner.device, runner.dtype, _LayerByLayer(runner.backend.lib)
+    )
+    del weights
+    fused_models = {b: core.runner.model for b, core in cores.items()}
 
-    def step(core: EngineCore, fused: bool) -> Callable[[], None]:
+    def step(core: EngineCore, model: LlamaForCausalLM) -> Callable[[], None]:
         def run() -> None:
-            cpu.decode_layers_supported = supported if fused else (lambda *a: False)  # type: ignore[assignment]
+            core.runner.model = model
             core.step()
 
         return run
 
-    try:
-        for label, busy in settings:
-            neighbour = (
-                subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
-            )
-            try:
-                for b, core in cores.items():
-                    fused, layers = _alternating(
-                        [step(core, True), step(core, False)], args.decode_steps
-                    )
-                    f, lay = statistics.median(fused), statistics.median(layers)
-                    print(
-                        f"decode pass{label}: batch {b} x {ctx}: pass {f * 1000:7.1f} ms, "
-                        f"layer by layer {lay * 1000:7.1f} ms: layers / pass = {lay / f:.2f}"
-                    )
-            finally:
-                if neighbour is not None:
-                    neighbour.kill()
-                    neighbour.wait()
-    finally:
-        cpu.decode_layers_supported = supported  # type: ignore[assignment]
+    for label, busy in settings:
+        neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+        try:
+            for b, core in cores.items():
+                fused, layered = _alternating(
+                    [step(core, fused_models[b]), step(core, layers)], args.decode_steps
+                )
+                f, lay = statistics.median(fused), statistics.median(layered)
+                print(
+                    f"decode pass{label}: batch {b} x {ctx}: pass {f * 1000:7.1f} ms, "
+                    f"layer by layer {lay * 1000:7.1f} ms: layers / pass = {lay / f:.2f}"
+                )
+        finally:
+            if neighbour is not None:
+                neighbour.kill()
+                neighbour.wait()
 
 
 def bench_ttft(args: argparse.Namespace) -> None:
@@ -347,20 +347,21 @@ def bench_attention_kernel(args: argparse.Namespace) -> None:
     plain read of the same K/V (torch.sum): the memory-bandwidth floor."""
     layers, heads, kv_heads, d = 30, 9, 3, 64
     b, n = args.decode_batch, args.decode_context
-    builds = {name: cpu.load_kernels(flags) for name, flags in cpu.isa_variants().items()}
+    libs = {name: load_kernels(flags) for name, flags in isa_variants().items()}
+    builds = {name: CpuKernelBackend(lib) for name, lib in libs.items() if lib is not None}
     q = torch.randn(b, heads, d)
     out = torch.empty_like(q)
     row_kv = (torch.arange(b * n) + 1).view(b, n)
     spans = torch.stack([torch.arange(b), torch.ones(b, dtype=torch.long), torch.full((b,), n)])
+    rows = KernelRowLayout(row_kv, spans)
     for dtype in (torch.float32, torch.bfloat16):
         pools = [
             tuple(torch.randn(kv_heads, b * n + 1, d).to(dtype) for _ in range(2))
             for _ in range(layers)
         ]
         fns: dict[str, Callable[[], None]] = {
-            name: functools.partial(_attend_layers, lib, pools, q, row_kv, spans, out)
-            for name, lib in builds.items()
-            if lib is not None
+            name: functools.partial(_attend_layers, backend, pools, q, rows, out)
+            for name, backend in builds.items()
         }
         fns["plain read (torch.sum)"] = functools.partial(_read_layers, pools)
         times = [statistics.median(t) for t in _alternating(list(fns.values()), args.repeat)]
@@ -373,16 +374,15 @@ def bench_attention_kernel(args: argparse.Namespace) -> None:
 
 
 def _attend_layers(
-    lib: Any,
+    backend: CpuKernelBackend,
     pools: list[tuple[torch.Tensor, ...]],
     q: torch.Tensor,
-    row_kv: torch.Tensor,
-    spans: torch.Tensor,
+    rows: KernelRowLayout,
     out: torch.Tensor,
 ) -> None:
     """Decode attention over every layer's pool, as a forward runs it layer by layer."""
     for k, v in pools:
-        cpu.row_attention(q, k, v, row_kv, spans, q.shape[-1] ** -0.5, out, lib)
+        backend.row_attention(q, k, v, rows, q.shape[-1] ** -0.5, out)
 
 
 def _read_layers(pools: list[tuple[torch.Tensor, ...]]) -> None:

@@ -18,12 +18,36 @@ class ExtendSeq:
 
 
 @dataclass(slots=True)
+class TorchRowLayout:
+    """The short rows padded to one batch, as the torch backend's row attention reads them."""
+
+    kv: torch.Tensor  # int64 [B, N]: each row's slots, padded with slot 0
+    query: torch.Tensor  # int64 [B, Q]: each query's index among the row tokens
+    valid: torch.Tensor  # bool [B, Q]: real queries (padding repeats the row's last one)
+    mask: torch.Tensor  # bool [B, Q, N]: key n is visible to query q of row b
+
+
+@dataclass(slots=True)
+class KernelRowLayout:
+    """The short rows as the compiled CPU kernels read them: no padding of the queries."""
+
+    kv: torch.Tensor  # int64 [B, N]: each row's slots, padded with slot 0
+    # int64 [3, B]: each row's first token among the row tokens, its number of new tokens, and
+    # its number of keys (the new ones are the last).
+    spans: torch.Tensor
+
+
+# The short rows' attention metadata, in the layout of the backend that built the batch.
+RowLayout = TorchRowLayout | KernelRowLayout
+
+
+@dataclass(slots=True)
 class ForwardBatch:
     """A mixed batch: extend sequences first, then short rows (decodes among them), in one flat
     token list.
 
     Invariant: tokens [0, num_extend_tokens) belong to `extends` in order; the tokens after that
-    are the short rows' new tokens, row by row: row b's are the True entries of row_valid[b].
+    are the short rows' new tokens, row by row.
     """
 
     input_ids: torch.Tensor  # int64 [T]
@@ -31,14 +55,7 @@ class ForwardBatch:
     out_slots: torch.Tensor  # int64 [T]: where each token's K/V is written
     extends: list[ExtendSeq]
     num_extend_tokens: int
-    row_kv: torch.Tensor | None  # int64 [B, N]: slots of each short row, padded with slot 0
-    # The short rows' layout for the torch path (padded batch)...
-    row_query: torch.Tensor | None  # int64 [B, Q]: each query's index among the row tokens
-    row_valid: torch.Tensor | None  # bool [B, Q]: real queries (padding repeats the last one)
-    row_mask: torch.Tensor | None  # bool [B, Q, N]: key n is visible to query q of row b
-    # ... or, instead, for the CPU kernel: int64 [3, B], each row's first token among the row
-    # tokens, its number of new tokens, and its number of keys (the new ones are the last).
-    row_spans: torch.Tensor | None
+    rows: RowLayout | None  # None when the batch has no short rows
     logits_index: torch.Tensor  # int64 [N]: flat positions whose logits are needed
 
     @property

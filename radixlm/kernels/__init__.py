@@ -1,1 +1,2 @@
-"""Compiled kernels for hot spots the torch ops cover poorly, each with a torch fallback."""
+"""The ops a model calls, behind one backend chosen when the runner starts: compiled CPU kernels
+(C++ called through ctypes) or torch."""

@@ -9,7 +9,8 @@
 // the region), or for up to 4 rows streams its share (stream_cols), so each weight byte is
 // read once, by one core. Norms, rotary + KV write and SwiGLU reuse layer_ops.h; the attention
 // reuses row_attention.h.
-// Built at first use by radixlm/kernels/cpu.py and called through ctypes.
+// Built at first use by radixlm/kernels/build.py; called through ctypes by
+// radixlm/kernels/decode.py (the pass) and cpu.py (the GEMM alone).
 #include <omp.h>
 
 #include <algorithm>
@@ -36,7 +37,7 @@ typedef void (*Sgemm)(const char* transa, const char* transb, const int* m, cons
                       const float* b, const int* ldb, const float* beta, float* c,
                       const int* ldc);
 
-// Mirrored by _DecodeArgs in radixlm/kernels/cpu.py. Per-layer arrays have `layers` entries;
+// Mirrored by _DecodeArgs in radixlm/kernels/decode.py. Per-layer arrays have `layers` entries;
 // qkv_b, q_norm and k_norm are null where the model has none.
 struct DecodeArgs {
     // The model: hidden size, heads, KV heads, head size, MLP width; weights as nn.Linear

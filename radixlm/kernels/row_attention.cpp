@@ -1,5 +1,6 @@
 // Short-row paged attention for the CPU, as one kernel call (see row_attention.h).
-// Built at first use by radixlm/kernels/cpu.py and called through ctypes with raw pointers.
+// Built at first use by radixlm/kernels/build.py and called through ctypes with raw pointers
+// (radixlm/kernels/cpu.py).
 #include "row_attention.h"
 
 namespace {

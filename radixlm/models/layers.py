@@ -1,4 +1,5 @@
-"""Building blocks shared by every Llama-family model: norm, rotary embedding, paged attention."""
+"""Building blocks shared by every Llama-family model: norm, rotary embedding, paged attention;
+the ops inside them are the kernel backend's."""
 
 from __future__ import annotations
 
@@ -9,38 +10,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixlm.core.forward import ForwardBatch
-from radixlm.kernels import cpu
+from radixlm.kernels.backend import Backend
 from radixlm.models.rope import rope_inv_freq
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 like the reference implementation."""
+    """Root-mean-square norm (in float32, like the reference implementation)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, backend: Backend) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu.layer_ops_supported(x, self.weight):
-            return cpu.rms_norm(x, self.weight, self.eps)
-        return self._norm(x)
+        return self.backend.rms_norm(x, self.weight, self.eps)
 
     def add_forward(
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream's next value, residual + x, and its norm: (norm, sum). The
-        residual is updated in place (one pass with the norm on the CPU)."""
-        if cpu.layer_ops_supported(x, residual, self.weight) and residual.is_contiguous():
-            return cpu.rms_norm(x, self.weight, self.eps, residual), residual
-        residual += x
-        return self._norm(residual), residual
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        residual (contiguous) is updated in place."""
+        return self.backend.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -70,38 +61,8 @@ class RotaryEmbedding(nn.Module):
         )
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, D] by the cos/sin of its positions; the products and the sum are
-    rounded separately, as in the reference implementation (no fused multiply-add)."""
-    half = x.shape[-1] // 2
-    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + swapped * sin
-
-
 # Queries per attention call on a cached prefix: bounds the causal mask at [512, keys].
 _Q_BLOCK = 512
-
-
-def rope_and_store(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rope: tuple[torch.Tensor, torch.Tensor],
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rotate q [T, H, D] and k [T, KVH, D] by their positions' cos/sin and write this step's
-    K/V at `slots` of the head-major caches [KVH, num_slots + 1, D]. Returns q and the
-    head-major k, v [KVH, T, D]. One compiled pass on the CPU."""
-    cos, sin = rope
-    if cpu.rope_store_supported(q, k_cache):
-        return cpu.rope_store(q, k, v, cos, sin, slots, k_cache, v_cache)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    kh, vh = k.transpose(0, 1), v.transpose(0, 1)
-    k_cache.index_copy_(1, slots, kh.to(k_cache.dtype))
-    v_cache.index_copy_(1, slots, vh.to(v_cache.dtype))
-    return q, kh, vh
 
 
 def paged_attention(
@@ -112,11 +73,14 @@ def paged_attention(
     v_cache: torch.Tensor,
     batch: ForwardBatch,
     scale: float,
+    backend: Backend,
 ) -> torch.Tensor:
     """Attend each token over its request's slots, this step's K/V already in the pool.
 
     q [T, H, D]; kh/vh [KVH, T, D] are this step's K/V (what a prefill without a cached prefix
-    attends over); the caches are head-major [KVH, num_slots + 1, D]. Returns [T, H, D].
+    attends over); the caches are head-major [KVH, num_slots + 1, D]. Extends attend one by
+    one in torch's fused attention, the short rows together in the backend's row attention.
+    Returns [T, H, D].
     """
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, for the kernel
     for seq in batch.extends:
@@ -127,15 +91,9 @@ def paged_attention(
             ks = k_cache.index_select(1, seq.kv_slots).to(q.dtype)
             vs = v_cache.index_select(1, seq.kv_slots).to(q.dtype)
         out[lo:hi] = extend_attention(q[lo:hi], ks, vs, seq.prefix_len, scale)
-    if batch.row_kv is not None:
+    if batch.rows is not None:
         start = batch.num_extend_tokens
-        if batch.row_spans is not None:  # the runner chose the CPU kernel
-            rows_q = q[start:].contiguous()
-            cpu.row_attention(
-                rows_q, k_cache, v_cache, batch.row_kv, batch.row_spans, scale, out[start:]
-            )
-        else:
-            out[start:] = row_attention(q[start:], k_cache, v_cache, batch, scale)
+        backend.row_attention(q[start:], k_cache, v_cache, batch.rows, scale, out[start:])
     return out
 
 
@@ -168,34 +126,3 @@ def extend_attention(
         )
         out[s:e] = o[0].transpose(0, 1)
     return out
-
-
-def row_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    batch: ForwardBatch,
-    scale: float,
-) -> torch.Tensor:
-    """The short rows' queries q [T_rows, H, D], padded to [B, Q], over each row's padded slots;
-    batch.row_mask hides padding and each query's future. Decodes are rows with Q = 1."""
-    assert batch.row_kv is not None and batch.row_query is not None
-    assert batch.row_valid is not None and batch.row_mask is not None
-    b, nq = batch.row_query.shape
-    n = batch.row_kv.shape[1]
-    _, h, d = q.shape
-    kvh = k_cache.shape[0]
-    g = h // kvh
-    flat = batch.row_kv.view(-1)
-    # Gathered head-major, [KVH * B, N, D] is one strided batch for bmm: no further copies.
-    kd = k_cache.index_select(1, flat).view(kvh * b, n, d)
-    vd = v_cache.index_select(1, flat).view(kvh * b, n, d)
-    qp = (q * scale).index_select(0, batch.row_query.view(-1)).view(b, nq, kvh, g, d)
-    # With a narrower KV dtype the matmuls run in it (that is the point: half the bytes read);
-    # the softmax stays in the model's dtype.
-    qh = qp.to(kd.dtype).permute(2, 0, 1, 3, 4).reshape(kvh * b, nq * g, d)
-    scores = torch.bmm(qh, kd.transpose(1, 2)).view(kvh, b, nq, g, n).to(q.dtype)
-    scores.masked_fill_(~batch.row_mask.view(1, b, nq, 1, n), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(vd.dtype).view(kvh * b, nq * g, n)
-    out = torch.bmm(probs, vd).view(kvh, b, nq, g, d).permute(1, 2, 0, 3, 4)
-    return out.reshape(b, nq, h, d)[batch.row_valid].to(q.dtype)

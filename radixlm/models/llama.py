@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from radixlm.core.forward import ForwardBatch
-from radixlm.kernels import cpu
+from radixlm.kernels.backend import Backend
+from radixlm.kernels.decode import DecodePass
 from radixlm.models.config import ModelConfig
-from radixlm.models.layers import RMSNorm, RotaryEmbedding, paged_attention, rope_and_store
+from radixlm.models.layers import RMSNorm, RotaryEmbedding, paged_attention
 
 
 class Attention(nn.Module):
     """Grouped-query attention with a fused qkv projection."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, backend: Backend) -> None:
         super().__init__()
+        self.backend = backend
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads,
             cfg.num_kv_heads,
@@ -30,8 +32,8 @@ class Attention(nn.Module):
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
         )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
 
     def forward(
@@ -49,37 +51,34 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, kh, vh = rope_and_store(q, k, v, rope, k_cache, v_cache, batch.out_slots)
-        o = paged_attention(q, kh, vh, k_cache, v_cache, batch, self.scale)
+        cos, sin = rope
+        q, kh, vh = self.backend.rope_store(q, k, v, cos, sin, batch.out_slots, k_cache, v_cache)
+        o = paged_attention(q, kh, vh, k_cache, v_cache, batch, self.scale, self.backend)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward with a fused gate/up projection."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, backend: Backend) -> None:
         super().__init__()
-        self.inter = cfg.intermediate_size
+        self.backend = backend
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if cpu.layer_ops_supported(gate_up):
-            return self.down_proj(cpu.silu_mul(gate_up))
-        gate, up = gate_up.split([self.inter, self.inter], dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.backend.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention block followed by a pre-norm MLP block."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, backend: Backend) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
+        self.self_attn = Attention(cfg, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
+        self.mlp = MLP(cfg, backend)
 
     def forward(
         self,
@@ -113,21 +112,22 @@ _FUSED = {
 
 
 class LlamaForCausalLM(nn.Module):
-    """The decoder stack plus the LM head; `forward` returns logits for `batch.logits_index`."""
+    """The decoder stack plus the LM head; `forward` returns logits for `batch.logits_index`.
+    Its ops are those of `backend`, which also built the batches' short-row layout."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, backend: Backend) -> None:
         super().__init__()
         self.config = cfg
+        self.backend = backend
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
         self.rope = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self._decode_weights: cpu.DecodeWeights | None = None
 
     @torch.inference_mode()
     def forward(
@@ -136,24 +136,11 @@ class LlamaForCausalLM(nn.Module):
         residual = self.embed_tokens(batch.input_ids)
         rope = self.rope(batch.positions, residual.dtype)
         x = None
-        if (
-            not batch.extends
-            and batch.row_kv is not None
-            and batch.row_spans is not None
-            and cpu.decode_layers_supported(residual, k_caches[0], self.config.head_dim)
-        ):
-            # Short rows only (decodes): every layer in one compiled pass on the CPU.
+        if not batch.extends and batch.rows is not None and self.decode_pass is not None:
+            # Short rows only (decodes): every layer in one call.
             cos, sin = rope
-            x = cpu.decode_layers(
-                self.decode_weights(),
-                residual,
-                cos,
-                sin,
-                batch.out_slots,
-                batch.row_kv,
-                batch.row_spans,
-                k_caches,
-                v_caches,
+            x = self.decode_pass(
+                residual, cos, sin, batch.out_slots, batch.rows, k_caches, v_caches
             )
         else:
             for layer, kc, vc in zip(self.layers, k_caches, v_caches, strict=True):
@@ -161,41 +148,39 @@ class LlamaForCausalLM(nn.Module):
         assert x is not None, "a model has at least one layer"
         idx = batch.logits_index
         x = self.norm(residual[idx] + x[idx])
-        if cpu.linear_streams(x, self.lm_head.weight):  # a few rows: a stream over the weight
-            return cpu.linear(x, self.lm_head.weight)
-        return self.lm_head(x).float()
+        return self.backend.linear(x, self.lm_head.weight).float()
 
-    def decode_weights(self) -> cpu.DecodeWeights:
-        """The layers' weights as `cpu.decode_layers` takes them, collected on first use."""
-        if self._decode_weights is None:
-            cfg = self.config
-            layers: list[dict[str, torch.Tensor | None]] = []
-            for layer in cast(list[DecoderLayer], list(self.layers)):
-                a, mlp = layer.self_attn, layer.mlp
-                layers.append(
-                    {
-                        "in_norm": layer.input_layernorm.weight,
-                        "qkv_w": a.qkv_proj.weight,
-                        "qkv_b": a.qkv_proj.bias,
-                        "q_norm": a.q_norm.weight if a.q_norm is not None else None,
-                        "k_norm": a.k_norm.weight if a.k_norm is not None else None,
-                        "o_w": a.o_proj.weight,
-                        "post_norm": layer.post_attention_layernorm.weight,
-                        "gate_up_w": mlp.gate_up_proj.weight,
-                        "down_w": mlp.down_proj.weight,
-                    }
-                )
-            self._decode_weights = cpu.DecodeWeights(
-                layers,
-                hidden=cfg.hidden_size,
-                heads=cfg.num_heads,
-                kv_heads=cfg.num_kv_heads,
-                head_dim=cfg.head_dim,
-                inter=cfg.intermediate_size,
-                eps=cfg.rms_norm_eps,
-                scale=cfg.head_dim**-0.5,
+    @functools.cached_property
+    def decode_pass(self) -> DecodePass | None:
+        """The backend's pass over every layer for batches of short rows only, bound to this
+        model's weights on first use (after they are loaded); None where it has none."""
+        cfg = self.config
+        layers: list[dict[str, torch.Tensor | None]] = []
+        for layer in cast(list[DecoderLayer], list(self.layers)):
+            a, mlp = layer.self_attn, layer.mlp
+            layers.append(
+                {
+                    "in_norm": layer.input_layernorm.weight,
+                    "qkv_w": a.qkv_proj.weight,
+                    "qkv_b": a.qkv_proj.bias,
+                    "q_norm": a.q_norm.weight if a.q_norm is not None else None,
+                    "k_norm": a.k_norm.weight if a.k_norm is not None else None,
+                    "o_w": a.o_proj.weight,
+                    "post_norm": layer.post_attention_layernorm.weight,
+                    "gate_up_w": mlp.gate_up_proj.weight,
+                    "down_w": mlp.down_proj.weight,
+                }
             )
-        return self._decode_weights
+        return self.backend.decode_pass(
+            layers,
+            hidden=cfg.hidden_size,
+            heads=cfg.num_heads,
+            kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            inter=cfg.intermediate_size,
+            eps=cfg.rms_norm_eps,
+            scale=cfg.head_dim**-0.5,
+        )
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; every parameter is set."""

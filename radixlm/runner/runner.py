@@ -1,15 +1,20 @@
-"""The model runner: builds the flat forward batch from scheduled sequences and runs the model."""
+"""The model runner: chooses the kernel backend, builds the flat forward batch from scheduled
+sequences and runs the model."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from radixlm.cache import KVPool
 from radixlm.core.forward import ExtendSeq, ForwardBatch
 from radixlm.core.plan import ScheduledSeq, is_short_row
-from radixlm.kernels import cpu as cpu_kernels
+from radixlm.kernels.backend import Backend, choose_backend
 from radixlm.models.config import ModelConfig
 from radixlm.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
 
 # Share of the memory left after the weights that the KV pool takes when no size is given.
 _CPU_KV_SHARE = 0.15
@@ -34,11 +39,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def build_model(
-    config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+    config: ModelConfig,
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    backend: Backend,
 ) -> LlamaForCausalLM:
-    """Create the model without a random init, then copy the checkpoint in."""
+    """Create the model over `backend` without a random init, then copy the checkpoint in."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config, backend)
     model = model.to_empty(device=device).to(dtype)
     model.rope.__init__(  # type: ignore[misc]  # buffers are lost on meta; recompute them
         config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
@@ -73,7 +82,8 @@ def _available_ram() -> int:
 
 
 class ModelRunner:
-    """Owns the model and the KV pool; one call runs one forward over a mixed batch."""
+    """Owns the kernel backend, the model and the KV pool; one call runs one forward over a
+    mixed batch. Without a `backend`, `choose_backend` picks one for the device and dtypes."""
 
     def __init__(
         self,
@@ -83,21 +93,21 @@ class ModelRunner:
         dtype: torch.dtype,
         num_slots: int,
         kv_dtype: torch.dtype | None = None,
+        backend: Backend | None = None,
     ) -> None:
         self.config, self.device, self.dtype = config, device, dtype
-        self.model = build_model(config, weights, device, dtype)
+        kv_dtype = kv_dtype or dtype
+        if backend is None:
+            backend = choose_backend(device, dtype, kv_dtype)
+        elif not backend.covers(device, dtype, kv_dtype):
+            raise ValueError(
+                f"the {backend.name} backend does not cover {dtype} with {kv_dtype} KV"
+            )
+        self.backend = backend
+        logger.info("kernel backend: %s", backend.name)
+        self.model = build_model(config, weights, device, dtype, backend)
         self.pool = KVPool(
-            num_slots,
-            config.num_layers,
-            config.num_kv_heads,
-            config.head_dim,
-            kv_dtype or dtype,
-            device,
-        )
-        # Short rows attend in the compiled CPU kernel where it covers these dtypes (it is built
-        # here, once per machine, before any request waits on it), else in the torch path.
-        self.row_kernel = device.type == "cpu" and cpu_kernels.row_attention_supported(
-            torch.empty(0, dtype=dtype), self.pool.k[0]
+            num_slots, config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype, device
         )
 
     @torch.inference_mode()
@@ -108,7 +118,8 @@ class ModelRunner:
         so (the scheduler does) saves a reordering of the logits.
         """
         order = sorted(range(len(seqs)), key=lambda i: is_short_row(seqs[i]))
-        logits = self.model(self.build_batch([seqs[i] for i in order]), self.pool.k, self.pool.v)
+        batch = build_batch([seqs[i] for i in order], self.backend, self.device)
+        logits = self.model(batch, self.pool.k, self.pool.v)
         if order == sorted(order):
             return logits
         spans: dict[int, tuple[int, int]] = {}
@@ -119,55 +130,41 @@ class ModelRunner:
         back = [j for i in range(len(seqs)) for j in range(*spans[i])]
         return logits.index_select(0, torch.tensor(back, device=logits.device))
 
-    def build_batch(self, seqs: list[ScheduledSeq]) -> ForwardBatch:
-        """Flatten scheduled sequences into the tensors the model reads."""
-        dev = self.device
-        ids: list[int] = []
-        positions: list[int] = []
-        out_slots: list[torch.Tensor] = []
-        logits_index: list[int] = []
-        extends: list[ExtendSeq] = []
-        rows: list[ScheduledSeq] = []
-        num_extend = 0
-        for seq in seqs:
-            q_start, q_len = len(ids), len(seq.new_ids)
-            ids.extend(seq.new_ids)
-            positions.extend(range(seq.start, seq.end))
-            out_slots.append(seq.kv_slots[seq.start : seq.end])
-            logits_index.extend(range(q_start + seq.logit_from - seq.start, q_start + q_len))
-            if is_short_row(seq):
-                rows.append(seq)
-                continue
-            assert not rows, "extends must come before short rows"
-            extends.append(ExtendSeq(q_start, q_len, seq.start, seq.kv_slots.to(dev)))
-            num_extend += q_len
-        row_kv = row_query = row_valid = row_mask = row_spans = None
-        if rows:
-            row_kv = torch.nn.utils.rnn.pad_sequence([s.kv_slots for s in rows], batch_first=True)
-            row_kv = row_kv.to(dev)
-            starts = torch.tensor([s.start for s in rows], device=dev)
-            lens = torch.tensor([len(s.new_ids) for s in rows], device=dev)
-            first = torch.cumsum(lens, 0) - lens
-            if self.row_kernel:
-                row_spans = torch.stack([first, lens, starts + lens])
-            else:
-                q = torch.arange(int(lens.max()), device=dev)
-                row_valid = q[None, :] < lens[:, None]
-                # A padded query repeats its row's last one, so its softmax stays finite.
-                last = torch.minimum(q[None, :], lens[:, None] - 1)
-                row_query = first[:, None] + last
-                visible_to = (starts[:, None] + last)[:, :, None]
-                row_mask = torch.arange(row_kv.shape[1], device=dev)[None, None, :] <= visible_to
-        return ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            out_slots=torch.cat(out_slots).to(dev),
-            extends=extends,
-            num_extend_tokens=num_extend,
-            row_kv=row_kv,
-            row_query=row_query,
-            row_valid=row_valid,
-            row_mask=row_mask,
-            row_spans=row_spans,
-            logits_index=torch.tensor(logits_index, dtype=torch.int64, device=dev),
-        )
+
+def build_batch(seqs: list[ScheduledSeq], backend: Backend, device: torch.device) -> ForwardBatch:
+    """Flatten scheduled sequences (extends first) into the tensors the model reads; the short
+    rows' attention metadata is `backend`'s."""
+    ids: list[int] = []
+    positions: list[int] = []
+    out_slots: list[torch.Tensor] = []
+    logits_index: list[int] = []
+    extends: list[ExtendSeq] = []
+    rows: list[ScheduledSeq] = []
+    num_extend = 0
+    for seq in seqs:
+        q_start, q_len = len(ids), len(seq.new_ids)
+        ids.extend(seq.new_ids)
+        positions.extend(range(seq.start, seq.end))
+        out_slots.append(seq.kv_slots[seq.start : seq.end])
+        logits_index.extend(range(q_start + seq.logit_from - seq.start, q_start + q_len))
+        if is_short_row(seq):
+            rows.append(seq)
+            continue
+        assert not rows, "extends must come before short rows"
+        extends.append(ExtendSeq(q_start, q_len, seq.start, seq.kv_slots.to(device)))
+        num_extend += q_len
+    layout = None
+    if rows:
+        kv = torch.nn.utils.rnn.pad_sequence([s.kv_slots for s in rows], batch_first=True)
+        starts = torch.tensor([s.start for s in rows], device=device)
+        lens = torch.tensor([len(s.new_ids) for s in rows], device=device)
+        layout = backend.row_layout(kv.to(device), starts, lens)
+    return ForwardBatch(
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        out_slots=torch.cat(out_slots).to(device),
+        extends=extends,
+        num_extend_tokens=num_extend,
+        rows=layout,
+        logits_index=torch.tensor(logits_index, dtype=torch.int64, device=device),
+    )

@@ -1,36 +1,43 @@
-"""The compiled CPU row attention against dense float64 attention, and against the torch path."""
+"""The compiled CPU kernels' ops against float64 references and against the torch backend's,
+for this CPU's build and the builds other CPUs run."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from radixlm.core.forward import KernelRowLayout
 from radixlm.core.plan import ScheduledSeq
-from radixlm.kernels import cpu
-from radixlm.models.layers import RotaryEmbedding, apply_rope, row_attention
-from radixlm.runner.runner import ModelRunner
+from radixlm.kernels.build import isa_variants, load_kernels, mkl_sgemm
+from radixlm.kernels.cpu import CpuKernelBackend
+from radixlm.kernels.torch_backend import TorchBackend, apply_rope
+from radixlm.models.layers import RotaryEmbedding
+from radixlm.runner.runner import build_batch
 
 pytestmark = pytest.mark.skipif(
-    not cpu.row_attention_supported(torch.zeros(1), torch.zeros(1)),
-    reason="no C++ compiler to build the CPU kernels",
+    load_kernels() is None, reason="no C++ compiler to build the CPU kernels"
 )
 
+CPU = torch.device("cpu")
 
-class _CpuRunner:
-    device = torch.device("cpu")
 
-    def __init__(self, row_kernel: bool) -> None:
-        self.row_kernel = row_kernel
+def _backend(flags: tuple[str, ...] = ()) -> CpuKernelBackend:
+    """The kernels built with these extra flags, as a backend."""
+    lib = load_kernels(flags)
+    assert lib is not None
+    return CpuKernelBackend(lib)
 
 
 def _rows(lengths: list[tuple[int, int]], num_slots: int, gen: torch.Generator):
     """ScheduledSeqs with `start` cached tokens and `n` new ones each, on scattered slots, and
-    their batch as the kernel reads it."""
+    their rows as the kernel reads them."""
     seqs = []
     for start, n in lengths:
         slots = torch.randperm(num_slots, generator=gen)[: start + n] + 1
         seqs.append(ScheduledSeq([1] * n, start, slots, start))
-    return ModelRunner.build_batch(_CpuRunner(True), seqs), seqs  # type: ignore[arg-type]
+    rows = build_batch(seqs, _backend(), CPU).rows
+    assert isinstance(rows, KernelRowLayout)
+    return rows, seqs
 
 
 def _dense(q, k_cache, v_cache, seqs, scale):
@@ -63,7 +70,7 @@ CASES = [
 
 
 # The build for this CPU, and those of the paths other CPUs take (AVX2, 128-bit vectors).
-VARIANTS = list(cpu.isa_variants().values())
+VARIANTS = list(isa_variants().values())
 
 
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
@@ -74,19 +81,20 @@ def test_kernel_equals_dense_attention(kv_dtype, h, kvh, d, lengths, flags) -> N
     num_slots = 700
     k_cache = torch.randn(kvh, num_slots + 1, d, generator=gen).to(kv_dtype)
     v_cache = torch.randn(kvh, num_slots + 1, d, generator=gen).to(kv_dtype)
-    batch, seqs = _rows(lengths, num_slots, gen)
-    q = torch.randn(batch.num_tokens, h, d, generator=gen) * 3
+    rows, seqs = _rows(lengths, num_slots, gen)
+    q = torch.randn(sum(len(s.new_ids) for s in seqs), h, d, generator=gen) * 3
     scale = d**-0.5
     out = torch.full_like(q, float("nan"))
-    assert batch.row_kv is not None and batch.row_spans is not None
-    kernels = cpu.load_kernels(flags)
-    assert kernels is not None
-    cpu.row_attention(q, k_cache, v_cache, batch.row_kv, batch.row_spans, scale, out, kernels)
+    _backend(flags).row_attention(q, k_cache, v_cache, rows, scale, out)
     ref = _dense(q, k_cache, v_cache, seqs, scale)
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
-    if kv_dtype == torch.float32:  # the torch path computes in the KV dtype: compare in fp32
-        padded = ModelRunner.build_batch(_CpuRunner(False), seqs)  # type: ignore[arg-type]
-        torch.testing.assert_close(out, row_attention(q, k_cache, v_cache, padded, scale))
+    if kv_dtype == torch.float32:  # the torch backend computes in the KV dtype: compare in fp32
+        torch_backend = TorchBackend()
+        padded = build_batch(seqs, torch_backend, CPU).rows
+        assert padded is not None
+        want = torch.empty_like(q)
+        torch_backend.row_attention(q, k_cache, v_cache, padded, scale, want)
+        torch.testing.assert_close(out, want)
 
 
 def test_kernel_ignores_other_slots_and_padding() -> None:
@@ -94,18 +102,18 @@ def test_kernel_ignores_other_slots_and_padding() -> None:
     gen = torch.Generator().manual_seed(0)
     k_cache = torch.randn(2, 301, 64, generator=gen)
     v_cache = torch.randn(2, 301, 64, generator=gen)
-    batch, seqs = _rows([(10, 2), (250, 1)], 300, gen)
-    q = torch.randn(batch.num_tokens, 4, 64, generator=gen)
-    assert batch.row_kv is not None and batch.row_spans is not None
+    rows, seqs = _rows([(10, 2), (250, 1)], 300, gen)
+    q = torch.randn(3, 4, 64, generator=gen)
+    backend = _backend()
     first = torch.empty_like(q)
-    cpu.row_attention(q, k_cache, v_cache, batch.row_kv, batch.row_spans, 0.125, first)
+    backend.row_attention(q, k_cache, v_cache, rows, 0.125, first)
     used = torch.zeros(301, dtype=torch.bool)
     for seq in seqs:
         used[seq.kv_slots] = True
     k_cache[:, ~used] = 1e4
     v_cache[:, ~used] = float("nan")
     second = torch.empty_like(q)
-    cpu.row_attention(q, k_cache, v_cache, batch.row_kv, batch.row_spans, 0.125, second)
+    backend.row_attention(q, k_cache, v_cache, rows, 0.125, second)
     assert torch.equal(first, second)
 
 
@@ -117,19 +125,20 @@ def test_rms_norm_equals_the_torch_norm(rows: int, dim: int, flags: tuple[str, .
     weight = torch.randn(dim, generator=gen)
     xd = x.double()
     ref = weight.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)
-    out = cpu.rms_norm(x, weight, 1e-6, kernels=cpu.load_kernels(flags))
+    backend = _backend(flags)
+    out = backend.rms_norm(x, weight, 1e-6)
     torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=1e-6)
     # Rows that are not contiguous with each other (a head view of a fused projection).
     wide = torch.randn(rows, 3, dim, generator=gen)
     heads = wide[:, 1:]
-    expected = cpu.rms_norm(heads.contiguous(), weight, 1e-6, kernels=cpu.load_kernels(flags))
-    assert torch.equal(cpu.rms_norm(heads, weight, 1e-6, kernels=cpu.load_kernels(flags)), expected)
+    expected = backend.rms_norm(heads.contiguous(), weight, 1e-6)
+    assert torch.equal(backend.rms_norm(heads, weight, 1e-6), expected)
     # With a residual: the sum, in place, then its norm, exactly as the add and norm apart.
     residual = torch.randn(rows, 2, dim, generator=gen)
     total = residual + heads
-    out = cpu.rms_norm(heads, weight, 1e-6, residual, cpu.load_kernels(flags))
-    assert torch.equal(residual, total)
-    assert torch.equal(out, cpu.rms_norm(total, weight, 1e-6, kernels=cpu.load_kernels(flags)))
+    out, summed = backend.add_rms_norm(heads, residual, weight, 1e-6)
+    assert summed is residual and torch.equal(residual, total)
+    assert torch.equal(out, backend.rms_norm(total, weight, 1e-6))
 
 
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
@@ -139,16 +148,17 @@ def test_silu_mul_equals_torch(rows: int, inter: int, flags: tuple[str, ...]) ->
     gate_up = torch.randn(rows, 2 * inter, generator=gen) * 30  # far into both tails
     gd = gate_up.double()
     ref = torch.nn.functional.silu(gd[:, :inter]) * gd[:, inter:]
-    out = cpu.silu_mul(gate_up, cpu.load_kernels(flags))
+    out = _backend(flags).silu_mul(gate_up)
     torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("t", "h", "kvh", "d"), [(1, 9, 3, 64), (37, 4, 4, 128), (3000, 2, 1, 24)])
-def test_rope_store_equals_the_torch_path(t, h, kvh, d, kv_dtype, flags) -> None:
-    """Rotated q, head-major k/v and the pool after the write equal apply_rope + index_copy_
-    exactly (same roundings), for views into a fused projection; other slots are untouched."""
+def test_rope_store_equals_the_torch_backend(t, h, kvh, d, kv_dtype, flags) -> None:
+    """Rotated q, head-major k/v and the pool after the write equal the torch backend's
+    (apply_rope + index_copy_) exactly (same roundings), for views into a fused projection;
+    other slots are untouched."""
     gen = torch.Generator().manual_seed(t + h * d)
     qkv = torch.randn(t, (h + 2 * kvh) * d, generator=gen) * 4
     q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
@@ -158,37 +168,36 @@ def test_rope_store_equals_the_torch_path(t, h, kvh, d, kv_dtype, flags) -> None
     slots = torch.randperm(t + 50, generator=gen)[:t] + 1
     pool = [torch.randn(kvh, t + 51, d, generator=gen).to(kv_dtype) for _ in range(2)]
     caches = [c.clone() for c in pool + pool]  # K, V written by the kernel; K, V by torch
-    kernels = cpu.load_kernels(flags)
-    got = cpu.rope_store(q, k, v, cos, sin, slots, caches[0], caches[1], kernels)
-    rq, rk = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    caches[2].index_copy_(1, slots, rk.transpose(0, 1).to(kv_dtype))
-    caches[3].index_copy_(1, slots, v.transpose(0, 1).to(kv_dtype))
-    for a, b in zip(got, (rq, rk.transpose(0, 1), v.transpose(0, 1)), strict=True):
+    got = _backend(flags).rope_store(q, k, v, cos, sin, slots, caches[0], caches[1])
+    want = TorchBackend().rope_store(q, k, v, cos, sin, slots, caches[2], caches[3])
+    for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     # apply_rope is the rotate-half rotation: check it once against float64.
     x, c, s = q.double(), cos.double(), sin.double()
     ref = x * c + torch.cat([x[..., d // 2 :], x[..., : d // 2]], -1) * s
-    torch.testing.assert_close(rq.double(), ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(apply_rope(q, cos, sin).double(), ref, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.skipif(
-    not cpu.linear_streams(torch.zeros(1, 16), torch.zeros(1, 16)), reason="torch without MKL"
-)
+@pytest.mark.skipif(mkl_sgemm() is None, reason="torch without MKL")
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 6])
 def test_linear_equals_torch(rows: int, threads: int, flags: tuple[str, ...]) -> None:
     """Up to 4 rows stream the weight four output columns at a time (here with a tail of 3
     columns and threads' shares of uneven size); more rows go to sgemm. Both equal F.linear,
-    and no rows give an empty result."""
+    and no rows give an empty result. `linear`, the op a model calls, equals it too."""
     gen = torch.Generator().manual_seed(rows * 10 + threads)
     x = torch.randn(rows, 96, generator=gen)
     w = torch.randn(203, 96, generator=gen)
+    backend = _backend(flags)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = cpu.linear(x, w, cpu.load_kernels(flags))
+        got = backend.stream_linear(x, w)
+        op = backend.linear(x, w)
     finally:
         torch.set_num_threads(saved)
-    torch.testing.assert_close(got, torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5)
+    want = torch.nn.functional.linear(x, w)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(op, want, atol=1e-5, rtol=1e-5)

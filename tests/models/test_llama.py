@@ -7,7 +7,6 @@ generated tokens are compared through logprobs, never by exact argmax identity.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,10 @@ import torch
 
 from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.engine import Engine
-from radixlm.kernels import cpu
+from radixlm.kernels.build import isa_variants, load_kernels, mkl_sgemm
+from radixlm.kernels.cpu import CpuKernelBackend
+from radixlm.kernels.decode import DecodePass
+from radixlm.kernels.torch_backend import TorchBackend
 from radixlm.models.loader import load_model_files
 from radixlm.runner.runner import ModelRunner
 
@@ -117,18 +119,20 @@ def test_long_prefill_on_a_long_prefix_equals_transformers(hf: Any, runner: Mode
     torch.testing.assert_close(rest, ref[140:], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("path", ["kernels", "torch"])
+@pytest.mark.parametrize("backend", ["chosen", "torch"])
 def test_mixed_batch_equals_separate_forwards(
-    hf: Any, folder: Path, runner: ModelRunner, path: str
+    hf: Any, folder: Path, runner: ModelRunner, backend: str
 ) -> None:
     """Two fresh prefills, a prefill on a cached prefix and two decodes in one forward; on the
-    CPU kernels and on the torch path (what other devices run) with a runner of its own."""
-    with cpu.torch_path() if path == "torch" else contextlib.nullcontext():
-        if path == "torch":
-            config, weights = load_model_files(str(folder))
-            runner = ModelRunner(config, weights, torch.device("cpu"), torch.float32, NUM_SLOTS)
-            assert not runner.row_kernel
-        _check_mixed_batch(hf, runner)
+    backend chosen for the CPU (the compiled kernels where they build) and on the torch backend
+    (what other devices run) with a runner of its own."""
+    if backend == "torch":
+        config, weights = load_model_files(str(folder))
+        runner = ModelRunner(
+            config, weights, torch.device("cpu"), torch.float32, NUM_SLOTS, backend=TorchBackend()
+        )
+        assert runner.backend.name == "torch"
+    _check_mixed_batch(hf, runner)
 
 
 def _check_mixed_batch(hf: Any, runner: ModelRunner) -> None:
@@ -193,7 +197,48 @@ def test_engine_greedy_follows_transformers(hf: Any, engine: Engine) -> None:
 
 # (torch threads, kernel build): the pass splits its work among the threads, unevenly for 3; the
 # builds are this CPU's and those other CPUs run (the attention inside differs).
-PASS_RUNS = [(1, ()), (2, ()), (3, ())] + [(2, f) for f in list(cpu.isa_variants().values())[1:]]
+PASS_RUNS = [(1, ()), (2, ()), (3, ())] + [(2, f) for f in list(isa_variants().values())[1:]]
+
+
+class _LayerByLayer(CpuKernelBackend):
+    """The CPU kernels without their decode pass: the layers run one by one."""
+
+    def decode_pass(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class _CountedPass(CpuKernelBackend):
+    """The CPU kernels, counting the calls of their decode pass."""
+
+    calls = 0
+
+    def decode_pass(self, *args: Any, **kwargs: Any) -> Any:
+        run = super().decode_pass(*args, **kwargs)
+        assert run is not None
+
+        def counted(*args: Any) -> torch.Tensor:
+            self.calls += 1
+            return run(*args)
+
+        return counted
+
+
+def _kernel_runners(
+    folder: Path, flags: tuple[str, ...], kv_dtype: torch.dtype
+) -> tuple[ModelRunner, ModelRunner]:
+    """A runner over the `flags` build with the decode pass (its calls counted) and one over
+    this CPU's build running the layers one by one; skips where there is no decode pass."""
+    lib, native = load_kernels(flags), load_kernels()
+    if lib is None or native is None or mkl_sgemm() is None:
+        pytest.skip("no CPU decode pass here (no compiler, or torch without MKL)")
+    config, weights = load_model_files(str(folder))
+    cpu = torch.device("cpu")
+    return (
+        ModelRunner(config, weights, cpu, torch.float32, NUM_SLOTS, kv_dtype, _CountedPass(lib)),
+        ModelRunner(
+            config, weights, cpu, torch.float32, NUM_SLOTS, kv_dtype, _LayerByLayer(native)
+        ),
+    )
 
 
 @pytest.mark.parametrize(("threads", "flags"), PASS_RUNS, ids=lambda x: str(x or "native"))
@@ -201,7 +246,6 @@ PASS_RUNS = [(1, ()), (2, ()), (3, ())] + [(2, f) for f in list(cpu.isa_variants
 @pytest.mark.parametrize("new", [(1, 1, 3, 1), (1, 2)], ids=["6 tokens", "3 tokens"])
 def test_decode_pass_equals_the_layer_path(
     folder: Path,
-    monkeypatch: pytest.MonkeyPatch,
     new: tuple[int, ...],
     kv_dtype: torch.dtype,
     threads: int,
@@ -209,84 +253,66 @@ def test_decode_pass_equals_the_layer_path(
 ) -> None:
     """A batch of short rows (decodes, and rows of several new tokens as jump-forward feeds)
     runs every layer in the CPU decode pass; its logits and the K/V it writes equal the
-    layer-by-layer path's (itself checked against transformers above). Up to 4 tokens the
-    pass's GEMMs stream their weights; more go to sgemm."""
-    config, weights = load_model_files(str(folder))
-    runner = ModelRunner(
-        config, weights, torch.device("cpu"), torch.float32, NUM_SLOTS, kv_dtype=kv_dtype
-    )
-    if not cpu.decode_layers_supported(torch.zeros(1), runner.pool.k[0], config.head_dim):
-        pytest.skip("no CPU decode pass here (no compiler, or torch without MKL)")
-    pool = runner.pool.k + runner.pool.v
+    layer-by-layer path's (itself checked against transformers above), from the same pool.
+    Up to 4 tokens the pass's GEMMs stream their weights; more go to sgemm."""
+    fused_runner, layer_runner = _kernel_runners(folder, flags, kv_dtype)
+    pool = layer_runner.pool.k + layer_runner.pool.v
     for c in pool:
         c.fill_(float("nan"))  # a slot nobody writes stays NaN
     lengths = (9, 30, 70, 4)[: len(new)]
     prompts = [prompt(n, seed=20 + i) for i, n in enumerate(lengths)]
     slots = torch.split(scattered_slots(sum(lengths), seed=7), list(lengths))
     parts = list(zip(prompts, new, slots, strict=True))
-    runner.forward([seq(p[: len(p) - k], 0, s) for p, k, s in parts])
+    layer_runner.forward([seq(p[: len(p) - k], 0, s) for p, k, s in parts])
     rows = [seq(p[len(p) - k :], len(p) - k, s) for p, k, s in parts]
     row_slots = torch.cat([s[len(p) - k :] for p, k, s in parts])
     before = [c.clone() for c in pool]
+    fused_pool = fused_runner.pool.k + fused_runner.pool.v
+    for c, b in zip(fused_pool, before, strict=True):
+        c.copy_(b)
 
-    calls = []
-    run_pass = cpu.decode_layers
-
-    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls.append(1)
-        return run_pass(*args, **kwargs, kernels=cpu.load_kernels(flags))
-
-    monkeypatch.setattr(cpu, "decode_layers", counted)
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        fused = runner.forward(rows)
+        fused = fused_runner.forward(rows)
     finally:
         torch.set_num_threads(saved_threads)
-    assert len(calls) == 1, "the batch must take the decode pass"
-    written = [c.clone() for c in pool]
-    for c, b in zip(pool, before, strict=True):
-        c.copy_(b)
-    monkeypatch.setattr(cpu, "decode_layers_supported", lambda *args: False)
-    layered = runner.forward(rows)
-    assert len(calls) == 1
+    assert isinstance(fused_runner.backend, _CountedPass)
+    assert fused_runner.backend.calls == 1, "the batch must take the decode pass"
+    layered = layer_runner.forward(rows)
     # The GEMMs sum in another order than torch's: float32 K/V differ in the last bits, which
     # can round a bfloat16 K/V element to its neighbour (~0.4%) and move logits by ~2e-5.
     atol = ATOL if kv_dtype == torch.float32 else 1e-4
     torch.testing.assert_close(fused, layered, atol=atol, rtol=0)
-    for got, want, old in zip(written, pool, before, strict=True):
+    for got, want, old in zip(fused_pool, pool, before, strict=True):
         rtol = 0 if kv_dtype == torch.float32 else 1e-2
         torch.testing.assert_close(got, want, atol=1e-6, rtol=rtol, equal_nan=True)
         assert old[:, row_slots].isnan().all() and got[:, row_slots].isfinite().all()
 
 
-def test_decode_pass_gemms_only_leaves_the_pool_and_residual_alone(folder: Path) -> None:
-    """The benchmarks' GEMMs-alone mode of the pass computes nothing else and writes nothing."""
-    config, weights = load_model_files(str(folder))
-    runner = ModelRunner(config, weights, torch.device("cpu"), torch.float32, NUM_SLOTS)
-    if not cpu.decode_layers_supported(torch.zeros(1), runner.pool.k[0], config.head_dim):
+def test_decode_pass_gemms_leave_the_pool_and_residual_alone(folder: Path) -> None:
+    """The benchmarks' GEMMs-alone entry to the pass computes nothing else and writes nothing."""
+    lib = load_kernels()
+    if lib is None or mkl_sgemm() is None:
         pytest.skip("no CPU decode pass here (no compiler, or torch without MKL)")
+    config, weights = load_model_files(str(folder))
+    runner = ModelRunner(
+        config,
+        weights,
+        torch.device("cpu"),
+        torch.float32,
+        NUM_SLOTS,
+        backend=CpuKernelBackend(lib),
+    )
+    decode_pass = runner.model.decode_pass
+    assert isinstance(decode_pass, DecodePass)
     pool = runner.pool.k + runner.pool.v
     for c in pool:
         c.normal_()
     before = [c.clone() for c in pool]
     residual = torch.randn(5, config.hidden_size)
     kept = residual.clone()
-    zeros = torch.zeros(5, dtype=torch.int64)
-    cos = torch.ones(5, config.head_dim)
-    spans = torch.stack([torch.arange(5), zeros + 1, zeros + 1])
-    out = cpu.decode_layers(
-        runner.model.decode_weights(),
-        residual,
-        cos,
-        cos,
-        zeros + 3,
-        zeros[:, None],
-        spans,
-        runner.pool.k,
-        runner.pool.v,
-        gemms_only=True,
-    )
+    out = decode_pass.gemms(residual, runner.pool.k, runner.pool.v)
     assert out.shape == residual.shape and torch.isfinite(out).all()
     assert torch.equal(residual, kept)
     assert all(torch.equal(c, b) for c, b in zip(pool, before, strict=True))

@@ -1,0 +1,113 @@
+"""The kernel backend: the ops a model calls (norm, rotary + KV write, SwiGLU, short-row
+attention, the decode pass, the LM head's GEMM), in one implementation chosen once, when the
+runner starts: the compiled CPU kernels or torch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from radixlm.core.forward import RowLayout
+from radixlm.kernels.build import load_kernels
+from radixlm.kernels.cpu import CpuKernelBackend
+from radixlm.kernels.decode import DecodePass
+from radixlm.kernels.torch_backend import TorchBackend
+
+
+class Backend(Protocol):
+    """A model's ops, over activations of the model's device and dtype and the KV pool; the
+    short rows' metadata (`row_layout`) is the backend's own, read only by its ops."""
+
+    @property
+    def name(self) -> str:
+        """A short name for logs and reports."""
+        ...
+
+    def covers(self, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+        """Whether every op runs here for a model of `dtype` and a pool of `kv_dtype`."""
+        ...
+
+    def row_layout(self, kv: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor) -> RowLayout:
+        """The short rows' attention metadata: kv [B, N] each row's slots (padded with slot 0),
+        starts [B] its first new position, lens [B] its number of new tokens."""
+        ...
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """weight * x / sqrt(mean(x^2) + eps) over the last dim; a new tensor."""
+        ...
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual += x in place (residual contiguous, of x's shape), then its norm:
+        (norm, residual)."""
+        ...
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU's silu(gate) * up for gate_up [T, 2I] (gate first): [T, I]."""
+        ...
+
+    def rope_store(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotate q [T, H, D] and k [T, KVH, D] by their positions' cos / signed sin
+        ([T, 1, D]) and write this step's K/V at `slots` of the head-major caches [KVH, S, D].
+        Returns q [T, H, D] and the head-major k, v [KVH, T, D]."""
+        ...
+
+    def row_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        rows: RowLayout,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """Fill out [T, H, D] (contiguous) with each short row's causal attention over its
+        slots of the head-major caches; q [T, H, D] holds the rows' queries, row by row."""
+        ...
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """F.linear(x, weight) for x [rows, k]."""
+        ...
+
+    def decode_pass(
+        self,
+        layers: Sequence[dict[str, torch.Tensor | None]],
+        *,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        inter: int,
+        eps: float,
+        scale: float,
+    ) -> DecodePass | None:
+        """Every decoder layer of a model over a batch of short rows in one call, built once
+        from the model's weights (`DecodePass.names` per layer); None where the backend has no
+        such pass (the layers then run one by one)."""
+        ...
+
+
+def choose_backend(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype) -> Backend:
+    """The compiled CPU kernels where they cover the device and dtypes and can be built, unless
+    `RADIXLM_CPU_KERNELS=0` is set in the environment; else torch. The kernels are built here,
+    once per machine, before any request waits on them."""
+    wanted = os.environ.get("RADIXLM_CPU_KERNELS", "1") != "0"
+    if wanted and CpuKernelBackend.covers(device, dtype, kv_dtype):
+        lib = load_kernels()
+        if lib is not None:
+            return CpuKernelBackend(lib)
+    return TorchBackend()

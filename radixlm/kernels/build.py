@@ -1,0 +1,148 @@
+"""Building and loading the CPU kernels: the C++ sources next to this file, compiled with the
+system compiler into the radixlm cache (keyed by source, compiler, flags and CPU) and loaded
+through ctypes; and MKL's `sgemm`, which the GEMMs of the decode pass call."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from radixlm.utils import atomic_write, cache_dir
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = [
+    Path(__file__).with_name(n) for n in ("row_attention.cpp", "layer_ops.cpp", "decode_layers.cpp")
+]
+_HEADERS = [Path(__file__).with_name(n) for n in ("cpu_math.h", "layer_ops.h", "row_attention.h")]
+_STEM = "cpu_kernels"
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fno-trapping-math",
+    "-fopenmp",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+]
+# The KV pool dtypes the kernels cover, and the suffix of each one's entry points.
+KV_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+# The order of radixlm_row_attention_* in row_attention.cpp.
+_ROW_ATTENTION: list[type] = [_P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
+_ROW_ATTENTION += [ctypes.c_float, _P, ctypes.c_int]
+_ROPE_STORE: list[type] = [_P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64]
+_ROPE_STORE += [_P, _P, _P, _P, _P, _I64, ctypes.c_int]
+_ARGTYPES: dict[str, list[type]] = {
+    **{f"radixlm_row_attention_{suffix}": _ROW_ATTENTION for suffix in KV_SUFFIX.values()},
+    "radixlm_rms_norm_f32": [_P, _I64, _P, _P, ctypes.c_float, _P, _I64, _I64, ctypes.c_int],
+    "radixlm_silu_mul_f32": [_P, _P, _I64, _I64, ctypes.c_int],
+    **{f"radixlm_rope_store_{suffix}": _ROPE_STORE for suffix in KV_SUFFIX.values()},
+    **{f"radixlm_decode_layers_{suffix}": [_P] for suffix in KV_SUFFIX.values()},
+    "radixlm_linear_f32": [_P, _I64, _I64, _P, _I64, _P, _P, ctypes.c_int],
+}
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: -march=native output is only valid on a CPU that has them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def isa_variants() -> dict[str, tuple[str, ...]]:
+    """The extra flags of the builds this CPU can run: its own ("native") and, where it has
+    more, the paths other CPUs take: AVX2, and 128-bit vectors as on SSE or NEON (for tests and
+    benchmarks; `load_kernels(flags)` builds one)."""
+    features = set(_cpu_flags().split())
+    variants: dict[str, tuple[str, ...]] = {"native": ()}
+    if "avx512f" in features:
+        variants["avx2"] = ("-mno-avx512f",)
+    if "avx2" in features:
+        variants["128-bit"] = ("-mno-avx512f", "-mno-avx2")
+    return variants
+
+
+@functools.cache
+def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled kernels, built once per source, compiler, flags and CPU; None if they cannot
+    be built. extra_flags (e.g. `-mno-avx512f`) build a variant, as tests do for the paths
+    other CPUs take."""
+    flags = [*_FLAGS, *extra_flags]
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        logger.warning("no C++ compiler found: the CPU kernels fall back to torch")
+        return None
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+        key = hashlib.sha256(
+            "\0".join(
+                [
+                    *(p.read_text() for p in _SOURCES + _HEADERS),
+                    " ".join(flags),
+                    version,
+                    _cpu_flags(),
+                ]
+            ).encode()
+        ).hexdigest()[:16]
+        variant = hashlib.sha256(" ".join(extra_flags).encode()).hexdigest()[:6]
+        path = cache_dir() / "kernels" / f"{_STEM}-{variant}-{key}.so"
+        if not path.exists():
+
+            def build(tmp: Path) -> None:
+                # One translation unit: the attention tiles are compiled once for the
+                # standalone kernel and the decode pass.
+                unity = "".join(f'#include "{source}"\n' for source in _SOURCES)
+                subprocess.run(
+                    [compiler, *flags, "-x", "c++", "-", "-o", str(tmp)],
+                    input=unity,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=300,
+                )
+
+            atomic_write(path, build)
+            # Older sources or another CPU's build of the same variant.
+            for stale in path.parent.glob(f"{_STEM}-{variant}-*.so"):
+                if stale != path:
+                    stale.unlink(missing_ok=True)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None) or e
+        logger.warning("CPU kernels failed to build, using the torch path: %s", detail)
+        return None
+    for name, argtypes in _ARGTYPES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+@functools.cache
+def mkl_sgemm() -> int | None:
+    """The address of the BLAS `sgemm_` torch links (MKL), or None. Only MKL is used: it runs
+    single-threaded inside another OpenMP region, where a BLAS with its own threads would not."""
+    if not torch.backends.mkl.is_available():
+        return None
+    for lib_path in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
+        try:
+            fn = ctypes.CDLL(str(lib_path)).sgemm_
+        except (OSError, AttributeError):
+            continue
+        return ctypes.cast(fn, ctypes.c_void_p).value
+    return None
