@@ -81,6 +81,7 @@ class CoreInfo:
     max_running_requests: int
     device: str
     dtype: str
+    kernel_backend: str  # the ops the model runs: compiled CPU kernels or plain torch
     load_seconds: float
 
 

@@ -82,11 +82,12 @@ class EngineCore:
         )
         self.load_seconds = time.perf_counter() - t0
         logger.info(
-            "loaded %s in %.1fs on %s (%s): %d KV slots, context %d",
+            "loaded %s in %.1fs on %s (%s, %s kernels): %d KV slots, context %d",
             self.model_path,
             self.load_seconds,
             device,
             dtype,
+            self.runner.backend.name,
             num_slots,
             context_len,
         )
@@ -210,6 +211,7 @@ class EngineCore:
             max_running_requests=self.scheduler.config.max_running_requests,
             device=str(self.runner.device),
             dtype=str(self.runner.dtype).removeprefix("torch."),
+            kernel_backend=self.runner.backend.name,
             load_seconds=self.load_seconds,
         )
 

@@ -147,15 +147,16 @@ def attached(
         manager.check_ready()
     tok = Tokenizer.load(str(model))
     info = CoreInfo(
-        str(model),
-        TINY_CONTEXT,
-        tok.vocab_size,
-        TINY_POOL,
-        2048,
-        max_running,
-        "cpu",
-        "float32",
-        0.0,
+        model_path=str(model),
+        context_len=TINY_CONTEXT,
+        vocab_size=tok.vocab_size,
+        max_total_num_tokens=TINY_POOL,
+        chunked_prefill_size=2048,
+        max_running_requests=max_running,
+        device="cpu",
+        dtype="float32",
+        kernel_backend="torch",
+        load_seconds=0.0,
     )
     transport = FakeTransport()
     manager.attach(transport, info, tok)
