@@ -13,7 +13,8 @@ from radixlm.core.forward import KernelRowLayout, RowLayout
 from radixlm.kernels.build import KV_SUFFIX, mkl_sgemm
 from radixlm.kernels.decode import STREAM_ROWS, DecodePass
 
-# The largest head the decode pass's attention keeps on its stack.
+# The largest head the decode pass takes: its rotary + KV write rotates each key in a buffer of
+# this many floats on the stack (rope_store_token in layer_ops.h).
 _MAX_PASS_HEAD_DIM = 512
 
 
