@@ -161,10 +161,18 @@ class EngineCore:
         """Raise AssertionError unless every KV slot has exactly one owner."""
         self.scheduler.check_invariant()
 
-    def handle(self, msg: GenerateRequest | AbortRequest | ControlRequest) -> ControlReply | None:
-        """Apply one incoming message; control calls are answered at once."""
+    def handle(
+        self, msg: GenerateRequest | AbortRequest | ControlRequest
+    ) -> ControlReply | TokenOutput | None:
+        """Apply one incoming message; control calls are answered at once, and a request that
+        cannot even be taken in ends at once with an abort naming the error."""
         if isinstance(msg, GenerateRequest):
-            self.add(msg)
+            try:
+                self.add(msg)
+            except Exception as e:  # a bug on one request's way in must not end the engine
+                logger.exception("cannot take in request %s", msg.rid)
+                reason = FinishReason.abort(f"internal error: {type(e).__name__}: {e}")
+                return TokenOutput(msg.rid, [], len(msg.input_ids), 0, finish_reason=reason)
         elif isinstance(msg, AbortRequest):
             self.abort(msg.rid, msg.message)
         else:

@@ -346,3 +346,29 @@ def test_abort_releases_running_and_waiting_requests(make: Make) -> None:
         s.scheduler.allocator.num_free + s.scheduler.cache.evictable_size
         == s.scheduler.allocator.num_slots
     )
+
+
+# ---- the message loop ----------------------------------------------------------------------
+
+
+def test_a_request_that_cannot_be_taken_in_ends_alone_and_the_loop_goes_on(make: Make) -> None:
+    """A malformed message (no sampling params) ends its own request with an abort; the loop
+    serves the next request and stops when told."""
+    s = make()
+    broken = GenerateRequest("broken", ids(6, seed=1), None)  # type: ignore[arg-type]
+    inbox: list[list[Any]] = [[broken, request("good", ids(6, seed=2))]]
+    emitted: list[Any] = []
+
+    def receive(block: bool) -> list[Any]:
+        if inbox:
+            return inbox.pop(0)
+        done = any(isinstance(o, TokenOutput) and o.rid == "good" and o.finished for o in emitted)
+        return [None] if done else []
+
+    s.run(receive, emitted.extend)
+    outs = [o for o in emitted if isinstance(o, TokenOutput)]
+    bad = [o for o in outs if o.rid == "broken"]
+    assert len(bad) == 1 and bad[0].finish_reason is not None and bad[0].finish_reason.is_abort
+    assert "internal error" in bad[0].finish_reason.message
+    assert sum(len(o.new_ids) for o in outs if o.rid == "good") == 4
+    s.check_invariant()
