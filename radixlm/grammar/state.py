@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from radixlm.cache.radix import common_prefix_len
 from radixlm.core.request import Req
 from radixlm.grammar.base import GrammarBackend, GrammarMatcher
 
@@ -97,7 +98,7 @@ class GrammarState:
         draft = full[len(final) : len(final) + 1] if full and full[: len(final)] == final else []
         tokens = (final + draft)[: len(pending) + room]
         num_final = min(len(final), len(tokens))
-        same = _common_prefix_len(tokens, pending)
+        same = common_prefix_len(tokens, pending, 0)
         matcher.rollback(len(pending) - same)
         if matcher.num_valid(tokens[same:]) < len(tokens) - same:
             tokens, num_final = pending, len(pending)  # (not expected: the same text) no jump
@@ -112,13 +113,3 @@ def _context(req: Req, keep: int) -> list[int]:
     if len(tail) < _CONTEXT_TOKENS:
         tail = req.input_ids[len(tail) - _CONTEXT_TOKENS :] + tail
     return tail
-
-
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens a and b share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

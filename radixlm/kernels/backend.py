@@ -13,7 +13,7 @@ import torch
 from radixlm.core.forward import RowLayout
 from radixlm.kernels.build import load_kernels
 from radixlm.kernels.cpu import CpuKernelBackend
-from radixlm.kernels.decode import DecodePass
+from radixlm.kernels.decode import DecodePass, DecodeShape
 from radixlm.kernels.torch_backend import TorchBackend
 
 
@@ -86,14 +86,7 @@ class Backend(Protocol):
     def decode_pass(
         self,
         layers: Sequence[dict[str, torch.Tensor | None]],
-        *,
-        hidden: int,
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
-        inter: int,
-        eps: float,
-        scale: float,
+        shape: DecodeShape,
     ) -> DecodePass | None:
         """Every decoder layer of a model over a batch of short rows in one call, built once
         from the model's weights (`DecodePass.names` per layer); None where the backend has no

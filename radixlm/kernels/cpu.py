@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from radixlm.core.forward import KernelRowLayout, RowLayout
 from radixlm.kernels.build import KV_SUFFIX, mkl_sgemm
-from radixlm.kernels.decode import STREAM_ROWS, DecodePass
+from radixlm.kernels.decode import STREAM_ROWS, DecodePass, DecodeShape
 
 # The largest head the decode pass takes: its rotary + KV write rotates each key in a buffer of
 # this many floats on the stack (rope_store_token in layer_ops.h).
@@ -215,28 +215,10 @@ class CpuKernelBackend:
     def decode_pass(
         self,
         layers: Sequence[dict[str, torch.Tensor | None]],
-        *,
-        hidden: int,
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
-        inter: int,
-        eps: float,
-        scale: float,
+        shape: DecodeShape,
     ) -> DecodePass | None:
         """Every decoder layer of a model over a batch of short rows in one compiled call (see
         `DecodePass` for `layers`); None without MKL or for heads over 512."""
-        if self.sgemm is None or head_dim > _MAX_PASS_HEAD_DIM:
+        if self.sgemm is None or shape.head_dim > _MAX_PASS_HEAD_DIM:
             return None
-        return DecodePass(
-            self.lib,
-            self.sgemm,
-            layers,
-            hidden=hidden,
-            heads=heads,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            inter=inter,
-            eps=eps,
-            scale=scale,
-        )
+        return DecodePass(self.lib, self.sgemm, layers, shape)

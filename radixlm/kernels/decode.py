@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +45,19 @@ def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array[ctypes.c_void_p]:
     return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeShape:
+    """The sizes of a model's decoder layers that the decode pass needs."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int  # the MLP's intermediate size
+    eps: float  # RMSNorm's epsilon
+    scale: float  # the attention's softmax scale
+
+
 class DecodePass:
     """Every decoder layer of one model over a batch of short rows (no extends) in one call.
 
@@ -63,14 +77,7 @@ class DecodePass:
         lib: ctypes.CDLL,
         sgemm: int,
         layers: Sequence[dict[str, torch.Tensor | None]],
-        *,
-        hidden: int,
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
-        inter: int,
-        eps: float,
-        scale: float,
+        shape: DecodeShape,
     ) -> None:
         self._entry = {
             dtype: getattr(lib, f"radixlm_decode_layers_{suffix}")
@@ -79,13 +86,13 @@ class DecodePass:
         self.tensors = layers  # keeps what the pointers point at alive
         self.args = _DecodeArgs(
             layers=len(layers),
-            hidden=hidden,
-            heads=heads,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            inter=inter,
-            eps=eps,
-            scale=scale,
+            hidden=shape.hidden,
+            heads=shape.heads,
+            kv_heads=shape.kv_heads,
+            head_dim=shape.head_dim,
+            inter=shape.inter,
+            eps=shape.eps,
+            scale=shape.scale,
             sgemm=sgemm,
         )
         self.arrays = []  # alive as long as args points at them

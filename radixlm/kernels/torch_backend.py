@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from radixlm.core.forward import RowLayout, TorchRowLayout
-from radixlm.kernels.decode import DecodePass
+from radixlm.kernels.decode import DecodePass, DecodeShape
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -121,14 +121,7 @@ class TorchBackend:
     def decode_pass(
         self,
         layers: Sequence[dict[str, torch.Tensor | None]],
-        *,
-        hidden: int,
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
-        inter: int,
-        eps: float,
-        scale: float,
+        shape: DecodeShape,
     ) -> DecodePass | None:
         """None: the layers run one by one."""
         return None

@@ -10,7 +10,7 @@ from torch import nn
 
 from radixlm.core.forward import ForwardBatch
 from radixlm.kernels.backend import Backend
-from radixlm.kernels.decode import DecodePass
+from radixlm.kernels.decode import DecodePass, DecodeShape
 from radixlm.models.config import ModelConfig
 from radixlm.models.layers import RMSNorm, RotaryEmbedding, paged_attention
 
@@ -171,8 +171,7 @@ class LlamaForCausalLM(nn.Module):
                     "down_w": mlp.down_proj.weight,
                 }
             )
-        return self.backend.decode_pass(
-            layers,
+        shape = DecodeShape(
             hidden=cfg.hidden_size,
             heads=cfg.num_heads,
             kv_heads=cfg.num_kv_heads,
@@ -181,6 +180,7 @@ class LlamaForCausalLM(nn.Module):
             eps=cfg.rms_norm_eps,
             scale=cfg.head_dim**-0.5,
         )
+        return self.backend.decode_pass(layers, shape)
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; every parameter is set."""

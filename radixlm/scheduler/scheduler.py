@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from radixlm.cache import RadixCache, SlotAllocator
+from radixlm.cache.radix import common_prefix_len
 from radixlm.core.finish import FinishReason
 from radixlm.core.limits import prompt_error
 from radixlm.core.messages import TokenOutput
@@ -212,11 +213,7 @@ class Scheduler:
             keep, tail = req.grammar.settle(req, res.tokens, self.config.context_len)
         else:
             keep, tail = len(req.output_ids), res.tokens[-1:]
-        same = 0
-        for old, new in zip(req.output_ids[keep:], tail, strict=False):
-            if old != new:
-                break
-            same += 1
+        same = common_prefix_len(req.output_ids[keep:], tail, 0)
         req.output_ids[keep:] = tail
         valid = min(len(req.input_ids) + keep + same, req.seq_len - 1)
         if req.kv_len > valid:  # a draft the model did not write
