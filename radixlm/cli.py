@@ -10,7 +10,8 @@ import time
 from collections.abc import Iterator
 from typing import Any, cast
 
-from radixlm.engine.args import MAX_QUEUED_REQUESTS, EngineArgs
+from radixlm.engine.args import EngineArgs
+from radixlm.server.args import ServerArgs
 
 _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     (
@@ -110,10 +111,39 @@ def _generate(ns: argparse.Namespace) -> None:
         print(json.dumps(last["meta_info"]), file=sys.stderr)
 
 
+_SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--host", {"help": "address to listen on"}),
+    ("--port", {"type": int, "help": "port to listen on (0: any free port)"}),
+    ("--api-key", {"help": "require `Authorization: Bearer KEY` (health and metrics stay open)"}),
+    (
+        "--max-queued-requests",
+        {"type": int, "help": "requests waiting beyond --max-running-requests before 503"},
+    ),
+    (
+        "--max-queued-tokens",
+        {"type": int, "help": "prompt tokens of the requests in flight before new ones get 503"},
+    ),
+    (
+        "--max-engine-restarts",
+        {"type": int, "help": "engine restarts within the window before the server stays down"},
+    ),
+    (
+        "--engine-restart-window-s",
+        {"type": float, "help": "the window of --max-engine-restarts, in seconds"},
+    ),
+]
+
+
+def server_args_from(ns: argparse.Namespace) -> ServerArgs:
+    """Collect the server flags of a parsed command line."""
+    names = [flag[2:].replace("-", "_") for flag, _ in _SERVER_FLAGS]
+    return ServerArgs(**{n: getattr(ns, n) for n in names})
+
+
 def _serve(ns: argparse.Namespace) -> int:
     from radixlm.server.launch import serve
 
-    return serve(engine_args_from(ns), ns.host, ns.port, ns.api_key, ns.max_queued_requests)
+    return serve(engine_args_from(ns), server_args_from(ns))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,17 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     add_engine_args(gen)
     srv = sub.add_parser("serve", help="run the HTTP server (SGLang's native API and OpenAI's)")
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    srv.add_argument("--port", type=int, default=30000, help="port to listen on (0: any free port)")
-    srv.add_argument(
-        "--api-key", help="require `Authorization: Bearer KEY` (health and metrics stay open)"
-    )
-    srv.add_argument(
-        "--max-queued-requests",
-        type=int,
-        default=MAX_QUEUED_REQUESTS,
-        help="requests waiting beyond --max-running-requests before new ones get 503",
-    )
+    defaults = ServerArgs()
+    for flag, kw in _SERVER_FLAGS:
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        srv.add_argument(flag, **kw, default=default)
     add_engine_args(srv)
     return parser
 

@@ -6,8 +6,9 @@ import argparse
 
 import pytest
 
-from radixlm.cli import add_engine_args, build_parser, engine_args_from
-from radixlm.engine.args import MAX_QUEUED_REQUESTS, EngineArgs
+from radixlm.cli import add_engine_args, build_parser, engine_args_from, server_args_from
+from radixlm.engine.args import EngineArgs
+from radixlm.server.args import ServerArgs
 
 
 def parse(*argv: str) -> EngineArgs:
@@ -31,9 +32,23 @@ def test_a_negative_age_bound_is_refused() -> None:
 
 
 def test_serve_flags() -> None:
-    ns = build_parser().parse_args(["serve", "--port", "0", "--max-queued-requests", "8"])
-    assert (ns.command, ns.port, ns.max_queued_requests) == ("serve", 0, 8)
-    assert build_parser().parse_args(["serve"]).max_queued_requests == MAX_QUEUED_REQUESTS
+    ns = build_parser().parse_args(
+        ["serve", "--port", "0", "--max-queued-requests", "8", "--max-queued-tokens", "900"]
+    )
+    assert ns.command == "serve"
+    args = server_args_from(ns)
+    assert (args.port, args.max_queued_requests, args.max_queued_tokens) == (0, 8, 900)
+    assert server_args_from(build_parser().parse_args(["serve"])) == ServerArgs()
+
+
+def test_restart_flags() -> None:
+    ns = build_parser().parse_args(
+        ["serve", "--max-engine-restarts", "0", "--engine-restart-window-s", "30"]
+    )
+    args = server_args_from(ns)
+    assert (args.max_engine_restarts, args.engine_restart_window_s) == (0, 30.0)
+    with pytest.raises(ValueError, match="max_queued_tokens"):
+        server_args_from(build_parser().parse_args(["serve", "--max-queued-tokens", "-1"]))
 
 
 def test_request_timeout_flag() -> None:

@@ -5,10 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# The server's default --max-queued-requests: requests waiting beyond the running ones before
-# new ones are refused with 503.
-MAX_QUEUED_REQUESTS = 4096
-
 
 @dataclass(frozen=True)
 class EngineArgs:

@@ -72,14 +72,20 @@ class EngineClient:
     it first; so a waiter never needs to poll whether the core is still alive.
     """
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(
+        self, transport: Transport, on_lost: Callable[[EngineDeadError], object] | None = None
+    ) -> None:
         self._transport = transport
+        # Told why, before any waiter, when the core ends by itself (not by stop or shutdown).
+        self._on_lost = on_lost
         self._lock = threading.Lock()
         self._streams: dict[str, Sink] = {}
+        self._prompt_lens: dict[str, int] = {}
+        self._prompt_tokens = 0
         self._calls: dict[int, Reply] = {}
         self._call_ids = itertools.count()
         self._error: EngineDeadError | None = None
-        transport.start(self._route, self._fail)
+        transport.start(self._route, self._lost)
 
     @property
     def error(self) -> EngineDeadError | None:
@@ -95,6 +101,11 @@ class EngineClient:
     def num_running(self) -> int:
         """Requests sent whose last output has not arrived."""
         return len(self._streams)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt tokens of the requests sent whose last output has not arrived."""
+        return self._prompt_tokens
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -112,6 +123,8 @@ class EngineClient:
             # Sent under the lock, so that an abort from another thread never overtakes its request.
             for r, sink in zip(reqs, sinks, strict=True):
                 self._streams[r.rid] = sink
+                self._prompt_lens[r.rid] = len(r.input_ids)
+                self._prompt_tokens += len(r.input_ids)
                 self._transport.send(r)
 
     def abort(self, rid: str) -> bool:
@@ -137,8 +150,15 @@ class EngineClient:
         left). The rids are free again at once."""
         with self._lock:
             for rid in rids:
-                if self._streams.pop(rid, None) is not None and self._error is None:
+                if self._pop(rid) is not None and self._error is None:
                     self._transport.send(AbortRequest(rid))
+
+    def _pop(self, rid: str) -> Sink | None:
+        # Under the lock: the request's outputs go nowhere from now on.
+        sink = self._streams.pop(rid, None)
+        if sink is not None:
+            self._prompt_tokens -= self._prompt_lens.pop(rid)
+        return sink
 
     # ---- control calls ---------------------------------------------------------------------
 
@@ -209,14 +229,23 @@ class EngineClient:
                     if reply is not None:
                         deliveries.append((reply, item.value))
                     continue
-                if item.finished:  # its rid is free for a new request from now on
-                    sink = self._streams.pop(item.rid, None)
-                else:
-                    sink = self._streams.get(item.rid)
+                # A finished request's rid is free for a new request from now on.
+                sink = self._pop(item.rid) if item.finished else self._streams.get(item.rid)
                 if sink is not None:  # else its caller closed it
                     deliveries.append((sink, item))
         for deliver, value in deliveries:
             _deliver(deliver, value)
+
+    def _lost(self, error: EngineDeadError) -> None:
+        # The transport's report that the core ended: unless the client was stopped first, tell
+        # on_lost before any waiter hears of it.
+        with self._lock:
+            on_lost, self._on_lost = self._on_lost, None  # once, though two threads may report
+            if self._error is not None:
+                on_lost = None
+        if on_lost is not None:
+            _deliver(on_lost, error)
+        self._fail(error)
 
     def _fail(self, error: EngineDeadError, abort: bool = False) -> None:
         with self._lock:
@@ -231,6 +260,8 @@ class EngineClient:
                 *self._calls.values(),
             ]
             self._streams.clear()
+            self._prompt_lens.clear()
+            self._prompt_tokens = 0
             self._calls.clear()
         for deliver in waiters:
             _deliver(deliver, error)

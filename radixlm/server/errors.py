@@ -48,14 +48,22 @@ class RequestFailed(ApiError):
 
 
 class EngineUnavailable(RequestFailed):
-    """The engine is still starting, or it is gone or stopping: 503, wherever it is raised."""
+    """The engine is still starting, or it is gone or stopping: 503, wherever it is raised; with
+    Retry-After when trying again soon should work."""
 
     status = 503
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        """When to try again, in seconds."""
+        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
 
 
 class Overloaded(EngineUnavailable):
     """Too many requests are queued: 503 with Retry-After, refused before any work is done."""
 
-    def headers(self) -> dict[str, str]:
-        """When to try again, in seconds."""
-        return {"Retry-After": "1"}
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after_s=1)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 
 import uvicorn
 
-from radixlm.engine.args import MAX_QUEUED_REQUESTS, EngineArgs
+from radixlm.engine.args import EngineArgs
 from radixlm.server.app import create_app
+from radixlm.server.args import ServerArgs
 from radixlm.server.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
@@ -37,22 +39,19 @@ def bind(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=2048)
 
 
-def serve(
-    engine_args: EngineArgs,
-    host: str = "127.0.0.1",
-    port: int = 30000,
-    api_key: str | None = None,
-    max_queued_requests: int = MAX_QUEUED_REQUESTS,
-) -> int:
+def serve(engine_args: EngineArgs, server_args: ServerArgs | None = None) -> int:
     """Run the server until Ctrl-C or SIGTERM; the exit status (1 if it could not start)."""
+    args = server_args or ServerArgs()
+    host = args.host
     try:
-        sock = bind(host, port)
+        sock = bind(host, args.port)
     except OSError as e:  # the port is taken, or the address is not ours
-        logger.error("cannot listen on %s:%d: %s", host, port, e)
+        logger.error("cannot listen on %s:%d: %s", host, args.port, e)
         return 1
     port = sock.getsockname()[1]
-    manager = TokenizerManager(engine_args, max_queued_requests)
-    app = create_app(manager, api_key, {"host": host, "port": port})
+    args = dataclasses.replace(args, port=port)
+    manager = TokenizerManager(engine_args, args)
+    app = create_app(manager, args.api_key, args.public())
     config = uvicorn.Config(
         app, log_level="info", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
     )

@@ -96,6 +96,7 @@ class ServerMetrics:
     generation_tokens: int = 0
     cached_tokens: int = 0
     num_requests: int = 0
+    engine_restarts: int = 0
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
     e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
@@ -192,6 +193,11 @@ class ServerMetrics:
             ("generation_tokens", "Generated tokens.", self.generation_tokens),
             ("cached_tokens", "Prompt tokens found in the radix cache.", self.cached_tokens),
             ("num_requests", "Finished requests.", self.num_requests),
+            (
+                "engine_restarts",
+                "Engine restarts after the engine process died.",
+                self.engine_restarts,
+            ),
         ):
             full = f"sglang:{name}"
             out.extend(

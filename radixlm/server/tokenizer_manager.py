@@ -4,11 +4,16 @@ The engine core runs in its own process; an `EngineClient` over a `ProcessTransp
 outputs (radixlm/engine/client.py). Everything here runs on the event loop, which never waits on
 the engine: messages leave through the transport's sender thread, and outputs arrive from its
 reader thread through a `LoopInbox`, one wake-up per output batch.
+
+When the engine process dies, requests that already produced output fail with a clear error,
+those that had not are held, and a new engine starts after a backoff; the held requests then run
+on it. More than `max_engine_restarts` deaths within the window and the server stays down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import threading
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from radixlm.core.finish import FinishReason
 from radixlm.core.messages import (
     CheckInvariant,
     ControlCall,
@@ -25,8 +31,9 @@ from radixlm.core.messages import (
     CoreStats,
     FlushCache,
     GetStats,
+    TokenOutput,
 )
-from radixlm.engine.args import MAX_QUEUED_REQUESTS, EngineArgs
+from radixlm.engine.args import EngineArgs
 from radixlm.engine.client import (
     EngineClient,
     EngineDeadError,
@@ -39,6 +46,7 @@ from radixlm.engine.client import (
 from radixlm.engine.frontend import GenerateInput, RequestState, tokenize_input
 from radixlm.engine.process import EngineProcess
 from radixlm.engine.transport import ProcessTransport
+from radixlm.server.args import ServerArgs
 from radixlm.server.errors import EngineUnavailable, Overloaded, RequestFailed
 from radixlm.server.metrics import ServerMetrics
 from radixlm.tokenizer import Tokenizer
@@ -51,6 +59,47 @@ T = TypeVar("T")
 INLINE_TOKENIZE_CHARS = 8192
 # A control call waits at most one forward pass; longer means the engine is stuck.
 CONTROL_TIMEOUT_S = 60.0
+# Backoff before the k-th restart within the window: RESTART_BACKOFF_S * 2**(k-1), capped.
+RESTART_BACKOFF_S = 0.5
+MAX_RESTART_BACKOFF_S = 30.0
+
+# Starts an engine and returns its transport, what it serves, and its tokenizer (blocking).
+Launch = Callable[[], tuple[Transport, CoreInfo, Tokenizer]]
+
+
+def launch_process(args: EngineArgs) -> Launch:
+    """Start the engine core in its own process (the server's engine)."""
+
+    def launch() -> tuple[Transport, CoreInfo, Tokenizer]:
+        engine = EngineProcess(args)
+        try:
+            tokenizer = Tokenizer.load(engine.info.model_path)
+        except BaseException:
+            engine.kill()
+            raise
+        return ProcessTransport(engine), engine.info, tokenizer
+
+    return launch
+
+
+class RestartBudget:
+    """At most `max_restarts` restarts within any `window_s` seconds, each after a backoff that
+    doubles with the restarts already in the window."""
+
+    def __init__(self, max_restarts: int, window_s: float) -> None:
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self._times: collections.deque[float] = collections.deque()
+
+    def next_delay(self, now: float) -> float | None:
+        """Seconds to wait before restarting, counting the restart; None once the budget is spent."""
+        while self._times and self._times[0] <= now - self.window_s:
+            self._times.popleft()
+        if len(self._times) >= self.max_restarts:
+            return None
+        delay = min(RESTART_BACKOFF_S * 2 ** len(self._times), MAX_RESTART_BACKOFF_S)
+        self._times.append(now)
+        return delay
 
 
 @dataclass(slots=True, eq=False)
@@ -60,17 +109,27 @@ class _Entry:
     group: RequestGroup
     index: int
     last_token_time: float | None = None
+    started: bool = False  # an output of it reached its group: it cannot be run again
+
+    @property
+    def state(self) -> RequestState:
+        """The request's state in its group."""
+        return self.group.states[self.index]
 
 
 class TokenizerManager:
     """Owns the engine process and the tokenizer; turns API calls into engine requests."""
 
-    def __init__(self, args: EngineArgs, max_queued_requests: int = MAX_QUEUED_REQUESTS) -> None:
+    def __init__(
+        self,
+        args: EngineArgs,
+        server_args: ServerArgs | None = None,
+        launch: Launch | None = None,
+    ) -> None:
         from radixlm.models.default import default_model_path
 
         self.args = args
-        # Requests in flight beyond the engine's running limit before new ones get a 503.
-        self.max_queued_requests = max_queued_requests
+        self.server_args = server_args or ServerArgs()
         self.model_path = args.model_path or default_model_path()
         self.served_model_name = args.served_model_name or served_name_of(self.model_path)
         self.metrics = ServerMetrics(self.served_model_name)
@@ -79,68 +138,137 @@ class TokenizerManager:
         self.tokenizer: Tokenizer | None = None
         self.info: CoreInfo | None = None
         # Why the server cannot serve before it has a client (its engine failed to start, or it
-        # is going down); once it has one, the client's error says why.
+        # is going down, or it gave up restarting); once it has one, the client's error says why.
         self.failure: str | None = None
         # Called (on the loop) if the engine fails to start; the launcher then stops the server.
         self.on_start_failure: Callable[[str], None] | None = None
+        self._launch = launch or launch_process(args)
+        self._restarts = RestartBudget(
+            self.server_args.max_engine_restarts, self.server_args.engine_restart_window_s
+        )
+        # Why the engine is being restarted; None while it serves (or before the first start).
+        self._restarting: str | None = None
+        self._held: dict[str, _Entry] = {}  # requests with no output yet, for the next engine
         self._inbox: LoopInbox | None = None
-        self._closing = False
+        self._closing = threading.Event()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the engine process in the background; until it is up, requests get 503."""
-        inbox = LoopInbox(asyncio.get_running_loop())
+        self._inbox = LoopInbox(asyncio.get_running_loop())
+        self._start_engine(0.0)
+
+    def _start_engine(self, delay_s: float) -> None:
         threading.Thread(
-            target=self._start_engine, args=(inbox,), name="radixlm-engine-start", daemon=True
+            target=self._run_launch, args=(delay_s,), name="radixlm-engine-start", daemon=True
         ).start()
 
-    def _start_engine(self, inbox: LoopInbox) -> None:
+    def _run_launch(self, delay_s: float) -> None:
+        inbox = self._inbox
+        assert inbox is not None
+        if self._closing.wait(delay_s):
+            return
         try:
-            engine = EngineProcess(self.args)
-            tokenizer = Tokenizer.load(engine.info.model_path)
+            transport, info, tokenizer = self._launch()
         except BaseException as e:
             logger.error("the engine failed to start: %s", e)
             inbox.post(self._start_failed, f"the engine failed to start: {e}")
             return
-        if not inbox.post(self.attach, ProcessTransport(engine), engine.info, tokenizer):
-            engine.kill()  # the server stopped while the engine was loading
+        if not inbox.post(self.attach, transport, info, tokenizer):
+            transport.close()  # the server stopped while the engine was loading
 
     def attach(self, transport: Transport, info: CoreInfo, tokenizer: Tokenizer) -> None:
-        """Serve from a started core over `transport` (called on the loop)."""
-        if self._closing:
+        """Serve from a started core over `transport` (called on the loop); requests held
+        through a restart run on it."""
+        if self._closing.is_set():
             transport.close()
             return
-        self._inbox = LoopInbox(asyncio.get_running_loop())
-        self.client = EngineClient(transport)
+        if self._inbox is None:
+            self._inbox = LoopInbox(asyncio.get_running_loop())
+        inbox = self._inbox
+        self.client = EngineClient(transport, lambda error: inbox.post(self._engine_lost, error))
         self.tokenizer, self.info = tokenizer, info
         logger.info(
             "serving model %r from %s (%d KV slots, context %d, %s %s)",
             self.served_model_name, info.model_path, info.max_total_num_tokens,
             info.context_len, info.device, info.dtype,
         )  # fmt: skip
+        if self._restarting is not None:
+            self._restarting = None
+            self.metrics.engine_restarts += 1
+            self._resubmit_held(self.client)
 
-    def _start_failed(self, reason: str) -> None:
+    def _resubmit_held(self, client: EngineClient) -> None:
+        held = [e for e in self._held.values() if e.group.error is None]
+        self._held.clear()
+        if held:
+            logger.info("running %d requests held through the restart", len(held))
+            client.submit([e.state.req for e in held], [self._sink(e) for e in held])
+
+    def _engine_lost(self, error: EngineDeadError) -> None:
+        """The engine ended by itself (on the loop, before its requests hear of it)."""
+        if not self._closing.is_set():
+            self._restart(str(error))
+
+    def _restart(self, reason: str) -> None:
+        """Start a new engine after a backoff, unless the restart budget is spent."""
+        delay = self._restarts.next_delay(time.monotonic())
+        if delay is None:
+            budget = self._restarts
+            why = (
+                f"it was restarted {budget.max_restarts} times within {budget.window_s:.0f}s"
+                if budget.max_restarts
+                else "engine restarts are off (--max-engine-restarts 0)"
+            )
+            self._give_up(f"{reason}; {why}, so the server stays down")
+            return
+        logger.error("%s; restarting the engine in %.1fs", reason, delay)
+        self._restarting = reason
+        self._start_engine(delay)
+
+    def _give_up(self, reason: str) -> None:
+        logger.error("%s", reason)
+        self._restarting = None
         if self.failure is None:
             self.failure = reason
-        if self.on_start_failure is not None and not self._closing:
+        self._fail_held(reason)
+
+    def _fail_held(self, reason: str) -> None:
+        held = list(self._held.values())
+        self._held.clear()
+        for entry in held:
+            entry.group.fail(EngineUnavailable(reason))
+
+    def _start_failed(self, reason: str) -> None:
+        if self._restarting is not None:  # a restart that failed counts as one more death
+            if not self._closing.is_set():
+                self._restart(reason)
+            return
+        if self.failure is None:
+            self.failure = reason
+        if self.on_start_failure is not None and not self._closing.is_set():
             self.on_start_failure(reason)
 
     def stop_serving(self, reason: str) -> None:
         """Refuse new requests and end running ones with an error (the server is going down);
         the engine frees their slots while it winds down."""
+        self._closing.set()
         if self.client is not None:
             self.client.stop(reason)
-        elif self.failure is None:
+        if self.failure is None:
             self.failure = reason
+        self._fail_held(reason)
 
     def shutdown(self) -> None:
         """Stop the engine; requests still running end with an error."""
-        self._closing = True
+        reason = "the server is shutting down"
+        self._closing.set()
         if self.client is not None:
-            self.client.shutdown("the server is shutting down")
-        elif self.failure is None:
-            self.failure = "the server is shutting down"
+            self.client.shutdown(reason)
+        if self.failure is None:
+            self.failure = reason
+        self._fail_held(reason)
 
     @property
     def ready(self) -> bool:
@@ -150,7 +278,7 @@ class TokenizerManager:
             self.client is not None
             and self.client.error is None
             and self.failure is None
-            and not self._closing
+            and not self._closing.is_set()
         )
 
     def check_ready(self) -> None:
@@ -158,13 +286,18 @@ class TokenizerManager:
         self._ready_client()
 
     def _ready_client(self) -> EngineClient:
-        if self.client is not None and self.client.error is not None:
-            raise EngineUnavailable(str(self.client.error))
         if self.failure is not None:
             raise EngineUnavailable(self.failure)
+        if self._restarting is not None:
+            raise EngineUnavailable(
+                f"the engine is restarting ({self._restarting}); try again shortly",
+                retry_after_s=2,
+            )
+        if self.client is not None and self.client.error is not None:
+            raise EngineUnavailable(str(self.client.error))
         if self.client is None:
-            raise EngineUnavailable("the engine is starting; try again shortly")
-        if self._closing:
+            raise EngineUnavailable("the engine is starting; try again shortly", retry_after_s=2)
+        if self._closing.is_set():
             raise EngineUnavailable("the server is shutting down")
         return self.client
 
@@ -180,16 +313,18 @@ class TokenizerManager:
         """Validate, tokenize and send; ValueError for a bad request, EngineUnavailable if down."""
         self.check_ready()
         assert self.tokenizer is not None and self.info is not None
-        limit = self.info.max_running_requests + self.max_queued_requests
+        limit = self.info.max_running_requests + self.server_args.max_queued_requests
         if self.num_running + inp.num_requests > limit:
             raise Overloaded(
                 f"the server is full: {self.num_running} requests in flight, at most {limit} "
                 "(--max-queued-requests beyond --max-running-requests); retry shortly"
             )
+        self._check_queued_tokens(0)
         texts = inp.text if isinstance(inp.text, list) else [inp.text]
         size = sum(len(t) for t in texts if isinstance(t, str))
         reqs = await self.offload(size, tokenize_input, inp, self.tokenizer, self.info)
         client = self._ready_client()  # it may have died while we tokenized
+        self._check_queued_tokens(sum(len(r.input_ids) for r in reqs))
         group = RequestGroup(
             [RequestState(r, self.tokenizer, inp.return_text_in_logprobs) for r in reqs],
             is_batch=inp.is_batch or len(reqs) > 1,
@@ -200,6 +335,16 @@ class TokenizerManager:
             raise EngineUnavailable(str(e)) from None
         return group
 
+    def _check_queued_tokens(self, new: int) -> None:
+        """Overloaded if the prompts in flight, plus `new` tokens, pass --max-queued-tokens (one
+        request alone is always let through: the context bounds it)."""
+        queued, limit = self.num_prompt_tokens, self.server_args.max_queued_tokens
+        if queued and queued + new > limit or queued >= limit:
+            raise Overloaded(
+                f"the server is full: {queued} prompt tokens in flight, at most {limit} "
+                "(--max-queued-tokens); retry shortly"
+            )
+
     def _sink(self, entry: _Entry) -> Sink:
         inbox = self._inbox
         assert inbox is not None
@@ -209,11 +354,15 @@ class TokenizerManager:
         """One output of a request, on the loop: metrics, then the request's state."""
         group = entry.group
         if isinstance(out, EngineDeadError):
-            group.fail(EngineUnavailable(str(out)))
+            if self._restarting is not None and not entry.started and group.error is None:
+                self._held[entry.state.req.rid] = entry  # nothing of it was seen: run it again
+            else:  # the reason the server gave up, if it did, says more
+                group.fail(EngineUnavailable(self.failure or str(out)))
             return
+        entry.started = True
         try:
             now = time.perf_counter()
-            state = group.states[entry.index]
+            state = entry.state
             if out.new_ids:
                 since_last = None if entry.last_token_time is None else now - entry.last_token_time
                 self.metrics.on_tokens(len(out.new_ids), now, now - state.created, since_last)
@@ -234,6 +383,12 @@ class TokenizerManager:
 
     def abort(self, rid: str) -> bool:
         """Abort a running request; it ends with finish reason abort. False if rid is unknown."""
+        entry = self._held.pop(rid, None)
+        if entry is not None:  # it waits for a restarted engine: it ends here
+            req = entry.state.req
+            reason = FinishReason.abort("aborted while the engine restarted")
+            self._take(entry, TokenOutput(rid, [], len(req.input_ids), 0, None, reason))
+            return True
         return self.client is not None and self.client.abort(rid)
 
     def abort_unfinished(self, group: RequestGroup) -> None:
@@ -244,12 +399,19 @@ class TokenizerManager:
 
     def abort_all(self) -> int:
         """Abort every running request; how many."""
-        return 0 if self.client is None else self.client.abort_all()
+        held = [rid for rid in list(self._held) if self.abort(rid)]
+        return len(held) + (0 if self.client is None else self.client.abort_all())
 
     @property
     def num_running(self) -> int:
-        """Requests sent to the engine that have not ended."""
-        return 0 if self.client is None else self.client.num_running
+        """Requests sent to the engine (or held for its restart) that have not ended."""
+        return len(self._held) + (0 if self.client is None else self.client.num_running)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt tokens of the requests counted in num_running."""
+        held = sum(len(e.state.req.input_ids) for e in self._held.values())
+        return held + (0 if self.client is None else self.client.num_prompt_tokens)
 
     # ---- control calls -----------------------------------------------------------------------
 

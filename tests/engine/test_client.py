@@ -112,6 +112,34 @@ def test_close_aborts_what_still_runs_and_stops_its_outputs(
     assert len(got) == 1 and client.num_running == 0
 
 
+def test_prompt_tokens_in_flight_are_counted_until_each_request_ends(
+    fake: tuple[EngineClient, FakeTransport],
+) -> None:
+    client, t = fake
+    client.submit([req("a", (1, 2, 3)), req("b"), req("c", (4,))], [print, print, print])
+    assert client.num_prompt_tokens == 6
+    t.emit([out("a", [5], done=True)])
+    client.close(["b"])
+    assert client.num_prompt_tokens == 1
+    t.exit(EngineDeadError("gone"))
+    assert client.num_prompt_tokens == 0
+
+
+def test_on_lost_hears_of_a_core_that_ended_by_itself_once_and_first() -> None:
+    heard: list[str] = []
+    t = FakeTransport()
+    client = EngineClient(t, lambda e: heard.append(f"lost: {e}"))
+    client.submit([req("a")], [lambda o: heard.append(f"a: {o}")])
+    t.exit(EngineDeadError("crashed"))
+    t.exit(EngineDeadError("crashed again"))  # the reader and the sender thread both report
+    assert heard == ["lost: crashed", "a: crashed"]
+    stopped = FakeTransport()
+    client = EngineClient(stopped, lambda e: heard.append(f"lost: {e}"))
+    client.shutdown()  # a core stopped on purpose is not lost
+    stopped.exit(EngineDeadError("the engine was shut down"))
+    assert heard == ["lost: crashed", "a: crashed"]
+
+
 def test_abort_keeps_routing_until_the_last_output(
     fake: tuple[EngineClient, FakeTransport],
 ) -> None:

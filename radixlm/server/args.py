@@ -1,0 +1,43 @@
+"""The server's own arguments: where it listens, and the bounds that keep it alive under load."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# Requests waiting beyond the running ones before new ones are refused with 503.
+MAX_QUEUED_REQUESTS = 4096
+# Prompt tokens of the requests in flight before new ones are refused with 503 (about 40 MB of
+# token ids across the server and its engine).
+MAX_QUEUED_TOKENS = 1 << 20
+# Engine restarts allowed within the window; one more death and the server stays down.
+MAX_ENGINE_RESTARTS = 3
+ENGINE_RESTART_WINDOW_S = 600.0
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    """How to run the HTTP server around an engine."""
+
+    host: str = "127.0.0.1"
+    port: int = 30000  # 0: any free port
+    api_key: str | None = None
+    max_queued_requests: int = MAX_QUEUED_REQUESTS
+    max_queued_tokens: int = MAX_QUEUED_TOKENS
+    max_engine_restarts: int = MAX_ENGINE_RESTARTS
+    engine_restart_window_s: float = ENGINE_RESTART_WINDOW_S
+
+    def __post_init__(self) -> None:
+        for name in ("max_queued_requests", "max_queued_tokens", "max_engine_restarts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.engine_restart_window_s <= 0:
+            raise ValueError(
+                f"engine_restart_window_s must be positive, got {self.engine_restart_window_s}"
+            )
+
+    def public(self) -> dict[str, Any]:
+        """The arguments as server_info shows them (the API key left out)."""
+        info = asdict(self)
+        del info["api_key"]
+        return info
