@@ -42,6 +42,7 @@ from radixlm.kernels.cpu import CpuKernelBackend
 from radixlm.models.llama import LlamaForCausalLM
 from radixlm.models.loader import load_model_files
 from radixlm.runner.runner import build_model
+from radixlm.utils import progress
 
 
 def random_ids(n: int, gen: torch.Generator) -> list[int]:
@@ -72,16 +73,18 @@ def cache_on_off(
     try:
         for eng in engines.values():
             run_all(eng, [prompts[0][:64]], 1)  # warm-up
-        for r in range(args.rounds):
-            for label, eng in engines.items():
-                eng.flush_cache()
-                wall = run_all(eng, prompts, output_len)
-                passes = eng.get_stats()["num_forward_passes"]
-                best[label] = max(best[label], len(prompts) / wall)
-                print(
-                    f"  round {r + 1} cache {label:3s}: {wall:7.2f}s "
-                    f"{len(prompts) / wall:7.2f} req/s  (forward passes so far {passes})"
-                )
+        with progress(args.rounds * len(engines), "cache on / off", "run") as bar:
+            for r in range(args.rounds):
+                for label, eng in engines.items():
+                    eng.flush_cache()
+                    wall = run_all(eng, prompts, output_len)
+                    passes = eng.get_stats()["num_forward_passes"]
+                    best[label] = max(best[label], len(prompts) / wall)
+                    bar.write(
+                        f"  round {r + 1} cache {label:3s}: {wall:7.2f}s "
+                        f"{len(prompts) / wall:7.2f} req/s  (forward passes so far {passes})"
+                    )
+                    bar.update()
     finally:
         for eng in engines.values():
             eng.shutdown()
@@ -110,17 +113,20 @@ def bench_no_sharing(args: argparse.Namespace) -> None:
     print(f"  throughput cache on / off = {r['ratio']:.3f}  (target >= 0.95)")
 
 
-def _alternating(fns: list[Callable[[], Any]], repeat: int) -> list[list[float]]:
+def _alternating(fns: list[Callable[[], Any]], repeat: int, desc: str) -> list[list[float]]:
     """Each fn's wall times, the fns run in turn `repeat` times (after one untimed turn), so
     that load drift on a shared machine hits all of them alike."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeat):
-        for fn, ts in zip(fns, times, strict=True):
-            t0 = time.perf_counter()
+    with progress((repeat + 1) * len(fns), desc, "run") as bar:
+        for fn in fns:
             fn()
-            ts.append(time.perf_counter() - t0)
+            bar.update()
+        times: list[list[float]] = [[] for _ in fns]
+        for _ in range(repeat):
+            for fn, ts in zip(fns, times, strict=True):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+                bar.update()
     return times
 
 
@@ -182,6 +188,7 @@ def bench_prefill(args: argparse.Namespace) -> None:
             weight_matmuls(core, args.batch * args.prefill_len, args.batch),
         ],
         args.repeat,
+        "prefill",
     )
     fwd, mm = min(fwd_times), min(mm_times)
     tokens = args.batch * args.prefill_len
@@ -234,7 +241,7 @@ def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
     }
     names = [name for name, fn in baselines.items() if fn is not None]
     step_times, *mm_times = _alternating(
-        [core.step, *(baselines[name] for name in names)], args.decode_steps
+        [core.step, *(baselines[name] for name in names)], args.decode_steps, "decode"
     )
     assert len(sched.running) == b, "every request must still be decoding"
     step = statistics.median(step_times)
@@ -303,7 +310,9 @@ def bench_decode_pass(args: argparse.Namespace) -> None:
         try:
             for b, core in cores.items():
                 fused, layered = _alternating(
-                    [step(core, fused_models[b]), step(core, layers)], args.decode_steps
+                    [step(core, fused_models[b]), step(core, layers)],
+                    args.decode_steps,
+                    f"decode pass, batch {b}{label}",
                 )
                 f, lay = statistics.median(fused), statistics.median(layered)
                 print(
@@ -330,10 +339,12 @@ def bench_ttft(args: argparse.Namespace) -> None:
 
         ttft(random_ids(32, gen))  # warm-up
         uncached, cached = [], []
-        for _ in range(args.repeat):
-            eng.flush_cache()
-            uncached.append(ttft(prefix + random_ids(args.question_len, gen)))
-            cached.append(ttft(prefix + random_ids(args.question_len, gen)))
+        with progress(args.repeat, "TTFT, uncached and cached", "pair") as bar:
+            for _ in range(args.repeat):
+                eng.flush_cache()
+                uncached.append(ttft(prefix + random_ids(args.question_len, gen)))
+                cached.append(ttft(prefix + random_ids(args.question_len, gen)))
+                bar.update()
     u, c = statistics.median(uncached), statistics.median(cached)
     print(f"TTFT: {args.prefix_len}-token prefix + {args.question_len}-token question")
     print(
@@ -364,7 +375,8 @@ def bench_attention_kernel(args: argparse.Namespace) -> None:
             for name, backend in builds.items()
         }
         fns["plain read (torch.sum)"] = functools.partial(_read_layers, pools)
-        times = [statistics.median(t) for t in _alternating(list(fns.values()), args.repeat)]
+        runs = _alternating(list(fns.values()), args.repeat, f"attention kernel, {dtype}")
+        times = [statistics.median(t) for t in runs]
         nbytes = 2 * layers * kv_heads * b * n * d * pools[0][0].element_size()
         print(
             f"attention kernel: {layers} layers x {b} rows x {n} keys, {dtype}: {nbytes / 1e6:.0f} MB of K/V"

@@ -33,6 +33,7 @@ from radixlm.engine.engine import Engine
 from radixlm.grammar.manager import GrammarManager
 from radixlm.grammar.state import GrammarState
 from radixlm.sampling import SamplingBatch
+from radixlm.utils import progress
 
 SCHEMA = {
     "type": "object",
@@ -110,6 +111,7 @@ def bench_jump_forward(args: argparse.Namespace) -> None:
         for eng in engines.values():
             eng.generate(texts[0], params(args.max_new_tokens))  # builds llguidance, caches it
         outputs: dict[bool, list[str]] = {}
+        bar = progress(len(concurrency) * args.rounds * 2, "jump-forward on / off", "run")
         for c in concurrency:
             batch = texts[: args.sequential] if c == 1 else texts
             walls: dict[bool, float] = {True: float("inf"), False: float("inf")}
@@ -126,20 +128,22 @@ def bench_jump_forward(args: argparse.Namespace) -> None:
                     walls[jump] = min(walls[jump], time.perf_counter() - t0)
                     counts[jump] = passes(eng) - before
                     outputs[jump] = [o["text"] for o in outs]
+                    bar.update()
             for jump in (True, False):
                 valid = sum(_valid(t) for t in outputs[jump])
                 per_request = f"{counts[jump] / len(batch):5.1f} per request, " if c == 1 else ""
-                print(
+                bar.write(
                     f"  concurrency {c:2d}, jump-forward {'on ' if jump else 'off'}: "
                     f"{counts[jump]:4d} forward passes ({per_request}{len(batch)} requests), "
                     f"{walls[jump]:6.2f}s, {len(batch) / walls[jump]:5.2f} req/s, "
                     f"{valid}/{len(batch)} valid JSON"
                 )
-            print(
+            bar.write(
                 f"  concurrency {c:2d}: {1 - counts[True] / counts[False]:.0%} fewer forward "
                 f"passes (target >= 40%), throughput on / off = {walls[False] / walls[True]:.2f}x "
                 "(target >= 1.3x)"
             )
+        bar.close()
         same = sum(a == b for a, b in zip(outputs[True], outputs[False], strict=True))
         print(
             f"  identical greedy texts with and without jump-forward: {same}/{len(outputs[True])}"
@@ -211,7 +215,8 @@ def bench_overhead(args: argparse.Namespace) -> None:
             core.add(GenerateRequest(f"r{i}", ids, p))
         steps: list[tuple[float, float]] = []
         masks: torch.Tensor | None = None
-        with torch.inference_mode():
+        bar = progress(b, f"jump-forward {'on' if jump else 'off'}", "request")
+        with torch.inference_mode(), bar:
             while core.has_work:
                 decodes = sum(r.seq_len - r.kv_len == 1 for r in sched.running) == b
                 grammar.seconds = 0.0
@@ -223,6 +228,8 @@ def bench_overhead(args: argparse.Namespace) -> None:
                         states = [r.grammar for r in sched.running]
                         matchers = [s.matcher for s in states if isinstance(s, GrammarState)]
                         masks = grammar.backend.fill_masks(matchers)
+                left = len(sched.waiting) + len(sched.running) + grammar.num_pending
+                bar.update(b - left - bar.n)
         assert steps and masks is not None, "no decode step ran with the full batch"
         apply = _mask_apply_seconds(core, masks, args.repeat)
         step = statistics.median(s for s, _ in steps)

@@ -13,6 +13,7 @@ and the interpreter's own overhead.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
@@ -21,6 +22,10 @@ from radixlm.engine.engine import Engine
 from radixlm.lang.backends.base import Backend, Prompt
 from radixlm.lang.backends.engine import EngineBackend
 from radixlm.lang.ir import GenParams
+from radixlm.utils import progress
+
+# run_batch's progress bars, on a terminal only (tests read the output).
+BARS = sys.stderr.isatty()
 
 TOPICS = ["the history of tea", "how bridges stay up", "why the sky is blue", "how bees make honey"]
 SENTENCES = [
@@ -86,13 +91,15 @@ def bench_cache(args: argparse.Namespace) -> None:
             few_shot.run(question="What is 1 plus 1?", backend=backend, temperature=0)  # warm-up
             engine.flush_cache()
             t0 = time.perf_counter()
-            states = tree_of_thought.run_batch(tot_batch, backend=backend, temperature=0)
+            states = tree_of_thought.run_batch(
+                tot_batch, backend=backend, temperature=0, progress_bar=BARS
+            )
             times["tot", label] = time.perf_counter() - t0
             assert all(s.error() is None for s in states), [s.error() for s in states]
             prompt_tokens = len(engine.tokenizer.encode(states[0].text()))
             engine.flush_cache()
             t0 = time.perf_counter()
-            states = few_shot.run_batch(fs_batch, backend=backend, temperature=0)
+            states = few_shot.run_batch(fs_batch, backend=backend, temperature=0, progress_bar=BARS)
             times["few", label] = time.perf_counter() - t0
             assert all(s.error() is None for s in states)
             fs_tokens = len(engine.tokenizer.encode(states[0].text()))
@@ -153,11 +160,13 @@ def bench_overhead(args: argparse.Namespace) -> None:
             (direct, lambda: engine.generate("The capital of France is", params)),
             (program, lambda: one_gen.run(backend=backend, temperature=0)),
         ]
-        for rep in range(args.overhead_reps):
-            for times, call in calls[:: 1 if rep % 2 else -1]:  # alternate which goes first
-                t0 = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t0)
+        with progress(args.overhead_reps, "program vs direct call", "pair") as bar:
+            for rep in range(args.overhead_reps):
+                for times, call in calls[:: 1 if rep % 2 else -1]:  # alternate the first
+                    t0 = time.perf_counter()
+                    call()
+                    times.append(time.perf_counter() - t0)
+                bar.update()
     # The minimum: the machine's other load only ever adds time.
     d, p = min(direct), min(program)
     print(

@@ -26,7 +26,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,7 @@ import numpy as np
 
 from radixlm.server.child_process import ServerProcess
 from radixlm.tokenizer import Tokenizer
+from radixlm.utils import progress
 
 if TYPE_CHECKING:
     import aiohttp
@@ -362,20 +363,24 @@ async def run_load(
 ) -> tuple[list[RequestResult], float]:
     """Send on a Poisson schedule with at most `max_concurrency` in flight; (results, wall time)."""
     limit = asyncio.Semaphore(max_concurrency or len(requests))
+    bar = progress(len(requests), "served", "req")
 
     async def one(req: BenchRequest) -> RequestResult:
         async with limit:
-            return await send(req)
+            result = await send(req)
+        bar.update()
+        return result
 
     tasks = []
-    t0 = time.perf_counter()
-    for req, at in zip(requests, arrival_times(len(requests), request_rate, seed), strict=True):
-        delay = t0 + at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(req)))
-    results = await asyncio.gather(*tasks)
-    return list(results), time.perf_counter() - t0
+    with bar:
+        t0 = time.perf_counter()
+        for req, at in zip(requests, arrival_times(len(requests), request_rate, seed), strict=True):
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(req)))
+        results = await asyncio.gather(*tasks)
+        return list(results), time.perf_counter() - t0
 
 
 def _session() -> aiohttp.ClientSession:
@@ -496,12 +501,17 @@ def bench_engine(engine: Engine, args: argparse.Namespace, workload: Workload) -
         return _engine_result(out, time.perf_counter() - t)
 
     times = arrival_times(len(requests), args.request_rate, args.seed)
-    with ThreadPoolExecutor(args.max_concurrency or len(requests)) as pool:
+    with (
+        ThreadPoolExecutor(args.max_concurrency or len(requests)) as pool,
+        progress(len(requests), "in-process", "req") as bar,
+    ):
         t0 = time.perf_counter()
         futures = []
         for i, at in enumerate(times):
             time.sleep(max(0.0, t0 + at - time.perf_counter()))
             futures.append(pool.submit(one, i))
+        for _ in as_completed(futures):
+            bar.update()
         results = [f.result() for f in futures]
         duration = time.perf_counter() - t0
     return RunMetrics.of(results, duration)
@@ -597,14 +607,16 @@ def mode_compare_engine(args: argparse.Namespace, url: str, tokenizer: Tokenizer
         import torch
 
         setup["Torch threads (in-process)"] = torch.get_num_threads()
-        for r in range(args.rounds):
-            served.append(bench_http(url, args, workload))
-            inproc.append(bench_engine(engine, args, workload))
-            print(
-                f"round {r + 1}/{args.rounds}: served {served[-1].duration:.2f}s, "
-                f"in-process {inproc[-1].duration:.2f}s, "
-                f"served / in-process {inproc[-1].duration / served[-1].duration:.3f}"
-            )
+        with progress(args.rounds, "rounds (served, then in-process)", "round") as bar:
+            for r in range(args.rounds):
+                served.append(bench_http(url, args, workload))
+                inproc.append(bench_engine(engine, args, workload))
+                bar.write(
+                    f"round {r + 1}/{args.rounds}: served {served[-1].duration:.2f}s, "
+                    f"in-process {inproc[-1].duration:.2f}s, "
+                    f"served / in-process {inproc[-1].duration / served[-1].duration:.3f}"
+                )
+                bar.update()
     finally:
         engine.shutdown()
     best_s = min(served, key=lambda m: m.duration)
@@ -629,12 +641,14 @@ def mode_ttft_cached(args: argparse.Namespace, url: str, tokenizer: Tokenizer) -
         async with _session() as session:
             client = await connect(session, url, args, workload.warmup)
             results = []
-            t0 = time.perf_counter()
-            for req, is_first in zip(workload.requests, first, strict=True):
-                if is_first:
-                    flush_cache(url)
-                results.append(await client.send(req))
-            return results, time.perf_counter() - t0
+            with progress(len(workload.requests), "one at a time", "req") as bar:
+                t0 = time.perf_counter()
+                for req, is_first in zip(workload.requests, first, strict=True):
+                    if is_first:
+                        flush_cache(url)
+                    results.append(await client.send(req))
+                    bar.update()
+                return results, time.perf_counter() - t0
 
     reqs = workload.requests
     first = [i == 0 or r.group != reqs[i - 1].group for i, r in enumerate(reqs)]

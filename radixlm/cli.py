@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from radixlm.engine.args import EngineArgs
-from radixlm.server.args import ServerArgs
+from radixlm.server.args import ACCEPTED_SGLANG_ARGS, LOG_LEVELS, ServerArgs
 
 _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     (
@@ -42,6 +42,14 @@ _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     (
         "--max-total-tokens",
         {"type": int, "help": "KV pool size in tokens (default: from free memory)"},
+    ),
+    (
+        "--mem-fraction-static",
+        {
+            "type": float,
+            "help": "share of the available memory (GPU, or RAM on the CPU) for the weights "
+            "plus the KV pool",
+        },
     ),
     ("--chunked-prefill-size", {"type": int, "help": "max tokens per forward pass"}),
     ("--max-running-requests", {"type": int, "help": "max requests decoding at once"}),
@@ -75,6 +83,10 @@ _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
         "--disable-jump-forward",
         {"action": "store_true", "help": "decode forced grammar tokens one by one (ablation)"},
     ),
+    (
+        "--chat-template",
+        {"metavar": "FILE", "help": "a Jinja file that replaces the model's chat template"},
+    ),
 ]
 
 
@@ -84,10 +96,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **kw)
 
 
+def _dest(flag: str) -> str:
+    """The argument name of a flag (`--max-total-tokens` -> `max_total_tokens`)."""
+    return flag[2:].replace("-", "_")
+
+
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     """Collect the engine flags of a parsed command line."""
-    names = [flag[2:].replace("-", "_") for flag, _ in _ENGINE_FLAGS]
-    return EngineArgs(**{n: getattr(ns, n) for n in names})
+    return EngineArgs(**{_dest(flag): getattr(ns, _dest(flag)) for flag, _ in _ENGINE_FLAGS})
 
 
 def _generate(ns: argparse.Namespace) -> None:
@@ -131,13 +147,13 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
         "--engine-restart-window-s",
         {"type": float, "help": "the window of --max-engine-restarts, in seconds"},
     ),
+    ("--log-level", {"choices": LOG_LEVELS, "help": "logging level of the server and its engine"}),
 ]
 
 
 def server_args_from(ns: argparse.Namespace) -> ServerArgs:
     """Collect the server flags of a parsed command line."""
-    names = [flag[2:].replace("-", "_") for flag, _ in _SERVER_FLAGS]
-    return ServerArgs(**{n: getattr(ns, n) for n in names})
+    return ServerArgs(**{_dest(flag): getattr(ns, _dest(flag)) for flag, _ in _SERVER_FLAGS})
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -159,8 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="run the HTTP server (SGLang's native API and OpenAI's)")
     defaults = ServerArgs()
     for flag, kw in _SERVER_FLAGS:
-        default = getattr(defaults, flag[2:].replace("-", "_"))
-        srv.add_argument(flag, **kw, default=default)
+        srv.add_argument(flag, **kw, default=getattr(defaults, _dest(flag)))
+    for name, why in ACCEPTED_SGLANG_ARGS.items():
+        srv.add_argument(
+            "--" + name.replace("_", "-"), action="store_true", help=f"accepted (SGLang's): {why}"
+        )
     add_engine_args(srv)
     return parser
 
@@ -170,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     ns = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=getattr(ns, "log_level", "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if ns.command == "generate":
         _generate(ns)

@@ -53,8 +53,10 @@ class Tokenizer:
         self._template: jinja2.Template | None = None
 
     @classmethod
-    def load(cls, model_path: str) -> Tokenizer:
-        """Load from a Hugging Face folder (tokenizer.json + tokenizer_config.json) or a GGUF file."""
+    def load(cls, model_path: str, chat_template: str | None = None) -> Tokenizer:
+        """Load from a Hugging Face folder (tokenizer.json + tokenizer_config.json) or a GGUF
+        file; `chat_template` is a Jinja file that replaces the model's chat template (checked
+        here: ValueError if it does not compile)."""
         from tokenizers import Tokenizer as Backend
 
         path = Path(model_path).expanduser()
@@ -91,6 +93,9 @@ class Tokenizer:
                 if i is not None and i not in eos_ids:
                     eos_ids.append(int(i))
 
+        template = _chat_template(folder, tok_config)
+        if chat_template is not None:
+            template = _read_chat_template_file(chat_template)
         return cls(
             backend,
             vocab_size=max(
@@ -98,7 +103,7 @@ class Tokenizer:
             ),
             bos_token_id=bos_id,
             eos_token_ids=tuple(eos_ids),
-            chat_template=_chat_template(folder, tok_config),
+            chat_template=template,
             # A tokenizer.json whose post-processor adds BOS does so without this flag.
             add_bos=bool(tok_config.get("add_bos_token")) and bos_id is not None,
             special_tokens=special,
@@ -301,6 +306,18 @@ def _chat_template(folder: Path, tok_config: dict[str, Any]) -> str | None:
         named = {t["name"]: t["template"] for t in template}
         return named.get("default", next(iter(named.values()), None))
     return template if isinstance(template, str) else None
+
+
+def _read_chat_template_file(path: str) -> str:
+    """A chat template given as a Jinja file, compiled once to report its errors at start."""
+    import jinja2
+
+    source = Path(path).expanduser().read_text()
+    try:
+        _compile_chat_template(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat template {path!r}, line {e.lineno}: {e.message}") from None
+    return source
 
 
 def _token_text(value: Any) -> str | None:

@@ -1,4 +1,5 @@
-"""Small helpers shared across packages: the on-disk cache location and atomic writes."""
+"""Small helpers shared across packages: the on-disk cache location, atomic writes and
+progress bars."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 def cache_dir() -> Path:
@@ -27,3 +32,14 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def progress(
+    total: int, desc: str, unit: str = "it", show: bool | None = None, leave: bool = False
+) -> tqdm:
+    """A progress bar on stderr with its count, rate and ETA (tqdm); `show` None shows it only
+    on a terminal. The caller closes it (or uses it as a context manager)."""
+    from tqdm import tqdm
+
+    disable = None if show is None else not show
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, leave=leave, dynamic_ncols=True)

@@ -25,6 +25,7 @@ torch.set_num_threads(1)
 SMOLLM2_VOCAB_SIZE = 49152
 _HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,26 @@ def test_request_timeout_flag() -> None:
     assert parse("--request-timeout", "30").request_timeout == 30.0
     with pytest.raises(ValueError, match="request_timeout"):
         parse("--request-timeout", "0")
+
+
+def test_mem_fraction_static_flag() -> None:
+    assert parse().mem_fraction_static is None
+    assert parse("--mem-fraction-static", "0.4").mem_fraction_static == 0.4
+    with pytest.raises(ValueError, match="mem_fraction_static"):
+        parse("--mem-fraction-static", "1.5")
+
+
+def test_chat_template_flag(tmp_path: Path) -> None:
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert parse("--chat-template", str(template)).chat_template == str(template)
+    with pytest.raises(ValueError, match="chat_template .* is not a file"):
+        parse("--chat-template", str(tmp_path / "missing.jinja"))
+
+
+def test_log_level_and_accepted_sglang_flags() -> None:
+    ns = build_parser().parse_args(["serve", "--log-level", "warning", "--enable-metrics"])
+    assert server_args_from(ns).log_level == "warning"
+    assert server_args_from(build_parser().parse_args(["serve"])).log_level == "info"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--log-level", "loud"])

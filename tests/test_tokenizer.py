@@ -104,6 +104,20 @@ def test_hf_folder_tokenizer(tiny_model_dir: Path, tokenizer: Tokenizer) -> None
         assert folder_tokenizer.encode(text) == tokenizer.encode(text)
 
 
+def test_a_chat_template_file_replaces_the_models(tiny_model_dir: Path, tmp_path: Path) -> None:
+    template = tmp_path / "chat.jinja"
+    template.write_text(
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    tok = Tokenizer.load(str(tiny_model_dir), str(template))
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text == tok.special_tokens["bos_token"] + "[user] Hi\n[assistant] "
+    template.write_text("{% for m in messages %}\n{{ m['content'] }\n")
+    with pytest.raises(ValueError, match=r"chat template '.*chat.jinja', line 2: "):
+        Tokenizer.load(str(tiny_model_dir), str(template))
+
+
 def test_eos_ids_are_merged_from_all_configs(tiny_model_dir: Path, tmp_path: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())

@@ -35,6 +35,9 @@ class KernelRowLayout:
     # int64 [3, B]: each row's first token among the row tokens, its number of new tokens, and
     # its number of keys (the new ones are the last).
     spans: torch.Tensor
+    window: int = (
+        0  # the model's sliding window (a query sees this many keys, itself last); 0: none
+    )
 
 
 # The short rows' attention metadata, in the layout of the backend that built the batch.
@@ -57,6 +60,9 @@ class ForwardBatch:
     num_extend_tokens: int
     rows: RowLayout | None  # None when the batch has no short rows
     logits_index: torch.Tensor  # int64 [N]: flat positions whose logits are needed
+    # The model's sliding window: a token attends to itself and the window - 1 positions before
+    # it. None: to every position before it.
+    window: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +17,11 @@ class EngineArgs:
     schedule_policy: str = "lpm"
     max_wait_s: float = 10.0  # a request waiting longer is admitted before cache-aware order
     request_timeout: float | None = None  # seconds a request may take before it is aborted
-    max_total_tokens: int | None = None  # KV pool size in tokens
+    max_total_tokens: int | None = None  # KV pool size in tokens (wins over mem_fraction_static)
+    # Share of the device's available memory (GPU memory, or RAM on the CPU) that the weights
+    # and the KV pool take together; None = the pool takes a device-dependent share of the
+    # memory left after the weights.
+    mem_fraction_static: float | None = None
     chunked_prefill_size: int | None = None  # tokens per forward (prefill chunks + decodes)
     max_running_requests: int | None = None
     context_length: int | None = None
@@ -25,6 +30,7 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"  # "auto" = dtype; "bfloat16" halves KV memory and traffic
     random_seed: int | None = None
     disable_jump_forward: bool = False  # structured output: one decode per forced token (ablation)
+    chat_template: str | None = None  # a Jinja file that replaces the model's chat template
 
     def __post_init__(self) -> None:
         for name in ("max_total_tokens", "chunked_prefill_size", "max_running_requests"):
@@ -37,6 +43,12 @@ class EngineArgs:
             raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {self.context_length}")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
+            raise ValueError(
+                f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}"
+            )
+        if self.chat_template is not None and not os.path.isfile(self.chat_template):
+            raise ValueError(f"chat_template {self.chat_template!r} is not a file")
 
     def to_dict(self) -> dict[str, Any]:
         """The arguments as a plain dict (server_info)."""

@@ -50,14 +50,20 @@ class EngineCore:
         self.args = args
         self.model_path = args.model_path or default_model_path()
         config, weights = load_model_files(self.model_path)
-        self.tokenizer = Tokenizer.load(self.model_path)
+        self.tokenizer = Tokenizer.load(self.model_path, args.chat_template)
         self.model_config = config
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         kv_dtype = (
             dtype if args.kv_cache_dtype == "auto" else resolve_dtype(args.kv_cache_dtype, device)
         )
-        num_slots = args.max_total_tokens or default_num_slots(config, device, kv_dtype)
+        num_slots = args.max_total_tokens or default_num_slots(
+            config,
+            device,
+            kv_dtype,
+            weight_bytes=sum(w.numel() for w in weights.values()) * dtype.itemsize,
+            mem_fraction=args.mem_fraction_static,
+        )
         self.runner = ModelRunner(config, weights, device, dtype, num_slots, kv_dtype)
         del weights
         self.allocator = SlotAllocator(num_slots)

@@ -16,12 +16,12 @@ from radixlm.engine.args import EngineArgs
 logger = logging.getLogger(__name__)
 
 
-def _engine_main(args: EngineArgs, inbox: Connection, outbox: Connection) -> None:
+def _engine_main(
+    args: EngineArgs, inbox: Connection, outbox: Connection, log_level: int = logging.INFO
+) -> None:
     # The parent owns Ctrl-C: it asks this process to stop and then waits for it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from radixlm.engine.core import EngineCore  # torch is loaded in this process only
 
     try:
@@ -52,7 +52,8 @@ def _engine_main(args: EngineArgs, inbox: Connection, outbox: Connection) -> Non
 
 
 class EngineProcess:
-    """Parent-side handle: start the core process, send messages, receive output batches."""
+    """Parent-side handle: start the core process, send messages, receive output batches.
+    The process logs at the level of this process's root logger."""
 
     def __init__(self, args: EngineArgs, start_timeout_s: float = 600.0) -> None:
         ctx = mp.get_context("spawn")
@@ -61,7 +62,7 @@ class EngineProcess:
         # Pipe(duplex=False) returns (reader, writer); reversed above to (writer, reader).
         self.process = ctx.Process(
             target=_engine_main,
-            args=(args, child_in, child_out),
+            args=(args, child_in, child_out, logging.getLogger().getEffectiveLevel()),
             name="radixlm-engine",
             daemon=True,
         )

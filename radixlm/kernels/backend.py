@@ -30,9 +30,12 @@ class Backend(Protocol):
         """Whether every op runs here for a model of `dtype` and a pool of `kv_dtype`."""
         ...
 
-    def row_layout(self, kv: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor) -> RowLayout:
+    def row_layout(
+        self, kv: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, window: int | None
+    ) -> RowLayout:
         """The short rows' attention metadata: kv [B, N] each row's slots (padded with slot 0),
-        starts [B] its first new position, lens [B] its number of new tokens."""
+        starts [B] its first new position, lens [B] its number of new tokens; `window` the
+        model's sliding window (a query sees itself and the window - 1 keys before it), if any."""
         ...
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

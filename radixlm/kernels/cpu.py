@@ -41,11 +41,14 @@ class CpuKernelBackend:
         """Whether every op runs here for a model of `dtype` and a pool of `kv_dtype`."""
         return device.type == "cpu" and dtype == torch.float32 and kv_dtype in KV_SUFFIX
 
-    def row_layout(self, kv: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor) -> RowLayout:
+    def row_layout(
+        self, kv: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, window: int | None
+    ) -> RowLayout:
         """The short rows as `row_attention` reads them: kv [B, N] each row's slots (padded),
-        starts [B] its first new position, lens [B] its number of new tokens."""
+        starts [B] its first new position, lens [B] its number of new tokens; `window` the
+        model's sliding window, if any."""
         first = torch.cumsum(lens, 0) - lens
-        return KernelRowLayout(kv, torch.stack([first, lens, starts + lens]))
+        return KernelRowLayout(kv, torch.stack([first, lens, starts + lens]), window or 0)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """weight * x / sqrt(mean(x^2) + eps) over the last dim, in one pass; a new tensor."""
@@ -179,6 +182,7 @@ class CpuKernelBackend:
             d,
             slots * d,
             scale,
+            rows.window,
             out.data_ptr(),
             torch.get_num_threads(),
         )

@@ -32,6 +32,7 @@ class _DecodeArgs(ctypes.Structure):
         ("row_stride", _I64),
         *((n, _P) for n in ("q_start", "q_len", "kv_len")),
         ("rows", _I64),
+        ("window", _I64),
         ("sgemm", _P),
         ("num_threads", _I64),
         ("gemms_only", _I64),
@@ -168,6 +169,7 @@ class DecodePass:
         args.cos, args.sin, args.out_slots = cos.data_ptr(), sin.data_ptr(), out_slots.data_ptr()
         args.row_kv = rows.kv.data_ptr()
         args.q_start, args.q_len, args.kv_len = spans, spans + step, spans + 2 * step
+        args.window = rows.window
         args.num_threads = torch.get_num_threads()
         args.gemms_only = gemms_only
         self._entry[k_caches[0].dtype](ctypes.byref(args))

@@ -71,6 +71,7 @@ struct DecodeArgs {
     const int64_t* q_len;
     const int64_t* kv_len;
     int64_t rows;
+    int64_t window;  // the sliding window (a query sees this many keys, itself last); 0: none
     Sgemm sgemm;
     int64_t num_threads;
     int64_t gemms_only;  // nonzero: only the weight GEMMs, as the pass runs them (benchmarks)
@@ -228,7 +229,7 @@ void decode_layers(const DecodeArgs& a) {
         o(m * hid), gate_up(m * 2 * inter), act(m * inter);
     const RowBatch<KV> rows{q.data(), nullptr, nullptr, a.row_kv, a.row_stride, a.q_start,
                             a.q_len, a.kv_len, a.rows, a.heads, a.kv_heads, d, a.head_stride,
-                            a.scale, attn.data()};
+                            a.scale, a.window, attn.data()};
     const int64_t max_m = rows.max_m();
     std::optional<Barrier> barrier;
     std::atomic<int64_t> next_task{0};  // the attention's work queue

@@ -25,10 +25,11 @@ void radixlm_row_attention_f32(const float* q, const float* k_cache, const float
                                const int64_t* row_kv, int64_t row_stride, const int64_t* q_start,
                                const int64_t* q_len, const int64_t* kv_len, int64_t num_rows,
                                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                               int64_t head_stride, float scale, float* out, int num_threads) {
+                               int64_t head_stride, float scale, int64_t window, float* out,
+                               int num_threads) {
     row_attention(RowBatch<float>{q, k_cache, v_cache, row_kv, row_stride, q_start, q_len, kv_len,
                                   num_rows, num_heads, num_kv_heads, head_dim, head_stride, scale,
-                                  out},
+                                  window, out},
                   num_threads);
 }
 
@@ -37,10 +38,10 @@ void radixlm_row_attention_bf16(const float* q, const uint16_t* k_cache, const u
                                 const int64_t* q_start, const int64_t* q_len,
                                 const int64_t* kv_len, int64_t num_rows, int64_t num_heads,
                                 int64_t num_kv_heads, int64_t head_dim, int64_t head_stride,
-                                float scale, float* out, int num_threads) {
+                                float scale, int64_t window, float* out, int num_threads) {
     row_attention(RowBatch<uint16_t>{q, k_cache, v_cache, row_kv, row_stride, q_start, q_len,
                                      kv_len, num_rows, num_heads, num_kv_heads, head_dim,
-                                     head_stride, scale, out},
+                                     head_stride, scale, window, out},
                   num_threads);
 }
 

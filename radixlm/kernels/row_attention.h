@@ -63,17 +63,30 @@ inline void block_values(const float* __restrict p, const KV* const* rows, int64
     }
 }
 
-// Turns one query's scores s[0, n) of a block into probabilities (keys from `visible` on are
-// its future: probability 0), folds the block into its running max and sum, and returns the
-// factor that rescales its accumulated values.
-inline float softmax_block(float* __restrict s, int64_t n, int64_t visible, float& row_max,
-                           float& row_sum) {
+// The keys [lo, hi) of a block (its first key j0, nb keys) that query m of a row sees: those up
+// to its own position, last_visible + m / group, and with a sliding window (window > 0) only
+// the last `window` of them. A query sees at least its own key in the first block a row
+// attends over: it starts at the first query's first key, and a row has fewer queries than a
+// block has keys (MAX_ROW_QUERIES in radixlm/core/plan.py).
+inline void visible_keys(int64_t last_visible, int64_t m, int64_t group, int64_t window,
+                         int64_t j0, int64_t nb, int64_t& lo, int64_t& hi) {
+    const int64_t own = last_visible + m / group - j0;
+    hi = std::clamp(own + 1, int64_t(0), nb);
+    lo = window > 0 ? std::clamp(own + 1 - window, int64_t(0), nb) : 0;
+}
+
+// Turns one query's scores s[0, n) of a block into probabilities (keys outside [lo, hi) are
+// its future or out of its window: probability 0), folds the block into its running max and
+// sum, and returns the factor that rescales its accumulated values.
+inline float softmax_block(float* __restrict s, int64_t n, int64_t lo, int64_t hi,
+                           float& row_max, float& row_sum) {
     float block_max = kNoScore;
 #pragma omp simd reduction(max : block_max)
-    for (int64_t j = 0; j < visible; ++j) block_max = std::max(block_max, s[j]);
+    for (int64_t j = lo; j < hi; ++j) block_max = std::max(block_max, s[j]);
     const float new_max = std::max(row_max, block_max);
     const float correction = exp_nonpositive(row_max - new_max);
-    for (int64_t j = visible; j < n; ++j) s[j] = kNoScore;
+    for (int64_t j = 0; j < lo; ++j) s[j] = kNoScore;
+    for (int64_t j = hi; j < n; ++j) s[j] = kNoScore;
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) {
@@ -179,9 +192,9 @@ struct Simd {
 // scratch of MT x kBlock; m0 is the first query's index m in its row.
 template <typename KV, int64_t D, int64_t MT>
 void tile_block(const float* __restrict q, int64_t m0, int64_t group, int64_t last_visible,
-                int64_t j0, const KV* const* k_rows, const KV* const* v_rows, int64_t nb,
-                float* __restrict s, float* __restrict acc, float* __restrict row_max,
-                float* __restrict row_sum) {
+                int64_t window, int64_t j0, const KV* const* k_rows, const KV* const* v_rows,
+                int64_t nb, float* __restrict s, float* __restrict acc,
+                float* __restrict row_max, float* __restrict row_sum) {
     using V = Simd::V;
     constexpr int64_t W = Simd::kWidth, C = D / W;
     V qv[MT][C];
@@ -203,10 +216,9 @@ void tile_block(const float* __restrict q, int64_t m0, int64_t group, int64_t la
     }
     V out[MT][C];
     for (int64_t i = 0; i < MT; ++i) {
-        // Query m sits at position last_visible + m / group: it sees keys up to there.
-        const int64_t m = m0 + i;
-        const int64_t visible = std::clamp(last_visible + m / group + 1 - j0, int64_t(0), nb);
-        const V corr = Simd::set1(softmax_block(s + i * kBlock, nb, visible, row_max[i], row_sum[i]));
+        int64_t lo, hi;
+        visible_keys(last_visible, m0 + i, group, window, j0, nb, lo, hi);
+        const V corr = Simd::set1(softmax_block(s + i * kBlock, nb, lo, hi, row_max[i], row_sum[i]));
         for (int64_t c = 0; c < C; ++c) out[i][c] = Simd::mul(Simd::load(acc + i * D + W * c), corr);
     }
     for (int64_t j = 0; j < nb; ++j) {
@@ -223,12 +235,13 @@ void tile_block(const float* __restrict q, int64_t m0, int64_t group, int64_t la
 #endif
 
 // One row's queries of one KV head (m = query * group + head in group) over its keys, block by
-// block with an online softmax. D is a compile-time constant for the common head sizes.
+// block with an online softmax; with a sliding window (window > 0) only over the keys in some
+// query's window. D is a compile-time constant for the common head sizes.
 template <typename KV, int64_t D>
 void attend_row(const float* __restrict qs, int64_t m_count, int64_t group, int64_t nq,
-                int64_t len, const int64_t* slots, const KV* k_head, const KV* v_head,
-                int64_t d_runtime, float* __restrict acc, float* __restrict row_max,
-                float* __restrict row_sum) {
+                int64_t len, int64_t window, const int64_t* slots, const KV* k_head,
+                const KV* v_head, int64_t d_runtime, float* __restrict acc,
+                float* __restrict row_max, float* __restrict row_sum) {
     const int64_t d = D > 0 ? D : d_runtime;
     const KV* k_rows[kBlock];
     const KV* v_rows[kBlock];
@@ -238,9 +251,10 @@ void attend_row(const float* __restrict qs, int64_t m_count, int64_t group, int6
         row_max[m] = kNoScore;
         row_sum[m] = 0.0f;
     }
-    // The row's first query sits at position len - nq.
+    // The row's first query sits at position len - nq; the first key it sees starts the blocks.
     const int64_t last_visible = len - nq;
-    for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
+    const int64_t first_key = window > 0 ? std::max(int64_t(0), last_visible + 1 - window) : 0;
+    for (int64_t j0 = first_key; j0 < len; j0 += kBlock) {
         const int64_t nb = std::min(kBlock, len - j0);
         block_rows(k_head, slots + j0, nb, d, k_rows);
         block_rows(v_head, slots + j0, nb, d, v_rows);
@@ -254,7 +268,7 @@ void attend_row(const float* __restrict qs, int64_t m_count, int64_t group, int6
                             : mt == 3 ? tile_block<KV, D, 3>
                             : mt == 2 ? tile_block<KV, D, 2>
                                       : tile_block<KV, D, 1>;
-                tile(qs + m0 * D, m0, group, last_visible, j0, k_rows, v_rows, nb, s,
+                tile(qs + m0 * D, m0, group, last_visible, window, j0, k_rows, v_rows, nb, s,
                      acc + m0 * D, row_max + m0, row_sum + m0);
             }
             continue;
@@ -262,8 +276,9 @@ void attend_row(const float* __restrict qs, int64_t m_count, int64_t group, int6
 #endif
         for (int64_t m = 0; m < m_count; ++m) {
             block_scores(qs + m * d, k_rows, nb, d, s);
-            const int64_t visible = std::clamp(last_visible + m / group + 1 - j0, int64_t(0), nb);
-            const float correction = softmax_block(s, nb, visible, row_max[m], row_sum[m]);
+            int64_t lo, hi;
+            visible_keys(last_visible, m, group, window, j0, nb, lo, hi);
+            const float correction = softmax_block(s, nb, lo, hi, row_max[m], row_sum[m]);
             block_values(s, v_rows, nb, d, correction, acc + m * d);
         }
     }
@@ -271,7 +286,8 @@ void attend_row(const float* __restrict qs, int64_t m_count, int64_t group, int6
 
 // A batch of short rows: q [T, H, D] float32 and out [T, H, D]; caches [KVH, head_stride / D, D];
 // row_kv [rows, row_stride] slots (row b uses its first kv_len[b]); row b's queries are tokens
-// q_start[b] .. q_start[b] + q_len[b] - 1, at the last q_len[b] positions of its kv_len[b].
+// q_start[b] .. q_start[b] + q_len[b] - 1, at the last q_len[b] positions of its kv_len[b];
+// window > 0: the sliding window (a query sees itself and the window - 1 keys before it).
 template <typename KV>
 struct RowBatch {
     const float* q;
@@ -284,6 +300,7 @@ struct RowBatch {
     const int64_t* kv_len;
     int64_t num_rows, num_heads, num_kv_heads, head_dim, head_stride;
     float scale;
+    int64_t window;
     float* out;
 
     int64_t tasks() const { return num_rows * num_kv_heads; }
@@ -314,7 +331,7 @@ void attend_task(const RowBatch<KV>& a, int64_t task, RowScratch& s) {
         for (int64_t x = 0; x < d; ++x) s.qs[m * d + x] = src[x] * a.scale;
     }
     auto attend = d == 64 ? attend_row<KV, 64> : d == 128 ? attend_row<KV, 128> : attend_row<KV, 0>;
-    attend(s.qs.data(), m_count, group, nq, a.kv_len[b], a.row_kv + b * a.row_stride,
+    attend(s.qs.data(), m_count, group, nq, a.kv_len[b], a.window, a.row_kv + b * a.row_stride,
            a.k_cache + kh * a.head_stride, a.v_cache + kh * a.head_stride, d, s.acc.data(),
            s.row_max.data(), s.row_sum.data());
     for (int64_t m = 0; m < m_count; ++m) {

@@ -30,16 +30,22 @@ class TorchBackend:
         """Whether every op runs here for a model of `dtype` and a pool of `kv_dtype`: always."""
         return True
 
-    def row_layout(self, kv: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor) -> RowLayout:
+    def row_layout(
+        self, kv: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, window: int | None
+    ) -> RowLayout:
         """The short rows padded to [B, Q] queries: kv [B, N] each row's slots (padded), starts
-        [B] its first new position, lens [B] its number of new tokens."""
+        [B] its first new position, lens [B] its number of new tokens; with a sliding `window`
+        a query sees only itself and the window - 1 keys before it."""
         first = torch.cumsum(lens, 0) - lens
         q = torch.arange(int(lens.max()), device=kv.device)
         valid = q[None, :] < lens[:, None]
         # A padded query repeats its row's last one, so its softmax stays finite.
         last = torch.minimum(q[None, :], lens[:, None] - 1)
         visible_to = (starts[:, None] + last)[:, :, None]
-        mask = torch.arange(kv.shape[1], device=kv.device)[None, None, :] <= visible_to
+        keys = torch.arange(kv.shape[1], device=kv.device)[None, None, :]
+        mask = keys <= visible_to
+        if window is not None:
+            mask &= keys > visible_to - window
         return TorchRowLayout(kv, first[:, None] + last, valid, mask)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

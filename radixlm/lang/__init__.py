@@ -31,6 +31,7 @@ from radixlm.lang.choices import (
 )
 from radixlm.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR
 from radixlm.lang.program import SglFunction, set_default_backend
+from radixlm.lang.runtime import Runtime
 from radixlm.lang.state import ProgramState, ProgramStateGroup
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "OpenAI",
     "ProgramState",
     "ProgramStateGroup",
+    "Runtime",
     "RuntimeEndpoint",
     "SglFunction",
     "assistant",

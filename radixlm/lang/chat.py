@@ -59,13 +59,16 @@ class ChatTemplate:
         return cls(render)
 
     @classmethod
-    def from_model_path(cls, model_path: str | None) -> ChatTemplate:
-        """The template of a model on this machine (a GGUF file or HF folder), else ChatML."""
+    def from_model_path(
+        cls, model_path: str | None, chat_template: str | None = None
+    ) -> ChatTemplate:
+        """The template of a model on this machine (a GGUF file or HF folder), or the Jinja
+        file `chat_template` in its place; else ChatML."""
         if model_path and os.path.exists(os.path.expanduser(model_path)):
             from radixlm.tokenizer import Tokenizer
 
             try:
-                return cls.from_tokenizer(Tokenizer.load(model_path))
+                return cls.from_tokenizer(Tokenizer.load(model_path, chat_template))
             except (OSError, ValueError):
                 pass
         return cls()

@@ -6,16 +6,16 @@ import contextlib
 import inspect
 import logging
 import os
-import sys
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 from radixlm.lang.backends.base import Backend, Prompt
 from radixlm.lang.interpreter import Executor
 from radixlm.lang.ir import GenParams, stop_tuple
 from radixlm.lang.state import ProgramState
+from radixlm.utils import progress
 
 logger = logging.getLogger(__name__)
 
@@ -218,25 +218,21 @@ def run_batch(
             backend.cache_prefix(prefix)
     threads = max(96, (os.cpu_count() or 1) * 16) if num_threads == "auto" else int(num_threads)
     threads = max(1, min(threads, len(batch)))
-    done = 0
-    lock = threading.Lock()
 
     def one(kwargs: dict[str, Any]) -> ProgramState:
-        nonlocal done
         state = run_program(program, backend, (), kwargs, defaults, False, raise_errors=False)
         if state.executor.error is not None:
             logger.warning("a program of the batch failed: %r", state.executor.error)
-        if progress_bar:
-            with lock:
-                done += 1
-                print(f"\r{program.__name__}: {done}/{len(batch)}", end="", file=sys.stderr)
         return state
 
     with ThreadPoolExecutor(threads) as pool:
-        states = list(pool.map(one, batch))
-    if progress_bar:
-        print(file=sys.stderr)
-    return states
+        futures = [pool.submit(one, kwargs) for kwargs in batch]
+        if progress_bar:
+            # Shown even off a terminal: the caller asked for it.
+            with progress(len(batch), program.__name__, "program", show=True, leave=True) as bar:
+                for _ in as_completed(futures):
+                    bar.update()
+        return [f.result() for f in futures]
 
 
 class _TraceStop(Exception):

@@ -27,6 +27,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k
+    # Mistral: a token attends to itself and the sliding_window - 1 tokens before it; None: to
+    # every token before it.
+    sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -38,6 +41,8 @@ class ModelConfig:
             )
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -51,6 +56,7 @@ class ModelConfig:
             raise ValueError(f"unsupported model_type {model_type!r}")
         hidden = cfg["hidden_size"]
         heads = cfg["num_attention_heads"]
+        max_positions = cfg.get("max_position_embeddings", 4096)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
@@ -65,10 +71,36 @@ class ModelConfig:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=cfg.get("rope_theta", 10000.0),
             rope_scaling=cfg.get("rope_scaling"),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", arch == "qwen2"),
             qk_norm=arch == "qwen3",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            sliding_window=_sliding_window(cfg, arch, max_positions),
         )
+
+
+def _sliding_window(cfg: dict[str, Any], arch: str, max_positions: int) -> int | None:
+    """The attention window of every layer, as transformers reads the config; None where no
+    position within the context is ever out of it. A window on some layers only is refused."""
+    layers = cfg["num_hidden_layers"]
+    if arch == "mistral":
+        first = 0
+    elif arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        # On the layers from max_window_layers on (28: transformers' default).
+        first = cfg.get("max_window_layers", 28)
+    else:
+        return None
+    first = min(first, layers)
+    kinds = cfg.get("layer_types") or (
+        ["full_attention"] * first + ["sliding_attention"] * (layers - first)
+    )
+    window = cfg.get("sliding_window")
+    if window is None or window >= max_positions or "sliding_attention" not in kinds:
+        return None
+    if "full_attention" in kinds:
+        raise ValueError(
+            f"a sliding window (of {window} tokens) on some layers only is not supported"
+        )
+    return int(window)

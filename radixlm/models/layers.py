@@ -79,18 +79,24 @@ def paged_attention(
 
     q [T, H, D]; kh/vh [KVH, T, D] are this step's K/V (what a prefill without a cached prefix
     attends over); the caches are head-major [KVH, num_slots + 1, D]. Extends attend one by
-    one in torch's fused attention, the short rows together in the backend's row attention.
+    one in torch's fused attention, the short rows together in the backend's row attention;
+    with a sliding window (`batch.window`) each token sees only the keys within it.
     Returns [T, H, D].
     """
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, for the kernel
+    window = batch.window
     for seq in batch.extends:
         lo, hi = seq.q_start, seq.q_start + seq.q_len
         if seq.prefix_len == 0:
-            ks, vs = kh[:, lo:hi], vh[:, lo:hi]
+            ks, vs, prefix_len = kh[:, lo:hi], vh[:, lo:hi], 0
         else:
-            ks = k_cache.index_select(1, seq.kv_slots).to(q.dtype)
-            vs = v_cache.index_select(1, seq.kv_slots).to(q.dtype)
-        out[lo:hi] = extend_attention(q[lo:hi], ks, vs, seq.prefix_len, scale)
+            # The prefix's keys that some query's window still reaches.
+            first = 0 if window is None else max(0, seq.prefix_len + 1 - window)
+            slots = seq.kv_slots[first:]
+            ks = k_cache.index_select(1, slots).to(q.dtype)
+            vs = v_cache.index_select(1, slots).to(q.dtype)
+            prefix_len = seq.prefix_len - first
+        out[lo:hi] = extend_attention(q[lo:hi], ks, vs, prefix_len, scale, window)
     if batch.rows is not None:
         start = batch.num_extend_tokens
         backend.row_attention(q[start:], k_cache, v_cache, batch.rows, scale, out[start:])
@@ -98,28 +104,42 @@ def paged_attention(
 
 
 def extend_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_len: int,
+    scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of q [T, H, D] (positions prefix_len..) over k/v [KVH, prefix_len + T, D].
+    """Causal attention of q [T, H, D] (positions prefix_len..) over k/v [KVH, prefix_len + T, D];
+    with a sliding `window`, a query sees itself and the window - 1 keys before it only.
 
     torch's fused attention (flash attention on the CPU too) with grouped-query heads; after a
-    cached prefix the causal diagonal is offset, so a mask carries it, query block by block.
+    cached prefix the causal diagonal is offset (and a window adds a second one), so a mask
+    carries it, query block by block.
     """
     t = q.shape[0]
+    if window is not None and prefix_len + t <= window:
+        window = None  # no key is ever out of a query's window
     qh, kh, vh = q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    if prefix_len == 0:
+    if prefix_len == 0 and window is None:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
         return o[0].transpose(0, 1)
     out = torch.empty_like(q)
     for s in range(0, t, _Q_BLOCK):
         e = min(s + _Q_BLOCK, t)
-        n_keys = prefix_len + e
-        # Query s + i sits at position prefix_len + s + i and sees keys up to there.
-        mask = torch.ones(e - s, n_keys, dtype=torch.bool, device=q.device).tril(prefix_len + s)
+        # Query s + i sits at position p = prefix_len + s + i and sees keys up to p, and with a
+        # window only from p - window + 1: the block's keys run from the first query's first.
+        lo = 0 if window is None else max(0, prefix_len + s + 1 - window)
+        hi = prefix_len + e
+        mask = torch.ones(e - s, hi - lo, dtype=torch.bool, device=q.device)
+        mask = mask.tril(prefix_len + s - lo)
+        if window is not None:
+            mask = mask.triu(prefix_len + s - lo + 1 - window)
         o = F.scaled_dot_product_attention(
             qh[:, :, s:e],
-            kh[:, :, :n_keys],
-            vh[:, :, :n_keys],
+            kh[:, :, lo:hi],
+            vh[:, :, lo:hi],
             attn_mask=mask,
             scale=scale,
             enable_gqa=True,

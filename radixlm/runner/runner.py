@@ -16,9 +16,10 @@ from radixlm.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
-# Share of the memory left after the weights that the KV pool takes when no size is given.
-_CPU_KV_SHARE = 0.15
-_GPU_KV_SHARE = 0.80
+# Without mem_fraction_static: the KV pool's share of the memory left after the weights.
+_DEFAULT_KV_SHARE = {"cpu": 0.15, "cuda": 0.80}
+# A pool smaller than this is refused rather than started (it would hold too few requests).
+MIN_POOL_SLOTS = 256
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -59,18 +60,49 @@ def build_model(
     return model.eval()
 
 
-def default_num_slots(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> int:
-    """Size the pool from the memory left on the device."""
-    per_slot = KVPool.bytes_per_slot(config.num_layers, config.num_kv_heads, config.head_dim, dtype)
+def default_num_slots(
+    config: ModelConfig,
+    device: torch.device,
+    kv_dtype: torch.dtype,
+    weight_bytes: int,
+    mem_fraction: float | None = None,
+) -> int:
+    """Size the pool from the memory available on the device before the weights are placed."""
+    per_slot = KVPool.bytes_per_slot(
+        config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype
+    )
+    return pool_slots(per_slot, weight_bytes, available_memory(device), device.type, mem_fraction)
+
+
+def pool_slots(
+    per_slot: int, weight_bytes: int, available: int, device_type: str, mem_fraction: float | None
+) -> int:
+    """KV slots for a pool that, with `mem_fraction`, takes with the weights that share of
+    `available` bytes; without it, a device-dependent share of what the weights leave.
+    ValueError when that is under MIN_POOL_SLOTS."""
+    gib = 1 << 30
+    if mem_fraction is None:
+        budget = _DEFAULT_KV_SHARE.get(device_type, 0.8) * (available - weight_bytes)
+        hint = "set --mem-fraction-static or --max-total-tokens"
+    else:
+        budget = mem_fraction * available - weight_bytes
+        hint = "raise --mem-fraction-static or set --max-total-tokens"
+    slots = int(budget // per_slot)
+    if slots < MIN_POOL_SLOTS:
+        raise ValueError(
+            f"not enough memory for the KV pool: {budget / gib:.2f} GiB left for it "
+            f"({available / gib:.2f} GiB available, {weight_bytes / gib:.2f} GiB of weights, "
+            f"mem_fraction_static={mem_fraction}) holds {max(slots, 0)} tokens, "
+            f"under {MIN_POOL_SLOTS}; {hint}"
+        )
+    return slots
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on the device: GPU memory, or the RAM the kernel reports as available."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = free * _GPU_KV_SHARE
-    else:
-        budget = _available_ram() * _CPU_KV_SHARE
-    return max(int(budget // per_slot), 256)
-
-
-def _available_ram() -> int:
+        return int(free)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -118,7 +150,9 @@ class ModelRunner:
         so (the scheduler does) saves a reordering of the logits.
         """
         order = sorted(range(len(seqs)), key=lambda i: is_short_row(seqs[i]))
-        batch = build_batch([seqs[i] for i in order], self.backend, self.device)
+        batch = build_batch(
+            [seqs[i] for i in order], self.backend, self.device, self.config.sliding_window
+        )
         logits = self.model(batch, self.pool.k, self.pool.v)
         if order == sorted(order):
             return logits
@@ -131,9 +165,14 @@ class ModelRunner:
         return logits.index_select(0, torch.tensor(back, device=logits.device))
 
 
-def build_batch(seqs: list[ScheduledSeq], backend: Backend, device: torch.device) -> ForwardBatch:
+def build_batch(
+    seqs: list[ScheduledSeq],
+    backend: Backend,
+    device: torch.device,
+    window: int | None = None,
+) -> ForwardBatch:
     """Flatten scheduled sequences (extends first) into the tensors the model reads; the short
-    rows' attention metadata is `backend`'s."""
+    rows' attention metadata is `backend`'s. `window`: the model's sliding window, if any."""
     ids: list[int] = []
     positions: list[int] = []
     out_slots: list[torch.Tensor] = []
@@ -158,7 +197,7 @@ def build_batch(seqs: list[ScheduledSeq], backend: Backend, device: torch.device
         kv = torch.nn.utils.rnn.pad_sequence([s.kv_slots for s in rows], batch_first=True)
         starts = torch.tensor([s.start for s in rows], device=device)
         lens = torch.tensor([len(s.new_ids) for s in rows], device=device)
-        layout = backend.row_layout(kv.to(device), starts, lens)
+        layout = backend.row_layout(kv.to(device), starts, lens, window)
     return ForwardBatch(
         input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
         positions=torch.tensor(positions, dtype=torch.int64, device=device),
@@ -167,4 +206,5 @@ def build_batch(seqs: list[ScheduledSeq], backend: Backend, device: torch.device
         num_extend_tokens=num_extend,
         rows=layout,
         logits_index=torch.tensor(logits_index, dtype=torch.int64, device=device),
+        window=window,
     )

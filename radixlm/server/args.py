@@ -13,6 +13,10 @@ MAX_QUEUED_TOKENS = 1 << 20
 # Engine restarts allowed within the window; one more death and the server stays down.
 MAX_ENGINE_RESTARTS = 3
 ENGINE_RESTART_WINDOW_S = 600.0
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# SGLang server arguments accepted (as flags, and by Runtime) so that SGLang's command lines and
+# programs run unchanged, with why they change nothing here.
+ACCEPTED_SGLANG_ARGS = {"enable_metrics": "/metrics is always on"}
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class ServerArgs:
     max_queued_tokens: int = MAX_QUEUED_TOKENS
     max_engine_restarts: int = MAX_ENGINE_RESTARTS
     engine_restart_window_s: float = ENGINE_RESTART_WINDOW_S
+    log_level: str = "info"  # of the server, its engine process and uvicorn
 
     def __post_init__(self) -> None:
         for name in ("max_queued_requests", "max_queued_tokens", "max_engine_restarts"):
@@ -34,6 +39,10 @@ class ServerArgs:
         if self.engine_restart_window_s <= 0:
             raise ValueError(
                 f"engine_restart_window_s must be positive, got {self.engine_restart_window_s}"
+            )
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(
+                f"log_level must be one of {', '.join(LOG_LEVELS)}; got {self.log_level!r}"
             )
 
     def public(self) -> dict[str, Any]:

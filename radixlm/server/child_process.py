@@ -6,6 +6,7 @@ For tests, benchmarks and notebooks (what SGLang's `launch_server_cmd`, `wait_fo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -19,8 +20,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from radixlm.engine.args import EngineArgs
+from radixlm.server.args import ServerArgs
+
 # The log line `radixlm serve` prints once its port is bound (see radixlm.server.launch).
 _LISTENING = re.compile(r"listening on (http://\S+:\d+)")
+
+
+def serve_argv(engine_args: EngineArgs, server_args: ServerArgs) -> list[str]:
+    """The `radixlm serve` flags (each field's name, dashed; a true bool alone) that give
+    exactly these arguments."""
+    argv: list[str] = []
+    for args in (engine_args, server_args):
+        for field in dataclasses.fields(args):
+            value = getattr(args, field.name)
+            flag = "--" + field.name.replace("_", "-")
+            if isinstance(value, bool):
+                argv += [flag] if value else []
+            elif value is not None:
+                argv += [flag, str(value)]
+    return argv
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
+import sys
 
 import uvicorn
 
@@ -53,7 +54,10 @@ def serve(engine_args: EngineArgs, server_args: ServerArgs | None = None) -> int
     manager = TokenizerManager(engine_args, args)
     app = create_app(manager, args.api_key, args.public())
     config = uvicorn.Config(
-        app, log_level="info", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
+        app,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     server = _Server(config, manager)
 
@@ -62,11 +66,10 @@ def serve(engine_args: EngineArgs, server_args: ServerArgs | None = None) -> int
 
     manager.on_start_failure = stop
     url_host = f"[{host}]" if ":" in host else host
-    # Tests and scripts read this line to learn the port (with --port 0).
-    logger.info(
-        "radixlm listening on http://%s:%d, loading model %r from %s",
-        url_host, port, manager.served_model_name, manager.model_path,
-    )  # fmt: skip
+    # Tests and scripts (ServerProcess) read this line to learn the port (with --port 0), so it
+    # is written whatever the log level.
+    print(f"radixlm listening on http://{url_host}:{port}", file=sys.stderr, flush=True)
+    logger.info("loading model %r from %s", manager.served_model_name, manager.model_path)
     try:
         server.run(sockets=[sock])
     finally:

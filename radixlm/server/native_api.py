@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import uuid
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import fields
@@ -128,6 +129,8 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
             ) from None
         return Response(status_code=200)
 
+    chat_template = manager.args.chat_template and os.path.abspath(manager.args.chat_template)
+
     @router.get("/model_info")
     @router.get("/get_model_info")
     async def model_info() -> Response:
@@ -137,6 +140,9 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
                 "tokenizer_path": manager.model_path,
                 "is_generation": True,
                 "served_model_name": manager.served_model_name,
+                # radixlm's own: the --chat-template file in place of the model's, for clients
+                # on this machine that render chat roles themselves (the frontend language).
+                "chat_template": chat_template,
             }
         )
 

@@ -73,7 +73,7 @@ def launch_process(args: EngineArgs) -> Launch:
     def launch() -> tuple[Transport, CoreInfo, Tokenizer]:
         engine = EngineProcess(args)
         try:
-            tokenizer = Tokenizer.load(engine.info.model_path)
+            tokenizer = Tokenizer.load(engine.info.model_path, args.chat_template)
         except BaseException:
             engine.kill()
             raise

@@ -28,20 +28,23 @@ def _backend(flags: tuple[str, ...] = ()) -> CpuKernelBackend:
     return CpuKernelBackend(lib)
 
 
-def _rows(lengths: list[tuple[int, int]], num_slots: int, gen: torch.Generator):
+def _rows(
+    lengths: list[tuple[int, int]], num_slots: int, gen: torch.Generator, window: int | None = None
+):
     """ScheduledSeqs with `start` cached tokens and `n` new ones each, on scattered slots, and
     their rows as the kernel reads them."""
     seqs = []
     for start, n in lengths:
         slots = torch.randperm(num_slots, generator=gen)[: start + n] + 1
         seqs.append(ScheduledSeq([1] * n, start, slots, start))
-    rows = build_batch(seqs, _backend(), CPU).rows
+    rows = build_batch(seqs, _backend(), CPU, window).rows
     assert isinstance(rows, KernelRowLayout)
     return rows, seqs
 
 
-def _dense(q, k_cache, v_cache, seqs, scale):
-    """Each row's causal attention in float64 over its gathered K/V."""
+def _dense(q, k_cache, v_cache, seqs, scale, window=None):
+    """Each row's causal attention in float64 over its gathered K/V; with a sliding window, a
+    query sees itself and the window - 1 keys before it."""
     outs, offset = [], 0
     h = q.shape[1]
     for seq in seqs:
@@ -53,7 +56,9 @@ def _dense(q, k_cache, v_cache, seqs, scale):
         qs = q[offset : offset + n].double().transpose(0, 1) * scale  # [H, n, D]
         scores = qs @ k.transpose(1, 2)
         pos = torch.arange(seq.start, seq.end)[:, None]
-        scores = scores.masked_fill(torch.arange(seq.end)[None, :] > pos, float("-inf"))
+        keys = torch.arange(seq.end)[None, :]
+        hidden = (keys > pos) | ((keys <= pos - window) if window else False)
+        scores = scores.masked_fill(hidden, float("-inf"))
         outs.append((scores.softmax(-1) @ v).transpose(0, 1))
         offset += n
     return torch.cat(outs)
@@ -91,6 +96,41 @@ def test_kernel_equals_dense_attention(kv_dtype, h, kvh, d, lengths, flags) -> N
     if kv_dtype == torch.float32:  # the torch backend computes in the KV dtype: compare in fp32
         torch_backend = TorchBackend()
         padded = build_batch(seqs, torch_backend, CPU).rows
+        assert padded is not None
+        want = torch.empty_like(q)
+        torch_backend.row_attention(q, k_cache, v_cache, padded, scale, want)
+        torch.testing.assert_close(out, want)
+
+
+WINDOW_CASES = [
+    # heads, kv heads, head dim, window, rows as (cached tokens, new tokens)
+    (9, 3, 64, 1, [(1, 1), (40, 1), (7, 3)]),  # each query sees itself only
+    (8, 2, 64, 8, [(1, 1), (7, 1), (8, 1), (200, 1), (5, 16), (90, 16)]),
+    (4, 4, 128, 100, [(99, 1), (100, 1), (163, 5), (300, 16), (30, 4)]),  # unaligned first key
+    (8, 2, 24, 64, [(64, 1), (129, 16), (2, 3)]),  # a head size without a specialised path
+]
+
+
+@pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("h", "kvh", "d", "window", "lengths"), WINDOW_CASES)
+def test_kernel_with_a_sliding_window_equals_dense_attention(
+    kv_dtype, h, kvh, d, window, lengths, flags
+) -> None:
+    gen = torch.Generator().manual_seed(window + d)
+    num_slots = 700
+    k_cache = torch.randn(kvh, num_slots + 1, d, generator=gen).to(kv_dtype)
+    v_cache = torch.randn(kvh, num_slots + 1, d, generator=gen).to(kv_dtype)
+    rows, seqs = _rows(lengths, num_slots, gen, window)
+    q = torch.randn(sum(len(s.new_ids) for s in seqs), h, d, generator=gen) * 3
+    scale = d**-0.5
+    out = torch.full_like(q, float("nan"))
+    _backend(flags).row_attention(q, k_cache, v_cache, rows, scale, out)
+    ref = _dense(q, k_cache, v_cache, seqs, scale, window)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    if kv_dtype == torch.float32:
+        torch_backend = TorchBackend()
+        padded = build_batch(seqs, torch_backend, CPU, window).rows
         assert padded is not None
         want = torch.empty_like(q)
         torch_backend.row_attention(q, k_cache, v_cache, padded, scale, want)

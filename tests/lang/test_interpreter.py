@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -201,6 +202,23 @@ def test_run_batch_caches_the_common_prefix_first(fake: FakeBackend) -> None:
     assert {c[1][0].text for c in fake.calls[1:]} == {
         shots + f"Q: {q}\nA:" for q in ("3+3?", "4+4?", "5+5?")
     }
+
+
+def test_run_batch_progress_bar(fake: FakeBackend, capsys: pytest.CaptureFixture[str]) -> None:
+    """progress_bar=True draws a tqdm bar on stderr (count, rate; off a terminal too); results
+    keep the batch's order."""
+
+    @sgl.function
+    def echo(s, q):
+        s += q + sgl.gen("a")
+
+    fake.reply = lambda prompt, params: prompt.text.upper()
+    states = echo.run_batch([{"q": f"q{i}"} for i in range(5)], backend=fake, progress_bar=True)
+    assert [s["a"] for s in states] == [f"Q{i}" for i in range(5)]
+    err = capsys.readouterr().err
+    assert re.search(r"echo: 100%\|.*\| 5/5 \[.*program/s\]", err), err
+    echo.run_batch([{"q": "x"}], backend=fake)
+    assert capsys.readouterr().err == ""
 
 
 def test_streaming_yields_pieces_before_the_end() -> None:

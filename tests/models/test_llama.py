@@ -34,6 +34,9 @@ VARIANTS = {
     "llama-tied": {"arch": "llama", "tie_word_embeddings": True},
     "qwen2-bias": {"arch": "qwen2"},
     "qwen3-qknorm": {"arch": "qwen3"},  # head_dim 32 != hidden 64 / 4 heads
+    # A window far shorter than the prompts: prefills, cached prefixes, multi-token short rows
+    # and decodes all reach past it.
+    "mistral-window": {"arch": "mistral", "sliding_window": 7},
 }
 
 

@@ -19,21 +19,25 @@ class RuntimeEndpoint(NativeBackend):
     def __init__(self, base_url: str, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
-        self._http = _Http(self.base_url, api_key)
+        self.http = _Http(self.base_url, api_key)  # keep-alive, one connection per thread
         self.model_info: dict[str, Any] = self._get("/get_model_info")
         # A server on this machine names a model file to read the chat template from.
-        super().__init__(ChatTemplate.from_model_path(self.model_info.get("model_path")))
+        super().__init__(
+            ChatTemplate.from_model_path(
+                self.model_info.get("model_path"), self.model_info.get("chat_template")
+            )
+        )
 
     def get_model_name(self) -> str:
         """The server's model path."""
         return str(self.model_info.get("model_path"))
 
     def _call(self, payload: dict[str, Any]) -> Any:
-        status, body = self._http.request("POST", "/generate", payload)
+        status, body = self.http.request("POST", "/generate", payload)
         return _decode(status, body)
 
     def _call_stream(self, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        for line in self._http.stream("/generate", payload):
+        for line in self.http.stream("/generate", payload):
             if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
@@ -45,12 +49,12 @@ class RuntimeEndpoint(NativeBackend):
             yield event
 
     def _get(self, path: str) -> Any:
-        status, body = self._http.request("GET", path)
+        status, body = self.http.request("GET", path)
         return _decode(status, body)
 
     def flush_cache(self) -> bool:
         """POST /flush_cache; False if the server refused (requests are running)."""
-        status, _ = self._http.request("POST", "/flush_cache", {})
+        status, _ = self.http.request("POST", "/flush_cache", {})
         return status == 200
 
     def get_server_info(self) -> dict[str, Any]:

@@ -1,0 +1,51 @@
+"""KV pool sizing: mem_fraction_static is the share of the available memory that the weights and
+the pool take together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from radixlm.engine.args import EngineArgs
+from radixlm.engine.core import EngineCore
+from radixlm.runner.runner import MIN_POOL_SLOTS, available_memory, pool_slots
+
+GIB = 1 << 30
+
+
+def test_weights_and_pool_take_the_fraction_of_available_memory() -> None:
+    per_slot, weights, available = 1000, 2 * GIB, 10 * GIB
+    assert pool_slots(per_slot, weights, available, "cuda", 0.5) == (5 * GIB - 2 * GIB) // 1000
+    smaller = pool_slots(per_slot, weights, available, "cuda", 0.3)
+    assert smaller == (3 * GIB - 2 * GIB) // 1000
+    # Without a fraction: a share of what the weights leave (the CPU's is the smaller).
+    cpu = pool_slots(per_slot, weights, available, "cpu", None)
+    cuda = pool_slots(per_slot, weights, available, "cuda", None)
+    assert cpu == int(0.15 * 8 * GIB) // 1000 and cuda == int(0.8 * 8 * GIB) // 1000
+
+
+def test_a_fraction_that_leaves_no_room_for_the_pool_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"mem_fraction_static=0.2\).*raise --mem-fraction-static"):
+        pool_slots(1000, 2 * GIB, 10 * GIB, "cuda", 0.2)  # the weights alone take 20%
+    assert pool_slots(1000, 0, 1000 * MIN_POOL_SLOTS, "cpu", 1.0) == MIN_POOL_SLOTS
+
+
+def _pool_size(model: Path, **args: Any) -> int:
+    core = EngineCore(EngineArgs(model_path=str(model), **args))
+    return core.info().max_total_num_tokens
+
+
+def test_a_smaller_fraction_gives_the_engine_a_smaller_pool(tiny_model_dir: Path) -> None:
+    """The engine sizes its pool from the machine's available RAM: fractions that leave about
+    40 MB and 80 MB for the pool beside the tiny model's ~26 MB of weights."""
+    available = available_memory(torch.device("cpu"))
+    small = _pool_size(tiny_model_dir, mem_fraction_static=66e6 / available)
+    large = _pool_size(tiny_model_dir, mem_fraction_static=106e6 / available)
+    per_slot = 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x 16 dims x float32
+    assert small == pytest.approx(40e6 / per_slot, rel=0.1)
+    assert large == pytest.approx(80e6 / per_slot, rel=0.1)
+    # An explicit pool size wins.
+    assert _pool_size(tiny_model_dir, mem_fraction_static=0.9, max_total_tokens=300) == 300
