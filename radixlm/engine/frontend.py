@@ -52,6 +52,8 @@ class GenerateInput:
 
         def n_of(p: Any) -> int:
             n = p.get("n", 1) if isinstance(p, Mapping) else 1
+            if isinstance(n, float) and n.is_integer():
+                n = int(n)  # SamplingParams takes 2.0 for 2 (and JSON parsers give 1e30 for 10**30)
             return n if isinstance(n, int) and n > 0 else 1
 
         return sum(n_of(p) for p in each[: max(prompts, 1)])

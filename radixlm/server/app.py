@@ -6,6 +6,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
@@ -14,16 +15,25 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+import radixlm
 from radixlm.server.errors import ApiError, error_body
 from radixlm.server.http import json_response
 from radixlm.server.native_api import native_router
 from radixlm.server.openai_api import openai_router
+from radixlm.server.openapi import openapi_document
 from radixlm.server.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
 
-# Probes and scrapers must work without the key (as in SGLang): /health, /health_generate, /metrics.
-OPEN_PREFIXES = ("/health", "/metrics")
+# Probes and scrapers must work without the key (as in SGLang): /health, /health_generate,
+# /metrics. So must the API's description (as in vLLM; SGLang asks for the key there): the page
+# at /docs fetches /openapi.json without it, and the document holds no secret.
+OPEN_PREFIXES = ("/health", "/metrics", "/openapi.json", "/docs")
+
+
+def is_open(path: str) -> bool:
+    """Whether a path is served without the API key."""
+    return path.startswith(OPEN_PREFIXES)
 
 
 class ApiKeyMiddleware:
@@ -37,7 +47,7 @@ class ApiKeyMiddleware:
         """Check the header, then hand over to the app."""
         if scope["type"] == "http" and scope["method"] != "OPTIONS":
             path: str = scope["path"]
-            if not path.startswith(OPEN_PREFIXES):
+            if not is_open(path):
                 given = dict(scope["headers"]).get(b"authorization", b"")
                 if not hmac.compare_digest(given, self.expected):
                     body = error_body(
@@ -64,10 +74,15 @@ def create_app(
             manager.shutdown()
 
     app = FastAPI(
-        title="radixlm", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None
+        title="radixlm",
+        version=radixlm.__version__,
+        summary="SGLang's native API and OpenAI's, over a RadixAttention runtime",
+        lifespan=lifespan,
+        redoc_url=None,
     )
     app.include_router(native_router(manager, server_args or {}))
     app.include_router(openai_router(manager))
+    app.openapi = partial(openapi_document, app, is_open if api_key else None)  # type: ignore[method-assign]
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
@@ -75,7 +90,9 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        return json_response(error_body(exc.status_code, str(exc.detail)), exc.status_code)
+        # Keeps Starlette's headers: a 405 must say which methods are allowed (RFC 9110).
+        body = error_body(exc.status_code, str(exc.detail))
+        return json_response(body, exc.status_code, exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from radixlm.server.openapi import ErrorResponse
 
 _TYPES = {
     400: "invalid_request_error",
@@ -23,7 +23,7 @@ class ApiError(Exception):
         self.message = message
         self.param = param
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> ErrorResponse:
         """`{"error": {message, type, param, code}}`, as OpenAI's clients parse it."""
         return error_body(self.status, self.message, self.param)
 
@@ -32,7 +32,7 @@ class ApiError(Exception):
         return {}
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+def error_body(status: int, message: str, param: str | None = None) -> ErrorResponse:
     """The error object for a status; `code` is the HTTP status, as SGLang sends it."""
     kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}

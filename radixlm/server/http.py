@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -21,7 +21,7 @@ DONE = b"data: [DONE]\n\n"
 
 
 def json_response(
-    content: Any, status: int = 200, headers: dict[str, str] | None = None
+    content: Any, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
     """A JSON response serialized with orjson (NaN and inf become null)."""
     return Response(

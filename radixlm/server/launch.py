@@ -37,7 +37,12 @@ class _Server(uvicorn.Server):
 def bind(host: str, port: int) -> socket.socket:
     """Listen on host:port (port 0 picks a free one); fails before any model is loaded."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=2048)
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    # Its proto is 0, so asyncio leaves Nagle on for the connections it accepts; then each
+    # answer on a kept-alive connection waits ~40 ms for the client's delayed ACK. Accepted
+    # sockets inherit this option.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def serve(engine_args: EngineArgs, server_args: ServerArgs | None = None) -> int:

@@ -8,7 +8,6 @@ import dataclasses
 import os
 import uuid
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import fields
 from typing import Any
 
 from fastapi import APIRouter
@@ -29,55 +28,21 @@ from radixlm.server.http import (
     submit,
     wait_finished,
 )
+from radixlm.server.native_protocol import (
+    AbortReqInput,
+    AbortResult,
+    GenerateChunk,
+    GenerateOutput,
+    GenerateReqInput,
+    InvariantResult,
+    ModelInfo,
+    ServerInfo,
+    parse_generate,
+)
+from radixlm.server.openapi import error_responses, event_stream, json_body
 from radixlm.server.tokenizer_manager import TokenizerManager
 
 HEALTH_GENERATE_TIMEOUT_S = 30.0
-
-_GENERATE_FIELDS = frozenset(f.name for f in fields(GenerateInput))
-# SGLang request fields its clients may send with an "off" value (bench_serving always sends
-# lora_path: null); any other value is a feature radixlm does not have.
-_INERT_FIELDS = frozenset(
-    {"lora_path", "image_data", "return_hidden_states", "custom_logit_processor"}
-)
-
-
-def parse_generate(data: Mapping[str, Any]) -> GenerateInput:
-    """Check a /generate body's fields and types (values are checked when tokenizing)."""
-    for key, value in data.items():
-        if key in _INERT_FIELDS:
-            if value:
-                raise ApiError(400, f"{key} is not supported", key)
-        elif key not in _GENERATE_FIELDS:
-            raise ApiError(400, f"unknown field {key!r}", key)
-    for key in ("stream", "return_text_in_logprobs"):
-        if not isinstance(data.get(key, False), bool):
-            raise ApiError(400, f"{key} must be true or false", key)
-    _check_type(data, "text", str)
-    if not isinstance(data.get("input_ids", []), list):
-        raise ApiError(
-            400, "input_ids must be a list of token ids or a list of such lists", "input_ids"
-        )
-    _check_type(data, "return_logprob", bool)
-    _check_type(data, "logprob_start_len", int)
-    _check_type(data, "top_logprobs_num", int)
-    _check_type(data, "rid", str)
-    params = data.get("sampling_params")
-    for p in params if isinstance(params, list) else [params]:
-        if p is not None and not isinstance(p, dict):
-            raise ApiError(
-                400, "sampling_params must be an object or a list of objects", "sampling_params"
-            )
-    return GenerateInput(**{k: v for k, v in data.items() if k in _GENERATE_FIELDS})
-
-
-def _check_type(data: Mapping[str, Any], key: str, kind: type) -> None:
-    value = data.get(key)
-    items = value if isinstance(value, list) else [value]
-    for v in items:
-        if v is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
-            raise ApiError(
-                400, f"{key} must be a {kind.__name__} or a list of them, got {v!r}", key
-            )
 
 
 async def _stream_events(group: RequestGroup) -> AsyncGenerator[bytes, None]:
@@ -94,10 +59,16 @@ async def _stream_events(group: RequestGroup) -> AsyncGenerator[bytes, None]:
 
 def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> APIRouter:
     """The native routes over one tokenizer manager."""
-    router = APIRouter()
+    router = APIRouter(tags=["native"])
 
-    @router.post("/generate")
+    @router.post(
+        "/generate",
+        response_model=GenerateOutput | list[GenerateOutput],
+        responses=error_responses(400, 503),
+        openapi_extra={**json_body(GenerateReqInput), **event_stream(GenerateChunk)},
+    )
     async def generate(request: Request) -> Response:
+        """Generate from text or token ids; a list is a batch (SGLang's native API)."""
         inp = parse_generate(await read_json(request))
         group = await submit(manager, inp)
         if inp.stream:
@@ -106,13 +77,25 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
         outs = [s.to_dict() for s in group.states]
         return json_response(outs if group.is_batch else outs[0])
 
-    @router.get("/health")
+    @router.get(
+        "/health",
+        response_class=Response,
+        response_description="Serving",
+        responses=error_responses(503),
+    )
     async def health() -> Response:
+        """Whether the server is serving (503 while the engine starts, or once it is gone)."""
         manager.check_ready()
         return Response(status_code=200)
 
-    @router.get("/health_generate")
+    @router.get(
+        "/health_generate",
+        response_class=Response,
+        response_description="The engine generated a token",
+        responses=error_responses(503),
+    )
     async def health_generate(request: Request) -> Response:
+        """Generate one token, to check that the engine works end to end."""
         inp = GenerateInput(
             text="ping",
             sampling_params={"max_new_tokens": 1, "temperature": 0},
@@ -131,9 +114,10 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
 
     chat_template = manager.args.chat_template and os.path.abspath(manager.args.chat_template)
 
-    @router.get("/model_info")
-    @router.get("/get_model_info")
+    @router.get("/model_info", response_model=ModelInfo)
+    @router.get("/get_model_info", response_model=ModelInfo)
     async def model_info() -> Response:
+        """The served model (`/get_model_info`: SGLang's older name)."""
         return json_response(
             {
                 "model_path": manager.model_path,
@@ -146,9 +130,10 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
             }
         )
 
-    @router.get("/server_info")
-    @router.get("/get_server_info")
+    @router.get("/server_info", response_model=ServerInfo)
+    @router.get("/get_server_info", response_model=ServerInfo)
     async def server_info() -> Response:
+        """The server's arguments and the engine's counters (`/get_server_info`: the older name)."""
         info: dict[str, Any] = {
             **manager.args.to_dict(),
             **server_args,
@@ -165,8 +150,13 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
         info["internal_states"] = [{**stats, "avg_spec_accept_length": None}]
         return json_response(info)
 
-    @router.post("/flush_cache")
+    @router.post(
+        "/flush_cache",
+        response_class=PlainTextResponse,
+        responses=error_responses(400, 503),
+    )
     async def flush_cache() -> Response:
+        """Empty the radix cache; refused (400) while requests run."""
         flushed = await manager.flush_cache()
         if not flushed:
             raise ApiError(
@@ -174,21 +164,32 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
             )
         return PlainTextResponse("Cache flushed.\n")
 
-    @router.post("/abort_request")
+    @router.post(
+        "/abort_request",
+        response_model=AbortResult,
+        responses=error_responses(400),
+        openapi_extra=json_body(AbortReqInput),
+    )
     async def abort_request(request: Request) -> Response:
+        """Abort a running request by its rid, or all of them."""
         data = await read_json(request)
         unknown = set(data) - {"rid", "abort_all"}
         if unknown:
             raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}", sorted(unknown)[0])
-        if data.get("abort_all") is True:
+        rid, abort_all = data.get("rid"), data.get("abort_all", False)
+        if not isinstance(abort_all, bool):
+            raise ApiError(400, "abort_all must be true or false", "abort_all")
+        if not isinstance(rid, (str, type(None))):
+            raise ApiError(400, "rid must be a string", "rid")
+        if abort_all:
             return json_response({"aborted": manager.abort_all()})
-        rid = data.get("rid")
-        if not isinstance(rid, str):
+        if rid is None:
             raise ApiError(400, "rid must be a string (or set abort_all: true)", "rid")
         return json_response({"aborted": int(manager.abort(rid))})
 
-    @router.get("/metrics")
+    @router.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
+        """Prometheus metrics, with SGLang's names (`sglang:` prefix)."""
         stats = None
         if manager.ready:
             with contextlib.suppress(EngineUnavailable):  # it died just now
@@ -197,7 +198,11 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
             manager.metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
-    @router.get("/internal/check_invariant")
+    @router.get(
+        "/internal/check_invariant",
+        response_model=InvariantResult,
+        responses=error_responses(500, 503),
+    )
     async def check_invariant() -> Response:
         """Check the KV slot invariant in the engine (tests and debugging)."""
         try:

@@ -25,7 +25,17 @@ from radixlm.server.http import (
     submit,
     wait_finished,
 )
-from radixlm.server.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from radixlm.server.openai_protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+    parse_body,
+)
+from radixlm.server.openapi import error_responses, event_stream, json_body
 from radixlm.server.tokenizer_manager import TokenizerManager
 from radixlm.tokenizer import Tokenizer
 
@@ -331,7 +341,7 @@ def _chat_events(
 
 def openai_router(manager: TokenizerManager) -> APIRouter:
     """The /v1 routes over one tokenizer manager."""
-    router = APIRouter()
+    router = APIRouter(tags=["openai"])
     created = int(time.time())
 
     def ready_tokenizer() -> Tokenizer:
@@ -355,8 +365,9 @@ def openai_router(manager: TokenizerManager) -> APIRouter:
     def on_close(group: RequestGroup) -> Callable[[], None]:
         return lambda: manager.abort_unfinished(group)
 
-    @router.get("/v1/models")
+    @router.get("/v1/models", response_model=ModelList, responses=error_responses(503))
     async def models() -> Response:
+        """The served model (benchmarks wait on this route and take the name from it)."""
         ready_tokenizer()
         assert manager.info is not None  # set with the tokenizer
         card = {
@@ -369,8 +380,14 @@ def openai_router(manager: TokenizerManager) -> APIRouter:
         }
         return json_response({"object": "list", "data": [card]})
 
-    @router.post("/v1/completions")
+    @router.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses=error_responses(400, 404, 503),
+        openapi_extra={**json_body(CompletionRequest), **event_stream(CompletionChunk)},
+    )
     async def completions(request: Request) -> Response:
+        """OpenAI's text completions, with SGLang's extra sampling fields."""
         req = parse_body(CompletionRequest, await request.body())
         check_model(req.model)
         req.check_supported()
@@ -390,8 +407,14 @@ def openai_router(manager: TokenizerManager) -> APIRouter:
             {**reply.envelope("text_completion", choices), "usage": usage(group.states, req.n)}
         )
 
-    @router.post("/v1/chat/completions")
+    @router.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses=error_responses(400, 404, 503),
+        openapi_extra={**json_body(ChatCompletionRequest), **event_stream(ChatCompletionChunk)},
+    )
     async def chat_completions(request: Request) -> Response:
+        """OpenAI's chat completions, the prompt rendered with the model's chat template."""
         req = parse_body(ChatCompletionRequest, await request.body())
         check_model(req.model)
         req.check_supported()

@@ -1,12 +1,15 @@
-"""OpenAI's request bodies for /v1/completions and /v1/chat/completions, with SGLang's extras."""
+"""OpenAI's wire shapes: the request bodies of /v1/completions and /v1/chat/completions (with
+SGLang's extras), parsed strictly, and the answers of the /v1 routes, for the OpenAPI document."""
 
 from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing_extensions import NotRequired, TypedDict
 
 from radixlm.server.errors import ApiError
+from radixlm.server.openapi import closed
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -204,3 +207,175 @@ def parse_body(model: type[M], raw: bytes) -> M:
         field = ".".join(loc)
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         raise ApiError(400, f"{field}: {msg}", field) from None
+
+
+# ---- answers ---------------------------------------------------------------------------------
+
+FinishReasonName = Literal["stop", "length", "abort"]
+
+
+@closed
+class PromptTokensDetails(TypedDict):
+    """How much of the prompts came from the radix cache."""
+
+    cached_tokens: int
+
+
+@closed
+class Usage(TypedDict):
+    """Token counts; a prompt sampled n times counts once."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+@closed
+class CompletionLogprobs(TypedDict):
+    """/v1/completions logprobs; a logprob of -inf is null."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float | None] | None] | None
+    text_offset: list[int]
+
+
+@closed
+class CompletionChoice(TypedDict):
+    """One completion (a streamed one carries the new text only); SGLang adds matched_stop."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReasonName | None
+    matched_stop: NotRequired[int | str | None]
+
+
+@closed
+class CompletionResponse(TypedDict):
+    """The answer of /v1/completions."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+@closed
+class CompletionChunk(TypedDict):
+    """One streamed event of /v1/completions; the last, with include_usage, has only usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: NotRequired[Usage]
+
+
+@closed
+class TopLogprob(TypedDict):
+    """A token, its logprob (null for -inf) and its UTF-8 bytes."""
+
+    token: str
+    logprob: float | None
+    bytes: list[int]
+
+
+@closed
+class ChatLogprob(TopLogprob):
+    """A sampled token and the most likely alternatives at its position."""
+
+    top_logprobs: list[TopLogprob]
+
+
+@closed
+class ChatLogprobs(TypedDict):
+    """/v1/chat/completions logprobs."""
+
+    content: list[ChatLogprob]
+
+
+@closed
+class AssistantMessage(TypedDict):
+    """The generated message."""
+
+    role: Literal["assistant"]
+    content: str
+
+
+@closed
+class ChatChoice(TypedDict):
+    """One chat completion; SGLang adds matched_stop."""
+
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReasonName | None
+    matched_stop: NotRequired[int | str | None]
+
+
+@closed
+class ChatCompletionResponse(TypedDict):
+    """The answer of /v1/chat/completions."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+@closed
+class ChatDelta(TypedDict, total=False):
+    """What a streamed event adds to a message: the role first, then content."""
+
+    role: Literal["assistant"]
+    content: str
+
+
+@closed
+class ChatChunkChoice(TypedDict):
+    """One choice's part of a streamed event."""
+
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReasonName | None
+    matched_stop: NotRequired[int | str | None]
+
+
+@closed
+class ChatCompletionChunk(TypedDict):
+    """One streamed event of /v1/chat/completions; the last, with include_usage, has only usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: NotRequired[Usage]
+
+
+@closed
+class ModelCard(TypedDict):
+    """The served model; benchmarks take its id as the model name."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    max_model_len: int
+
+
+@closed
+class ModelList(TypedDict):
+    """The answer of /v1/models: the one served model."""
+
+    object: Literal["list"]
+    data: list[ModelCard]

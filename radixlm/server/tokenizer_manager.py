@@ -314,6 +314,12 @@ class TokenizerManager:
         self.check_ready()
         assert self.tokenizer is not None and self.info is not None
         limit = self.info.max_running_requests + self.server_args.max_queued_requests
+        if inp.num_requests > limit:  # not even an idle server takes it: retrying cannot help
+            raise ValueError(
+                f"the call makes {inp.num_requests} requests (prompts times n), more than the "
+                f"server takes at once ({limit}: --max-running-requests plus "
+                "--max-queued-requests)"
+            )
         if self.num_running + inp.num_requests > limit:
             raise Overloaded(
                 f"the server is full: {self.num_running} requests in flight, at most {limit} "

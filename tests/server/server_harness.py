@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,3 +94,17 @@ def metric(samples: dict[str, float], name: str) -> float:
     found = [v for k, v in samples.items() if k == name or k.startswith(name + "{")]
     assert len(found) == 1, f"{name}: {found}"
     return found[0]
+
+
+def running(http: httpx.Client) -> int:
+    """Requests the engine holds (running or queued)."""
+    stats = http.get("/server_info").json()["internal_states"][0]
+    return int(stats["num_running_reqs"] + stats["num_queue_reqs"])
+
+
+def wait_idle(http: httpx.Client, timeout: float = 30.0) -> None:
+    """Wait until the engine holds no request; fails after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while running(http):
+        assert time.monotonic() < deadline, "requests are still running"
+        time.sleep(0.05)

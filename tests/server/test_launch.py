@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -95,3 +96,14 @@ def test_child_process_reports_a_server_that_cannot_start(tmp_path: Path) -> Non
     with pytest.raises(RuntimeError, match="exited with") as info:
         child_process.ServerProcess.start(["--model-path", str(tmp_path / "missing")], log)
     assert "missing" in str(info.value)
+
+
+def test_accepted_connections_have_nagle_off() -> None:
+    """Without TCP_NODELAY, each answer on a kept-alive connection waited ~40 ms for the
+    client's delayed ACK (asyncio sets it only on sockets whose proto is TCP, and ours is 0)."""
+    from radixlm.server.launch import bind
+
+    with bind("127.0.0.1", 0) as listener, socket.create_connection(listener.getsockname()):
+        conn, _ = listener.accept()
+        with conn:
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

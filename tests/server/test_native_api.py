@@ -242,11 +242,12 @@ def test_abort_request_by_rid(http: httpx.Client) -> None:
 
 
 def test_parse_generate_accepts_what_sglang_clients_send() -> None:
-    from radixlm.server.native_api import parse_generate
+    from radixlm.server.native_protocol import parse_generate
 
     inp = parse_generate(
         {
             "text": "x",
+            "input_ids": None,
             "sampling_params": {"max_new_tokens": 4, "regex": None, "json_schema": None},
             "stream": True,
             "lora_path": None,

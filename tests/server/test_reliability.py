@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from server_harness import TINY_POOL, ServerProcess, metric, parse_metrics
+from server_harness import TINY_POOL, ServerProcess, metric, parse_metrics, running, wait_idle
 
 from radixlm.tokenizer import Tokenizer
 
 G = "/generate"
 C = "/v1/completions"
 CHAT = "/v1/chat/completions"
+ABORT = "/abort_request"
 MSG = [{"role": "user", "content": "hi"}]
 TOO_LONG_FOR_POOL = [7] * (TINY_POOL + 10)  # fits the 4096 context, not the KV pool
 TOO_LONG_FOR_CONTEXT = [7] * 5000
@@ -56,6 +56,12 @@ BAD_INPUTS: list[tuple[str, Any, int, str]] = [
     (G, {"text": "x", "stream": "yes"}, 400, "stream"),
     (G, {"text": ["x", "y"], "rid": ["same", "same"]}, 400, "rid"),
     (G, {"text": "x", "lora_path": "adapter"}, 400, "lora_path"),
+    # more requests than even an idle server takes: was a 503 that a client retries forever
+    (G, {"text": "x", "sampling_params": {"n": 10**6}}, 400, "1000000 requests"),
+    # parsed as the float 1e30: was counted as one request, then built 1e30 of them (out of memory)
+    (G, {"text": "x", "sampling_params": {"n": 10**30}}, 400, "requests"),
+    (ABORT, {"rid": "x", "abort_all": "yes"}, 400, "abort_all"),  # was 200, abort_all ignored
+    (ABORT, {"rid": 5, "abort_all": True}, 400, "rid"),  # was 200, rid ignored
     (C, b"{", 400, "JSON"),
     (C, {"model": "nope", "prompt": "x"}, 404, "model"),
     (C, {"max_tokens": 2}, 400, "prompt"),
@@ -75,6 +81,7 @@ BAD_INPUTS: list[tuple[str, Any, int, str]] = [
     (C, {"prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
     (C, {"prompt": "x", "ebnf": "root ::= b"}, 400, "ebnf"),
     (C, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (C, {"prompt": "x", "n": 10**6}, 400, "requests"),
     (CHAT, {"model": "nope", "messages": MSG}, 404, "model"),
     (CHAT, {"max_tokens": 2}, 400, "messages"),
     (CHAT, {"messages": []}, 400, "messages"),
@@ -130,17 +137,10 @@ def test_unknown_route_is_404_in_openai_shape(http: httpx.Client) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == 404
 
 
-def running(http: httpx.Client) -> int:
-    """Requests the engine holds (running or queued)."""
-    stats = http.get("/server_info").json()["internal_states"][0]
-    return int(stats["num_running_reqs"] + stats["num_queue_reqs"])
-
-
-def wait_idle(http: httpx.Client, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while running(http):
-        assert time.monotonic() < deadline, "requests are still running"
-        time.sleep(0.05)
+def test_wrong_method_is_405_with_allow(http: httpx.Client) -> None:
+    r = http.delete(G)
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
+    assert r.headers["allow"] == "POST"  # RFC 9110; the error handler used to drop it
 
 
 def generated_tokens(http: httpx.Client) -> float:

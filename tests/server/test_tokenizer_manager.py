@@ -334,6 +334,11 @@ def test_a_full_server_refuses_new_requests_before_reading_them(tiny_server_mode
         await first.wait_finished()
         await manager.submit(GenerateInput(text="e"))  # room again
         assert len([m for m in core.sent if isinstance(m, GenerateRequest)]) == 5
+        # More than even an idle server takes: a 400, since retrying cannot help.
+        with pytest.raises(ValueError, match="5 requests"):
+            await manager.submit(GenerateInput(text="f", sampling_params={"n": 5}))
+        with pytest.raises(ValueError, match="5 requests"):  # counted, not only validated
+            await manager.submit(GenerateInput(text="f", sampling_params={"n": 5.0}))
 
     asyncio.run(scenario())
 
