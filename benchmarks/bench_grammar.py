@@ -4,6 +4,7 @@ in one run.
 python benchmarks/bench_grammar.py all
 python benchmarks/bench_grammar.py jump-forward  # JSON extraction: passes and throughput, on vs off
 python benchmarks/bench_grammar.py overhead      # grammar work per decode step at batch 32
+python benchmarks/bench_grammar.py closing       # JSON cut by a tight max_new_tokens: closing on vs off
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def prompts(tokenizer: Any, n: int) -> list[str]:
     return out
 
 
-def params(max_new_tokens: int) -> dict[str, Any]:
-    return {"max_new_tokens": max_new_tokens, "temperature": 0, "json_schema": SCHEMA}
+def params(max_new_tokens: int, **extra: Any) -> dict[str, Any]:
+    return {"max_new_tokens": max_new_tokens, "temperature": 0, "json_schema": SCHEMA, **extra}
 
 
 def passes(engine: Engine) -> int:
@@ -150,22 +151,117 @@ def bench_jump_forward(args: argparse.Namespace) -> None:
         )
 
 
-def _run(engine: Engine, texts: list[str], concurrency: int, max_new_tokens: int) -> list[Any]:
+def _run(
+    engine: Engine, texts: list[str], concurrency: int, max_new_tokens: int, **extra: Any
+) -> list[Any]:
     """Generate for every text, at most `concurrency` requests in flight (clients in threads)."""
+    p = params(max_new_tokens, **extra)
     if concurrency >= len(texts):
-        outs = engine.generate(texts, params(max_new_tokens))
+        outs = engine.generate(texts, p)
         assert isinstance(outs, list)
         return outs
     with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(lambda t: engine.generate(t, params(max_new_tokens)), texts))
+        return list(pool.map(lambda t: engine.generate(t, p), texts))
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _valid(text: str) -> bool:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
+    if not _parses(text):
         return False
+    value = json.loads(text)
     return isinstance(value, dict) and set(value) == {"name", "age", "city"}
+
+
+def bench_closing(args: argparse.Namespace) -> None:
+    """The extraction workload cut by tight budgets, budget-aware closing on and off in turn on
+    one engine (the parameter is per request); on/off order alternates between rounds."""
+    budgets = [int(b) for b in args.tight_tokens.split(",")]
+    print(
+        f"JSON extraction cut short: {args.prompts} prompts, schema {{name, age, city}} (its "
+        f"shortest document is 15 tokens, greedy outputs ~23), greedy; max_new_tokens {budgets}; "
+        f"all at once, then the first {args.sequential} one at a time"
+    )
+    with Engine(args.model_path) as engine:
+        texts = prompts(engine.tokenizer, args.prompts)
+        engine.generate(texts[0], params(args.max_new_tokens))  # builds llguidance, caches it
+        for budget in budgets:
+            for concurrency in (len(texts), 1):
+                batch = texts if concurrency > 1 else texts[: args.sequential]
+                walls: dict[bool, float] = {True: float("inf"), False: float("inf")}
+                outputs: dict[bool, list[Any]] = {}
+                counts: dict[bool, int] = {}
+                for r in range(args.rounds):
+                    for close in (True, False) if r % 2 == 0 else (False, True):
+                        engine.flush_cache()
+                        before = passes(engine)
+                        t0 = time.perf_counter()
+                        outputs[close] = _run(
+                            engine, batch, concurrency, budget, close_on_length=close
+                        )
+                        walls[close] = min(walls[close], time.perf_counter() - t0)
+                        counts[close] = passes(engine) - before
+                for close in (True, False):
+                    outs = outputs[close]
+                    texts_out = [o["text"] for o in outs]
+                    lengths = sum(o["meta_info"]["finish_reason"]["type"] == "length" for o in outs)
+                    tokens = statistics.mean(o["meta_info"]["completion_tokens"] for o in outs)
+                    timing = (
+                        f"{len(batch) / walls[close]:5.2f} req/s"
+                        if concurrency > 1
+                        else f"{walls[close] / len(batch) * 1000:6.0f} ms/request"
+                    )
+                    print(
+                        f"  max_new_tokens {budget}, {concurrency:2d} in flight, closing "
+                        f"{'on ' if close else 'off'}: {sum(map(_parses, texts_out))}/{len(outs)} "
+                        f"parse, {sum(map(_valid, texts_out))}/{len(outs)} have the 3 keys, "
+                        f"{lengths} end by length, {tokens:4.1f} tokens each, "
+                        f"{counts[close]} forward passes, {timing}"
+                    )
+                what = "throughput" if concurrency > 1 else "latency"
+                print(
+                    f"  max_new_tokens {budget}, {concurrency:2d} in flight: {what} cost of "
+                    f"closing, time on / off = {walls[True] / walls[False]:.3f}"
+                )
+    _closing_work(args, budgets)
+
+
+def _closing_work(args: argparse.Namespace, budgets: list[int]) -> None:
+    """The grammar's own time (masks, accept, jump-forward, closing checks) per request, all
+    prompts at once, closing on and off: the part of a step that closing adds to."""
+    core = EngineCore(EngineArgs(args.model_path))
+    grammar = TimedGrammar(core.tokenizer, core.model_config.vocab_size)
+    core.grammar = grammar
+    ids = [
+        core.tokenizer.encode(t, add_special_tokens=False)
+        for t in prompts(core.tokenizer, args.prompts)
+    ]
+    for budget in budgets:
+        seconds = {True: float("inf"), False: float("inf")}
+        for r, close in enumerate((True, False, False, True)):  # best of two, both orders
+            grammar.seconds = 0.0
+            p = SamplingParams(
+                max_new_tokens=budget,
+                temperature=0,
+                json_schema=json.dumps(SCHEMA),
+                close_on_length=close,
+            )
+            for i, x in enumerate(ids):
+                core.add(GenerateRequest(f"{budget}-{r}-{i}", x, p))
+            with torch.inference_mode():
+                while core.has_work:
+                    core.step()
+            seconds[close] = min(seconds[close], grammar.seconds / len(ids))
+        print(
+            f"  max_new_tokens {budget}: grammar work per request (masks, accept, jump, "
+            f"closing) on {seconds[True] * 1000:.2f} ms, off {seconds[False] * 1000:.2f} ms"
+        )
 
 
 class TimedState(GrammarState):
@@ -189,8 +285,10 @@ class TimedGrammar(GrammarManager):
         super().__init__(*args, **kwargs)
         self.seconds = 0.0
 
-    def new_state(self, compiled: Any) -> GrammarState:
-        return TimedState(self, self.backend.matcher(compiled), self.backend, self.jump_forward)
+    def new_state(self, compiled: Any, close: bool = False) -> GrammarState:
+        closer = self.closer if close else None
+        matcher = self.backend.matcher(compiled)
+        return TimedState(self, matcher, self.backend, self.jump_forward, closer)
 
     def fill_masks(self, plan: StepPlan) -> torch.Tensor | None:
         t0 = time.perf_counter()
@@ -264,7 +362,11 @@ def _mask_apply_seconds(core: EngineCore, masks: torch.Tensor, repeat: int) -> f
     return max(0.0, best(masked) - best(batch))
 
 
-SCENARIOS = {"jump-forward": bench_jump_forward, "overhead": bench_overhead}
+SCENARIOS = {
+    "jump-forward": bench_jump_forward,
+    "overhead": bench_overhead,
+    "closing": bench_closing,
+}
 
 
 def main() -> None:
@@ -277,6 +379,11 @@ def main() -> None:
     p.add_argument("--sequential", type=int, default=8, help="prompts run at concurrency 1")
     p.add_argument("--concurrency", default="1,8,48", help="requests in flight, comma-separated")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--tight-tokens",
+        default="18,20,22",
+        help="closing: max_new_tokens that cut, comma-separated",
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2, help="timed runs per mode (best kept)")

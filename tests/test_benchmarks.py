@@ -36,11 +36,14 @@ CASES = [
     pytest.param(
         "bench_grammar.py",
         "all --prompts 2 --sequential 1 --concurrency 1,2 --max-new-tokens 32 --batch 2"
-        " --repeat 2 --rounds 1",
+        " --repeat 2 --rounds 1 --tight-tokens 16",
         [
             rf"concurrency  2: [0-9]+% fewer forward passes .* throughput on / off = {RATIO}x",
             r"identical greedy texts with and without jump-forward: 2/2",
             rf"jump-forward on .*\n .*: {RATIO}% of the step",
+            r"closing on : 2/2 parse",
+            rf"throughput cost of closing, time on / off = {RATIO}",
+            rf"grammar work per request .* on {RATIO} ms, off {RATIO} ms",
         ],
         id="grammar",
     ),

@@ -39,6 +39,9 @@ class SamplingParams:
     regex: str | None = None
     json_schema: str | None = None
     ebnf: str | None = None
+    # With json_schema: a document that max_new_tokens (or the context) would cut is ended with
+    # its shortest completion instead, so it always parses; the finish reason still says length.
+    close_on_length: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -194,4 +197,5 @@ _CONVERTERS: Mapping[str, Callable[[str, Any], Any]] = {
     "regex": _optional_str,
     "json_schema": _json_schema,
     "ebnf": _optional_str,
+    "close_on_length": _bool,
 }

@@ -39,6 +39,12 @@ class OutputGrammar(Protocol):
         """Whether the output is complete (nothing but end-of-sequence may follow)."""
         ...
 
+    @property
+    def closed(self) -> bool:
+        """Whether the output was ended by budget-aware closing (complete, but the budget is what
+        ended it)."""
+        ...
+
     def settle(self, req: Req, sampled: Sequence[int], context_len: int) -> tuple[int, list[int]]:
         """The output after this step's samples, as an edit (keep, tail): output_ids[keep:] becomes
         tail. sampled holds the model's token at each draft's position, then after the output.

@@ -86,6 +86,11 @@ class GrammarMatcher(ABC):
 
     @property
     @abstractmethod
+    def is_accepting(self) -> bool:
+        """Whether the output may end here: end-of-sequence is allowed now."""
+
+    @property
+    @abstractmethod
     def error(self) -> str | None:
         """Why the matcher failed (a rejected token, a resource limit); None while it is fine."""
 

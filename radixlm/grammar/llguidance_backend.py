@@ -49,6 +49,11 @@ class LLGuidanceMatcher(GrammarMatcher):
         return self.matcher.is_stopped()
 
     @property
+    def is_accepting(self) -> bool:
+        """Whether end-of-sequence is allowed now."""
+        return self.matcher.is_accepting()
+
+    @property
     def error(self) -> str | None:
         """The first line of the matcher's error, if it is in its (permanent) error state."""
         error = self.matcher.get_error()
@@ -70,7 +75,8 @@ class LLGuidanceBackend(GrammarBackend):
         )
         self._executor = llg.LLExecutor()
         self._words = (self.tokenizer.vocab_size + 31) // 32
-        self._bitmask = torch.empty((0, self._words), dtype=torch.int32)
+        # numpy, not torch: a torch buffer made in inference mode cannot be filled outside it
+        self._bitmask = np.empty((0, self._words), dtype=np.int32)
 
     def compile(self, spec: GrammarSpec) -> llg.LLMatcher:
         """A matcher at the start of the grammar, to be deep-copied per request."""
@@ -87,18 +93,18 @@ class LLGuidanceBackend(GrammarBackend):
         """Fill all rows' bitmasks in parallel (llguidance's thread pool), then unpack to bool."""
         rows = len(matchers)
         if self._bitmask.shape[0] < rows:
-            self._bitmask = torch.empty(
-                (max(rows, 2 * self._bitmask.shape[0]), self._words), dtype=torch.int32
+            self._bitmask = np.empty(
+                (max(rows, 2 * self._bitmask.shape[0]), self._words), dtype=np.int32
             )
         bitmask = self._bitmask[:rows]
-        bitmask.fill_(-1)  # rows without a grammar allow everything
+        bitmask.fill(-1)  # rows without a grammar allow everything
         work = [(m.matcher, i) for i, m in enumerate(matchers) if isinstance(m, LLGuidanceMatcher)]
-        self._executor.unsafe_compute_mask_ptr(work, bitmask.data_ptr(), self._words * 4, rows)
+        self._executor.unsafe_compute_mask_ptr(work, bitmask.ctypes.data, self._words * 4, rows)
         # Bit j of word w is token 32w + j; on a little-endian machine that is bit j % 8 of byte
         # 4w + j // 8, so unpacking the bytes little-bit-first lists tokens in order (far faster
         # than shifting int32 words in torch).
         bits = np.unpackbits(
-            bitmask.numpy().view(np.uint8), axis=1, count=self.vocab_size, bitorder="little"
+            bitmask.view(np.uint8), axis=1, count=self.vocab_size, bitorder="little"
         )
         return torch.from_numpy(bits).view(torch.bool)
 

@@ -19,6 +19,7 @@ import torch
 from radixlm.core.plan import StepPlan
 from radixlm.core.request import Req
 from radixlm.grammar.base import GrammarBackend, GrammarMatcher, GrammarSpec
+from radixlm.grammar.closing import Closer
 from radixlm.grammar.state import GrammarState
 from radixlm.tokenizer import Tokenizer
 
@@ -77,6 +78,7 @@ class GrammarManager:
         self.cache = GrammarCache(cache_size)
         self._factory = backend_factory
         self._backend: GrammarBackend | None = None
+        self._closer: Closer | None = None
         self._backend_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._compiling: list[tuple[Req, Future[Any]]] = []
@@ -89,6 +91,15 @@ class GrammarManager:
             if self._backend is None:
                 self._backend = self._factory(self.tokenizer, self.vocab_size)
             return self._backend
+
+    @property
+    def closer(self) -> Closer:
+        """Budget-aware closing over the backend, built with it."""
+        backend = self.backend
+        with self._backend_lock:
+            if self._closer is None:
+                self._closer = Closer(backend)
+            return self._closer
 
     # ---- compiling ---------------------------------------------------------------------------
 
@@ -103,7 +114,7 @@ class GrammarManager:
         assert spec is not None, "submit only requests with a grammar"
         compiled = self.cache.get(spec)
         if compiled is not None:
-            req.grammar = self.new_state(compiled)
+            req.grammar = self.new_state(compiled, _closes(req, spec))
             self._ready.append(req)
             return
         if self._executor is None:
@@ -117,9 +128,11 @@ class GrammarManager:
             self.cache.put(spec, compiled)
         return compiled
 
-    def new_state(self, compiled: Any) -> GrammarState:
-        """A request's grammar state at the start of a compiled grammar."""
-        return GrammarState(self.backend.matcher(compiled), self.backend, self.jump_forward)
+    def new_state(self, compiled: Any, close: bool = False) -> GrammarState:
+        """A request's grammar state at the start of a compiled grammar; `close`: with
+        budget-aware closing."""
+        closer = self.closer if close else None
+        return GrammarState(self.backend.matcher(compiled), self.backend, self.jump_forward, closer)
 
     def poll(
         self, context_len: int, block: bool = False
@@ -137,7 +150,7 @@ class GrammarManager:
                 compiling.append((req, future))
                 continue
             try:
-                req.grammar = self.new_state(future.result())
+                req.grammar = self.new_state(future.result(), _closes(req))
                 ready.append(req)
             except Exception as e:  # a bad grammar (or a backend bug) ends this request only
                 failed.append((req, str(e) or type(e).__name__))
@@ -191,6 +204,12 @@ class GrammarManager:
         finally:  # each matcher is after its whole output again, even if the fill failed
             for (req, state), _ in zip(drafted, matchers, strict=False):
                 state.matcher.accept(req.output_ids[-1:])
+
+
+def _closes(req: Req, spec: GrammarSpec | None = None) -> bool:
+    """Whether req's output gets budget-aware closing: JSON schemas, unless turned off."""
+    spec = spec or GrammarSpec.from_params(req.params)
+    return req.params.close_on_length and spec is not None and spec.kind == "json_schema"
 
 
 def _grammar(req: Req) -> GrammarState:

@@ -1,4 +1,5 @@
-"""When a request is done: end of sequence, a complete grammar, a stop string, a length limit."""
+"""When a request is done: end of sequence, a complete grammar, a stop string, a length limit
+(or a grammar closed to fit it)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def finish_reason(req: Req, tokenizer: Tokenizer, context_len: int) -> FinishRea
     token = req.output_ids[-1]
     if req.grammar is not None and req.grammar.error is not None:
         return FinishReason.abort(f"grammar error: {req.grammar.error}")
+    if req.grammar is not None and req.grammar.closed:
+        return FinishReason.at_length(len(req.output_ids))
     if token in req.eos_ids and len(req.output_ids) >= p.min_new_tokens:
         return FinishReason.stop(token)
     if req.grammar is not None and req.grammar.is_terminated:

@@ -218,10 +218,15 @@ class Scheduler:
         valid = min(len(req.input_ids) + keep + same, req.seq_len - 1)
         if req.kv_len > valid:  # a draft the model did not write
             self.table.drop_kv(req, valid)
-        if res.logprob is not None:
-            req.output_logprobs.append(res.logprob)
-            if req.top_logprobs_num:
-                req.output_top_logprobs.append(res.top_logprobs)
+        if res.logprob is not None:  # such requests never jump: tail is the sampled token, or
+            # the ending of a closed grammar, whose tokens the model did not choose (no logprob)
+            logprob, sampled = res.logprob
+            for i, token in enumerate(tail):
+                req.output_logprobs.append(
+                    (logprob if i == 0 and token == sampled else None, token)
+                )
+                if req.top_logprobs_num:
+                    req.output_top_logprobs.append(res.top_logprobs if i == 0 else [])
 
     # ---- cache control ---------------------------------------------------------------------
 

@@ -51,6 +51,8 @@ class _SamplingFields(_Strict):
     ebnf: str | None = None
     json_schema: Any = None
     response_format: dict[str, Any] | None = None
+    # radixlm's: false keeps a JSON output that max_tokens cuts as it was cut (default: closed).
+    close_on_length: bool | None = None
 
     def sampling_params(self, max_new_tokens: int) -> dict[str, Any]:
         """SGLang's sampling_params for these fields (unset ones keep SGLang's defaults)."""
@@ -70,6 +72,7 @@ class _SamplingFields(_Strict):
             "ignore_eos": self.ignore_eos,
             "sampling_seed": self.seed,
             "skip_special_tokens": self.skip_special_tokens,
+            "close_on_length": self.close_on_length,
             **self._structured_output(),
         }
         return {k: v for k, v in params.items() if v is not None}

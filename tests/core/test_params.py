@@ -24,7 +24,7 @@ def test_defaults_match_sglang() -> None:
     assert not p.ignore_eos and not p.no_stop_trim
     assert p.skip_special_tokens and p.spaces_between_special_tokens
     assert p.sampling_seed is None and p.regex is None and p.json_schema is None
-    assert p.ebnf is None
+    assert p.ebnf is None and p.close_on_length
     assert not p.is_greedy
 
 
@@ -80,6 +80,7 @@ def test_value_conversions() -> None:
     p = SamplingParams.from_dict({"stop": None, "stop_token_ids": [3, 1, 3]})
     assert p.stop == () and p.stop_token_ids == (3, 1)
     assert SamplingParams.from_dict({"stop_token_ids": None}).stop_token_ids == ()
+    assert not SamplingParams.from_dict({"close_on_length": False}).close_on_length
 
 
 def test_json_schema_object_is_serialised() -> None:
@@ -138,6 +139,7 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("regex", 5, "regex must be a string"),
     ("json_schema", [1], "json_schema must be a string"),
     ("ebnf", {"a": 1}, "ebnf must be a string"),
+    ("close_on_length", "yes", "close_on_length must be true or false"),
 ]
 
 

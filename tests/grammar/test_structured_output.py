@@ -217,3 +217,33 @@ def test_max_new_tokens_cuts_the_forced_start(engines: dict[bool, Engine]) -> No
         assert isinstance(out, dict)
         assert out["text"] == '{"name'
         assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 2}
+
+
+# Tokens of each schema's shortest document (`Closer.complete` from the start).
+SHORTEST = {"person": 15, "nested": 20, "array": 10, "enum": 13, "numbers": 17, "optional": 5}
+
+
+@pytest.mark.parametrize("jump_forward", [True, False], ids=["jump", "plain"])
+def test_json_cut_by_a_tight_budget_still_validates(
+    engines: dict[bool, Engine], jump_forward: bool
+) -> None:
+    """Budget-aware closing, greedy: budgets 3 tokens above each schema's shortest document cut
+    most outputs short, and each still validates, ending by length within its budget."""
+    engine = engines[jump_forward]
+    cases = [c for c in CASES if c.key == "json_schema"]
+    budgets = [SHORTEST[c.name] + 3 for c in cases]
+    params = [
+        {**c.params(0.0, seed=0), "max_new_tokens": b} for c, b in zip(cases, budgets, strict=True)
+    ]
+    outs = engine.generate([chat(engine, c.prompt) for c in cases], params)
+    assert isinstance(outs, list)
+    closed = 0
+    for case, budget, out in zip(cases, budgets, outs, strict=True):
+        case.check(out["text"])
+        reason, tokens = out["meta_info"]["finish_reason"], out["meta_info"]["completion_tokens"]
+        if reason["type"] == "length":
+            closed += 1
+            assert reason["length"] == tokens <= budget
+        else:
+            assert reason == {"type": "stop", "matched": None}, reason
+    assert closed >= len(cases) // 2

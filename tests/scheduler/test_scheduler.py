@@ -194,6 +194,7 @@ class FakeGrammar:
         self.num_draft = 0
         self.error: str | None = None
         self.is_terminated = False
+        self.closed = False
 
     def settle(self, r: Req, sampled: Sequence[int], context_len: int) -> tuple[int, list[int]]:
         keep, token = len(r.output_ids), sampled[-1]

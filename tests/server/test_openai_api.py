@@ -214,6 +214,24 @@ def test_structured_output_fields(client: openai.OpenAI, http: httpx.Client) -> 
     assert out["text"] in ("a", "b") and out["meta_info"]["finish_reason"]["type"] == "stop"
 
 
+def test_response_format_output_cut_by_max_tokens_still_parses(client: openai.OpenAI) -> None:
+    """Budget-aware closing, with max_tokens the schema's shortest document (11 tokens): on by
+    default for response_format, off with close_on_length."""
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "item", "schema": SMALL_SCHEMA}}
+    on, off = [], []
+    for seed in range(6):
+        args: dict[str, Any] = {"model": MODEL, "messages": CHAT, "max_tokens": 11, "seed": seed}
+        on += client.chat.completions.create(**args, response_format=fmt).choices
+        off += client.chat.completions.create(
+            **args, response_format=fmt, extra_body={"close_on_length": False}
+        ).choices
+    for choice in on:
+        jsonschema.validate(json.loads(choice.message.content or ""), SMALL_SCHEMA)
+    assert "length" in {c.finish_reason for c in on}
+    cut = [c.message.content or "" for c in off if c.finish_reason == "length"]
+    assert cut and not all(text.endswith("}") for text in cut)  # some objects left open
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "field"),
     [

@@ -57,6 +57,15 @@ def test_sampling_params_translation() -> None:
     }
 
 
+def test_close_on_length_is_an_extra_field() -> None:
+    fmt = {"type": "json_object"}
+    body = {"messages": [{"role": "user", "content": "x"}], "response_format": fmt}
+    req = parse(ChatCompletionRequest, body)
+    assert "close_on_length" not in req.sampling_params(9)  # the engine's default: on
+    off = parse(ChatCompletionRequest, {**body, "close_on_length": False}).sampling_params(9)
+    assert off["close_on_length"] is False and off["json_schema"] == {"type": "object"}
+
+
 def test_chat_text_parts_are_joined() -> None:
     req = parse(
         ChatCompletionRequest,
