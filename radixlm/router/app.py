@@ -172,7 +172,11 @@ def create_router_app(args: RouterArgs, on_close: Callable[[], None] | None = No
     @app.get("/get_server_info")
     async def server_info() -> Response:
         answers = await router.fan_out("GET", "/server_info")
-        infos = [a.json() for a in answers if a.status_code == 200]
+        infos = []
+        for a in answers:
+            with contextlib.suppress(ValueError):  # a worker that is not radixlm's
+                infos.append(a.json() if a.status_code == 200 else {})
+        infos = [i for i in infos if isinstance(i, dict) and i]
         info: dict[str, Any] = dict(infos[0]) if infos else {}
         info["internal_states"] = [s for i in infos for s in i.get("internal_states", [])]
         info.update(
