@@ -1,4 +1,5 @@
-"""Command line: `radixlm generate` to try a model, `radixlm serve` to run the HTTP server."""
+"""Command line: `radixlm generate` to try a model, `radixlm serve` to run the HTTP server,
+`radixlm router` to route across servers."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from radixlm.engine.args import EngineArgs
+from radixlm.router.args import POLICIES, RouterArgs
 from radixlm.server.args import ACCEPTED_SGLANG_ARGS, LOG_LEVELS, ServerArgs
 
 _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
@@ -157,9 +159,45 @@ def server_args_from(ns: argparse.Namespace) -> ServerArgs:
 
 
 def _serve(ns: argparse.Namespace) -> int:
+    if ns.dp > 1:
+        from radixlm.router.launch import serve_dp
+
+        return serve_dp(engine_args_from(ns), server_args_from(ns), ns.dp)
     from radixlm.server.launch import serve
 
     return serve(engine_args_from(ns), server_args_from(ns))
+
+
+_ROUTER_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--worker-urls", {"nargs": "+", "metavar": "URL", "help": "the workers' base URLs"}),
+    ("--host", {"help": "address to listen on"}),
+    ("--port", {"type": int, "help": "port to listen on (0: any free port)"}),
+    ("--api-key", {"help": "require `Authorization: Bearer KEY`; also sent to the workers"}),
+    ("--policy", {"choices": POLICIES, "help": "how a worker is picked for a request"}),
+    (
+        "--cache-threshold",
+        {"type": float, "help": "cache_aware: cached share of the prompt below which work decides"},
+    ),
+    (
+        "--balance-abs-threshold",
+        {"type": int, "help": "cache_aware: load is unbalanced when max - min exceeds this ..."},
+    ),
+    (
+        "--balance-rel-threshold",
+        {"type": float, "help": "... and max exceeds this times min (requests in flight)"},
+    ),
+    ("--health-check-interval-s", {"type": float, "help": "seconds between health checks"}),
+    ("--tokenizer-path", {"help": "tokenizer to route with (default: the workers' model)"}),
+    ("--log-level", {"choices": LOG_LEVELS, "help": "logging level"}),
+]
+
+
+def _router(ns: argparse.Namespace) -> int:
+    from radixlm.router.launch import serve_router
+
+    values = {_dest(flag): getattr(ns, _dest(flag)) for flag, _ in _ROUTER_FLAGS}
+    values["worker_urls"] = tuple(values["worker_urls"] or ())
+    return serve_router(RouterArgs(**values))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
         srv.add_argument(
             "--" + name.replace("_", "-"), action="store_true", help=f"accepted (SGLang's): {why}"
         )
+    srv.add_argument(
+        "--dp", type=int, default=1, help="engine servers behind a router on this port"
+    )
     add_engine_args(srv)
+    rtr = sub.add_parser("router", help="route requests across `radixlm serve` workers")
+    router_defaults = RouterArgs()
+    for flag, kw in _ROUTER_FLAGS:
+        rtr.add_argument(flag, **kw, default=getattr(router_defaults, _dest(flag)))
     return parser
 
 
@@ -194,9 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if ns.command == "generate":
         _generate(ns)
-    elif ns.command == "serve":
+    else:
         try:
-            code = _serve(ns)
+            code = _serve(ns) if ns.command == "serve" else _router(ns)
         except KeyboardInterrupt:  # a second Ctrl-C, or the one uvicorn re-raises after shutdown
             code = 130
         sys.exit(code)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -55,12 +55,20 @@ def common_prefix_len(key: list[int], ids: list[int], start: int) -> int:
     return lo
 
 
+# Told of every change to the set of cached token sequences: ("insert", ids, held) when the
+# tree comes to hold ids (it held ids[:held] before), ("remove", path, keep) when it drops every
+# sequence that extends path[: keep + 1] (an eviction; a flush is ("remove", [], 0)). The lists
+# are the listener's own. Splits change no sequence and are not reported.
+ChangeListener = Callable[[str, list[int], int], None]
+
+
 class RadixCache:
     """Prefix cache over the slot allocator; every slot it holds is in exactly one node."""
 
     def __init__(self, allocator: SlotAllocator, disable: bool = False) -> None:
         self.allocator = allocator
         self.disable = disable
+        self.on_change: ChangeListener | None = None
         self._ids = itertools.count()
         self._clock = itertools.count(1)
         self._empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
@@ -187,6 +195,8 @@ class RadixCache:
             if access < node.last_access:
                 self._push(node)  # touched since pushed: requeue at its real age
                 continue
+            if self.on_change is not None:
+                self.on_change("remove", self._path_key(node), parent.depth)
             del parent.children[node.key[0]]
             node.parent = None
             chunks.append(node.value)
@@ -204,10 +214,24 @@ class RadixCache:
         if self._protected_size > 0:
             return False
         self.allocator.free(self.all_slots())
+        if self.on_change is not None and self.root.children:
+            self.on_change("remove", [], 0)
         for node in self._nodes():
             node.parent = None  # handles still held by callers now read as evicted
         self._reset()
         return True
+
+    def snapshot(self) -> list[tuple[int, list[int]]]:
+        """The tree's shape as (parent index or -1 for the root, key) in preorder: every cached
+        token sequence is a path of it (what a mirror of the tree starts from)."""
+        out: list[tuple[int, list[int]]] = []
+        stack = [(child, -1) for child in self.root.children.values()]
+        while stack:
+            node, parent = stack.pop()
+            out.append((parent, list(node.key)))
+            index = len(out) - 1
+            stack.extend((child, index) for child in node.children.values())
+        return out
 
     def all_slots(self) -> torch.Tensor:
         """Every slot id the tree holds (for tests and debugging)."""
@@ -221,6 +245,8 @@ class RadixCache:
             if child is None:
                 # Cloned: the caller's tensor is often a view of a table it will overwrite.
                 leaf = self._new_node(ids[pos:], slots[pos:].clone(), node, tick)
+                if self.on_change is not None:
+                    self.on_change("insert", list(ids), pos)
                 self._evictable_size += len(leaf.key)
                 self._push(leaf)
                 return pos, leaf
@@ -263,6 +289,14 @@ class RadixCache:
                 if not n.children and n.lock_ref == 0
             ]
             heapq.heapify(self._heap)
+
+    def _path_key(self, node: TreeNode) -> list[int]:
+        keys: list[list[int]] = []
+        while node is not self.root:
+            keys.append(node.key)
+            assert node.parent is not None
+            node = node.parent
+        return [t for key in reversed(keys) for t in key]
 
     def _path_slots(self, node: TreeNode) -> torch.Tensor:
         values: list[torch.Tensor] = []

@@ -46,7 +46,29 @@ class CheckInvariant:
     """Assert that every KV slot has one owner; answered with True or the AssertionError."""
 
 
-ControlCall = FlushCache | GetStats | CheckInvariant
+@dataclass(frozen=True, slots=True)
+class DrainCacheEvents:
+    """Take the radix tree's changes since the last drain; answered with a CacheEventBatch. The
+    first drain starts recording and answers with a snapshot, as does `snapshot=True` and any
+    drain after the bounded record overflowed."""
+
+    snapshot: bool = False
+
+
+ControlCall = FlushCache | GetStats | CheckInvariant | DrainCacheEvents
+
+# A change to the set of cached token sequences (see radixlm.cache.radix.ChangeListener):
+# ("insert", ids, held) or ("remove", path, keep).
+CacheEvent = tuple[str, list[int], int]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEventBatch:
+    """The radix tree's changes, in order: from `snapshot` (the whole tree as (parent index or
+    -1, key) in preorder) if set, else from the previous batch."""
+
+    snapshot: list[tuple[int, list[int]]] | None
+    events: list[CacheEvent]
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from radixlm.core.messages import (
     ControlRequest,
     CoreInfo,
     CoreStats,
+    DrainCacheEvents,
     FlushCache,
     GenerateRequest,
     GetStats,
@@ -29,6 +30,7 @@ from radixlm.core.messages import (
 from radixlm.core.plan import SampledReq, StepPlan
 from radixlm.core.request import Req
 from radixlm.engine.args import EngineArgs
+from radixlm.engine.cache_events import CacheEventLog
 from radixlm.grammar import GrammarSpec
 from radixlm.grammar.manager import GrammarManager
 from radixlm.models.default import default_model_path
@@ -68,6 +70,7 @@ class EngineCore:
         del weights
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator, disable=args.disable_radix_cache)
+        self.cache_events = CacheEventLog(self.cache)
         context_len = min(
             args.context_length or config.max_position_embeddings, config.max_position_embeddings
         )
@@ -190,11 +193,13 @@ class EngineCore:
         return None
 
     def control(self, call: ControlCall) -> object:
-        """Synchronous calls: cache flush, statistics, the slot invariant check."""
+        """Synchronous calls: cache flush, statistics, cache events, the slot invariant check."""
         if isinstance(call, FlushCache):
             return self.scheduler.flush_cache()
         if isinstance(call, GetStats):
             return self.stats()
+        if isinstance(call, DrainCacheEvents):
+            return self.cache_events.drain(call.snapshot)
         assert isinstance(call, CheckInvariant)
         self.scheduler.check_invariant()
         return True

@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import radixlm
+from radixlm.server.cache_events import cache_events_router
 from radixlm.server.errors import ApiError, error_body
 from radixlm.server.http import json_response
 from radixlm.server.native_api import native_router
@@ -83,6 +84,7 @@ def create_app(
     app.include_router(native_router(manager, server_args or {}))
     app.include_router(openai_router(manager))
     app.openapi = partial(openapi_document, app, is_open if api_key else None)  # type: ignore[method-assign]
+    app.include_router(cache_events_router(manager))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:

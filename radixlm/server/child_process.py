@@ -57,13 +57,15 @@ class ServerProcess:
         log_path: Path | str | None = None,
         env: Mapping[str, str] | None = None,
         timeout: float = 300.0,
+        command: str = "serve",
     ) -> ServerProcess:
-        """Run `radixlm serve --port 0 *args` (its output into log_path, else a temp file), read
-        the address it bound from the log and wait until /health answers 200.
+        """Run `radixlm serve --port 0 *args` (or another command: `router`; its output into
+        log_path, else a temp file), read the address it bound from the log and wait until
+        /health answers 200.
 
         RuntimeError, with the log, if the server exits or is not healthy within timeout.
         """
-        cmd = [sys.executable, "-m", "radixlm", "serve", "--port", "0", *args]
+        cmd = [sys.executable, "-m", "radixlm", command, "--port", "0", *args]
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="radixlm-serve-", suffix=".log")
             os.close(fd)

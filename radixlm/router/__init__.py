@@ -1,0 +1,1 @@
+"""`radixlm router`: one HTTP front for several `radixlm serve` workers, routing by their caches."""

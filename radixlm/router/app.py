@@ -1,0 +1,234 @@
+"""The router's HTTP app: the workers' APIs forwarded, control routes fanned out, /workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+import radixlm
+from radixlm.router.args import RouterArgs
+from radixlm.router.metrics import RouterMetrics, merge
+from radixlm.router.policy import make_policy
+from radixlm.router.prompts import PromptReader
+from radixlm.router.proxy import Forwarder
+from radixlm.router.workers import WorkerPool
+from radixlm.server.app import ApiKeyMiddleware
+from radixlm.server.errors import ApiError, EngineUnavailable, error_body
+from radixlm.server.http import json_response, read_json
+
+logger = logging.getLogger(__name__)
+
+# Upstream connections: many at once, a bounded wait to connect, none for an answer (a long
+# generation may take minutes; a dead worker resets the connection).
+_LIMITS = httpx.Limits(max_connections=4096, max_keepalive_connections=512)
+_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=60.0, pool=None)
+FANOUT_TIMEOUT_S = 60.0
+
+
+class Router:
+    """The workers, the policy, and the HTTP client to reach them."""
+
+    def __init__(self, args: RouterArgs) -> None:
+        self.args = args
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        self.client = httpx.AsyncClient(headers=headers, limits=_LIMITS, timeout=_TIMEOUT)
+        self.pool = WorkerPool(self.client, args.health_check_interval_s)
+        self.metrics = RouterMetrics()
+        self.forwarder = Forwarder(self.client, self.pool, make_policy(args), self.metrics)
+        self.prompts = PromptReader(self.client, self.pool, args.tokenizer_path)
+
+    async def start(self) -> None:
+        """Start health checks, cache mirrors and the tokenizer's loading."""
+        self.pool.start(self.args.worker_urls)
+        self.prompts.start()
+
+    async def close(self) -> None:
+        """Stop the background tasks and close the connections."""
+        await self.prompts.close()
+        await self.pool.close()
+        await self.client.aclose()
+
+    async def fan_out(self, method: str, path: str, body: bytes = b"") -> list[httpx.Response]:
+        """The same call to every healthy worker; the answers of those that could be reached."""
+        urls = [w.url for w in self.pool.healthy()]
+        if not urls:
+            raise EngineUnavailable("no healthy worker", retry_after_s=2)
+
+        async def call(url: str) -> httpx.Response | None:
+            try:
+                return await self.client.request(
+                    method, url + path, content=body, timeout=FANOUT_TIMEOUT_S
+                )
+            except httpx.HTTPError as e:
+                logger.warning("%s %s%s failed: %s", method, url, path, e)
+                return None
+
+        answers = await asyncio.gather(*(call(u) for u in urls))
+        return [a for a in answers if a is not None]
+
+
+def _key(request: Request, data: Mapping[str, Any]) -> str | None:
+    """The routing key of consistent_hash: a header, else the body's session_id or user."""
+    for header in ("x-routing-key", "x-session-id"):
+        if value := request.headers.get(header):
+            return value
+    for field in ("session_id", "user"):
+        value = data.get(field)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def create_router_app(args: RouterArgs, on_close: Callable[[], None] | None = None) -> FastAPI:
+    """The router's app; its workers are followed from the app's start to its end, when
+    on_close (blocking: it runs on a thread) is called."""
+    router = Router(args)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await router.start()
+        try:
+            yield
+        finally:
+            await router.close()
+            if on_close is not None:
+                await asyncio.to_thread(on_close)
+
+    app = FastAPI(
+        title="radixlm router", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None
+    )
+    app.state.router = router
+    forwarder = router.forwarder
+
+    async def forward(request: Request, path: str, kind: str) -> Response:
+        body = await request.body()
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):  # the worker answers with the error
+            return await forwarder.forward(request, "POST", path, body, [], None, False)
+        key = _key(request, data)
+        if "session_id" in data:  # the router's own field: workers do not know it
+            del data["session_id"]
+            body = orjson.dumps(data)
+        ids = await router.prompts.ids(kind, data)
+        stream = data.get("stream") is True
+        return await forwarder.forward(request, "POST", path, body, ids, key, stream)
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        return await forward(request, "/generate", "generate")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await forward(request, "/v1/completions", "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await forward(request, "/v1/chat/completions", "chat")
+
+    async def any_worker(request: Request) -> Response:
+        return await forwarder.forward(request, "GET", request.url.path, b"", [], None, False)
+
+    for path in ("/v1/models", "/model_info", "/get_model_info", "/health_generate"):
+        app.add_api_route(path, any_worker, methods=["GET"])
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not router.pool.healthy():
+            raise EngineUnavailable("no healthy worker", retry_after_s=2)
+        return Response(status_code=200)
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> Response:
+        answers = await router.fan_out("POST", "/flush_cache")
+        for a in answers:
+            if a.status_code != 200:
+                return Response(a.content, a.status_code, {"content-type": "application/json"})
+        return PlainTextResponse(f"Cache flushed on {len(answers)} workers.\n")
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> Response:
+        answers = await router.fan_out("POST", "/abort_request", await request.body())
+        aborted = 0
+        for a in answers:
+            if a.status_code != 200:
+                return Response(a.content, a.status_code, {"content-type": "application/json"})
+            aborted += int(a.json().get("aborted", 0))
+        return json_response({"aborted": aborted})
+
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def server_info() -> Response:
+        answers = await router.fan_out("GET", "/server_info")
+        infos = []
+        for a in answers:
+            with contextlib.suppress(ValueError):  # a worker that is not radixlm's
+                infos.append(a.json() if a.status_code == 200 else {})
+        infos = [i for i in infos if isinstance(i, dict) and i]
+        info: dict[str, Any] = dict(infos[0]) if infos else {}
+        info["internal_states"] = [s for i in infos for s in i.get("internal_states", [])]
+        info.update(
+            {
+                "version": radixlm.__version__,
+                "router": {
+                    **args.public(),
+                    "tokenizer_ready": router.prompts.tokenizer is not None,
+                },
+                "workers": [w.to_dict() for w in router.pool.workers.values()],
+            }
+        )
+        return json_response(info)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        text = router.metrics.render(list(router.pool.workers.values()))
+        with contextlib.suppress(ApiError):
+            answers = await router.fan_out("GET", "/metrics")
+            texts = [(str(a.request.url).removesuffix("/metrics"), a.text) for a in answers]
+            text += "\n".join(merge(texts)) + "\n"
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/workers")
+    async def list_workers() -> Response:
+        return json_response([w.to_dict() for w in router.pool.workers.values()])
+
+    @app.post("/workers")
+    async def add_worker(request: Request) -> Response:
+        url = (await read_json(request)).get("url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ApiError(400, "url must be an http(s) URL", "url")
+        worker = router.pool.add(url)
+        await router.pool.check(worker)
+        return json_response(worker.to_dict())
+
+    @app.delete("/workers")
+    async def remove_worker(request: Request) -> Response:
+        url = (await read_json(request)).get("url")
+        if not isinstance(url, str) or not router.pool.remove(url):
+            raise ApiError(404, f"no worker {url!r}", "url")
+        return json_response({"removed": url})
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return json_response(exc.body(), exc.status, exc.headers())
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unexpected error on %s", request.url.path)
+        return json_response(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), 500)
+
+    if args.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=args.api_key)
+    return app

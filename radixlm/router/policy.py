@@ -1,0 +1,146 @@
+"""Which worker gets a request: the routing policies, over the router's view of each worker."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from radixlm.router.args import RouterArgs
+from radixlm.router.tree import MirrorTree
+
+# Points per worker on the consistent-hash ring: enough that keys spread evenly.
+VIRTUAL_NODES = 160
+
+
+@dataclass(slots=True, eq=False)
+class WorkerState:
+    """What the router knows of one worker: its cache (mirrored) and the work it sent it."""
+
+    url: str
+    tree: MirrorTree = field(default_factory=MirrorTree)
+    in_flight: int = 0  # requests sent whose answer has not ended
+    prefill_tokens: int = 0  # uncached prompt tokens of the requests with no output yet
+    decoding: int = 0  # requests that have streamed output and not ended
+
+    @property
+    def work(self) -> int:
+        """Estimated work queued: prefill tokens still to compute plus running decodes."""
+        return self.prefill_tokens + self.decoding
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A routing decision and why, for logs, metrics and tests."""
+
+    worker: WorkerState
+    reason: str  # cache | work | balance | hash | round_robin | random | power_of_two
+    matched: int  # prompt tokens the chosen worker holds
+
+
+class Policy(Protocol):
+    """Picks one of the healthy workers (never an empty sequence) for a request."""
+
+    def choose(self, workers: Sequence[WorkerState], ids: list[int], key: str | None) -> Decision:
+        """The worker for a prompt's token ids and its routing key (session or user), if any."""
+
+
+class CacheAware:
+    """The longest cached prefix wins, unless load is unbalanced or too little is cached
+    anywhere; then the least estimated work, counting this prompt's uncached tokens."""
+
+    def __init__(self, args: RouterArgs) -> None:
+        self.cache_threshold = args.cache_threshold
+        self.abs_threshold = args.balance_abs_threshold
+        self.rel_threshold = args.balance_rel_threshold
+
+    def choose(self, workers: Sequence[WorkerState], ids: list[int], key: str | None) -> Decision:
+        """See the class."""
+        matched = [w.tree.match(ids) for w in workers]
+        loads = [w.in_flight for w in workers]
+        lo, hi = min(loads), max(loads)
+        unbalanced = hi - lo > self.abs_threshold and hi > self.rel_threshold * lo
+        best = max(matched)
+        if not unbalanced and ids and best / len(ids) > self.cache_threshold:
+            i = min((i for i, m in enumerate(matched) if m == best), key=lambda i: workers[i].work)
+            return Decision(workers[i], "cache", best)
+        i = min(range(len(workers)), key=lambda i: workers[i].work + len(ids) - matched[i])
+        return Decision(workers[i], "balance" if unbalanced else "work", matched[i])
+
+
+class RoundRobin:
+    """Each worker in turn."""
+
+    def __init__(self) -> None:
+        self._next = itertools.count()
+
+    def choose(self, workers: Sequence[WorkerState], ids: list[int], key: str | None) -> Decision:
+        """See the class."""
+        return Decision(workers[next(self._next) % len(workers)], "round_robin", 0)
+
+
+class Random:
+    """A worker at random."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(self, workers: Sequence[WorkerState], ids: list[int], key: str | None) -> Decision:
+        """See the class."""
+        return Decision(self._rng.choice(workers), "random", 0)
+
+
+class PowerOfTwo:
+    """The less loaded of two workers drawn at random (by estimated work)."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(self, workers: Sequence[WorkerState], ids: list[int], key: str | None) -> Decision:
+        """See the class."""
+        pair = self._rng.sample(list(workers), min(2, len(workers)))
+        return Decision(min(pair, key=lambda w: (w.work, w.in_flight)), "power_of_two", 0)
+
+
+class ConsistentHash:
+    """Requests with the same routing key go to the same worker while it lives; a worker that
+    leaves moves only its own keys. Requests without a key are routed cache-aware."""
+
+    def __init__(self, fallback: Policy) -> None:
+        self.fallback = fallback
+        self._ring: list[tuple[int, str]] = []
+        self._urls: frozenset[str] = frozenset()
+
+    def choose(self, workers: Sequence[WorkerState], ids: list[int], key: str | None) -> Decision:
+        """See the class."""
+        if key is None:
+            return self.fallback.choose(workers, ids, key)
+        by_url = {w.url: w for w in workers}
+        if frozenset(by_url) != self._urls:
+            self._urls = frozenset(by_url)
+            self._ring = sorted(
+                (_hash(f"{url}#{v}"), url) for url in by_url for v in range(VIRTUAL_NODES)
+            )
+        i = bisect.bisect(self._ring, (_hash(key), "")) % len(self._ring)
+        return Decision(by_url[self._ring[i][1]], "hash", 0)
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def make_policy(args: RouterArgs) -> Policy:
+    """The policy args name."""
+    if args.policy == "round_robin":
+        return RoundRobin()
+    if args.policy == "random":
+        return Random()
+    if args.policy == "power_of_two":
+        return PowerOfTwo()
+    if args.policy == "consistent_hash":
+        return ConsistentHash(CacheAware(args))
+    return CacheAware(args)
