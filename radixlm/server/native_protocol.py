@@ -114,6 +114,11 @@ class SamplingParamsInput(_Body):
     regex: str | None = Field(None, description="at most one of regex, json_schema and ebnf")
     json_schema: str | dict[str, Any] | None = Field(None, description="a JSON schema")
     ebnf: str | None = None
+    close_on_length: bool = Field(
+        True,
+        description="with json_schema: a document the budget would cut ends with its shortest "
+        "completion instead, so it always parses (finish reason still length)",
+    )
 
 
 def _given(key: str) -> dict[str, Any]:
