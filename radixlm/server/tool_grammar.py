@@ -64,9 +64,12 @@ def tool_grammar(
     rules += [f"block: {block}", _TEXT]
     start = f"start: {body}"
     if reasoning is not None:
+        # The answer may start after some layout (`</think>\n\n`).
         rules.append(f"thought[lazy]: TEXT {json.dumps(reasoning.end)}")
+        rules.append(r"GAP: /[ \t\n]+/")
         opener = "" if in_reasoning else f"{json.dumps(reasoning.start)} "
-        start = f"start: ({opener}thought)? ({body})" if opener else f"start: thought ({body})"
+        thought = f"({opener}thought GAP?)?" if opener else "thought GAP?"
+        start = f"start: {thought} ({body})"
     return "\n".join(["%llguidance {}", start, *rules]) + "\n"
 
 

@@ -221,3 +221,27 @@ def test_tools_and_calls_reach_the_chat_template(tools_model: Path) -> None:
     assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in text
     assert "<tool_response>\nsunny\n</tool_response>" in text
     assert ids == tok.encode(text, add_special_tokens=False)
+
+
+def test_reasoning_parser_moves_the_thought(
+    tools_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    log = tmp_path_factory.mktemp("reasoning-server") / "server.log"
+    srv = ServerProcess.start(
+        tools_model, log, "--max-total-tokens", str(TINY_POOL), "--reasoning-parser", "deepseek-r1"
+    )
+    try:
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0) as c:
+            whole = chat(c, messages=ASK, max_tokens=12).choices[0].message
+            # DeepSeek-R1 starts in its reasoning; the random model never closes it.
+            assert not whole.content
+            thought = whole.reasoning_content  # type: ignore[attr-defined]
+            assert isinstance(thought, str) and thought
+            streamed = ""
+            for chunk in chat(c, messages=ASK, max_tokens=12, stream=True):
+                delta = chunk.choices[0].delta
+                streamed += getattr(delta, "reasoning_content", None) or ""
+                assert not delta.content
+            assert streamed == thought
+    finally:
+        assert srv.stop() in (0, -signal.SIGTERM), srv.log()
