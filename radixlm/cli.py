@@ -13,7 +13,13 @@ from typing import Any, cast
 
 from radixlm.engine.args import EngineArgs
 from radixlm.router.args import POLICIES, RouterArgs
-from radixlm.server.args import ACCEPTED_SGLANG_ARGS, LOG_LEVELS, ServerArgs
+from radixlm.server.args import (
+    ACCEPTED_SGLANG_ARGS,
+    LOG_LEVELS,
+    REASONING_PARSERS,
+    TOOL_CALL_PARSERS,
+    ServerArgs,
+)
 
 _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     (
@@ -150,6 +156,14 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
         {"type": float, "help": "the window of --max-engine-restarts, in seconds"},
     ),
     ("--log-level", {"choices": LOG_LEVELS, "help": "logging level of the server and its engine"}),
+    (
+        "--tool-call-parser",
+        {"choices": TOOL_CALL_PARSERS, "help": "tool-call format (default: the chat template's)"},
+    ),
+    (
+        "--reasoning-parser",
+        {"choices": REASONING_PARSERS, "help": "move <think>...</think> to reasoning_content"},
+    ),
 ]
 
 

@@ -13,6 +13,8 @@ MAX_QUEUED_TOKENS = 1 << 20
 # Engine restarts allowed within the window; one more death and the server stays down.
 MAX_ENGINE_RESTARTS = 3
 ENGINE_RESTART_WINDOW_S = 600.0
+TOOL_CALL_PARSERS = ("hermes", "qwen25", "mistral", "llama3")
+REASONING_PARSERS = ("qwen3", "deepseek-r1")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # SGLang server arguments accepted (as flags, and by Runtime) so that SGLang's command lines and
 # programs run unchanged, with why they change nothing here.
@@ -31,6 +33,8 @@ class ServerArgs:
     max_engine_restarts: int = MAX_ENGINE_RESTARTS
     engine_restart_window_s: float = ENGINE_RESTART_WINDOW_S
     log_level: str = "info"  # of the server, its engine process and uvicorn
+    tool_call_parser: str | None = None  # None: the chat template's format (else hermes)
+    reasoning_parser: str | None = None  # None: the output has no reasoning part
 
     def __post_init__(self) -> None:
         for name in ("max_queued_requests", "max_queued_tokens", "max_engine_restarts"):
@@ -39,6 +43,16 @@ class ServerArgs:
         if self.engine_restart_window_s <= 0:
             raise ValueError(
                 f"engine_restart_window_s must be positive, got {self.engine_restart_window_s}"
+            )
+        if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+            raise ValueError(
+                f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}; "
+                f"got {self.tool_call_parser!r}"
+            )
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(
+                f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}; "
+                f"got {self.reasoning_parser!r}"
             )
         if self.log_level not in LOG_LEVELS:
             raise ValueError(

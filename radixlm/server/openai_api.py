@@ -15,6 +15,8 @@ from starlette.responses import Response
 from radixlm.core.messages import LogprobEntry
 from radixlm.engine.client import RequestGroup
 from radixlm.engine.frontend import GenerateInput, RequestState
+from radixlm.server.args import ServerArgs
+from radixlm.server.chat_output import ChatOutput, ChatParsing
 from radixlm.server.errors import ApiError, RequestFailed
 from radixlm.server.http import (
     DONE,
@@ -36,7 +38,10 @@ from radixlm.server.openai_protocol import (
     parse_body,
 )
 from radixlm.server.openapi import error_responses, event_stream, json_body
+from radixlm.server.reasoning import REASONING_FORMATS
 from radixlm.server.tokenizer_manager import TokenizerManager
+from radixlm.server.tool_grammar import Function, tool_grammar
+from radixlm.server.tool_parser import FORMATS, ToolCallFormat, detect_format
 from radixlm.tokenizer import Tokenizer
 
 # SamplingParams names the SGLang keys; an OpenAI client sent these instead.
@@ -94,30 +99,79 @@ def echo_texts(req: CompletionRequest, tokenizer: Tokenizer) -> list[str]:
     return [tokenizer.decode(ids) for ids in p]  # type: ignore[union-attr]
 
 
-def chat_prompt_ids(req: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
-    """Render the conversation with the model's chat template and tokenize it."""
+def chat_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer) -> tuple[str, list[int]]:
+    """Render the conversation (and the tools) with the model's chat template; the text and
+    its token ids."""
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
         text = tokenizer.apply_chat_template(
-            req.conversation(), add_generation_prompt=True, **(req.chat_template_kwargs or {})
+            req.conversation(),
+            add_generation_prompt=True,
+            tools=tools,
+            **(req.chat_template_kwargs or {}),
         )
     except ApiError:
         raise
     except Exception as e:  # a template's raise_exception, a missing template, bad kwargs
         raise ApiError(400, f"messages: the chat template failed: {e}", "messages") from None
     # The rendered prompt carries its own BOS where the template wants one.
-    return tokenizer.encode(text, add_special_tokens=False)
+    return text, tokenizer.encode(text, add_special_tokens=False)
 
 
-def chat_input(req: ChatCompletionRequest, ids: list[int], context_len: int) -> GenerateInput:
-    """The engine input of a chat request; no max_tokens means up to the context length."""
+def chat_parsing(
+    req: ChatCompletionRequest, tokenizer: Tokenizer, args: ServerArgs, prompt: str
+) -> ChatParsing:
+    """What a chat request's output is parsed for (tool calls, reasoning)."""
+    tools = None
+    if req.calls_tools:
+        parser = args.tool_call_parser
+        tools = FORMATS[parser] if parser else detect_format(tokenizer.chat_template)
+    reasoning = REASONING_FORMATS[args.reasoning_parser] if args.reasoning_parser else None
+    in_reasoning = reasoning is not None and reasoning.opened_by(prompt)
+    return ChatParsing(tools, reasoning, in_reasoning)
+
+
+def _special_trigger(fmt: ToolCallFormat, tokenizer: Tokenizer) -> int | None:
+    """The id of a format's trigger when it is one special token (Mistral's [TOOL_CALLS])."""
+    ids = tokenizer.encode(fmt.trigger, add_special_tokens=False) if fmt.trigger else []
+    return ids[0] if len(ids) == 1 and tokenizer.is_special(ids[0]) else None
+
+
+def chat_input(
+    req: ChatCompletionRequest,
+    ids: list[int],
+    context_len: int,
+    parsing: ChatParsing,
+    tokenizer: Tokenizer,
+) -> GenerateInput:
+    """The engine input of a chat request; no max_tokens means up to the context length. A
+    request that may call tools is constrained by the grammar of its calls."""
     max_tokens = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
     if max_tokens is None:
         max_tokens = max(context_len - len(ids), 0)
+    params = req.sampling_params(max_tokens)
+    if parsing.tools is not None:
+        functions = [
+            Function(t.function.name, t.function.parameters or {"type": "object"})
+            for t in req.callable_tools()
+        ]
+        trigger = _special_trigger(parsing.tools, tokenizer)
+        params["ebnf"] = tool_grammar(
+            parsing.tools,
+            functions,
+            required=req.tools_required,
+            parallel=req.parallel_tool_calls,
+            trigger_token=trigger,
+            reasoning=parsing.reasoning,
+            in_reasoning=parsing.in_reasoning,
+        )
+        if trigger is not None:
+            params["skip_special_tokens"] = False  # the parser must see the trigger
     return GenerateInput(
         input_ids=ids,
-        sampling_params=req.sampling_params(max_tokens),
+        sampling_params=params,
         return_logprob=req.logprobs,
         top_logprobs_num=req.top_logprobs or 0,
         stream=req.stream,
@@ -296,30 +350,48 @@ def _completion_events(
     return _stream_events(reply, group, "text_completion", req.include_usage, choice)
 
 
+def _chat_finish(s: RequestState, called: bool) -> dict[str, Any]:
+    """finish_fields, where a stop after tool calls is OpenAI's "tool_calls"."""
+    fields = finish_fields(s)
+    if called and fields["finish_reason"] == "stop":
+        fields["finish_reason"] = "tool_calls"
+    return fields
+
+
 def _chat_choice(
-    reply: _Reply, req: ChatCompletionRequest, k: int, s: RequestState
+    reply: _Reply, req: ChatCompletionRequest, k: int, s: RequestState, parsing: ChatParsing
 ) -> dict[str, Any]:
     logprobs = None
     if req.logprobs:
         logprobs = {
             "content": chat_logprobs(reply.tokenizer, s.output_logprobs, s.output_top_logprobs)
         }
+    message: dict[str, Any] = {"role": "assistant", "content": s.text}
+    if parsing.active:
+        message.update(ChatOutput(parsing).message(s.text))
     return {
         "index": k,
-        "message": {"role": "assistant", "content": s.text},
+        "message": message,
         "logprobs": logprobs,
-        **finish_fields(s),
+        **_chat_finish(s, "tool_calls" in message),
     }
 
 
 def _chat_events(
-    reply: _Reply, req: ChatCompletionRequest, group: RequestGroup
+    reply: _Reply, req: ChatCompletionRequest, group: RequestGroup, parsing: ChatParsing
 ) -> AsyncGenerator[bytes, None]:
+    outputs = [ChatOutput(parsing) for _ in group.states]
+
     def choice(k: int, s: RequestState, p: _Progress) -> dict[str, Any] | None:
         delta: dict[str, Any] = {"role": "assistant"} if not p.started else {}
-        text = p.delta(s)
-        if text or not p.started:
-            delta["content"] = text
+        if parsing.active:
+            delta.update(outputs[k].delta(s.text, s.finished))
+            if not p.started:
+                delta.setdefault("content", "")
+        else:
+            text = p.delta(s)
+            if text or not p.started:
+                delta["content"] = text
         logprobs = None
         if req.logprobs:
             content = chat_logprobs(
@@ -330,7 +402,8 @@ def _chat_events(
             p.output_lp = len(s.output_logprobs)
             logprobs = {"content": content}
         if delta or s.finished or (logprobs and logprobs["content"]):
-            return {"index": k, "delta": delta, "logprobs": logprobs, **finish_fields(s)}
+            called = s.finished and outputs[k].called
+            return {"index": k, "delta": delta, "logprobs": logprobs, **_chat_finish(s, called)}
         return None
 
     return _stream_events(reply, group, "chat.completion.chunk", req.include_usage, choice)
@@ -420,17 +493,18 @@ def openai_router(manager: TokenizerManager) -> APIRouter:
         req.check_supported()
         tokenizer = ready_tokenizer()
         size = sum(len(m.content) if isinstance(m.content, str) else 0 for m in req.messages)
-        ids = await manager.offload(size, chat_prompt_ids, req, tokenizer)
+        prompt, ids = await manager.offload(size, chat_prompt, req, tokenizer)
         assert manager.info is not None  # set with the tokenizer
-        inp = chat_input(req, ids, manager.info.context_len)
+        parsing = chat_parsing(req, tokenizer, manager.server_args, prompt)
+        inp = chat_input(req, ids, manager.info.context_len, parsing, tokenizer)
         group = await submit(manager, inp, openai_names)
         reply = reply_for("chatcmpl", tokenizer, req.n)
         if req.stream:
-            return EventStream(_chat_events(reply, req, group), on_close(group))
+            return EventStream(_chat_events(reply, req, group, parsing), on_close(group))
         await wait_finished(request, manager, group)
         if (message := abort_message(group.states)) is not None:
             raise ApiError(400, message)
-        choices = [_chat_choice(reply, req, k, s) for k, s in enumerate(group.states)]
+        choices = [_chat_choice(reply, req, k, s, parsing) for k, s in enumerate(group.states)]
         return json_response(
             {**reply.envelope("chat.completion", choices), "usage": usage(group.states, req.n)}
         )

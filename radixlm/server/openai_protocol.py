@@ -3,6 +3,7 @@ SGLang's extras), parsed strictly, and the answers of the /v1 routes, for the Op
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -135,13 +136,61 @@ class CompletionRequest(_SamplingFields):
             raise ApiError(400, "best_of must equal n (candidates are not ranked)", "best_of")
 
 
+class FunctionCallParam(_Strict):
+    """A call an assistant made: the function's name and its arguments as a JSON string."""
+
+    name: str
+    arguments: str
+
+
+class ToolCallParam(_Strict):
+    """One of an assistant message's tool_calls, as the API returned it."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
 class ChatMessage(BaseModel):
-    """One message of a conversation; extra keys (name, tool_calls) reach the chat template."""
+    """One message of a conversation; extra keys reach the chat template as they are."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = None  # of a tool message: the call it answers
+    reasoning_content: str | None = None
+
+
+class FunctionDefinition(_Strict):
+    """A function the model may call; `parameters` is a JSON schema its arguments match."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # arguments always match the schema here
+
+
+class Tool(_Strict):
+    """An entry of `tools`."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    """The function a named tool_choice forces."""
+
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """`tool_choice` naming the function the model must call."""
+
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -152,19 +201,52 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
-        """As for completions, plus tools and a top_logprobs without logprobs."""
+        """As for completions, plus tool_choice against tools and a top_logprobs without
+        logprobs."""
         super().check_supported()
-        if self.tools:
-            raise ApiError(400, "tools are not supported", "tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ApiError(400, "tool_choice is not supported", "tool_choice")
         if self.top_logprobs and not self.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs: true", "top_logprobs")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ApiError(400, "tools: function names must be unique", "tools")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not names:
+            raise ApiError(400, "tool_choice needs tools", "tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ApiError(
+                400, f"tool_choice: no tool is named {choice.function.name!r}", "tool_choice"
+            )
+        if self.calls_tools and any(
+            x is not None for x in (self.regex, self.ebnf, self.json_schema, self.response_format)
+        ):
+            raise ApiError(
+                400,
+                "tools cannot be combined with regex, ebnf, json_schema or response_format",
+                "tools",
+            )
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model may call tools (then its output is constrained and parsed)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def tools_required(self) -> bool:
+        """Whether the output must be calls only."""
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    def callable_tools(self) -> list[Tool]:
+        """The tools the model may call: all of them, or the one tool_choice names."""
+        tools = self.tools or []
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in tools if t.function.name == self.tool_choice.function.name]
+        return list(tools)
 
     def conversation(self) -> list[dict[str, Any]]:
         """The messages as the chat template expects them: text parts joined into a string."""
@@ -184,8 +266,18 @@ class ChatCompletionRequest(_SamplingFields):
                 msg["content"] = "\n".join(texts)
             elif m.content is None:
                 msg["content"] = ""
+            for call in msg.get("tool_calls", []):
+                # Templates (and Hugging Face's docs) expect the arguments as a mapping.
+                call["function"]["arguments"] = _arguments(call["function"]["arguments"])
             out.append(msg)
         return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 # Union members appear in pydantic's error locations ("prompt.list[int].0"); readers want fields.
@@ -214,7 +306,7 @@ def parse_body(model: type[M], raw: bytes) -> M:
 
 # ---- answers ---------------------------------------------------------------------------------
 
-FinishReasonName = Literal["stop", "length", "abort"]
+FinishReasonName = Literal["stop", "length", "abort", "tool_calls"]
 
 
 @closed
@@ -303,11 +395,31 @@ class ChatLogprobs(TypedDict):
 
 
 @closed
+class FunctionCall(TypedDict):
+    """The function a tool call calls, and its arguments as a JSON string."""
+
+    name: str
+    arguments: str
+
+
+@closed
+class ToolCallOut(TypedDict):
+    """A tool call the model made."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+@closed
 class AssistantMessage(TypedDict):
-    """The generated message."""
+    """The generated message: text (null when the model only called tools), its tool calls,
+    and with --reasoning-parser the reasoning before the answer."""
 
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: NotRequired[list[ToolCallOut]]
+    reasoning_content: NotRequired[str | None]
 
 
 @closed
@@ -334,11 +446,32 @@ class ChatCompletionResponse(TypedDict):
 
 
 @closed
+class FunctionCallDelta(TypedDict, total=False):
+    """The name (in a call's first delta) and the next piece of its arguments."""
+
+    name: str
+    arguments: str
+
+
+@closed
+class ToolCallDelta(TypedDict):
+    """What a streamed event adds to the tool call at `index` (id and type come first)."""
+
+    index: int
+    id: NotRequired[str]
+    type: NotRequired[Literal["function"]]
+    function: FunctionCallDelta
+
+
+@closed
 class ChatDelta(TypedDict, total=False):
-    """What a streamed event adds to a message: the role first, then content."""
+    """What a streamed event adds to a message: the role first, then reasoning, content and
+    tool calls."""
 
     role: Literal["assistant"]
     content: str
+    reasoning_content: str
+    tool_calls: list[ToolCallDelta]
 
 
 @closed

@@ -77,3 +77,42 @@ def test_sglang_runtime_endpoint_reads_model_info(smol: ServerProcess, smollm2_p
     endpoint = sgl.RuntimeEndpoint(smol.url, api_key=API_KEY)
     assert endpoint.get_model_name() == smollm2_path
     assert "internal_states" in endpoint.get_server_info()
+
+
+def test_required_tool_call_matches_the_schema(smol: ServerProcess) -> None:
+    import json
+
+    import jsonschema
+
+    params = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    messages: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+    with openai.OpenAI(base_url=smol.url + "/v1", api_key=API_KEY, max_retries=0) as client:
+        model = client.models.list().data[0].id
+        r = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            tools=tools,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_tokens=40,
+            temperature=0,
+        )
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        (call,) = choice.message.tool_calls or []
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), params)
+        messages += [
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"},
+        ]
+        r = client.chat.completions.create(
+            model=model, messages=messages, tools=tools, max_tokens=16, temperature=0
+        )
+        assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
