@@ -115,7 +115,7 @@ def tokenize_input(
     logprob = _per_item(inp.return_logprob, n, "return_logprob")
     start = _per_item(inp.logprob_start_len, n, "logprob_start_len")
     top = _per_item(inp.top_logprobs_num, n, "top_logprobs_num")
-    rids = _per_item(inp.rid, n, "rid")
+    rids = _rids(inp, n)
     reqs: list[GenerateRequest] = []
     for i, ids in enumerate(prompts):
         error = prompt_error(len(ids), limits.context_len, limits.max_total_num_tokens)
@@ -141,6 +141,14 @@ def tokenize_input(
                 )
             )
     return reqs
+
+
+def _rids(inp: GenerateInput, n: int) -> list[str | None]:
+    """One rid per prompt; a batch given one rid numbers its prompts (`rid-0`, ...), as n > 1
+    numbers its samples: requests in flight never share a rid."""
+    if isinstance(inp.rid, str) and inp.is_batch:
+        return [f"{inp.rid}-{i}" for i in range(n)]
+    return _per_item(inp.rid, n, "rid")
 
 
 def _check_room(num_prompt: int, raw: Any, params: SamplingParams, context_len: int) -> None:

@@ -72,6 +72,15 @@ def test_batch_output_shape(engine: Engine) -> None:
     assert len({o["meta_info"]["id"] for o in outs}) == len(outs)
 
 
+def test_a_batch_given_one_rid_numbers_it_per_prompt(engine: Engine) -> None:
+    """As n > 1 numbers its samples: two requests in flight never share a rid."""
+    outs = gen_batch(engine, ["a", "b"], greedy(2, n=2), rid="batch")
+    ids = ["batch-0-0", "batch-0-1", "batch-1-0", "batch-1-1"]
+    assert [o["meta_info"]["id"] for o in outs] == ids
+    one = gen_batch(engine, ["a"], greedy(2), rid="one")
+    assert [o["meta_info"]["id"] for o in one] == ["one-0"]
+
+
 # ---- cache and flush -----------------------------------------------------------------------
 
 
