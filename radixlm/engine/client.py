@@ -324,6 +324,7 @@ class RequestGroup:
 
     states: list[RequestState]
     is_batch: bool
+    stream: bool = False  # the consumer sees outputs as they come, not only the finished ones
     error: BaseException | None = None
     _dirty: set[int] = field(default_factory=set, init=False)
     _changed: asyncio.Event = field(default_factory=asyncio.Event, init=False)

@@ -5,9 +5,9 @@ outputs (radixlm/engine/client.py). Everything here runs on the event loop, whic
 the engine: messages leave through the transport's sender thread, and outputs arrive from its
 reader thread through a `LoopInbox`, one wake-up per output batch.
 
-When the engine process dies, requests that already produced output fail with a clear error,
-those that had not are held, and a new engine starts after a backoff; the held requests then run
-on it. More than `max_engine_restarts` deaths within the window and the server stays down.
+When the engine process dies, streams that already sent output fail with a clear error; the
+other requests (their clients have seen nothing yet) are held, and a new engine starts after a
+backoff; the held requests then run on it from the start. More than `max_engine_restarts` deaths within the window and the server stays down.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from radixlm.core.finish import FinishReason
 from radixlm.core.messages import (
+    AbortRequest,
     CheckInvariant,
     ControlCall,
     CoreInfo,
@@ -109,12 +110,27 @@ class _Entry:
     group: RequestGroup
     index: int
     last_token_time: float | None = None
-    started: bool = False  # an output of it reached its group: it cannot be run again
+    started: bool = False  # an output of it reached its group
 
     @property
     def state(self) -> RequestState:
         """The request's state in its group."""
         return self.group.states[self.index]
+
+    @property
+    def unseen(self) -> bool:
+        """Whether its consumer has seen nothing of it yet (so it can run again from the
+        start): no output came, or the consumer waits for the finished answer only."""
+        return not self.started or not self.group.stream
+
+    def start_over(self, tokenizer: Tokenizer) -> None:
+        """Forget its outputs, to run it again on another engine."""
+        if self.started:
+            state = self.state
+            self.group.states[self.index] = RequestState(
+                state.req, tokenizer, state.return_text_in_logprobs
+            )
+            self.started, self.last_token_time = False, None
 
 
 class TokenizerManager:
@@ -202,6 +218,9 @@ class TokenizerManager:
     def _resubmit_held(self, client: EngineClient) -> None:
         held = [e for e in self._held.values() if e.group.error is None]
         self._held.clear()
+        assert self.tokenizer is not None
+        for entry in held:
+            entry.start_over(self.tokenizer)
         if held:
             logger.info("running %d requests held through the restart", len(held))
             client.submit([e.state.req for e in held], [self._sink(e) for e in held])
@@ -334,6 +353,7 @@ class TokenizerManager:
         group = RequestGroup(
             [RequestState(r, self.tokenizer, inp.return_text_in_logprobs) for r in reqs],
             is_batch=inp.is_batch or len(reqs) > 1,
+            stream=inp.stream,
         )
         try:
             client.submit(reqs, [self._sink(_Entry(group, i)) for i in range(len(reqs))])
@@ -360,7 +380,7 @@ class TokenizerManager:
         """One output of a request, on the loop: metrics, then the request's state."""
         group = entry.group
         if isinstance(out, EngineDeadError):
-            if self._restarting is not None and not entry.started and group.error is None:
+            if self._restarting is not None and group.error is None and entry.unseen:
                 self._held[entry.state.req.rid] = entry  # nothing of it was seen: run it again
             else:  # the reason the server gave up, if it did, says more
                 group.fail(EngineUnavailable(self.failure or str(out)))
@@ -392,7 +412,7 @@ class TokenizerManager:
         entry = self._held.pop(rid, None)
         if entry is not None:  # it waits for a restarted engine: it ends here
             req = entry.state.req
-            reason = FinishReason.abort("aborted while the engine restarted")
+            reason = FinishReason.abort(AbortRequest(rid).message)  # as the engine says it
             self._take(entry, TokenOutput(rid, [], len(req.input_ids), 0, None, reason))
             return True
         return self.client is not None and self.client.abort(rid)

@@ -373,10 +373,11 @@ def test_a_dead_engine_restarts_and_runs_the_requests_it_had_not_started(
 ) -> None:
     async def scenario() -> None:
         manager, core = attached(tiny_server_model)
-        streaming = await manager.submit(GenerateInput(text="hello", rid="a"))
+        streaming = await manager.submit(GenerateInput(text="hello", rid="a", stream=True))
         queued = await manager.submit(GenerateInput(text=["one", "two"], rid=["b", "c"]))
-        core.emit([TokenOutput("a", [5], 1, 0, 0.01)])  # a has been seen by its client
-        await wait_for(lambda: streaming.states[0].output_ids)
+        # a's client has seen its output; b's waits for the whole answer: it has seen nothing.
+        core.emit([TokenOutput("a", [5], 1, 0, 0.01), TokenOutput("b", [6], 1, 0, 0.01)])
+        await wait_for(lambda: streaming.states[0].output_ids and queued.states[0].output_ids)
         core.exit(EngineDeadError("the engine process exited (exit code -9)"))
         with pytest.raises(EngineUnavailable, match="exit code -9"):
             await streaming.wait_finished()
@@ -389,7 +390,7 @@ def test_a_dead_engine_restarts_and_runs_the_requests_it_had_not_started(
             [TokenOutput("b", [7], 1, 0, 0.01, done), TokenOutput("c", [8], 1, 0, 0.01, done)]
         )
         await queued.wait_finished()
-        assert [s.output_ids for s in queued.states] == [[7], [8]]
+        assert [s.output_ids for s in queued.states] == [[7], [8]]  # b started over
         samples = parse_metrics(manager.metrics.render(None))
         assert metric(samples, "sglang:engine_restarts_total") == 1
         await manager.submit(GenerateInput(text="after", rid="d"))
