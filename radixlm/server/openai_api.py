@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
@@ -15,6 +16,7 @@ from starlette.responses import Response
 from radixlm.core.messages import LogprobEntry
 from radixlm.engine.client import RequestGroup
 from radixlm.engine.frontend import GenerateInput, RequestState
+from radixlm.grammar import GrammarKind, GrammarSpec
 from radixlm.server.args import ServerArgs
 from radixlm.server.chat_output import ChatOutput, ChatParsing
 from radixlm.server.errors import ApiError, RequestFailed
@@ -39,6 +41,7 @@ from radixlm.server.openai_protocol import (
 )
 from radixlm.server.openapi import error_responses, event_stream, json_body
 from radixlm.server.reasoning import REASONING_FORMATS
+from radixlm.server.reasoning_grammar import answer_grammar
 from radixlm.server.tokenizer_manager import TokenizerManager
 from radixlm.server.tool_grammar import Function, tool_grammar
 from radixlm.server.tool_parser import FORMATS, ToolCallFormat, detect_format
@@ -121,12 +124,15 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer) -> tuple[str, 
 def chat_parsing(
     req: ChatCompletionRequest, tokenizer: Tokenizer, args: ServerArgs, prompt: str
 ) -> ChatParsing:
-    """What a chat request's output is parsed for (tool calls, reasoning)."""
+    """What a chat request's output is parsed for (tool calls, reasoning: only in reasoning
+    mode)."""
     tools = None
     if req.calls_tools:
         parser = args.tool_call_parser
         tools = FORMATS[parser] if parser else detect_format(tokenizer.chat_template)
     reasoning = REASONING_FORMATS[args.reasoning_parser] if args.reasoning_parser else None
+    if reasoning is not None and not reasoning.thinks(prompt, req.chat_template_kwargs or {}):
+        reasoning = None  # the output is all answer, as without a parser
     in_reasoning = reasoning is not None and reasoning.opened_by(prompt)
     return ChatParsing(tools, reasoning, in_reasoning)
 
@@ -137,6 +143,21 @@ def _special_trigger(fmt: ToolCallFormat, tokenizer: Tokenizer) -> int | None:
     return ids[0] if len(ids) == 1 and tokenizer.is_special(ids[0]) else None
 
 
+_GRAMMAR_KINDS: tuple[GrammarKind, ...] = ("regex", "json_schema", "ebnf")
+
+
+def _answer_spec(params: dict[str, Any]) -> GrammarSpec | None:
+    """The structured output of a chat request's sampling params; None without one, or with
+    more than one or a value of the wrong type (SamplingParams answers those with a 400)."""
+    given = [(k, params[k]) for k in _GRAMMAR_KINDS if params.get(k) is not None]
+    if len(given) != 1:
+        return None
+    kind, value = given[0]
+    if kind == "json_schema" and isinstance(value, dict):
+        value = json.dumps(value)
+    return GrammarSpec(kind, value) if isinstance(value, str) else None
+
+
 def chat_input(
     req: ChatCompletionRequest,
     ids: list[int],
@@ -145,7 +166,8 @@ def chat_input(
     tokenizer: Tokenizer,
 ) -> GenerateInput:
     """The engine input of a chat request; no max_tokens means up to the context length. A
-    request that may call tools is constrained by the grammar of its calls."""
+    request that may call tools is constrained by the grammar of its calls; in reasoning mode,
+    tool calls and structured output apply after the reasoning."""
     max_tokens = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
@@ -169,6 +191,14 @@ def chat_input(
         )
         if trigger is not None:
             params["skip_special_tokens"] = False  # the parser must see the trigger
+    elif parsing.reasoning is not None and (spec := _answer_spec(params)) is not None:
+        try:
+            grammar = answer_grammar(parsing.reasoning, parsing.in_reasoning, spec)
+        except ValueError as e:
+            raise ApiError(400, str(e), spec.kind) from None
+        for kind in _GRAMMAR_KINDS:
+            params.pop(kind, None)
+        params["ebnf"] = grammar
     return GenerateInput(
         input_ids=ids,
         sampling_params=params,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from radixlm.server.tool_parser import partial_suffix
 
@@ -20,6 +22,12 @@ class ReasoningFormat:
     def opened_by(self, prompt: str) -> bool:
         """Whether a prompt leaves the model inside its reasoning (the template opened it)."""
         return self.always or prompt.rstrip().endswith(self.start)
+
+    def thinks(self, prompt: str, template_kwargs: Mapping[str, Any]) -> bool:
+        """Whether a request is in reasoning mode: not when it turned thinking off
+        (`enable_thinking: false`) or the template closed the reasoning in the prompt."""
+        off = template_kwargs.get("enable_thinking") is False
+        return not off and not prompt.rstrip().endswith(self.end)
 
 
 REASONING_FORMATS = {

@@ -15,6 +15,7 @@ from typing import Any
 
 from radixlm.grammar.llguidance_grammar import JSON_DEFAULTS
 from radixlm.server.reasoning import ReasoningFormat
+from radixlm.server.reasoning_grammar import reasoning_start
 from radixlm.server.tool_parser import ToolCallFormat
 
 _TEXT = r"TEXT: /(.|\n)*/"
@@ -62,15 +63,10 @@ def tool_grammar(
         rules.append(f"opened{lazy}: TEXT {trigger}")
         body = "(opened block)* TEXT" if parallel else "TEXT | opened block"
     rules += [f"block: {block}", _TEXT]
-    start = f"start: {body}"
-    if reasoning is not None:
-        # The answer may start after some layout (`</think>\n\n`).
-        rules.append(f"thought[lazy]: TEXT {json.dumps(reasoning.end)}")
-        rules.append(r"GAP: /[ \t\n]+/")
-        opener = "" if in_reasoning else f"{json.dumps(reasoning.start)} "
-        thought = f"({opener}thought GAP?)?" if opener else "thought GAP?"
-        start = f"start: {thought} ({body})"
-    return "\n".join(["%llguidance {}", start, *rules]) + "\n"
+    start = (
+        [f"start: {body}"] if reasoning is None else reasoning_start(reasoning, in_reasoning, body)
+    )
+    return "\n".join(["%llguidance {}", *start, *rules]) + "\n"
 
 
 def _literal(text: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""Fixtures: real `radixlm serve` processes on free loopback ports, and clients for them."""
+"""Fixtures: real `radixlm serve` processes on free loopback ports, and clients for them; a
+grammar backend over SmolLM2's tokenizer."""
 
 from __future__ import annotations
 
@@ -9,6 +10,18 @@ from pathlib import Path
 import httpx
 import pytest
 from server_harness import TINY_CONTEXT, TINY_POOL, ServerProcess
+
+from radixlm.grammar.llguidance_backend import LLGuidanceBackend
+from radixlm.models.default import default_model_path
+from radixlm.models.gguf import convert_gguf
+from radixlm.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="session")
+def grammar_backend() -> tuple[LLGuidanceBackend, Tokenizer]:
+    """llguidance over SmolLM2's tokenizer (no weights), for grammar tests."""
+    tok = Tokenizer.load(str(convert_gguf(default_model_path(), weights=False)))
+    return LLGuidanceBackend(tok), tok
 
 
 @pytest.fixture(scope="session")

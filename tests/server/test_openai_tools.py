@@ -5,6 +5,7 @@ the whole answer; and the prompt the template renders."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 from collections.abc import Iterator
@@ -223,25 +224,101 @@ def test_tools_and_calls_reach_the_chat_template(tools_model: Path) -> None:
     assert ids == tok.encode(text, add_special_tokens=False)
 
 
-def test_reasoning_parser_moves_the_thought(
+@pytest.fixture(scope="module")
+def r1_client(
     tools_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+) -> Iterator[openai.OpenAI]:
+    """A server with `--reasoning-parser deepseek-r1`: every output starts in its reasoning."""
     log = tmp_path_factory.mktemp("reasoning-server") / "server.log"
     srv = ServerProcess.start(
         tools_model, log, "--max-total-tokens", str(TINY_POOL), "--reasoning-parser", "deepseek-r1"
     )
     try:
         with openai.OpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0) as c:
-            whole = chat(c, messages=ASK, max_tokens=12).choices[0].message
-            # DeepSeek-R1 starts in its reasoning; the random model never closes it.
-            assert not whole.content
-            thought = whole.reasoning_content  # type: ignore[attr-defined]
-            assert isinstance(thought, str) and thought
-            streamed = ""
-            for chunk in chat(c, messages=ASK, max_tokens=12, stream=True):
-                delta = chunk.choices[0].delta
-                streamed += getattr(delta, "reasoning_content", None) or ""
-                assert not delta.content
-            assert streamed == thought
+            yield c
     finally:
         assert srv.stop() in (0, -signal.SIGTERM), srv.log()
+
+
+def streamed_message(client: openai.OpenAI, **kw: Any) -> tuple[str, str]:
+    """(reasoning_content, content) of a stream, its deltas added up."""
+    thought = content = ""
+    for chunk in chat(client, stream=True, **kw):
+        delta = chunk.choices[0].delta
+        thought += getattr(delta, "reasoning_content", None) or ""
+        content += delta.content or ""
+    return thought, content
+
+
+def test_reasoning_parser_moves_the_thought(r1_client: openai.OpenAI) -> None:
+    whole = chat(r1_client, messages=ASK, max_tokens=12).choices[0].message
+    # DeepSeek-R1 starts in its reasoning; the random model never closes it.
+    assert not whole.content
+    thought = whole.reasoning_content  # type: ignore[attr-defined]
+    assert isinstance(thought, str) and thought
+    assert streamed_message(r1_client, messages=ASK, max_tokens=12) == (thought, "")
+
+
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"enum": ["Paris", "Lima"]}, "ok": {"type": "boolean"}},
+    "required": ["city", "ok"],
+    "additionalProperties": False,
+}
+STRUCTURED: list[dict[str, Any]] = [
+    {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "a", "schema": ANSWER_SCHEMA},
+        }
+    },
+    {"response_format": {"type": "json_object"}},
+    {"extra_body": {"regex": "(yes|no), [0-9]{2}"}},
+    {"extra_body": {"ebnf": 'root ::= "The answer is " ("yes" | "no") "."'}},
+]
+
+
+def check_structured(kw: dict[str, Any], content: str) -> None:
+    fmt = kw.get("response_format")
+    if fmt is not None:
+        schema = ANSWER_SCHEMA if fmt["type"] == "json_schema" else {"type": "object"}
+        jsonschema.validate(json.loads(content), schema)
+    elif "regex" in kw["extra_body"]:
+        assert re.fullmatch(kw["extra_body"]["regex"], content), content
+    else:
+        assert re.fullmatch("The answer is (yes|no)\\.", content), content
+
+
+@pytest.mark.parametrize("kw", STRUCTURED)
+def test_structured_output_comes_after_the_reasoning(
+    r1_client: openai.OpenAI, kw: dict[str, Any]
+) -> None:
+    free = chat(r1_client, messages=ASK, max_tokens=12).choices[0].message
+    whole = chat(r1_client, messages=ASK, max_tokens=12, **kw).choices[0].message
+    # The reasoning runs free (the random model never ends it): the same greedy thought.
+    assert whole.reasoning_content == free.reasoning_content  # type: ignore[attr-defined]
+    assert not whole.content
+    assert streamed_message(r1_client, messages=ASK, max_tokens=12, **kw) == (
+        free.reasoning_content,  # type: ignore[attr-defined]
+        "",
+    )
+
+
+@pytest.mark.parametrize("kw", STRUCTURED)
+def test_without_thinking_structured_output_starts_at_once(
+    r1_client: openai.OpenAI, kw: dict[str, Any]
+) -> None:
+    body = {**kw.get("extra_body", {}), "chat_template_kwargs": {"enable_thinking": False}}
+    kw = {**kw, "extra_body": body}
+    whole = chat(r1_client, messages=ASK, max_tokens=60, **kw).choices[0].message
+    assert getattr(whole, "reasoning_content", None) is None
+    check_structured(kw, whole.content)
+    assert streamed_message(r1_client, messages=ASK, max_tokens=60, **kw) == ("", whole.content)
+
+
+def test_a_bad_answer_grammar_is_a_400_naming_its_field(r1_client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(r1_client, messages=ASK, extra_body={"regex": "(unclosed"})
+    assert e.value.body["param"] == "regex"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):  # two grammars: SamplingParams' 400
+        chat(r1_client, messages=ASK, extra_body={"regex": "a", "ebnf": 'root ::= "a"'})

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from grammar_verdict import run
 
-from radixlm.grammar.base import GrammarSpec
 from radixlm.grammar.llguidance_backend import LLGuidanceBackend
-from radixlm.models.default import default_model_path
-from radixlm.models.gguf import convert_gguf
 from radixlm.server.reasoning import REASONING_FORMATS
 from radixlm.server.tool_grammar import Function, tool_grammar
 from radixlm.server.tool_parser import HERMES, LLAMA3, MISTRAL
@@ -20,21 +18,6 @@ ADD = Function(
 FUNCTIONS = [ADD, Function("ping", {"type": "object"})]
 CALL = '{"name": "add", "arguments": {"a": 1}}'
 BLOCK = f"<tool_call>\n{CALL}\n</tool_call>"
-
-
-@pytest.fixture(scope="module")
-def backend() -> tuple[LLGuidanceBackend, Tokenizer]:
-    tok = Tokenizer.load(str(convert_gguf(default_model_path(), weights=False)))
-    return LLGuidanceBackend(tok), tok
-
-
-def run(backend: tuple[LLGuidanceBackend, Tokenizer], grammar: str, text: str) -> str:
-    """'ok' (accepted, may end here), 'open' (accepted, must go on) or 'rejected'."""
-    ll, tok = backend
-    m = ll.matcher(ll.compile(GrammarSpec("ebnf", grammar)))
-    if not m.accept(tok.encode(text, add_special_tokens=False)):
-        return "rejected"
-    return "ok" if m.is_accepting else "open"
 
 
 @pytest.mark.parametrize(
@@ -59,7 +42,7 @@ def run(backend: tuple[LLGuidanceBackend, Tokenizer], grammar: str, text: str) -
     ],
 )
 def test_tool_grammar(
-    backend: tuple[LLGuidanceBackend, Tokenizer],
+    grammar_backend: tuple[LLGuidanceBackend, Tokenizer],
     fmt: object,
     required: bool,
     parallel: bool,
@@ -67,29 +50,31 @@ def test_tool_grammar(
     verdict: str,
 ) -> None:
     grammar = tool_grammar(fmt, FUNCTIONS, required, parallel)  # type: ignore[arg-type]
-    assert run(backend, grammar, text) == verdict
+    assert run(grammar_backend, grammar, text) == verdict
 
 
-def test_a_named_function_only(backend: tuple[LLGuidanceBackend, Tokenizer]) -> None:
+def test_a_named_function_only(grammar_backend: tuple[LLGuidanceBackend, Tokenizer]) -> None:
     grammar = tool_grammar(HERMES, [FUNCTIONS[1]], required=True, parallel=True)
-    assert run(backend, grammar, BLOCK) == "rejected"
+    assert run(grammar_backend, grammar, BLOCK) == "rejected"
 
 
-def test_calls_come_after_the_reasoning(backend: tuple[LLGuidanceBackend, Tokenizer]) -> None:
+def test_calls_come_after_the_reasoning(
+    grammar_backend: tuple[LLGuidanceBackend, Tokenizer],
+) -> None:
     r1 = REASONING_FORMATS["deepseek-r1"]
     grammar = tool_grammar(HERMES, FUNCTIONS, True, True, reasoning=r1, in_reasoning=True)
-    assert run(backend, grammar, f"Free <b>text</b>\n</think>\n{BLOCK}") == "ok"
-    assert run(backend, grammar, "Free text</think>Hi") == "rejected"
+    assert run(grammar_backend, grammar, f"Free <b>text</b>\n</think>\n{BLOCK}") == "ok"
+    assert run(grammar_backend, grammar, "Free text</think>Hi") == "rejected"
     qwen3 = REASONING_FORMATS["qwen3"]
     grammar = tool_grammar(HERMES, FUNCTIONS, True, True, reasoning=qwen3)
-    assert run(backend, grammar, f"<think>hm</think>{BLOCK}") == "ok"
-    assert run(backend, grammar, BLOCK) == "ok"
+    assert run(grammar_backend, grammar, f"<think>hm</think>{BLOCK}") == "ok"
+    assert run(grammar_backend, grammar, BLOCK) == "ok"
 
 
-def test_a_special_token_trigger(backend: tuple[LLGuidanceBackend, Tokenizer]) -> None:
-    _, tok = backend
+def test_a_special_token_trigger(grammar_backend: tuple[LLGuidanceBackend, Tokenizer]) -> None:
+    _, tok = grammar_backend
     (im_start,) = tok.encode("<|im_start|>", add_special_tokens=False)
     grammar = tool_grammar(MISTRAL, FUNCTIONS, False, True, trigger_token=im_start)
-    assert run(backend, grammar, f"Hi <|im_start|>[{CALL}]") == "ok"
-    assert run(backend, grammar, "Hi <|im_start|>[{") == "open"
-    assert run(backend, grammar, "Hi <|im_start|>nope") == "rejected"
+    assert run(grammar_backend, grammar, f"Hi <|im_start|>[{CALL}]") == "ok"
+    assert run(grammar_backend, grammar, "Hi <|im_start|>[{") == "open"
+    assert run(grammar_backend, grammar, "Hi <|im_start|>nope") == "rejected"

@@ -97,6 +97,15 @@ def test_split_reasoning() -> None:
     assert not qwen3.opened_by("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
+def test_reasoning_mode() -> None:
+    qwen3, r1 = REASONING_FORMATS["qwen3"], REASONING_FORMATS["deepseek-r1"]
+    assert qwen3.thinks("<|im_start|>assistant\n", {}) and r1.thinks("...<think>\n", {})
+    assert not r1.thinks("...", {"enable_thinking": False})
+    assert r1.thinks("...", {"enable_thinking": True})
+    # A template that reads enable_thinking: false closes the reasoning in the prompt.
+    assert not qwen3.thinks("<|im_start|>assistant\n<think>\n\n</think>\n\n", {})
+
+
 def test_reasoning_then_calls_stream_like_the_message() -> None:
     parsing = ChatParsing(HERMES, REASONING_FORMATS["qwen3"], in_reasoning=True)
     text = f"Let me add.\n</think>\n\nOK.\n<tool_call>\n{ADD}\n</tool_call>"
