@@ -364,7 +364,7 @@ def generate_rids(core: FakeTransport) -> list[str]:
 @pytest.fixture
 def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Restarts after 10 ms, 20 ms, ... instead of half a second and more."""
-    monkeypatch.setattr("radixlm.server.tokenizer_manager.RESTART_BACKOFF_S", 0.01)
+    monkeypatch.setattr("radixlm.server.engine_launch.RESTART_BACKOFF_S", 0.01)
 
 
 @pytest.mark.usefixtures("quick_backoff")
