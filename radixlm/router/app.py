@@ -28,15 +28,15 @@ from radixlm.server.http import json_response, read_json
 
 logger = logging.getLogger(__name__)
 
-# Upstream connections: many at once, a bounded wait to connect, none for an answer (a long
-# generation may take minutes; a dead worker resets the connection).
+# Connections for health checks, cache mirrors and control calls (requests go over the
+# Forwarder's own): a bounded wait to connect, none for an answer.
 _LIMITS = httpx.Limits(max_connections=4096, max_keepalive_connections=512)
 _TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=60.0, pool=None)
 FANOUT_TIMEOUT_S = 60.0
 
 
 class Router:
-    """The workers, the policy, and the HTTP client to reach them."""
+    """The workers, the policy, and the HTTP clients to reach them."""
 
     def __init__(self, args: RouterArgs) -> None:
         self.args = args
@@ -44,11 +44,12 @@ class Router:
         self.client = httpx.AsyncClient(headers=headers, limits=_LIMITS, timeout=_TIMEOUT)
         self.pool = WorkerPool(self.client, args.health_check_interval_s)
         self.metrics = RouterMetrics()
-        self.forwarder = Forwarder(self.client, self.pool, make_policy(args), self.metrics)
+        self.forwarder = Forwarder(headers, self.pool, make_policy(args), self.metrics)
         self.prompts = PromptReader(self.client, self.pool, args.tokenizer_path)
 
     async def start(self) -> None:
         """Start health checks, cache mirrors and the tokenizer's loading."""
+        await self.forwarder.start()
         self.pool.start(self.args.worker_urls)
         self.prompts.start()
 
@@ -56,6 +57,7 @@ class Router:
         """Stop the background tasks and close the connections."""
         await self.prompts.close()
         await self.pool.close()
+        await self.forwarder.close()
         await self.client.aclose()
 
     async def fan_out(self, method: str, path: str, body: bytes = b"") -> list[httpx.Response]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -32,6 +32,11 @@ WORKER_HEADER = "X-Radixlm-Worker"
 # Headers of a worker's answer that reach the client.
 _PASSED_HEADERS = ("content-type", "retry-after", "cache-control")
 DONE = b"data: [DONE]\n\n"
+# A worker's connection failed: refused, reset, closed early, or cut inside an answer.
+UPSTREAM_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+# Idle upstream connections are dropped before a uvicorn worker's keep-alive (5 s) closes them, so
+# a request seldom meets a connection the worker is closing (a failure that would be retried).
+KEEPALIVE_S = 4.0
 
 
 @dataclass(slots=True, eq=False)
@@ -67,19 +72,50 @@ class Flight:
 
 
 class Forwarder:
-    """Sends requests to the workers a policy picks."""
+    """Sends requests to the workers a policy picks, over aiohttp: the router spends about half
+    the CPU time per request that it did over httpx's client (docs/benchmarks.md)."""
 
     def __init__(
-        self,
-        client: httpx.AsyncClient,
-        pool: WorkerPool,
-        policy: Policy,
-        metrics: RouterMetrics,
+        self, headers: dict[str, str], pool: WorkerPool, policy: Policy, metrics: RouterMetrics
     ) -> None:
-        self.client = client
+        self.headers = headers
         self.pool = pool
         self.policy = policy
         self.metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the upstream connection pool (in the event loop that will use it)."""
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=4096, keepalive_timeout=KEEPALIVE_S),
+            # A bounded wait to connect, none for an answer: a long generation may take minutes
+            # and a dead worker resets the connection.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0),
+            headers=self.headers,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("Content-Type",),  # the body is passed as it came
+        )
+
+    async def close(self) -> None:
+        """Close the upstream connections."""
+        if self._session is not None:
+            await self._session.close()
+
+    async def _open(self, method: str, url: str, body: bytes) -> aiohttp.ClientResponse:
+        """The worker's answer, its body still to read."""
+        assert self._session is not None, "Forwarder.start() first"
+        return await self._session.request(method, url, data=body or None)
+
+    async def _fetch(self, method: str, url: str, body: bytes) -> Answer:
+        """The worker's whole answer; cancelling it closes the connection (aborting the request)."""
+        resp = await self._open(method, url, body)
+        try:
+            content = await resp.read()
+        except BaseException:
+            resp.close()
+            raise
+        resp.release()
+        return Answer(resp.status, resp.headers, content)
 
     def choose(self, ids: list[int], key: str | None, exclude: set[str]) -> Decision:
         """The worker for a prompt among the healthy ones not in exclude; 503 if none."""
@@ -120,17 +156,16 @@ class Forwarder:
             worker = decision.worker
             tried.add(worker.url)
             flight = self._flight(decision, ids)
-            upstream = self.client.build_request(method, worker.url + path, content=body)
+            url = worker.url + path
             try:
-                if stream:
-                    resp = await self.client.send(upstream, stream=True)
-                else:
-                    answer = await _until_disconnect(request, self.client.send(upstream))
+                if not stream:
+                    answer = await _until_disconnect(request, self._fetch(method, url, body))
+                    flight.end()
                     if answer is None:  # the client left: the closed connection aborted it
-                        flight.end()
                         return Response(status_code=499)
-                    resp = answer
-            except httpx.TransportError as e:
+                    return Response(answer.body, answer.status, _headers(answer.headers, worker))
+                resp = await self._open(method, url, body)
+            except UPSTREAM_ERRORS as e:
                 flight.end()
                 failure = self._failed(worker, e)
                 if attempt == 0:
@@ -139,21 +174,25 @@ class Forwarder:
             except BaseException:
                 flight.end()
                 raise
-            headers = _headers(resp, worker)
-            if not stream or resp.status_code != 200:
-                if stream:
-                    await resp.aread()
-                    await resp.aclose()
-                flight.end()
-                return Response(resp.content, resp.status_code, headers)
-            relay = self._relay(resp, flight, ids, key, tried, attempt)
+            headers = _headers(resp.headers, worker)
+            if resp.status != 200:
+                try:
+                    content = await resp.read()
+                finally:
+                    resp.release()
+                    flight.end()
+                return Response(content, resp.status, headers)
+            relay = self._relay(resp, flight, method, path, body, ids, key, tried, attempt)
             return RelayStream(relay, headers)
         raise EngineUnavailable(f"{failure}; no other worker could take the request")
 
     async def _relay(
         self,
-        resp: httpx.Response,
+        resp: aiohttp.ClientResponse,
         flight: Flight,
+        method: str,
+        path: str,
+        body: bytes,
         ids: list[int],
         key: str | None,
         tried: set[str],
@@ -161,16 +200,18 @@ class Forwarder:
     ) -> AsyncIterator[bytes]:
         """A worker's stream, chunk by chunk; if the worker fails before the first chunk, the
         request starts again on another (once); after it, the stream ends with an error event."""
+        ended = False  # the answer was read to its end: its connection can be reused
         try:
             while True:
                 try:
-                    async for chunk in resp.aiter_raw():
+                    async for chunk in resp.content.iter_any():
                         flight.first_output()
                         yield chunk
+                    ended = True
                     return
-                except httpx.TransportError as e:
+                except UPSTREAM_ERRORS as e:
                     failure = self._failed(flight.worker, e)
-                await resp.aclose()
+                resp.close()
                 flight.end()
                 if flight.started or attempt > 0:
                     self.metrics.stream_errors += 1
@@ -187,28 +228,38 @@ class Forwarder:
                     return
                 tried.add(decision.worker.url)
                 flight = self._flight(decision, ids)
-                upstream = self.client.build_request(
-                    resp.request.method, decision.worker.url + resp.request.url.path,
-                    content=resp.request.content,
-                )  # fmt: skip
                 try:
-                    resp = await self.client.send(upstream, stream=True)
-                except httpx.TransportError as e:
+                    resp = await self._open(method, decision.worker.url + path, body)
+                except UPSTREAM_ERRORS as e:
                     yield sse_error(503, f"{failure}; then {self._failed(decision.worker, e)}")
                     yield DONE
                     return
-                if resp.status_code != 200:
-                    await resp.aread()
-                    yield b"data: " + resp.content + b"\n\n"
+                if resp.status != 200:
+                    content = await resp.read()
+                    ended = True
+                    yield b"data: " + content + b"\n\n"
                     yield DONE
                     return
         finally:
             flight.end()
-            await resp.aclose()
+            # Closing a connection in the middle of an answer aborts the request in the worker.
+            if ended:
+                resp.release()
+            else:
+                resp.close()
 
 
-def _headers(resp: httpx.Response, worker: WorkerState) -> dict[str, str]:
-    headers = {k: v for k in _PASSED_HEADERS if (v := resp.headers.get(k)) is not None}
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A worker's whole answer."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+def _headers(upstream: Mapping[str, str], worker: WorkerState) -> dict[str, str]:
+    headers = {k: v for k in _PASSED_HEADERS if (v := upstream.get(k)) is not None}
     headers[WORKER_HEADER] = worker.url
     return headers
 
@@ -219,9 +270,7 @@ async def _await_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _until_disconnect(
-    request: Request, send: Coroutine[Any, Any, httpx.Response]
-) -> httpx.Response | None:
+async def _until_disconnect(request: Request, send: Coroutine[Any, Any, Answer]) -> Answer | None:
     """Await the upstream answer; None (and the upstream call cancelled) if the client leaves."""
     answer = asyncio.ensure_future(send)
     watcher = asyncio.ensure_future(_await_disconnect(request.receive))
