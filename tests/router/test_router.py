@@ -146,3 +146,47 @@ def test_post_workers_adds_one(
             assert len(http.get("/workers").json()) == 1
     finally:
         r.stop()
+
+
+def generated(workers: list[ServerProcess]) -> int:
+    """Tokens the workers generated so far, all requests together."""
+    total = 0
+    for w in workers:
+        with client(w) as http:
+            for line in http.get("/metrics").text.splitlines():
+                if line.startswith("sglang:generation_tokens_total"):
+                    total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+def wait_workers_idle(workers: list[ServerProcess]) -> None:
+    deadline = time.monotonic() + 30
+    for w in workers:
+        with client(w) as http:
+            while True:
+                state = http.get("/get_server_info").json()["internal_states"][0]
+                if state["num_running_reqs"] + state["num_queue_reqs"] == 0:
+                    break
+                assert time.monotonic() < deadline, state
+                time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_leaving_aborts_the_request_on_its_worker(
+    router: ServerProcess, workers: list[ServerProcess], stream: bool
+) -> None:
+    long = {"max_new_tokens": 1500, "ignore_eos": True}
+    body = {"text": "Leave me", "sampling_params": long, "stream": stream}
+    wait_workers_idle(workers)
+    before = generated(workers)
+    if stream:
+        with client(router) as via, via.stream("POST", "/generate", json=body) as resp:
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+        # leaving the block closed the connection after the first event
+    else:
+        with client(router, timeout=1.0) as via, pytest.raises(httpx.ReadTimeout):
+            via.post("/generate", json=body)
+    wait_workers_idle(workers)
+    ran = generated(workers) - before
+    assert ran < 1500, f"the request ran on after its client left ({ran} tokens)"
