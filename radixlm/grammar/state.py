@@ -106,9 +106,10 @@ class GrammarState:
                 keep -= 1
                 self.matcher.rollback(1)
                 token = sampled[0]  # and the sample after the draft is moot
-        accepted = self.matcher.accept([token])
-        if not accepted or self.matcher.is_terminated:
-            return keep, [token]  # a rejected token leaves matcher.error set
+        if not self.matcher.accept([token]):
+            return keep, []  # not output: the matcher's error ends the request
+        if self.matcher.is_terminated:
+            return keep, [token]
         tail = self._jump(req, keep, [token], context_len) if self._may_jump(req) else [token]
         ending = self._close(req, base, req.output_ids[base:keep] + tail, context_len)
         return (keep, tail) if ending is None else (base, ending)

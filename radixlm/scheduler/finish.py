@@ -16,11 +16,11 @@ _STOP_REGEX_WINDOW = 64
 def finish_reason(req: Req, tokenizer: Tokenizer, context_len: int) -> FinishReason | None:
     """SGLang's finish reason for req after its latest tokens, or None while it goes on."""
     p = req.params
-    token = req.output_ids[-1]
     if req.grammar is not None and req.grammar.error is not None:
         return FinishReason.abort(f"grammar error: {req.grammar.error}")
     if req.grammar is not None and req.grammar.closed:
         return FinishReason.at_length(len(req.output_ids))
+    token = req.output_ids[-1]
     if token in req.eos_ids and len(req.output_ids) >= p.min_new_tokens:
         return FinishReason.stop(token)
     if req.grammar is not None and req.grammar.is_terminated:

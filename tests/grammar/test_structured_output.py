@@ -247,3 +247,15 @@ def test_json_cut_by_a_tight_budget_still_validates(
         else:
             assert reason == {"type": "stop", "matched": None}, reason
     assert closed >= len(cases) // 2
+
+
+def test_a_grammar_nothing_matches_ends_with_no_output(engines: dict[bool, Engine]) -> None:
+    # Compiles, but no output matches: the first token the model picks is rejected, and the
+    # request ends with the grammar's error, not with that token.
+    impossible = {"max_new_tokens": 4, "temperature": 0, "regex": "[^\\x00-\\U0010FFFF]"}
+    for engine in engines.values():
+        out = engine.generate("Hello", impossible)
+        assert isinstance(out, dict)
+        reason = out["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort" and "grammar error" in reason["message"], reason
+        assert (out["output_ids"], out["text"]) == ([], "")
