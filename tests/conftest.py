@@ -373,3 +373,16 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path, config, weights
+
+
+@pytest.fixture(scope="session")
+def tiny_server_model(
+    make_tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny random model the server tests and the chaos suite serve, with a context longer
+    than their KV pool (server.server_harness.TINY_CONTEXT)."""
+    from server.server_harness import TINY_CONTEXT
+
+    return make_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-llama", max_position_embeddings=TINY_CONTEXT
+    )

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from server.server_harness import TINY_CONTEXT, ServerProcess
+from server.server_harness import ServerProcess
 
 
 @pytest.fixture
@@ -24,23 +24,13 @@ def chaos_seed() -> Callable[[int], int]:
 
 
 @pytest.fixture(scope="session")
-def chaos_model(
-    make_tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """The tiny random model the chaos servers load, with a 4096-token context."""
-    return make_tiny_model(
-        tmp_path_factory.mktemp("models") / "tiny-llama", max_position_embeddings=TINY_CONTEXT
-    )
-
-
-@pytest.fixture(scope="session")
 def start_server(
-    chaos_model: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_server_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[..., ServerProcess]:
     """Start a server on the tiny model with these flags (the caller stops it)."""
 
     def start(*flags: str) -> ServerProcess:
         log = tmp_path_factory.mktemp("server") / "server.log"
-        return ServerProcess.start(chaos_model, log, "--random-seed", "0", *flags)
+        return ServerProcess.start(tiny_server_model, log, "--random-seed", "0", *flags)
 
     return start

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_harness import TINY_CONTEXT, TINY_POOL, ServerProcess
+from server_harness import TINY_POOL, ServerProcess
 
 from radixlm.grammar.llguidance_backend import LLGuidanceBackend
 from radixlm.models.default import default_model_path
@@ -22,16 +22,6 @@ def grammar_backend() -> tuple[LLGuidanceBackend, Tokenizer]:
     """llguidance over SmolLM2's tokenizer (no weights), for grammar tests."""
     tok = Tokenizer.load(str(convert_gguf(default_model_path(), weights=False)))
     return LLGuidanceBackend(tok), tok
-
-
-@pytest.fixture(scope="session")
-def tiny_server_model(
-    make_tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """The tiny random model the servers load, with a 4096-token context."""
-    return make_tiny_model(
-        tmp_path_factory.mktemp("models") / "tiny-llama", max_position_embeddings=TINY_CONTEXT
-    )
 
 
 @pytest.fixture(scope="session")
