@@ -457,11 +457,13 @@ async def run_conversations(
         return [r for rs in done for r in rs], time.perf_counter() - t0
 
 
-def _session() -> aiohttp.ClientSession:
+def _session(force_close: bool = False) -> aiohttp.ClientSession:
+    """A client session without a connection limit; `force_close`: a new connection per request
+    (llama-server closes kept-alive connections that the client may be about to reuse)."""
     import aiohttp
 
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
+        connector=aiohttp.TCPConnector(limit=0, force_close=force_close),
         timeout=aiohttp.ClientTimeout(total=None, sock_read=3600),
     )
 
@@ -499,12 +501,16 @@ async def connect(
 
 
 def bench_http(
-    base_url: str, args: argparse.Namespace, workload: Workload, flush: bool = True
+    base_url: str,
+    args: argparse.Namespace,
+    workload: Workload,
+    flush: bool = True,
+    force_close: bool = False,
 ) -> RunMetrics:
     """Warm up, flush the cache (a radixlm or SGLang server), run the workload; the metrics."""
 
     async def go() -> tuple[list[RequestResult], float]:
-        async with _session() as session:
+        async with _session(force_close) as session:
             client = await connect(session, base_url, args, workload.warmup)
             if flush:
                 flush_cache(base_url)
@@ -834,7 +840,8 @@ def mode_peer(args: argparse.Namespace, url: str, peer_url: str, tokenizer: Toke
                 workload = build_workload(d, tokenizer, seed=args.seed + r)
                 order = [("radixlm", url), (peer, peer_url)]
                 for name, base in order if r % 2 == 0 else order[::-1]:
-                    m = bench_http(base, d, workload, flush=name == "radixlm")
+                    # Both sides alike: a connection per request (see _session).
+                    m = bench_http(base, d, workload, name == "radixlm", force_close=True)
                     if m.failed:
                         raise SystemExit(f"{name}: {m.failed} requests failed: {m.first_error}")
                     bar.write(
