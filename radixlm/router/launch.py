@@ -18,7 +18,7 @@ import uvicorn
 
 from radixlm.engine.args import EngineArgs
 from radixlm.router.app import create_router_app
-from radixlm.router.args import RouterArgs
+from radixlm.router.args import RayArgs, RouterArgs
 from radixlm.router.replicas import LocalReplica, Replica, ReplicaSet
 from radixlm.server.args import ServerArgs
 from radixlm.server.child_process import serve_argv
@@ -79,6 +79,21 @@ def serve_dp(engine_args: EngineArgs, server_args: ServerArgs, dp: int) -> int:
         return LocalReplica(argv, log_dir / f"worker-{i}", env, budget)
 
     return _serve_replicas(server_args, engine_args, dp, lambda: _start_all(start, dp))
+
+
+def serve_ray(engine_args: EngineArgs, server_args: ServerArgs, dp: int, ray_args: RayArgs) -> int:
+    """`serve_dp` with the replicas as actors on a Ray cluster, which restarts them."""
+    try:
+        from radixlm.router.ray_replicas import start_ray_replicas
+    except ImportError as e:
+        logger.error("--ray needs the ray package (pip install 'radixlm[ray]'): %s", e)
+        return 1
+
+    def start() -> ReplicaSet | None:
+        return start_ray_replicas(engine_args, server_args, dp, ray_args)
+
+    info = {"ray": dataclasses.asdict(ray_args)}
+    return _serve_replicas(server_args, engine_args, dp, start, **info)
 
 
 def _start_all(start: Callable[[int], Replica], n: int) -> ReplicaSet | None:

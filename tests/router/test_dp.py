@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import psutil
+from conftest import listener
 
 from radixlm.server.child_process import ServerProcess
 
@@ -50,15 +50,6 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def listening(pids: list[int], port: int) -> int:
-    """Which of the processes listens on the TCP port."""
-    for pid in pids:
-        for conn in psutil.Process(pid).net_connections("tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
-                return pid
-    raise AssertionError(f"none of {pids} listens on port {port}")
-
-
 def test_serve_dp_restarts_a_dead_replica(router_model: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["--dp", "2", "--model-path", str(router_model), "--max-total-tokens", "3000"]
@@ -71,7 +62,7 @@ def test_serve_dp_restarts_a_dead_replica(router_model: Path, tmp_path: Path) ->
             doomed = http.post("/generate", json=body).headers["X-Radixlm-Worker"]
             survivor = next(u for u in before if u != doomed)
             # SIGKILL the replica's server and its engine, as a crash would.
-            pid = listening(_children(server.proc.pid), int(doomed.rsplit(":", 1)[1]))
+            pid = listener(int(doomed.rsplit(":", 1)[1]))
             for child in _children(pid):
                 os.kill(child, signal.SIGKILL)
             os.kill(pid, signal.SIGKILL)
