@@ -123,7 +123,7 @@ def start_ray_replicas(
     engine_args: EngineArgs, server_args: ServerArgs, dp: int, ray_args: RayArgs
 ) -> ReplicaSet | None:
     """Start dp replicas on the cluster; None if they could not be placed or started."""
-    ray.init(address=ray_args.address, log_to_driver=False)
+    ray.init(address=ray_args.address)
     group = placement_group([ray_args.bundle] * dp, strategy="SPREAD")
     try:
         ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)

@@ -18,6 +18,7 @@ import psutil
 import pytest
 from conftest import listener
 
+from radixlm.router.args import RayArgs
 from radixlm.server.child_process import ServerProcess
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -129,3 +130,11 @@ def test_ray_missing_is_a_clear_error(router_model: Path) -> None:
     )
     assert done.returncode == 1, done.stderr
     assert "--ray needs the ray package (pip install 'radixlm[ray]')" in done.stderr
+
+
+def test_ray_args() -> None:
+    assert RayArgs(num_cpus=2).bundle == {"CPU": 2}
+    assert RayArgs(num_gpus=1).bundle == {"CPU": 1, "GPU": 1}
+    for bad in ({"num_cpus": 0}, {"num_gpus": -1}):
+        with pytest.raises(ValueError, match="ray_num_cpus must be positive"):
+            RayArgs(**bad)
