@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     ray_defaults = RayArgs()
     srv.add_argument("--ray", action="store_true", help="run the --dp servers as Ray actors")
     srv.add_argument(
-        "--ray-address", help="the Ray cluster (default: RAY_ADDRESS, else a local one)"
+        "--ray-address", help="the Ray cluster (default: RAY_ADDRESS, else this machine's)"
     )
     srv.add_argument(
         "--ray-num-cpus", type=float, default=ray_defaults.num_cpus, help="CPUs per Ray replica"

@@ -49,7 +49,8 @@ class RouterArgs:
 class RayArgs:
     """The Ray cluster the replicas run on, and what each replica reserves there."""
 
-    address: str | None = None  # None: the cluster RAY_ADDRESS names, else a new local one
+    # None: RAY_ADDRESS, else the cluster `ray start` started on this machine, else a new one.
+    address: str | None = None
     num_cpus: float = 1.0
     num_gpus: float = 0.0
 
