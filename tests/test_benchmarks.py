@@ -74,6 +74,25 @@ CASES = [
         [],
         id="serving-ttft",
     ),
+    pytest.param(
+        "bench_router.py",
+        "cache --groups 2 --prefix-len 40 --questions 2 --question-len 4 --output-len 2"
+        " --pool 300 --layers 1",
+        [
+            r"cache_aware +hit rate .* requests per worker",
+            r"single engine hit rate .* requests per worker 4 ",
+            rf"round 1: cache_aware / round_robin: hit rate {RATIO}x, throughput {RATIO}x",
+        ],
+        [],
+        id="router-cache",
+    ),
+    pytest.param(
+        "bench_router.py",
+        "overhead --requests 5 --seconds 0.5 --concurrency 4 --clients 1 --rounds 1",
+        [rf"added -?{RATIO} ms", r"throughput via router [0-9]+ req/s"],
+        [],
+        id="router-overhead",
+    ),
 ]
 
 

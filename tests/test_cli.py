@@ -80,3 +80,9 @@ def test_log_level_and_accepted_sglang_flags() -> None:
     assert server_args_from(build_parser().parse_args(["serve"])).log_level == "info"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--log-level", "loud"])
+
+
+def test_ray_flags() -> None:
+    ns = build_parser().parse_args(["serve", "--dp", "2", "--ray", "--ray-num-gpus", "1"])
+    assert (ns.ray, ns.ray_address, ns.ray_num_cpus, ns.ray_num_gpus) == (True, None, 1.0, 1.0)
+    assert not build_parser().parse_args(["serve"]).ray
