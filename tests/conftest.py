@@ -456,16 +456,21 @@ def write_tiny_llava(
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
+        # Wider logits than the init's: greedy choices far apart, so comparisons are decisive.
+        model.lm_head.weight.mul_(30)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
 
 
-def write_test_image(path: Path, size: tuple[int, int], seed: int) -> Path:
-    """A random RGB PNG of `size` (width, height)."""
+def write_test_image(
+    path: Path, size: tuple[int, int], seed: int, levels: tuple[int, int] = (0, 256)
+) -> Path:
+    """A random RGB PNG of `size` (width, height), its values drawn from [levels)."""
     from PIL import Image
 
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(*levels, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     return path
 

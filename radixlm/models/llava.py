@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from radixlm.cache.encoder_cache import EncoderCache
 from radixlm.core.forward import ForwardBatch
 from radixlm.core.images import ImageFill
 from radixlm.kernels.backend import Backend
@@ -12,7 +13,6 @@ from radixlm.models.config import ModelConfig
 from radixlm.models.layers import RotaryEmbedding
 from radixlm.models.llama import LlamaForCausalLM
 from radixlm.models.vision import Projector, VisionTower, check_image_size, vision_weight_name
-from radixlm.multimodal.encoder_cache import EncoderCache
 
 
 class LlavaForConditionalGeneration(nn.Module):
