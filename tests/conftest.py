@@ -463,18 +463,6 @@ def write_tiny_llava(
     return path
 
 
-def write_test_image(
-    path: Path, size: tuple[int, int], seed: int, levels: tuple[int, int] = (0, 256)
-) -> Path:
-    """A random RGB PNG of `size` (width, height), its values drawn from [levels)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(*levels, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_llava_dir(radixlm_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LLaVA (CLIP tower, 16 image tokens) folder."""

@@ -24,7 +24,10 @@ def preprocess(image: Image.Image, cfg: dict[str, Any], image_size: int) -> np.n
     """The model's input for one image: float32 [3, H, W] after RGB conversion, resizing (the
     shortest edge, or to height x width), center crop, rescaling and normalisation."""
     if cfg.get("do_convert_rgb", True) and image.mode != "RGB":
-        image = image.convert("RGB")
+        # As transformers does: transparent pixels become white, not black.
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255))
+        image = Image.alpha_composite(white, rgba).convert("RGB")
     if cfg.get("do_resize", True):
         size = cfg.get("size") or {"shortest_edge": image_size}
         if isinstance(size, int):

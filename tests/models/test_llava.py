@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import write_test_image, write_tiny_llava
+from conftest import write_tiny_llava
+from image_helpers import write_test_image
 
 from radixlm.core.images import ImageSpan, ImageSpec
 from radixlm.core.plan import ScheduledSeq

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import write_test_image
+from image_helpers import write_test_image
 
 from radixlm.cache.encoder_cache import EncoderCache
 from radixlm.engine.engine import Engine
