@@ -235,7 +235,10 @@ class Executor:
         elif isinstance(expr, Image):
             self._image(expr)
         elif isinstance(expr, CommitPrefix):
-            self.backend.cache_prefix(self.text, self.images)
+            if self.images:
+                self.backend.cache_prefix(self.text, self.images)
+            else:  # backends written before images take the text alone
+                self.backend.cache_prefix(self.text)
         elif isinstance(expr, ConcatForks):
             for child in expr.forks:
                 child.sync()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -66,7 +67,7 @@ class LlavaForConditionalGeneration(nn.Module):
             rows = features[f.span.digest][f.first : f.first + f.count]
             embeds[f.flat : f.flat + f.count] = rows.to(embeds.dtype)
 
-    def image_features(self, pixels: dict[str, object]) -> dict[str, torch.Tensor]:
+    def image_features(self, pixels: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Projected features [tokens_per_image, hidden] per digest: cached ones as they are,
         the others from one batched run of the tower (then cached)."""
         out: dict[str, torch.Tensor] = {}
@@ -79,9 +80,9 @@ class LlavaForConditionalGeneration(nn.Module):
                 out[digest] = found
         if missing:
             weight = self.multi_modal_projector.linear_1.weight
-            batch = torch.stack(
-                [torch.as_tensor(pixels[d]) for d in missing]  # type: ignore[call-overload]
-            ).to(weight.device, weight.dtype)
+            batch = torch.stack([torch.from_numpy(pixels[d]) for d in missing]).to(
+                weight.device, weight.dtype
+            )
             assert self.config.vision is not None
             check_image_size(self.config.vision, batch)
             encoded = self.multi_modal_projector(self.vision_tower(batch))
@@ -105,7 +106,9 @@ class LlavaForConditionalGeneration(nn.Module):
         }
         for hf_name, tensor in weights.items():
             found = vision_weight_name(hf_name)
-            if found is not None and not self._unused_layer(found[1]):
+            if found is not None and not (
+                found[0] == "vision_tower" and self._unused_layer(found[1])
+            ):
                 parts[found[0]][found[1]] = tensor
         self.language_model.load_weights(parts["language_model"])
         for part in ("vision_tower", "multi_modal_projector"):

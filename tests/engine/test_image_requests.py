@@ -186,6 +186,16 @@ def test_grammar_after_an_image(tiny_llava_dir: Path, images: list[Path]) -> Non
     assert outs[0]["text"] == outs[1]["text"], (outs[0]["text"], outs[1]["text"])
 
 
+def test_penalties_skip_image_positions(engine: Engine, images: list[Path]) -> None:
+    """Repetition penalties read the prompt, whose image positions hold no vocabulary ids."""
+    params = {**GREEDY, "repetition_penalty": 1.3, "frequency_penalty": 0.5}
+    out = engine.generate("<image> again and again", params, image_data=str(images[2]))
+    assert isinstance(out, dict)
+    assert out["meta_info"]["finish_reason"]["type"] == "length"
+    assert len(out["output_ids"]) == GREEDY["max_new_tokens"]
+    engine.check_invariant()
+
+
 def test_bad_image_input_is_refused_and_nothing_else_changes(
     engine: Engine, images: list[Path], tmp_path: Path
 ) -> None:

@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import write_tiny_llava
-from image_helpers import write_test_image
+from image_helpers import write_test_image, write_tiny_llava
 
 from radixlm.core.images import ImageSpan, ImageSpec
 from radixlm.core.plan import ScheduledSeq
