@@ -171,7 +171,7 @@ def main() -> None:
     print(f"throughput radix on / off (encoder cache on) = {off_enc / on:.2f}x")
     print(
         f"encoder cache alone: {off / off_enc:.2f}x; its share of the gain = "
-        f"{100 * (off - off_enc) / (off - on):.1f}%"
+        f"{100 * (off - off_enc) / max(off - on, 1e-9):.1f}%"
     )
     print(
         f"(median times: {', '.join(f'{k.strip()} {statistics.median(v):.2f} s' for k, v in times.items())})"
