@@ -257,7 +257,7 @@ class ChatCompletionRequest(_SamplingFields):
             if isinstance(m.content, list):
                 texts = []
                 for part in m.content:
-                    if _image_url(part) is not None:
+                    if _image_url(part, i) is not None:
                         if image_token is None:
                             raise ApiError(
                                 400,
@@ -286,22 +286,26 @@ class ChatCompletionRequest(_SamplingFields):
         """The URLs of the messages' image_url parts, in order."""
         return [
             url
-            for m in self.messages
+            for i, m in enumerate(self.messages)
             if isinstance(m.content, list)
             for part in m.content
-            if (url := _image_url(part)) is not None
+            if (url := _image_url(part, i)) is not None
         ]
 
 
-def _image_url(part: dict[str, Any]) -> str | None:
-    """The URL of an `{"type": "image_url", "image_url": {"url": ...}}` part; None for other
-    parts. A malformed image part is a 400."""
+def _image_url(part: dict[str, Any], i: int) -> str | None:
+    """The URL of an `{"type": "image_url", "image_url": {"url": ...}}` part of message i;
+    None for other parts. A malformed image part is a 400."""
     if part.get("type") != "image_url":
         return None
     image = part.get("image_url")
     url = image.get("url") if isinstance(image, dict) else image
     if not isinstance(url, str) or not url:
-        raise ApiError(400, "an image_url part needs image_url.url (a data URL)", "messages")
+        raise ApiError(
+            400,
+            f"messages[{i}].content: an image_url part needs image_url.url (a data URL)",
+            f"messages.{i}.content",
+        )
     return url
 
 
