@@ -164,6 +164,11 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
         "--reasoning-parser",
         {"choices": REASONING_PARSERS, "help": "move <think>...</think> to reasoning_content"},
     ),
+    ("--image-dir", {"help": "read local image paths (image_data) only under this folder"}),
+    (
+        "--allow-image-urls",
+        {"action": "store_true", "help": "fetch http(s) image URLs sent in requests"},
+    ),
 ]
 
 

@@ -93,6 +93,17 @@ CASES = [
         [],
         id="router-overhead",
     ),
+    pytest.param(
+        "bench_images.py",
+        "--images 2 --questions 2 --image-size 56 --vision-hidden 64 --vision-layers 2"
+        " --lm-hidden 64 --lm-layers 2 --output-len 2 --rounds 1 --max-total-tokens 2048",
+        [
+            rf"throughput radix on / off \(both caches off\) = {RATIO}x",
+            rf"encoder cache alone: {RATIO}x; its share of the gain = -?{RATIO}%",
+        ],
+        [],
+        id="images",
+    ),
 ]
 
 
