@@ -1,0 +1,85 @@
+"""One rank's side of a tensor-parallel group: its process group (gloo on the CPU, NCCL on CUDA,
+made directly over a TCP store, so no process-wide default group exists), the collectives a
+forward needs, and the model surgery that makes a rank's model use them."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, cast
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from radixlm.distributed.sharding import TensorSplit
+from radixlm.models.llama import DecoderLayer, LlamaForCausalLM
+
+# How long a collective (or the group's start) waits for a peer before it fails: a rank that
+# hangs mid-step ends the step with an error instead of stalling the engine for ever.
+COLLECTIVE_TIMEOUT_S = 300.0
+
+
+class TPGroup:
+    """The collectives of one rank; rank 0 hosts the store the others meet at."""
+
+    def __init__(
+        self, rank: int, size: int, port: int, device: torch.device, host: str = "127.0.0.1"
+    ) -> None:
+        self.rank, self.size, self.device = rank, size, device
+        timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        store = dist.TCPStore(host, port, size, rank == 0, timeout=timeout)
+        self.pg: Any  # a c10d Backend; torch's stubs omit its collectives
+        if device.type == "cuda":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(store, rank, size, options)
+        else:
+            self.pg = dist.ProcessGroupGloo(store, rank, size, timeout)
+        self._store = store  # the store lives as long as the group
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        """Sum `t` over the ranks, in place."""
+        self.pg.allreduce([t]).wait()
+
+    def gather_columns(self, t: torch.Tensor, width: int) -> torch.Tensor | None:
+        """Rank 0: the ranks' [rows, cols] tensors side by side, cut to `width` columns; the
+        other ranks send theirs and get None."""
+        opts = dist.GatherOptions()
+        opts.rootRank = 0
+        t = t.contiguous()
+        if self.rank != 0:
+            self.pg.gather([], [t], opts).wait()
+            return None
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        self.pg.gather([parts], [t], opts).wait()
+        return torch.cat(parts, dim=1)[:, :width]
+
+
+class RowParallelLinear(nn.Linear):
+    """A bias-free linear layer over this rank's input columns; the ranks' partial outputs are
+    summed, so every rank gets the whole output."""
+
+    def __init__(self, linear: nn.Linear, group: TPGroup) -> None:
+        assert linear.bias is None, "a bias would be added once per rank"
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
+        self.weight = linear.weight
+        self.group: TPGroup = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        self.group.all_reduce(out)
+        return out
+
+
+def parallelize(model: LlamaForCausalLM, split: TensorSplit, group: TPGroup) -> None:
+    """Turn a model built from `split.rank_config` and `split.shard(...)` into its rank's part:
+    o_proj and down_proj sum over the ranks, the LM head keeps this rank's vocabulary rows
+    (the caller gathers the logits), and decodes run layer by layer (the fused decode pass
+    cannot stop between layers to all-reduce)."""
+    for layer in cast(list[DecoderLayer], list(model.layers)):
+        layer.self_attn.o_proj = RowParallelLinear(layer.self_attn.o_proj, group)
+        layer.mlp.down_proj = RowParallelLinear(layer.mlp.down_proj, group)
+    with torch.no_grad():
+        model.lm_head.weight = nn.Parameter(split.lm_head_rows(model.lm_head.weight))
+    model.fused_decode = False
