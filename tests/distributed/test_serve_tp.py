@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import httpx
+import pytest
 
 from radixlm.engine.engine import Engine
 from radixlm.server.child_process import ServerProcess
@@ -46,42 +47,61 @@ def gone(pid: int) -> bool:
     return not path.exists() or path.read_text().split()[2] == "Z"
 
 
-def expected_ids(model: Path) -> list[list[int]]:
-    with Engine(str(model), max_total_tokens=2000) as engine:
+@pytest.fixture(scope="module")
+def expected_ids(tiny_model_dir: Path) -> list[list[int]]:
+    """BODY's greedy tokens from one rank in this process."""
+    with Engine(str(tiny_model_dir), max_total_tokens=2000) as engine:
         outs = engine.generate(BODY["text"], BODY["sampling_params"])
     assert isinstance(outs, list)
     return [o["output_ids"] for o in outs]
 
 
-def serve(model: Path, log: Path, *flags: str) -> tuple[ServerProcess, list[list[int]], dict]:
+def start(model: Path, log: Path, *flags: str) -> ServerProcess:
     args = [*flags, "--model-path", str(model), "--max-total-tokens", "2000"]
-    server = ServerProcess.start(args, log, ENV, 300.0)
+    return ServerProcess.start(args, log, ENV, 300.0)
+
+
+def generate(http: httpx.Client) -> list[list[int]]:
+    out = http.post("/generate", json=BODY)
+    assert out.status_code == 200, out.text
+    return [o["output_ids"] for o in out.json()]
+
+
+def test_serve_tp_2_survives_a_dead_rank(
+    tiny_model_dir: Path, tmp_path: Path, expected_ids: list[list[int]]
+) -> None:
+    """A killed rank ends its engine with an error naming it; the server starts a new engine
+    (with a new rank) and answers the request that was waiting."""
+    server = start(tiny_model_dir, tmp_path / "tp.log", "--tp", "2")
     try:
         with httpx.Client(base_url=server.url, timeout=120) as http:
-            out = http.post("/generate", json=BODY)
-            assert out.status_code == 200, out.text
-            info = http.get("/get_server_info").json()
-    except BaseException:
-        server.stop()
-        raise
-    return server, [o["output_ids"] for o in out.json()], info
+            assert http.get("/get_server_info").json()["tp_size"] == 2
+            assert generate(http) == expected_ids
+            (rank,) = rank_workers(server.proc.pid)
+            os.kill(rank, signal.SIGKILL)
+            assert generate(http) == expected_ids  # held across the engine's restart
+            (new_rank,) = rank_workers(server.proc.pid)
+            assert new_rank != rank
+            assert http.get("/internal/check_invariant").json() == {"ok": True}
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM), server.log()
+    assert "tensor-parallel rank 1 exited with code -9" in server.log()
+    assert gone(new_rank)
 
 
-def test_serve_tp_2(tiny_model_dir: Path, tmp_path: Path) -> None:
-    server, got, info = serve(tiny_model_dir, tmp_path / "tp.log", "--tp", "2")
-    ranks = rank_workers(server.proc.pid)
-    assert server.stop() in (0, -signal.SIGTERM), server.log()
-    assert info["tp_size"] == 2 and len(ranks) == 1
-    assert got == expected_ids(tiny_model_dir)
-    assert all(gone(p) for p in ranks)
-
-
-def test_serve_dp_2_tp_2(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_serve_dp_2_tp_2(
+    tiny_model_dir: Path, tmp_path: Path, expected_ids: list[list[int]]
+) -> None:
     """Two engine servers of two ranks each behind the router."""
-    server, got, info = serve(tiny_model_dir, tmp_path / "dp.log", "--dp", "2", "--tp", "2")
-    ranks = rank_workers(server.proc.pid)
-    assert server.stop() in (0, -signal.SIGTERM), server.log()
-    assert info["router"]["dp"] == 2 and info["router"]["tp_size"] == 2
-    assert len(info["workers"]) == 2 and len(ranks) == 2
-    assert got == expected_ids(tiny_model_dir)
+    server = start(tiny_model_dir, tmp_path / "dp.log", "--dp", "2", "--tp", "2")
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            info = http.get("/get_server_info").json()
+            assert info["router"]["dp"] == 2 and info["router"]["tp_size"] == 2
+            assert len(info["workers"]) == 2
+            assert generate(http) == expected_ids
+            ranks = rank_workers(server.proc.pid)
+            assert len(ranks) == 2
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM), server.log()
     assert all(gone(p) for p in ranks)
