@@ -158,23 +158,24 @@ def tp_pool_slots(
     tp_size: int,
     device: torch.device,
     kv_dtype: torch.dtype,
-    weight_bytes: int,
+    weights: dict[str, torch.Tensor],
+    dtype: torch.dtype,
     mem_fraction: float | None,
 ) -> int:
-    """KV slots of every rank's pool, sized per rank: a rank holds its KV heads and its share
-    of the weights (`weight_bytes` is the whole model's); on the CPU the ranks share one memory,
-    so the budget is split between them."""
-    split = TensorSplit(config, tp_size)
-    cfg = split.rank_config
-    ranks_per_memory = split.size if device.type == "cpu" else 1
-    per_slot = KVPool.bytes_per_slot(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
-    return pool_slots(
-        per_slot * ranks_per_memory,
-        weight_bytes * ranks_per_memory // split.size,
-        available_memory(device),
-        device.type,
-        mem_fraction,
+    """KV slots of every rank's pool (the same number on each), sized per rank: on GPUs each
+    rank has its own memory, so the largest rank (in weights, in KV heads) must fit in it; on
+    the CPU the ranks share one memory, so their weights and pools add up."""
+    splits = [TensorSplit(config, tp_size, r) for r in range(tp_size)]
+    heads = [len(s.kv_heads) for s in splits]
+    rank_bytes = [
+        sum(t.numel() for t in s.shard(weights).values()) * dtype.itemsize for s in splits
+    ]
+    shared = device.type == "cpu"
+    per_slot = KVPool.bytes_per_slot(
+        config.num_layers, sum(heads) if shared else max(heads), config.head_dim, kv_dtype
     )
+    weight_bytes = sum(rank_bytes) if shared else max(rank_bytes)
+    return pool_slots(per_slot, weight_bytes, available_memory(device), device.type, mem_fraction)
 
 
 def _free_port() -> int:

@@ -61,17 +61,20 @@ class EngineCore:
         kv_dtype = (
             dtype if args.kv_cache_dtype == "auto" else resolve_dtype(args.kv_cache_dtype, device)
         )
-        weight_bytes = sum(w.numel() for w in weights.values()) * dtype.itemsize
         if args.tp_size > 1:
             num_slots = args.max_total_tokens or tp_pool_slots(
-                config, args.tp_size, device, kv_dtype, weight_bytes, args.mem_fraction_static
+                config, args.tp_size, device, kv_dtype, weights, dtype, args.mem_fraction_static
             )
             self.runner: ModelRunner = TensorParallelRunner(
                 self.model_path, config, weights, device, dtype, num_slots, kv_dtype, args.tp_size
             )
         else:
             num_slots = args.max_total_tokens or default_num_slots(
-                config, device, kv_dtype, weight_bytes, args.mem_fraction_static
+                config,
+                device,
+                kv_dtype,
+                weight_bytes=sum(w.numel() for w in weights.values()) * dtype.itemsize,
+                mem_fraction=args.mem_fraction_static,
             )
             self.runner = ModelRunner(config, weights, device, dtype, num_slots, kv_dtype)
         del weights

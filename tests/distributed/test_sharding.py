@@ -58,21 +58,36 @@ JOIN = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0}
 JOIN |= {"o_proj": 1, "down_proj": 1}
 
 
-def test_shards_put_back_together_are_the_model() -> None:
-    cfg, size = config(), 2
+@pytest.mark.parametrize(
+    ("overrides", "size", "rank_shapes"),
+    [
+        ({}, 2, [(2, 1, 6), (2, 1, 6)]),
+        # SmolLM2-135M's heads (9 over 3 KV heads) and an odd MLP: dealt 1 + 2 KV heads.
+        ({"num_heads": 9, "num_kv_heads": 3, "intermediate_size": 15}, 2, [(3, 1, 7), (6, 2, 8)]),
+    ],
+    ids=["even", "uneven"],
+)
+def test_shards_put_back_together_are_the_model(
+    overrides: dict[str, Any], size: int, rank_shapes: list[tuple[int, int, int]]
+) -> None:
+    cfg = config(**overrides)
     full = weights(cfg)
-    shards = [TensorSplit(cfg, size, r).shard(full) for r in range(size)]
+    splits = [TensorSplit(cfg, size, r) for r in range(size)]
+    shards = [s.shard(full) for s in splits]
     for name, tensor in full.items():
-        module = name.split(".")[-2]
-        dim = JOIN.get(module)
+        dim = JOIN.get(name.split(".")[-2])
         parts = [s[name] for s in shards]
         if dim is None:
             assert all(p is tensor for p in parts), name
         else:
             assert torch.equal(torch.cat(parts, dim), tensor), name
-    rank = TensorSplit(cfg, size, 1).rank_config
-    assert (rank.num_heads, rank.num_kv_heads, rank.intermediate_size) == (2, 1, 6)
-    assert shards[1]["model.layers.0.self_attn.q_proj.weight"].shape == (2 * 2, 8)
+    shapes = [
+        (c.num_heads, c.num_kv_heads, c.intermediate_size) for c in (s.rank_config for s in splits)
+    ]
+    assert shapes == rank_shapes
+    group = cfg.num_heads // cfg.num_kv_heads
+    for s in splits:  # each rank's query heads read its own KV heads
+        assert {h // group for h in s.q_heads} == set(s.kv_heads)
 
 
 def test_kv_heads_fewer_than_ranks_are_replicated_where_their_queries_are() -> None:
@@ -101,13 +116,9 @@ def test_lm_head_rows_are_padded_on_the_last_rank() -> None:
 @pytest.mark.parametrize(
     ("overrides", "size", "error"),
     [
-        ({}, 3, "does not divide the model's 4 attention heads"),
-        ({"intermediate_size": 10}, 4, "does not divide the model's MLP size 10"),
-        (
-            {"num_heads": 12, "num_kv_heads": 4, "intermediate_size": 24},
-            3,
-            "tp_size 3 and the model's 4 KV heads",
-        ),
+        ({}, 3, "tp_size 3 cannot split the model's 4 attention heads over 2 KV heads"),
+        ({"num_heads": 8}, 6, "tp_size 6 cannot split .* each KV head's 4 query heads"),
+        ({"intermediate_size": 2}, 4, "tp_size 4 exceeds the MLP size 2"),
         ({}, 0, "tp_size must be >= 1"),
     ],
 )

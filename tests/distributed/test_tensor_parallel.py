@@ -91,13 +91,23 @@ def run_batch(engine: Engine) -> list[dict[str, Any]]:
     return outs
 
 
-def test_two_ranks_decode_the_tokens_of_one(tiny_model_dir: Path) -> None:
+def test_two_ranks_decode_the_tokens_of_one(
+    make_tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
     """Greedy output over a mixed batch with prefix sharing and chunked prefill (chunks of 32
-    tokens) is the same with two ranks; the slot invariant holds after every batch."""
+    tokens) is the same with two ranks; the slot invariant holds after every batch. The model
+    splits unevenly, as SmolLM2-135M does: 3 KV heads (1 + 2) and 99 MLP columns (49 + 50)."""
+    model = make_tiny_model(
+        tmp_path / "model",
+        hidden_size=48,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        intermediate_size=99,
+    )
     args = {"max_total_tokens": 2000, "chunked_prefill_size": 32, "random_seed": 0}
-    with Engine(str(tiny_model_dir), **args) as engine:
+    with Engine(str(model), **args) as engine:
         expected = run_batch(engine)
-    with Engine(str(tiny_model_dir), tp_size=2, **args) as engine:
+    with Engine(str(model), tp_size=2, **args) as engine:
         runner = engine.core.runner
         assert isinstance(runner, TensorParallelRunner)
         workers = list(runner.workers)
