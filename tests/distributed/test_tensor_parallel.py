@@ -137,3 +137,18 @@ def test_a_dead_rank_ends_the_engine_with_a_clear_error(tiny_model_dir: Path) ->
             engine.generate("Hello", {"max_new_tokens": 2})
     finally:
         engine.shutdown()
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_text_is_the_same_on_two_ranks(smollm2_path: str) -> None:
+    """The real model, split unevenly (9 heads over 3 KV heads: 1 + 2 KV heads per rank)."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "List three colors:"]
+    params = {"max_new_tokens": 24, "temperature": 0}
+    outputs = []
+    for tp in (1, 2):
+        with Engine(smollm2_path, tp_size=tp, max_total_tokens=4000) as engine:
+            outs = engine.generate(prompts, params)
+            assert isinstance(outs, list)
+            outputs.append([o["output_ids"] for o in outs])
+            engine.check_invariant()
+    assert outputs[0] == outputs[1]
