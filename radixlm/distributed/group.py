@@ -1,10 +1,12 @@
 """One rank's side of a tensor-parallel group: its process group (gloo on the CPU, NCCL on CUDA,
-made directly over a TCP store, so no process-wide default group exists), the collectives a
-forward needs, and the model surgery that makes a rank's model use them."""
+made directly over a TCP store on loopback, so no process-wide default group exists; small CPU
+all-reduces through shared memory), the collectives a forward needs, and the model surgery that
+makes a rank's model use them."""
 
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixlm.distributed.sharding import TensorSplit
+from radixlm.distributed.shm import MAX_NUMEL, ShmAllReduce
 from radixlm.models.llama import DecoderLayer, LlamaForCausalLM
 
 # How long a collective (or the group's start) waits for a peer before it fails: a rank that
@@ -24,11 +27,21 @@ class TPGroup:
     """The collectives of one rank; rank 0 hosts the store the others meet at."""
 
     def __init__(
-        self, rank: int, size: int, port: int, device: torch.device, host: str = "127.0.0.1"
+        self,
+        rank: int,
+        size: int,
+        port: int,
+        device: torch.device,
+        shm_path: str | None = None,
+        alive: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`shm_path`: a file from `create_shm_file` through which small CPU all-reduces go
+        (mapped before the group meets, so rank 0 may remove it once this returns); `alive`
+        says whether the other ranks still run."""
         self.rank, self.size, self.device = rank, size, device
+        self.shm = None if shm_path is None else ShmAllReduce(shm_path, rank, size, alive)
         timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-        store = dist.TCPStore(host, port, size, rank == 0, timeout=timeout)
+        store = dist.TCPStore("127.0.0.1", port, size, rank == 0, timeout=timeout)
         self.pg: Any  # a c10d Backend; torch's stubs omit its collectives
         if device.type == "cuda":
             options = dist.ProcessGroupNCCL.Options()
@@ -40,7 +53,10 @@ class TPGroup:
 
     def all_reduce(self, t: torch.Tensor) -> None:
         """Sum `t` over the ranks, in place."""
-        self.pg.allreduce([t]).wait()
+        if self.shm is not None and t.numel() <= MAX_NUMEL:
+            self.shm(t)
+        else:
+            self.pg.allreduce([t]).wait()
 
     def gather_columns(self, t: torch.Tensor, width: int) -> torch.Tensor | None:
         """Rank 0: the ranks' [rows, cols] tensors side by side, cut to `width` columns; the

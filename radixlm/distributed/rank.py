@@ -26,6 +26,7 @@ class RankSpec:
     num_slots: int
     threads: int
     log_level: int
+    shm_path: str | None  # the shared-memory all-reduce's file (CPU ranks on x86), if any
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:

@@ -21,6 +21,7 @@ from radixlm.core.plan import ScheduledSeq
 from radixlm.distributed.group import TPGroup, parallelize
 from radixlm.distributed.rank import RankSpec, rank_device, rank_forward
 from radixlm.distributed.sharding import TensorSplit
+from radixlm.distributed.shm import create_shm_file, shm_supported
 from radixlm.models.config import ModelConfig
 from radixlm.runner.runner import ModelRunner, available_memory, pool_slots
 
@@ -97,11 +98,13 @@ class TensorParallelRunner(ModelRunner):
         threads = max(1, self._threads_before // tp_size)
         port = _free_port()
         self.workers: list[RankProcess] = []
+        use_shm = device.type == "cpu" and shm_supported()
+        self._shm_path = create_shm_file(tp_size) if use_shm else None
         try:
             for r in range(1, tp_size):
                 spec = RankSpec(
                     model_path, r, tp_size, port, str(device), dtype, kv_dtype, num_slots,
-                    threads, logging.getLogger().getEffectiveLevel(),
+                    threads, logging.getLogger().getEffectiveLevel(), self._shm_path,
                 )  # fmt: skip
                 self.workers.append(RankProcess(spec))
             torch.set_num_threads(threads)
@@ -111,7 +114,8 @@ class TensorParallelRunner(ModelRunner):
             )  # fmt: skip
             for w in self.workers:
                 w.wait_loaded(LOAD_TIMEOUT_S)
-            self.group = TPGroup(0, tp_size, port, self.device)
+            self.group = TPGroup(0, tp_size, port, self.device, self._shm_path, self._alive)
+            self._remove_shm_file()  # every rank has it mapped
             parallelize(self.model, split, self.group)
         except BaseException:
             self.close()
@@ -145,11 +149,21 @@ class TensorParallelRunner(ModelRunner):
                 return RankFailed(f"tensor-parallel step failed: {error}")
             time.sleep(0.05)
 
+    def _alive(self) -> bool:
+        return all(w.proc.poll() is None for w in self.workers)
+
+    def _remove_shm_file(self) -> None:
+        if self._shm_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._shm_path)
+            self._shm_path = None
+
     def close(self) -> None:
         """Stop the worker ranks and give the process its threads back."""
         for w in self.workers:
             w.stop()
         self.workers = []
+        self._remove_shm_file()
         torch.set_num_threads(self._threads_before)
 
 

@@ -5,6 +5,7 @@ joins the group, then runs each step's sequences rank 0 sends until rank 0 says 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import signal
 import sys
@@ -48,7 +49,10 @@ def serve_rank(conn: Connection) -> int:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return 1
     conn.send(("loaded", None))
-    group = TPGroup(spec.rank, spec.size, spec.port, device)
+    parent = os.getppid()  # rank 0; a new parent means it is gone
+    group = TPGroup(
+        spec.rank, spec.size, spec.port, device, spec.shm_path, lambda: os.getppid() == parent
+    )
     parallelize(runner.model, split, group)
     with torch.inference_mode():
         while True:
