@@ -24,6 +24,9 @@ _COUNTER_BYTES = 64  # one cache line per counter
 # Tensors up to this many elements go through shared memory (decode batches; a prefill chunk's
 # activations are larger and go to gloo, where the transfer is small next to the GEMMs).
 MAX_NUMEL = 1 << 20
+# A wait checks the counters this many times in a row, then sleeps this long between checks.
+_SPINS = 20
+_SLEEP_S = 50e-6
 # Seconds between checks that the other ranks are alive while waiting for them.
 _ALIVE_CHECK_S = 0.05
 
@@ -67,8 +70,11 @@ class ShmAllReduce:
         slots[self.rank].copy_(t.view(-1))
         self.counters[self.rank] = self.seq
         next_check = time.monotonic() + _ALIVE_CHECK_S
+        spins = 0
         while int(self.counters.min()) < self.seq:
-            os.sched_yield()
+            spins += 1
+            if spins > _SPINS:  # sleep: a waiting rank must not take the core a peer needs
+                time.sleep(_SLEEP_S)
             if time.monotonic() > next_check:
                 if not self.alive():
                     raise RuntimeError("a tensor-parallel rank is gone")
