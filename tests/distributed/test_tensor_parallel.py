@@ -23,8 +23,9 @@ SLOTS = 512
 
 
 def steps() -> list[list[ScheduledSeq]]:
-    """Forwards over one pool: two prefills (one chunked), then a mixed batch: an extend after a
-    cached prefix, a second chunk, two decodes and a short row of three tokens."""
+    """Forwards over one pool: a first chunk alone, two prefills (one a second chunk), then a
+    mixed batch: an extend after a cached prefix, a third chunk, two decodes and a short row of
+    three tokens."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randint(0, 49152, (120,), generator=gen)
     b = torch.randint(0, 49152, (60,), generator=gen)
@@ -36,10 +37,11 @@ def steps() -> list[list[ScheduledSeq]]:
         return ScheduledSeq(ids[start:end].tolist(), start, slots[:end], end - logits)
 
     return [
-        [seq(a, a_slots, 0, 100, 100), seq(b, b_slots, 0, 30, 1)],
+        [seq(b, b_slots, 0, 10, 0)],  # a first chunk: no logits to gather
+        [seq(a, a_slots, 0, 100, 100), seq(b, b_slots, 10, 30, 1)],
         [
             seq(c, c_slots, 40, 80, 40),  # extend on a cached prefix
-            seq(b, b_slots, 30, 57, 27),  # the second chunk
+            seq(b, b_slots, 30, 57, 27),  # the third chunk
             seq(a, a_slots, 100, 101, 1),  # decodes
             seq(b, b_slots, 57, 58, 1),
             seq(a, a_slots, 101, 104, 3),  # a short row of three
