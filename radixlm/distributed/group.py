@@ -23,14 +23,23 @@ from radixlm.models.llama import DecoderLayer, LlamaForCausalLM
 COLLECTIVE_TIMEOUT_S = 300.0
 
 
+def open_store(rank: int, size: int, port: int = 0) -> dist.TCPStore:
+    """The store a group's ranks meet at, on loopback: rank 0 hosts it (`port` 0: any free
+    port, `store.port` says which) without waiting; the others connect to its port."""
+    timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    return dist.TCPStore(
+        "127.0.0.1", port, size, rank == 0, timeout=timeout, wait_for_workers=False
+    )
+
+
 class TPGroup:
-    """The collectives of one rank; rank 0 hosts the store the others meet at."""
+    """The collectives of one rank, over the `open_store` of its group."""
 
     def __init__(
         self,
         rank: int,
         size: int,
-        port: int,
+        store: dist.TCPStore,
         device: torch.device,
         shm_path: str | None = None,
         alive: Callable[[], bool] = lambda: True,
@@ -41,7 +50,6 @@ class TPGroup:
         self.rank, self.size, self.device = rank, size, device
         self.shm = None if shm_path is None else ShmAllReduce(shm_path, rank, size, alive)
         timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-        store = dist.TCPStore("127.0.0.1", port, size, rank == 0, timeout=timeout)
         self.pg: Any  # a c10d Backend; torch's stubs omit its collectives
         if device.type == "cuda":
             options = dist.ProcessGroupNCCL.Options()

@@ -18,7 +18,7 @@ import torch
 
 from radixlm.cache import KVPool
 from radixlm.core.plan import ScheduledSeq
-from radixlm.distributed.group import TPGroup, parallelize
+from radixlm.distributed.group import TPGroup, open_store, parallelize
 from radixlm.distributed.rank import RankSpec, rank_device, rank_forward
 from radixlm.distributed.sharding import TensorSplit
 from radixlm.distributed.shm import create_shm_file, shm_supported
@@ -96,14 +96,14 @@ class TensorParallelRunner(ModelRunner):
         self.vocab_size = config.vocab_size
         self._threads_before = torch.get_num_threads()
         threads = max(1, self._threads_before // tp_size)
-        port = _free_port()
+        store = open_store(0, tp_size)
         self.workers: list[RankProcess] = []
         use_shm = device.type == "cpu" and shm_supported()
         self._shm_path = create_shm_file(tp_size) if use_shm else None
         try:
             for r in range(1, tp_size):
                 spec = RankSpec(
-                    model_path, r, tp_size, port, str(device), dtype, kv_dtype, num_slots,
+                    model_path, r, tp_size, store.port, str(device), dtype, kv_dtype, num_slots,
                     threads, logging.getLogger().getEffectiveLevel(), self._shm_path,
                 )  # fmt: skip
                 self.workers.append(RankProcess(spec))
@@ -114,7 +114,7 @@ class TensorParallelRunner(ModelRunner):
             )  # fmt: skip
             for w in self.workers:
                 w.wait_loaded(LOAD_TIMEOUT_S)
-            self.group = TPGroup(0, tp_size, port, self.device, self._shm_path, self._alive)
+            self.group = TPGroup(0, tp_size, store, self.device, self._shm_path, self._alive)
             self._remove_shm_file()  # every rank has it mapped
             parallelize(self.model, split, self.group)
         except BaseException:
@@ -190,9 +190,3 @@ def tp_pool_slots(
     )
     weight_bytes = sum(rank_bytes) if shared else max(rank_bytes)
     return pool_slots(per_slot, weight_bytes, available_memory(device), device.type, mem_fraction)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -13,7 +13,7 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from radixlm.distributed.group import TPGroup, parallelize
+from radixlm.distributed.group import TPGroup, open_store, parallelize
 from radixlm.distributed.rank import RankSpec, rank_device, rank_forward
 from radixlm.distributed.sharding import TensorSplit
 from radixlm.models.loader import load_model_files
@@ -50,8 +50,9 @@ def serve_rank(conn: Connection) -> int:
         return 1
     conn.send(("loaded", None))
     parent = os.getppid()  # rank 0; a new parent means it is gone
+    store = open_store(spec.rank, spec.size, spec.port)
     group = TPGroup(
-        spec.rank, spec.size, spec.port, device, spec.shm_path, lambda: os.getppid() == parent
+        spec.rank, spec.size, store, device, spec.shm_path, lambda: os.getppid() == parent
     )
     parallelize(runner.model, split, group)
     with torch.inference_mode():

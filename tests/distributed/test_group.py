@@ -5,7 +5,6 @@ puts the ranks' columns side by side, and a wait for a dead rank fails instead o
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,16 +13,10 @@ from typing import TypeVar
 import pytest
 import torch
 
-from radixlm.distributed.group import TPGroup
+from radixlm.distributed.group import TPGroup, open_store
 from radixlm.distributed.shm import MAX_NUMEL, ShmAllReduce, create_shm_file, shm_supported
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def on_two_ranks(fn: Callable[[int], T]) -> list[T]:
@@ -41,14 +34,15 @@ def shm_file() -> Iterator[str]:
 
 
 def test_all_reduce_and_gather(shm_file: str) -> None:
-    port = free_port()
+    stores = [open_store(0, 2)]
+    stores.append(open_store(1, 2, stores[0].port))
     gen = torch.Generator().manual_seed(0)
     small = [torch.randn(8, 64, generator=gen) for _ in range(2)]
     large = [torch.randn(MAX_NUMEL + 1, generator=gen) for _ in range(2)]
     columns = [torch.randn(3, 5, generator=gen) for _ in range(2)]
 
     def rank(r: int) -> tuple[list[torch.Tensor], torch.Tensor | None, int]:
-        group = TPGroup(r, 2, port, torch.device("cpu"), shm_file)
+        group = TPGroup(r, 2, stores[r], torch.device("cpu"), shm_file)
         sums = []
         for step in range(3):  # both shared buffers, and the first again
             t = small[r] * (step + 1)
