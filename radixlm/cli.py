@@ -95,13 +95,19 @@ _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
         "--chat-template",
         {"metavar": "FILE", "help": "a Jinja file that replaces the model's chat template"},
     ),
+    (
+        "--tp-size",
+        {"type": int, "default": 1, "help": "tensor-parallel ranks the model is cut over"},
+    ),
 ]
+# Other spellings of an engine flag (SGLang's).
+_ENGINE_ALIASES = {"--tp-size": ("--tp",)}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The flags that build an EngineArgs."""
     for flag, kw in _ENGINE_FLAGS:
-        parser.add_argument(flag, **kw)
+        parser.add_argument(flag, *_ENGINE_ALIASES.get(flag, ()), **kw)
 
 
 def _dest(flag: str) -> str:

@@ -104,6 +104,13 @@ CASES = [
         [],
         id="images",
     ),
+    pytest.param(
+        "bench_tp.py",
+        "--prefill-len 16 --decode-batch 2 --decode-context 16 --steps 2 --repeat 1",
+        [rf"prefill 16 tokens: .* tp=2 / tp=1 = {RATIO}", rf"tp=2 / tp=1 layer by layer = {RATIO}"],
+        [],
+        id="tp",
+    ),
 ]
 
 

@@ -31,9 +31,10 @@ class EngineArgs:
     random_seed: int | None = None
     disable_jump_forward: bool = False  # structured output: one decode per forced token (ablation)
     chat_template: str | None = None  # a Jinja file that replaces the model's chat template
+    tp_size: int = 1  # tensor-parallel ranks: processes the heads and MLP columns are cut over
 
     def __post_init__(self) -> None:
-        for name in ("max_total_tokens", "chunked_prefill_size", "max_running_requests"):
+        for name in ("max_total_tokens", "chunked_prefill_size", "max_running_requests", "tp_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")

@@ -3,6 +3,7 @@ message loop (in a thread or a process)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from radixlm.core.messages import (
 )
 from radixlm.core.plan import SampledReq, StepPlan
 from radixlm.core.request import Req
+from radixlm.distributed.runner import TensorParallelRunner, tp_pool_slots
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.cache_events import CacheEventLog
 from radixlm.grammar import GrammarSpec
@@ -63,14 +65,22 @@ class EngineCore:
         kv_dtype = (
             dtype if args.kv_cache_dtype == "auto" else resolve_dtype(args.kv_cache_dtype, device)
         )
-        num_slots = args.max_total_tokens or default_num_slots(
-            config,
-            device,
-            kv_dtype,
-            weight_bytes=sum(w.numel() for w in weights.values()) * dtype.itemsize,
-            mem_fraction=args.mem_fraction_static,
-        )
-        self.runner = ModelRunner(config, weights, device, dtype, num_slots, kv_dtype)
+        if args.tp_size > 1:
+            num_slots = args.max_total_tokens or tp_pool_slots(
+                config, args.tp_size, device, kv_dtype, weights, dtype, args.mem_fraction_static
+            )
+            self.runner: ModelRunner = TensorParallelRunner(
+                self.model_path, config, weights, device, dtype, num_slots, kv_dtype, args.tp_size
+            )
+        else:
+            num_slots = args.max_total_tokens or default_num_slots(
+                config,
+                device,
+                kv_dtype,
+                weight_bytes=sum(w.numel() for w in weights.values()) * dtype.itemsize,
+                mem_fraction=args.mem_fraction_static,
+            )
+            self.runner = ModelRunner(config, weights, device, dtype, num_slots, kv_dtype)
         del weights
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator, disable=args.disable_radix_cache)
@@ -244,8 +254,9 @@ class EngineCore:
         receive: Callable[[bool], list[Message]],
         emit: Callable[[list[Any]], None],
     ) -> None:
-        """The loop: take messages (blocking only when idle), step, emit outputs; None stops."""
-        with torch.inference_mode():
+        """The loop: take messages (blocking only when idle), step, emit outputs; None stops.
+        The runner is closed when the loop ends, however it ends."""
+        with torch.inference_mode(), contextlib.closing(self.runner):
             while True:
                 replies: list[Any] = []
                 for msg in receive(not self.has_work):
