@@ -96,11 +96,13 @@ class RowParallelLinear(nn.Linear):
         return out
 
 
-def parallelize(model: LlamaForCausalLM, split: TensorSplit, group: TPGroup) -> None:
+def parallelize(model: nn.Module, split: TensorSplit, group: TPGroup) -> None:
     """Turn a model built from `split.rank_config` and `split.shard(...)` into its rank's part:
     o_proj and down_proj sum over the ranks, the LM head keeps this rank's vocabulary rows
     (the caller gathers the logits), and decodes run layer by layer (the fused decode pass
-    cannot stop between layers to all-reduce)."""
+    cannot stop between layers to all-reduce). Text models only (ValueError otherwise)."""
+    if not isinstance(model, LlamaForCausalLM):
+        raise ValueError(f"--tp > 1 supports text models only, not {type(model).__name__}")
     for layer in cast(list[DecoderLayer], list(model.layers)):
         layer.self_attn.o_proj = RowParallelLinear(layer.self_attn.o_proj, group)
         layer.mlp.down_proj = RowParallelLinear(layer.mlp.down_proj, group)
