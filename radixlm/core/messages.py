@@ -21,6 +21,8 @@ class GenerateRequest:
     return_logprob: bool = False
     logprob_start_len: int = -1  # -1: output logprobs only; k: prompt logprobs from token k
     top_logprobs_num: int = 0
+    # The cache namespace: requests with different salts share no K/V past the public prefix.
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,6 +86,8 @@ class Req:
     input_lp_next: int = 0  # next prompt token whose logprob is owed
     num_sent: int = 0  # output tokens already sent to the frontend
     grammar: OutputGrammar | None = None  # set once compiled; has accepted all of output_ids
+    salt: str | None = None  # cache namespace (RadixCache.match_prefix)
+    public_len: int = 0  # leading tokens matched in the shared namespace despite the salt
 
     @classmethod
     def from_message(cls, msg: GenerateRequest, model_eos: Sequence[int]) -> Req:
@@ -100,6 +102,7 @@ class Req:
             logprob_start_len=msg.logprob_start_len,
             top_logprobs_num=msg.top_logprobs_num,
             input_lp_next=max(msg.logprob_start_len, 0),
+            salt=msg.cache_salt,
         )
 
     @property
