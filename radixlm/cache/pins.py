@@ -8,22 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from radixlm.cache.radix import RadixCache, TreeNode
+from radixlm.tenancy import PinInfo, PinQuotaExceeded
 
 MAX_PIN_TTL_S = 86400.0
-
-
-class PinQuotaExceeded(Exception):
-    """A pin would take its tenant past its token quota (HTTP 429)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PinInfo:
-    """A pin as its owner sees it."""
-
-    pin_id: str
-    tenant: str
-    tokens: int
-    expires_in_s: float
 
 
 @dataclass(slots=True, eq=False)
@@ -68,15 +55,15 @@ class PinTable:
         if not 0 < ttl_s <= MAX_PIN_TTL_S:
             raise ValueError(f"ttl_s must be in (0, {MAX_PIN_TTL_S:.0f}], got {ttl_s}")
         self.expire()
-        match = self.cache.match_prefix(ids, salt=salt, public_len=public_len)
-        if len(match.slots) < len(ids) or not ids:
-            return None
         used = self.tenant_tokens(tenant)
-        if used + len(ids) > quota_tokens:
+        if used + len(ids) > quota_tokens:  # checked first: a refused pin costs no prefill
             raise PinQuotaExceeded(
                 f"pinning {len(ids)} tokens would take tenant {tenant!r} past its quota of "
                 f"{quota_tokens} pinned tokens ({used} pinned now)"
             )
+        match = self.cache.match_prefix(ids, salt=salt, public_len=public_len)
+        if len(match.slots) < len(ids) or not ids:
+            return None
         self.cache.pin(match.node)
         pin = _Pin(f"pin-{next(self._ids)}", tenant, match.node, self.clock() + ttl_s)
         self._pins[pin.pin_id] = pin

@@ -7,38 +7,9 @@ from dataclasses import dataclass
 
 from radixlm.cache.public import PublicPrefixes
 from radixlm.cache.radix import RadixCache, TreeNode
-from radixlm.tenancy import salt_tenant
+from radixlm.tenancy import TreeView, ViewNode, salt_tenant
 
 PREVIEW_TOKENS = 48  # token ids of each node sent for its text preview
-
-
-@dataclass(frozen=True, slots=True)
-class ViewNode:
-    """One shown node; `more_*` count its descendants left out to bound the picture."""
-
-    node_id: int
-    parent_id: int  # -1: a child of the root
-    tokens: int
-    depth: int
-    preview_ids: list[int]
-    hits: int  # admissions whose match ended in this subtree
-    last_access: int  # on the tree's logical clock
-    lock_ref: int
-    pinned: bool
-    tier: str
-    tenant: str | None  # None: the shared namespace
-    more_nodes: int
-    more_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class TreeView:
-    """What one reader may see of the tree, the biggest subtrees first, at most max_nodes."""
-
-    nodes: list[ViewNode]
-    clock: int  # the latest last_access in the tree
-    visible_nodes: int
-    visible_tokens: int
 
 
 @dataclass(slots=True, eq=False)
