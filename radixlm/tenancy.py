@@ -11,7 +11,7 @@ _SEP = "\x1f"
 _TENANT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
 
-def check_tenant_name(name: str) -> str:
+def check_tenant_name(name: object) -> str:
     """name, if it is a valid tenant name (1-64 of letters, digits and `_.@-`); else ValueError."""
     if not isinstance(name, str) or not _TENANT_NAME.fullmatch(name):
         raise ValueError(f"tenant names are 1-64 letters, digits or _.@- ; got {name!r}")
@@ -19,6 +19,7 @@ def check_tenant_name(name: str) -> str:
 
 
 MAX_SALT_CHARS = 256
+MAX_PIN_TTL_S = 86400.0
 # Share of the KV pool one tenant may pin unless told otherwise: pinned slots are never evicted,
 # so pins must leave most of the pool to running requests.
 DEFAULT_PIN_QUOTA_FRACTION = 0.25
@@ -33,24 +34,27 @@ def check_cache_salt(salt: object) -> str | None:
     """salt, if it is None or a non-empty string of at most 256 characters; else ValueError."""
     if salt is None:
         return None
-    if not isinstance(salt, str) or not 0 < len(salt) <= MAX_SALT_CHARS:
+    if not isinstance(salt, str) or not 0 < len(salt) <= MAX_SALT_CHARS or _SEP in salt:
         raise ValueError(
-            f"cache_salt must be a non-empty string of at most {MAX_SALT_CHARS} characters"
+            f"cache_salt must be a non-empty string of at most {MAX_SALT_CHARS} characters "
+            "(without the control character U+001F)"
         )
     return salt
 
 
 def request_salt(tenant: str | None, cache_salt: str | None) -> str | None:
-    """The salt a request's K/V is cached under: its tenant's (a user's requests never share
-    K/V with another tenant's), narrowed by the request's own cache_salt; None is shared."""
+    """The salt a request's K/V is cached under: a user's is its tenant's, narrowed by the
+    request's own cache_salt, and never equal to a salt sent without a tenant (an admin's, or
+    any on a server without keys), which is the cache_salt itself; None is shared."""
     if tenant is None:
         return cache_salt
-    return tenant if cache_salt is None else f"{tenant}{_SEP}{cache_salt}"
+    return f"{tenant}{_SEP}{cache_salt or ''}"
 
 
-def salt_tenant(salt: str) -> str:
-    """The tenant a salt belongs to (for a salt sent without tenants, the salt's first part)."""
-    return salt.split(_SEP, 1)[0]
+def salt_tenant(salt: str) -> str | None:
+    """The tenant whose salt this is; None for a salt sent without a tenant."""
+    tenant, sep, _ = salt.partition(_SEP)
+    return tenant if sep else None
 
 
 class PinQuotaExceeded(Exception):

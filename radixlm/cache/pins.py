@@ -8,9 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from radixlm.cache.radix import RadixCache, TreeNode
-from radixlm.tenancy import PinInfo, PinQuotaExceeded
-
-MAX_PIN_TTL_S = 86400.0
+from radixlm.tenancy import MAX_PIN_TTL_S, PinInfo, PinQuotaExceeded
 
 
 @dataclass(slots=True, eq=False)

@@ -84,10 +84,15 @@ def tree_view(
                 lock_ref=node.lock_ref,
                 pinned=node.pin_ref > 0,
                 tier="pool",
-                tenant=None if node.salt is None else salt_tenant(node.salt),
+                tenant=None if node.salt is None else _owner(node.salt),
                 more_nodes=sum(h.nodes for h in hidden),
                 more_tokens=sum(h.tokens for h in hidden),
             )
         )
     top = [subs[u] for u in children.get(-1, [])]
     return TreeView(nodes, clock, sum(s.nodes for s in top), sum(s.tokens for s in top))
+
+
+def _owner(salt: str) -> str:
+    """Who a salted node is shown as belonging to: its tenant, else the salt itself."""
+    return salt_tenant(salt) or f"salt:{salt}"

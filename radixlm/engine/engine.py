@@ -211,7 +211,7 @@ class Engine:
         pool (PinQuotaExceeded past it)."""
         ids = prefix_ids(self.tokenizer, text, input_ids, self.info.vocab_size)
         salt = check_cache_salt(cache_salt)
-        tenant = salt_tenant(salt) if salt is not None else ""
+        tenant = "" if salt is None else salt_tenant(salt) or salt
         quota = default_pin_quota(self.info.max_total_num_tokens)
         call = PinPrefix(ids, salt, tenant, ttl_s, quota)
         pin = self._client.control(call)

@@ -14,7 +14,6 @@ from radixlm.core.limits import prompt_error
 from radixlm.core.messages import CoreInfo, GenerateRequest, LogprobEntry, TokenOutput
 from radixlm.core.params import SamplingParams
 from radixlm.grammar import GrammarSpec, validate_spec
-from radixlm.tenancy import check_cache_salt
 from radixlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -130,7 +129,9 @@ def tokenize_input(
     n = len(prompts)
     if n == 0:
         raise ValueError("the batch is empty")
-    salt = check_cache_salt(inp.cache_salt)
+    salt = inp.cache_salt  # a server composed it from a checked one (radixlm.server.auth)
+    if salt is not None and not (isinstance(salt, str) and salt):
+        raise ValueError("cache_salt must be a non-empty string")
     raw_params = _per_item(inp.sampling_params, n, "sampling_params")
     params = [SamplingParams.from_dict(p) for p in raw_params]
     for p in params:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -30,10 +31,10 @@ def start_tiny_server(
 ) -> Callable[..., ServerProcess]:
     """Start another server on the tiny model (the caller stops it)."""
 
-    def start(*flags: str) -> ServerProcess:
+    def start(*flags: str, **kwargs: Any) -> ServerProcess:
         log = tmp_path_factory.mktemp("server") / "server.log"
         return ServerProcess.start(
-            tiny_server_model, log, "--max-total-tokens", str(TINY_POOL), *flags
+            tiny_server_model, log, "--max-total-tokens", str(TINY_POOL), *flags, **kwargs
         )
 
     return start
