@@ -49,9 +49,10 @@ def parse_generate(data: Mapping[str, Any]) -> GenerateInput:
     _check_type(data, "logprob_start_len", int)
     _check_type(data, "top_logprobs_num", int)
     _check_type(data, "rid", str)
+    _check_type(data, "cache_salt", str)
     params = data.get("sampling_params")
     for p in params if isinstance(params, list) else [params]:
-        if p is not None and not isinstance(p, dict):
+        if (p is not None or params is not None) and not isinstance(p, dict):
             raise ApiError(
                 400, "sampling_params must be an object or a list of objects", "sampling_params"
             )
@@ -62,6 +63,8 @@ def _check_type(data: Mapping[str, Any], key: str, kind: type) -> None:
     value = data.get(key)
     items = value if isinstance(value, list) else [value]
     for v in items:
+        if v is None and value is not None:  # a list's items are never null
+            raise ApiError(400, f"{key} must be a {kind.__name__} or a list of them, got null", key)
         if v is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
             raise ApiError(
                 400, f"{key} must be a {kind.__name__} or a list of them, got {v!r}", key

@@ -4,28 +4,22 @@ and GET /cache against what the requests cached."""
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from server_harness import ServerProcess
-from tenants_harness import PIN_QUOTA, client, start_tenant_server
+from tenants_harness import PIN_QUOTA, client
 
 PROMPT = list(range(100, 140))  # 40 tokens
 PUBLIC = list(range(500, 530))  # 30 tokens
 
 
 @pytest.fixture(scope="module")
-def server(
-    start_tiny_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    srv = start_tenant_server(start_tiny_server, tmp_path_factory.mktemp("keys"))
-    yield srv
-    code = srv.stop()
-    assert code in (0, -signal.SIGTERM), srv.log()
+def server(tenant_server: ServerProcess) -> ServerProcess:
+    return tenant_server
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +212,28 @@ def test_a_bad_key_file_stops_the_server(tmp_path: Path, tiny_server_model: Path
         bad.write_text(text)
         with pytest.raises(ValueError):
             KeyTable.from_file(bad)
+
+
+def test_runtime_endpoint_salts_programs_and_pins_for_its_tenant(
+    server: ServerProcess, acme: httpx.Client, beta: httpx.Client
+) -> None:
+    import radixlm as sgl
+    from radixlm.lang.backends.runtime_endpoint import RuntimeEndpoint
+
+    @sgl.function
+    def program(s: Any) -> None:
+        s += "shared agent context, tools and rules."
+        s["pin"] = s.pin(ttl_s=30)
+        s += sgl.gen("out", max_tokens=2, temperature=0)
+
+    endpoint = RuntimeEndpoint(server.url, "acme-key", cache_salt="run-1")
+    state = program.run(backend=endpoint)
+    pin = state["pin"]
+    assert pin["tenant"] == "acme" and pin["tokens"] > 0
+    assert state.get_meta_info("out")["cached_tokens"] >= pin["tokens"] - 1
+    view = acme.get("/cache").json()
+    assert [p["pin_id"] for p in view["pins"]] == [pin["pin_id"]]
+    assert beta.get("/cache").json()["pins"] == []  # another tenant's pins are not shown
+    body = {"text": state.text(), "sampling_params": {"max_new_tokens": 0}, "cache_salt": "run-1"}
+    assert beta.post("/generate", json=body).json()["meta_info"]["cached_tokens"] == 0
+    assert acme.post("/generate", json=body).json()["meta_info"]["cached_tokens"] > pin["tokens"]
