@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixlm.cache import RadixCache, SlotAllocator
-from tests.cache.test_radix import assert_no_leak, make, take
+from tests.cache.test_radix import assert_no_leak, make, nodes, take
 
 Key = tuple[tuple[str | None, int], ...]
 
@@ -112,4 +112,36 @@ def test_disabled_cache_ignores_salts() -> None:
     cache = RadixCache(alloc, disable=True)
     assert serve(cache, [1, 2], "t", 1) == 0
     assert serve(cache, [1, 2], "t", 1) == 0
+    assert_no_leak(alloc, cache)
+
+
+@settings(max_examples=100, deadline=None)
+@given(requests, st.lists(st.integers(0, 2), min_size=0, max_size=6), st.sampled_from([None, "a"]))
+def test_continuations_stay_in_the_callers_namespace(reqs: list, probe: list[int], salt) -> None:
+    alloc, cache = make(num_slots=128)
+    held: set[Key] = set()
+    for ids, s, public_len in reqs:
+        serve(cache, ids, s, public_len)
+        key = namespaced(ids, s, public_len)
+        held.update(key[: k + 1] for k in range(len(ids)))
+    public_len = min(2, len(probe))
+    ticks = [n.last_access for n in nodes(cache)]
+    before = cache.snapshot()
+    out = cache.continuation(probe, 5, salt=salt, public_len=public_len)
+    assert len(out) <= 5
+    if out:  # what the tree holds after probe, as this caller would match it
+        full = namespaced(probe + out, salt, public_len)
+        assert all(full[: k + 1] in held for k in range(len(full)))
+    assert cache.snapshot() == before and [n.last_access for n in nodes(cache)] == ticks
+    assert_no_leak(alloc, cache)
+
+
+def test_a_continuation_never_crosses_salts() -> None:
+    alloc, cache = make()
+    serve(cache, [1, 2, 3, 4, 5], "a", 2)
+    serve(cache, [1, 2, 3, 9, 9, 9], "b", 2)
+    assert cache.continuation([1, 2], 4, salt="a", public_len=2) == [3, 4, 5]
+    assert cache.continuation([1, 2], 4, salt="b", public_len=2) == [3, 9, 9, 9]
+    assert cache.continuation([1, 2, 3], 4, salt="c", public_len=2) == []
+    assert cache.continuation([1], 4) == [2]  # unsalted: the shared part only
     assert_no_leak(alloc, cache)
