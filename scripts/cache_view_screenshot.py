@@ -80,6 +80,7 @@ def main() -> None:
                             )
                         time.sleep(1.5)
                 time.sleep(3)
+                page.select_option("#colour", "tenant")
                 page.hover("#tree rect.node >> nth=1")
                 time.sleep(0.5)
                 page.screenshot(path=args.out, full_page=True)

@@ -66,7 +66,7 @@ class ServerArgs:
             )
 
     def public(self) -> dict[str, Any]:
-        """The arguments as server_info shows them (the API key left out)."""
+        """The arguments as server_info shows them (the API key and the key file left out)."""
         info = asdict(self)
-        del info["api_key"]
+        del info["api_key"], info["api_key_file"]
         return info
