@@ -102,3 +102,22 @@ def test_pin_quota_is_a_quarter_of_the_pool_per_tenant(engine: Engine) -> None:
         engine.pin_prefix(input_ids=[1, 2], ttl_s=-1)
     with pytest.raises(ValueError):
         run(engine, [1, 2], "")
+
+
+def test_retraction_under_pressure_leaves_a_pin_whole(engine: Engine) -> None:
+    ids = list(range(300, 340))
+    prompts = [ids + [400 + i] for i in range(3)]  # 40 + 3 x 51 tokens > the pool of 160
+    params = {"max_new_tokens": 50, "temperature": 0, "ignore_eos": True}
+    reference = engine.generate(input_ids=prompts, sampling_params=params, cache_salt="acme")
+    assert isinstance(reference, list)
+    assert engine.flush_cache()
+    retractions = engine.get_stats()["num_retractions"]
+    pin = engine.pin_prefix(input_ids=ids, ttl_s=60, cache_salt="acme")
+    outs = engine.generate(input_ids=prompts, sampling_params=params, cache_salt="acme")
+    assert isinstance(outs, list)
+    assert engine.get_stats()["num_retractions"] > retractions  # the pool did run short
+    assert [o["output_ids"] for o in outs] == [r["output_ids"] for r in reference]
+    engine.check_invariant()
+    flood(engine)
+    assert run(engine, ids, "acme")["meta_info"]["cached_tokens"] == len(ids) - 1
+    assert engine.unpin(pin["pin_id"])
