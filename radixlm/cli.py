@@ -146,6 +146,13 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--port", {"type": int, "help": "port to listen on (0: any free port)"}),
     ("--api-key", {"help": "require `Authorization: Bearer KEY` (health and metrics stay open)"}),
     (
+        "--api-key-file",
+        {
+            "help": 'keys with tenants and roles: JSON {"KEY": {"tenant": T, "role": "user"|"admin"}}'
+        },
+    ),
+    ("--pin-quota-tokens", {"type": int, "help": "tokens each tenant may pin (default: pool/4)"}),
+    (
         "--max-queued-requests",
         {"type": int, "help": "requests waiting beyond --max-running-requests before 503"},
     ),

@@ -24,6 +24,9 @@ CASES = [
         [
             rf"throughput cache on / off = {RATIO}x",
             rf"throughput cache on / off = {RATIO}  ",
+            rf"throughput salted / unsalted = {RATIO}",
+            rf"throughput public\+salt / unsalted = {RATIO}",
+            rf"match_prefix per call: .*\(salted / unsalted = {RATIO}\)",
             rf"forward / matmuls = {RATIO}",
             rf"step / matmuls = {RATIO}",
             rf"time outside the forward = {RATIO}% of a step",

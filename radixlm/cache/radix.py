@@ -11,6 +11,9 @@ import torch
 
 from radixlm.cache.pool import SlotAllocator
 
+# A node's key among its parent's children: its first token, with its salt if it has one.
+ChildKey = int | tuple[str, int]
+
 
 @dataclass(slots=True, eq=False)
 class TreeNode:
@@ -22,10 +25,21 @@ class TreeNode:
     parent: TreeNode | None = field(repr=False)
     depth: int  # tokens from the root through the end of key; a split keeps it for this node
     uid: int  # tie-break for equal access times, so the heap never compares nodes
-    children: dict[int, TreeNode] = field(default_factory=dict, repr=False)  # keyed by key[0]
+    # Keyed by child_key(child): key[0] in the shared namespace, (salt, key[0]) for a salted child.
+    children: dict[ChildKey, TreeNode] = field(default_factory=dict, repr=False)
     # Number of locks held on this node or any descendant; a locked node is never evicted.
     lock_ref: int = 0
     last_access: int = 0
+    # The namespace of this node's tokens: None is shared by every request; a salted node is
+    # matched only by requests with the same salt, and all its descendants carry that salt.
+    salt: str | None = None
+    pin_ref: int = 0  # pins on this node or any descendant (each pin also holds a lock)
+    hits: int = 0  # admissions whose match ended at this node (a subtree's sum counts its uses)
+
+    @property
+    def child_key(self) -> ChildKey:
+        """This node's key in its parent's children."""
+        return self.key[0] if self.salt is None else (self.salt, self.key[0])
 
 
 @dataclass(slots=True)
@@ -37,9 +51,9 @@ class MatchResult:
     node: TreeNode  # deepest matched node; the root when nothing matched
 
 
-def common_prefix_len(key: list[int], ids: list[int], start: int) -> int:
-    """Length of the common prefix of key and ids[start:]."""
-    n = min(len(key), len(ids) - start)
+def common_prefix_len(key: list[int], ids: list[int], start: int, end: int | None = None) -> int:
+    """Length of the common prefix of key and ids[start:end]."""
+    n = min(len(key), (len(ids) if end is None else end) - start)
     # Slice comparison runs in C; bisecting on it beats an element loop by 3-10x on long runs.
     if key[:n] == ids[start : start + n]:
         return n
@@ -69,6 +83,7 @@ class RadixCache:
         self.allocator = allocator
         self.disable = disable
         self.on_change: ChangeListener | None = None
+        self.evicted_tokens = 0  # tokens freed by evict() since the start
         self._ids = itertools.count()
         self._clock = itertools.count(1)
         self._empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
@@ -101,18 +116,29 @@ class RadixCache:
         """Slots held by the tree."""
         return self._evictable_size + self._protected_size
 
-    def match_prefix(self, ids: Sequence[int]) -> MatchResult:
-        """Longest cached prefix of ids; splits the node the match ends inside; refreshes LRU."""
+    def match_prefix(
+        self, ids: Sequence[int], *, salt: str | None = None, public_len: int = 0
+    ) -> MatchResult:
+        """Longest cached prefix of ids; splits the node the match ends inside; refreshes LRU.
+
+        With a salt, only ids[:public_len] are matched in the shared namespace and the rest among
+        nodes of that salt, so requests with different salts share nothing past public_len.
+        """
         if self.disable:
             return MatchResult(self._empty, self.root)
         ids = _as_list(ids)
         node, pos, tick = self.root, 0, next(self._clock)
         values: list[torch.Tensor] = []
         while pos < len(ids):
-            child = node.children.get(ids[pos])
+            if salt is None:  # the unsalted path stays as cheap as it was
+                key: ChildKey = ids[pos]
+                end: int | None = None
+            else:
+                key, end = _lookup(ids, pos, salt, public_len)
+            child = node.children.get(key)
             if child is None:
                 break
-            m = common_prefix_len(child.key, ids, pos)
+            m = common_prefix_len(child.key, ids, pos, end)
             if m < len(child.key):
                 # The upper half has one child, whose first token differs from ids[pos + m]:
                 # the next lookup ends the walk.
@@ -121,6 +147,37 @@ class RadixCache:
             values.append(child.value)
             node, pos = child, pos + m
         return MatchResult(_cat(values, self._empty), node)
+
+    def continuation(
+        self, ids: Sequence[int], max_tokens: int, *, salt: str | None = None, public_len: int = 0
+    ) -> list[int]:
+        """Up to max_tokens tokens that the tree holds right after ids in the caller's namespace
+        (at a branch, the most recently used child's): draft material that never crosses
+        salts. Read only: nothing is split, no access time refreshed."""
+        if self.disable or max_tokens <= 0:
+            return []
+        ids = _as_list(ids)
+        node, pos = self.root, 0
+        out: list[int] = []
+        while pos < len(ids):
+            key, end = _lookup(ids, pos, salt, public_len)
+            child = node.children.get(key)
+            if child is None:
+                return []
+            m = common_prefix_len(child.key, ids, pos, end)
+            if m < len(child.key):
+                if pos + m < len(ids) or child.salt != salt:
+                    return []  # ids leave the tree, or the edge's rest is another namespace
+                out = child.key[m : m + max_tokens]
+            node, pos = child, pos + m
+        while len(out) < max_tokens:
+            # Past ids every position is past public_len: only the caller's own salt's nodes.
+            kids = [c for c in node.children.values() if c.salt == salt]
+            if not kids:
+                break
+            node = max(kids, key=lambda c: c.last_access)
+            out += node.key[: max_tokens - len(out)]
+        return out
 
     def lock(self, node: TreeNode) -> None:
         """Protect node and its ancestors from eviction (one more holder)."""
@@ -132,6 +189,23 @@ class RadixCache:
                 self._protected_size += len(node.key)
             node.lock_ref += 1
             node = parent
+
+    def pin(self, node: TreeNode) -> None:
+        """Lock node's path for a pin (shown as pinned); undone by unpin(node)."""
+        self.lock(node)
+        while node is not self.root:
+            node.pin_ref += 1
+            assert node.parent is not None
+            node = node.parent
+
+    def unpin(self, node: TreeNode) -> None:
+        """Drop one pin taken by pin(node)."""
+        walk = node
+        while walk is not self.root:
+            assert walk.parent is not None and walk.pin_ref > 0, "unpin() without a matching pin()"
+            walk.pin_ref -= 1
+            walk = walk.parent
+        self.unlock(node)
 
     def unlock(self, node: TreeNode) -> None:
         """Drop one lock taken by lock(node)."""
@@ -146,25 +220,40 @@ class RadixCache:
                     self._push(node)
             node = parent
 
-    def cache_finished(self, ids: Sequence[int], slots: torch.Tensor, node: TreeNode) -> None:
+    def cache_finished(
+        self,
+        ids: Sequence[int],
+        slots: torch.Tensor,
+        node: TreeNode,
+        *,
+        salt: str | None = None,
+        public_len: int = 0,
+    ) -> None:
         """Insert a finished request's tokens and take ownership of all its slots; drops its lock on node.
 
         ids are the tokens with K/V, slots their slots; slots[: node.depth] are the tree's own
         (node is the request's locked node). Afterwards the caller owns none of these slots.
+        salt and public_len must be those node was matched with (see match_prefix).
         """
         ids = _as_list(ids)
         assert len(ids) == slots.numel(), "one slot per token"
         if self.disable:
             self.allocator.free(slots[node.depth :])
         else:
-            prefix_len, _ = self._insert(ids, slots)
+            prefix_len, _ = self._insert(ids, slots, salt, public_len)
             assert prefix_len >= node.depth, "ids must extend the locked node's prefix"
             # The tree already held ids[:prefix_len]; the request's own copies are duplicates.
             self.allocator.free(slots[node.depth : prefix_len])
         self.unlock(node)
 
     def cache_unfinished(
-        self, ids: Sequence[int], slots: torch.Tensor, node: TreeNode
+        self,
+        ids: Sequence[int],
+        slots: torch.Tensor,
+        node: TreeNode,
+        *,
+        salt: str | None = None,
+        public_len: int = 0,
     ) -> MatchResult:
         """Share a running request's computed prefix; returns its new slots and node, which the tree locks.
 
@@ -176,7 +265,7 @@ class RadixCache:
         assert len(ids) == slots.numel(), "one slot per token"
         if self.disable:
             return MatchResult(slots, node)
-        prefix_len, new_node = self._insert(ids, slots)
+        prefix_len, new_node = self._insert(ids, slots, salt, public_len)
         assert prefix_len >= node.depth, "ids must extend the locked node's prefix"
         self.allocator.free(slots[node.depth : prefix_len])
         self.lock(new_node)
@@ -195,12 +284,13 @@ class RadixCache:
             if access < node.last_access:
                 self._push(node)  # touched since pushed: requeue at its real age
                 continue
-            if self.on_change is not None:
+            if self.on_change is not None and node.salt is None:
                 self.on_change("remove", self._path_key(node), parent.depth)
-            del parent.children[node.key[0]]
+            del parent.children[node.child_key]
             node.parent = None
             chunks.append(node.value)
             freed += len(node.key)
+            self.evicted_tokens += len(node.key)
             self._evictable_size -= len(node.key)
             self._num_nodes -= 1
             if not parent.children and parent.lock_ref == 0:
@@ -222,59 +312,82 @@ class RadixCache:
         return True
 
     def snapshot(self) -> list[tuple[int, list[int]]]:
-        """The tree's shape as (parent index or -1 for the root, key) in preorder: every cached
-        token sequence is a path of it (what a mirror of the tree starts from)."""
+        """The shared namespace's shape as (parent index or -1 for the root, key) in preorder:
+        every cached unsalted token sequence is a path of it (what a mirror of the tree starts
+        from; salted nodes are no one else's to route by, and are left out as they are from
+        on_change)."""
         out: list[tuple[int, list[int]]] = []
-        stack = [(child, -1) for child in self.root.children.values()]
+        stack = [(child, -1) for child in self.root.children.values() if child.salt is None]
         while stack:
             node, parent = stack.pop()
             out.append((parent, list(node.key)))
             index = len(out) - 1
-            stack.extend((child, index) for child in node.children.values())
+            stack.extend((c, index) for c in node.children.values() if c.salt is None)
         return out
 
     def all_slots(self) -> torch.Tensor:
         """Every slot id the tree holds (for tests and debugging)."""
         return _cat([node.value for node in self._nodes()], self._empty)
 
-    def _insert(self, ids: list[int], slots: torch.Tensor) -> tuple[int, TreeNode]:
-        """Make the tree hold ids; returns how many leading tokens it already held and the node ending at len(ids)."""
+    def _insert(
+        self, ids: list[int], slots: torch.Tensor, salt: str | None = None, public_len: int = 0
+    ) -> tuple[int, TreeNode]:
+        """Make the tree hold ids (namespaced as in match_prefix); returns how many leading
+        tokens it already held and the node ending at len(ids)."""
         node, pos, tick = self.root, 0, next(self._clock)
+        held: int | None = None
         while pos < len(ids):
-            child = node.children.get(ids[pos])
+            if salt is None:
+                key: ChildKey = ids[pos]
+                end = len(ids)
+            else:
+                key, end = _lookup(ids, pos, salt, public_len)
+            child = node.children.get(key)
             if child is None:
+                if held is None:
+                    held = pos
+                    shared_end = len(ids) if salt is None else min(public_len, len(ids))
+                    if self.on_change is not None and pos < shared_end:
+                        self.on_change("insert", ids[:shared_end], pos)
                 # Cloned: the caller's tensor is often a view of a table it will overwrite.
-                leaf = self._new_node(ids[pos:], slots[pos:].clone(), node, tick)
-                if self.on_change is not None:
-                    self.on_change("insert", list(ids), pos)
-                self._evictable_size += len(leaf.key)
-                self._push(leaf)
-                return pos, leaf
-            m = common_prefix_len(child.key, ids, pos)
+                salted = None if isinstance(key, int) else salt
+                node = self._new_node(ids[pos:end], slots[pos:end].clone(), node, tick, salted)
+                self._evictable_size += len(node.key)
+                pos = end
+                continue
+            m = common_prefix_len(child.key, ids, pos, end)
             if m < len(child.key):
                 child = self._split(child, m)  # ids end or branch off inside this edge
             child.last_access = tick
             node, pos = child, pos + m
-        return pos, node
+        if held is None:
+            return pos, node
+        self._push(node)  # the new leaf
+        return held, node
 
     def _split(self, node: TreeNode, m: int) -> TreeNode:
         """Cut node's edge after m tokens; returns the new upper node. node keeps its identity, depth, locks and heap entry."""
         parent = node.parent
         assert parent is not None and 0 < m < len(node.key)
-        upper = self._new_node(node.key[:m], node.value[:m], parent, node.last_access)
-        upper.lock_ref = node.lock_ref
+        upper = self._new_node(node.key[:m], node.value[:m], parent, node.last_access, node.salt)
+        upper.lock_ref, upper.pin_ref = node.lock_ref, node.pin_ref
         node.key = node.key[m:]
         node.value = node.value[m:]
         node.parent = upper
-        upper.children[node.key[0]] = node
+        upper.children[node.child_key] = node
         return upper
 
     def _new_node(
-        self, key: list[int], value: torch.Tensor, parent: TreeNode, tick: int
+        self,
+        key: list[int],
+        value: torch.Tensor,
+        parent: TreeNode,
+        tick: int,
+        salt: str | None = None,
     ) -> TreeNode:
-        node = TreeNode(key, value, parent, parent.depth + len(key), next(self._ids))
+        node = TreeNode(key, value, parent, parent.depth + len(key), next(self._ids), salt=salt)
         node.last_access = tick
-        parent.children[key[0]] = node
+        parent.children[node.child_key] = node
         self._num_nodes += 1
         return node
 
@@ -314,6 +427,17 @@ class RadixCache:
             node = stack.pop()
             yield node
             stack.extend(node.children.values())
+
+
+def _lookup(ids: list[int], pos: int, salt: str | None, public_len: int) -> tuple[ChildKey, int]:
+    """The children key for ids[pos] and where the namespace it is in ends: the shared
+    namespace up to public_len for a salted request (everywhere for an unsalted one), then the
+    salt's."""
+    if salt is None:
+        return ids[pos], len(ids)
+    if pos < public_len:
+        return ids[pos], min(public_len, len(ids))
+    return (salt, ids[pos]), len(ids)
 
 
 def _as_list(ids: Sequence[int]) -> list[int]:

@@ -33,6 +33,7 @@ from radixlm.core.request import Req
 from radixlm.distributed.runner import TensorParallelRunner, tp_pool_slots
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.cache_events import CacheEventLog
+from radixlm.engine.cache_tenancy import CacheTenancy
 from radixlm.grammar import GrammarSpec
 from radixlm.grammar.manager import GrammarManager
 from radixlm.models.default import default_model_path
@@ -85,6 +86,7 @@ class EngineCore:
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator, disable=args.disable_radix_cache)
         self.cache_events = CacheEventLog(self.cache)
+        self.tenancy = CacheTenancy(self.cache)
         context_len = min(
             args.context_length or config.max_position_embeddings, config.max_position_embeddings
         )
@@ -120,6 +122,7 @@ class EngineCore:
     def step(self) -> list[TokenOutput]:
         """Schedule, run the forward, sample, update; returns the step's outputs."""
         self._queue_compiled()
+        self.tenancy.pins.expire()
         plan = self.scheduler.schedule()
         if plan:
             logits = self.runner.forward(plan.seqs)
@@ -167,6 +170,8 @@ class EngineCore:
     def add(self, msg: GenerateRequest) -> None:
         """Take a new request: to the grammar compiler if it has a grammar, else to the queue."""
         req = Req.from_message(msg, self.tokenizer.eos_token_ids)
+        if req.salt is not None:
+            req.public_len = self.tenancy.public.boundary(req.input_ids)
         if GrammarSpec.from_params(msg.params) is not None and self.scheduler.check(req) is None:
             self.grammar.submit(req)  # queued by _queue_compiled once its grammar is ready
         else:
@@ -208,15 +213,19 @@ class EngineCore:
 
     def control(self, call: ControlCall) -> object:
         """Synchronous calls: cache flush, statistics, cache events, the slot invariant check."""
+        self.tenancy.pins.expire()
         if isinstance(call, FlushCache):
+            if not (self.scheduler.running or self.scheduler.waiting):
+                self.tenancy.pins.clear()  # an admin's flush ends every pin
             return self.scheduler.flush_cache()
         if isinstance(call, GetStats):
             return self.stats()
         if isinstance(call, DrainCacheEvents):
             return self.cache_events.drain(call.snapshot)
-        assert isinstance(call, CheckInvariant)
-        self.scheduler.check_invariant()
-        return True
+        if isinstance(call, CheckInvariant):
+            self.scheduler.check_invariant()
+            return True
+        return self.tenancy.control(call)
 
     def stats(self) -> CoreStats:
         """Numbers for /metrics, /server_info and tests."""

@@ -69,10 +69,13 @@ class Admission:
             if budget <= 0 or len(t.running) >= self.max_running:
                 break
             # Matched again: admitting an earlier request may have evicted what ordering saw.
-            match = t.cache.match_prefix(req.fill_ids)
+            salt, public_len = req.salt, req.public_len
+            match = t.cache.match_prefix(req.fill_ids, salt=salt, public_len=public_len)
             prefix = usable_prefix(req, match)
             if prefix < len(match.slots):  # lock exactly what is used: the node at depth prefix
-                match = t.cache.match_prefix(req.fill_ids[:prefix])
+                match = t.cache.match_prefix(
+                    req.fill_ids[:prefix], salt=salt, public_len=public_len
+                )
             run = tuple(req.fill_ids[prefix : prefix + _SHARED_RUN])
             if len(run) == _SHARED_RUN and run in seen_runs:
                 continue  # a request admitted this step computes the same tokens: reuse them next step
@@ -85,6 +88,7 @@ class Admission:
                 t.cache.unlock(match.node)
                 break
             seen_runs.add(run)
+            match.node.hits += 1
             t.waiting.remove(req)
             req.node, req.slots, req.tree_len = match.node, match.slots, match.node.depth
             if not req.admitted:
