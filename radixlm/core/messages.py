@@ -105,6 +105,7 @@ class CoreInfo:
     dtype: str
     kernel_backend: str  # the ops the model runs: compiled CPU kernels or plain torch
     load_seconds: float
+    gemm: str = "F.linear"  # the linear layers' GEMM by row count, and how it was chosen
 
 
 @dataclass(frozen=True, slots=True)

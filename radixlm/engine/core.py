@@ -232,6 +232,7 @@ class EngineCore:
             dtype=str(self.runner.dtype).removeprefix("torch."),
             kernel_backend=self.runner.backend.name,
             load_seconds=self.load_seconds,
+            gemm=self.runner.backend.gemm,
         )
 
     def run(

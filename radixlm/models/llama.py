@@ -45,7 +45,8 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.backend.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -54,7 +55,7 @@ class Attention(nn.Module):
         cos, sin = rope
         q, kh, vh = self.backend.rope_store(q, k, v, cos, sin, batch.out_slots, k_cache, v_cache)
         o = paged_attention(q, kh, vh, k_cache, v_cache, batch, self.scale, self.backend)
-        return self.o_proj(o.reshape(t, self.q_size))
+        return self.backend.linear(o.reshape(t, self.q_size), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -67,7 +68,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.backend.silu_mul(self.gate_up_proj(x)))
+        gate_up = self.backend.linear(x, self.gate_up_proj.weight)
+        return self.backend.linear(self.backend.silu_mul(gate_up), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -136,12 +138,12 @@ class LlamaForCausalLM(nn.Module):
         residual = self.embed_tokens(batch.input_ids)
         rope = self.rope(batch.positions, residual.dtype)
         x = None
-        if not batch.extends and batch.rows is not None and self.decode_pass is not None:
-            # Short rows only (decodes): every layer in one call.
+        rows = batch.rows if not batch.extends else None  # short rows only (decodes)
+        decode_pass = self.decode_pass if rows is not None else None
+        if rows is not None and decode_pass is not None and decode_pass.takes(len(residual)):
+            # Every layer in one call.
             cos, sin = rope
-            x = self.decode_pass(
-                residual, cos, sin, batch.out_slots, batch.rows, k_caches, v_caches
-            )
+            x = decode_pass(residual, cos, sin, batch.out_slots, rows, k_caches, v_caches)
         else:
             for layer, kc, vc in zip(self.layers, k_caches, v_caches, strict=True):
                 x, residual = layer(x, residual, rope, batch, kc, vc)
@@ -181,6 +183,19 @@ class LlamaForCausalLM(nn.Module):
             scale=cfg.head_dim**-0.5,
         )
         return self.backend.decode_pass(layers, shape)
+
+    def linear_weights(self) -> list[torch.Tensor]:
+        """The decoder layers' linear weights, each [out, in] (the LM head is not one)."""
+        return [
+            linear.weight
+            for layer in cast(list[DecoderLayer], list(self.layers))
+            for linear in (
+                layer.self_attn.qkv_proj,
+                layer.self_attn.o_proj,
+                layer.mlp.gate_up_proj,
+                layer.mlp.down_proj,
+            )
+        ]
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; every parameter is set."""

@@ -46,7 +46,8 @@ def build_model(
     dtype: torch.dtype,
     backend: Backend,
 ) -> LlamaForCausalLM:
-    """Create the model over `backend` without a random init, then copy the checkpoint in."""
+    """Create the model over `backend` without a random init, then copy the checkpoint in;
+    the backend then prepares the linear weights (its GEMM choice)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config, backend)
     model = model.to_empty(device=device).to(dtype)
@@ -57,6 +58,7 @@ def build_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.load_weights(weights)
+    backend.prepare(model.linear_weights())
     return model.eval()
 
 
