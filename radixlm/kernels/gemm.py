@@ -161,15 +161,21 @@ def measure(
     return GemmChoice(winners["few"], winners["decode"], winners["prefill"], "measured", gflops)
 
 
+def machine_busy() -> bool:
+    """Whether more processes wanted a core than there are cores, over the last minute."""
+    return os.getloadavg()[0] > (os.cpu_count() or 1)
+
+
 def choose_gemm(
     candidates: dict[str, Callable[[torch.Tensor], Gemm]],
     shapes: Sequence[tuple[int, int]],
     forced: str = "auto",
+    busy: Callable[[], bool] = machine_busy,
 ) -> GemmChoice:
     """The GEMM per range for a model whose linear layers have these weight shapes [n, k]:
     `forced` ("auto" to choose by timing, else one of `candidates` for every row count), or a
     decision cached by an earlier start with the same CPU, torch, threads and shapes, or a new
-    measurement (then cached)."""
+    measurement (then cached, unless `busy()` says the machine was busier than its cores)."""
     if forced != "auto":
         if forced not in candidates:
             raise ValueError(
@@ -198,6 +204,11 @@ def choose_gemm(
     except (OSError, ValueError, KeyError):
         pass
     choice = measure(candidates, distinct)
+    if busy():
+        # Other work on every core skews the timings (a parallel GEMM waits on its slowest
+        # thread): the choice serves this start only, and the next start measures again.
+        logger.info("GEMM choice not cached: the machine was busier than its cores")
+        return choice
     record = {
         "few": choice.few,
         "decode": choice.decode,

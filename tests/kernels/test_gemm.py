@@ -113,7 +113,9 @@ def test_the_fastest_gemm_wins_each_range_of_row_counts() -> None:
     ]
 
 
-def test_a_measured_choice_is_cached_per_shapes(tmp_cache_dir: Path) -> None:
+def test_a_measured_choice_is_cached_per_shapes_unless_the_machine_was_busy(
+    tmp_cache_dir: Path,
+) -> None:
     prepared: list[tuple[int, ...]] = []
 
     def counting(make: Callable[[torch.Tensor], Gemm]) -> Callable[[torch.Tensor], Gemm]:
@@ -126,14 +128,23 @@ def test_a_measured_choice_is_cached_per_shapes(tmp_cache_dir: Path) -> None:
     candidates = _candidates({"stream": lambda rows: rows <= 4, "mkl": lambda rows: rows > 4})
     counted = {name: counting(make) for name, make in candidates.items()}
     shapes = [(96, 64), (96, 64), (32, 96)]
-    first = choose_gemm(counted, shapes)
-    assert first.source == "measured" and prepared
+
+    def quiet() -> bool:
+        return False
+
+    def busy() -> bool:
+        return True
+
+    assert choose_gemm(counted, shapes, busy=busy).source == "measured"
     prepared.clear()
-    again = choose_gemm(counted, shapes)
+    first = choose_gemm(counted, shapes, busy=quiet)
+    assert first.source == "measured" and prepared, "measured on a busy machine: not cached"
+    prepared.clear()
+    again = choose_gemm(counted, shapes, busy=busy)
     assert again.source == "cached" and not prepared, "a cached choice measures nothing"
     assert (again.few, again.decode, again.prefill) == (first.few, first.decode, first.prefill)
     assert again.gflops == first.gflops
-    assert choose_gemm(counted, [(96, 64)]).source == "measured", "other shapes: measured"
+    assert choose_gemm(counted, [(96, 64)], busy=quiet).source == "measured", "other shapes"
     assert prepared
 
 
