@@ -52,8 +52,8 @@ class CpuKernelBackend:
             if gemm != "auto"
             else GemmChoice("stream", "stream", "mkl", "default")
         )
-        # id(weight) -> (weight, its version when packed, its oneDNN copy)
-        self._packed: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        # id(weight) -> (weight, its version when prepared, its oneDNN copy if oneDNN won)
+        self._prepared: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
         self._row_attention = {
             dtype: getattr(lib, f"radixlm_row_attention_{suffix}")
             for dtype, suffix in KV_SUFFIX.items()
@@ -238,11 +238,13 @@ class CpuKernelBackend:
         self.gemm_choice = choose_gemm(
             self.gemm_candidates(), [(w.shape[0], w.shape[1]) for w in weights], self._forced_gemm
         )
-        self._packed = {}
-        if self.gemm_choice.packs:
-            for w in weights:
-                self._packed[id(w)] = (w, w._version, onednn_pack(w))
-        extra = sum(w.numel() * w.element_size() for w, _, _ in self._packed.values())
+        packs = self.gemm_choice.packs
+        self._prepared = {
+            id(w): (w, w._version, onednn_pack(w) if packs else None) for w in weights
+        }
+        extra = sum(
+            w.numel() * w.element_size() for w, _, p in self._prepared.values() if p is not None
+        )
         logger.info(
             "GEMM: %s%s%s",
             self.gemm,
@@ -254,20 +256,32 @@ class CpuKernelBackend:
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """F.linear(x, weight, bias) for x [rows, k], by the GEMM chosen for its row count. A
-        weight `prepare` did not see (the LM head) has no oneDNN copy: it streams up to
+        weight `prepare` did not see (the LM head, whose shape was not timed) streams up to
         STREAM_ROWS rows (once at memory speed, each thread its share of the output columns,
         where BLAS runs far below it) and goes to torch beyond."""
         rows = x.shape[0]
-        gemm = self.gemm_choice.for_rows(rows) if rows else "mkl"
+        entry = self._prepared.get(id(weight))
+        if entry is not None and entry[0] is weight:
+            gemm = self.gemm_choice.for_rows(rows) if rows else "mkl"
+        else:
+            gemm = "stream" if 0 < rows <= STREAM_ROWS else "mkl"
         if gemm == "onednn":
-            entry = self._packed.get(id(weight))
-            if entry is not None and entry[0] is weight and entry[1] == weight._version:
-                return onednn_linear(x, entry[2], bias)
-            gemm = "stream" if rows <= STREAM_ROWS else "mkl"
+            assert entry is not None
+            _, version, packed = entry
+            if packed is not None and version == weight._version:
+                return onednn_linear(x, packed, bias)
+            gemm = "mkl"  # changed in place since: its packed copy is stale
         if gemm == "stream" and self.sgemm is not None:
             y = self.stream_linear(x, weight)
             return y if bias is None else y.add_(bias)
         return F.linear(x, weight, bias)
+
+    def _pass_takes(self, tokens: int) -> bool:
+        """Whether the decode pass runs a batch of this many short-row tokens: up to
+        STREAM_ROWS always (its streamed GEMMs and one parallel region a step made such steps
+        1.7-1.8x faster than the layers one by one, docs/benchmarks.md, more than a GEMM
+        timed alone could win back), beyond that where its own GEMM won that row count."""
+        return tokens <= STREAM_ROWS or self.gemm_choice.for_rows(tokens) == "stream"
 
     def stream_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """F.linear(x, weight) for x [rows, k] as the decode pass computes its GEMMs: each
@@ -296,7 +310,7 @@ class CpuKernelBackend:
     ) -> DecodePass | None:
         """Every decoder layer of a model over a batch of short rows in one compiled call (see
         `DecodePass` for `layers`); None without MKL or for heads over 512. It takes the
-        batches whose row count the pass's own GEMM was chosen for."""
+        batches `_pass_takes` says."""
         if self.sgemm is None or shape.head_dim > _MAX_PASS_HEAD_DIM:
             return None
         return DecodePass(
@@ -304,5 +318,5 @@ class CpuKernelBackend:
             self.sgemm,
             layers,
             shape,
-            takes=lambda tokens: self.gemm_choice.for_rows(tokens) == "stream",
+            takes=self._pass_takes,
         )

@@ -192,12 +192,19 @@ def _forward_steps(runner: ModelRunner) -> list[torch.Tensor]:
 @pytest.mark.parametrize("gemm", [*GEMMS, "auto"])
 def test_a_model_gives_the_torch_logits_with_each_gemm(gemm: str, tiny_model_dir: Path) -> None:
     """Prefills in the prefill range, decode batches in each range (through the decode pass
-    where the pass's own GEMM is chosen for their row count, else layer by layer)."""
+    up to 4 tokens and where the pass's own GEMM is chosen for their row count, else layer by
+    layer)."""
     config, weights = load_model_files(str(tiny_model_dir))
     runners = [
         ModelRunner(config, weights, CPU, torch.float32, 1100, backend=backend)
         for backend in (TorchBackend(), _backend(gemm))
     ]
+    decode_pass = runners[1].model.decode_pass
+    if decode_pass is not None and gemm != "auto":
+        # Up to 4 tokens always in the pass; beyond, only where its own GEMM is the choice.
+        assert [decode_pass.takes(t) for t in (1, 4, 8, 40, 70)] == [True, True] + [
+            gemm == "stream"
+        ] * 3
     want, got = (_forward_steps(r) for r in runners)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
