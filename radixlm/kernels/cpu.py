@@ -15,6 +15,7 @@ from radixlm.core.forward import KernelRowLayout, RowLayout
 from radixlm.kernels.build import KV_SUFFIX, mkl_sgemm
 from radixlm.kernels.decode import STREAM_ROWS, DecodePass, DecodeShape
 from radixlm.kernels.gemm import (
+    FIXED,
     Gemm,
     GemmChoice,
     choose_gemm,
@@ -34,24 +35,20 @@ class CpuKernelBackend:
     """The ops of a float32 model on the CPU, over one compiled library (`load_kernels()`, or a
     variant build such as `load_kernels(("-mno-avx512f",))`); torch's thread count is used.
 
-    `gemm` is the linear layers' GEMM: "auto" times the candidates on the model's shapes when
-    `prepare` is given its weights (see `radixlm.kernels.gemm`), or one of `GEMMS` for every
-    row count."""
+    `gemm` is the linear layers' GEMM: "fixed" (`gemm.FIXED`: streamed up to 64 rows, MKL
+    beyond), "auto" times the candidates on the model's shapes when `prepare` is given its
+    weights (see `radixlm.kernels.gemm`), or one of `GEMMS` for every row count."""
 
     name = "cpu-kernels"
 
-    def __init__(self, lib: ctypes.CDLL, gemm: str = "auto") -> None:
+    def __init__(self, lib: ctypes.CDLL, gemm: str = "fixed") -> None:
         self.lib = lib
         self.sgemm = mkl_sgemm()  # None without MKL: no decode pass, no streamed GEMMs
         self._forced_gemm = gemm
-        if gemm != "auto" and gemm not in self.gemm_candidates():
+        if gemm not in ("auto", "fixed") and gemm not in self.gemm_candidates():
             raise ValueError(f"GEMM {gemm!r} is not available here")
         # Until `prepare`: the weight streamed for a few rows, the decode pass's GEMM up to 64.
-        self.gemm_choice = (
-            GemmChoice.forced(gemm)
-            if gemm != "auto"
-            else GemmChoice("stream", "stream", "mkl", "default")
-        )
+        self.gemm_choice = GemmChoice.forced(gemm) if gemm not in ("auto", "fixed") else FIXED
         # id(weight) -> (weight, its version when prepared, its oneDNN copy if oneDNN won)
         self._prepared: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
         self._row_attention = {

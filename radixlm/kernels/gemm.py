@@ -104,6 +104,11 @@ class GemmChoice:
         )
 
 
+# The rule without timing: a few rows to a decode batch stream the weight (the decode pass's
+# GEMM), prefill chunks take MKL.
+FIXED = GemmChoice("stream", "stream", "mkl", "fixed")
+
+
 def probe_rows(shapes: Sequence[tuple[int, int]]) -> dict[str, int]:
     """The row count each range is timed at, for a layer of these weight shapes [n, k]."""
     flops = 2 * sum(n * k for n, k in shapes)
@@ -176,6 +181,8 @@ def choose_gemm(
     `forced` ("auto" to choose by timing, else one of `candidates` for every row count), or a
     decision cached by an earlier start with the same CPU, torch, threads and shapes, or a new
     measurement (then cached, unless `busy()` says the machine was busier than its cores)."""
+    if forced == "fixed":
+        return FIXED
     if forced != "auto":
         if forced not in candidates:
             raise ValueError(
@@ -223,8 +230,16 @@ def choose_gemm(
 
 
 def forced_gemm() -> str:
-    """`RADIXLM_GEMM` from the environment: auto (the default), or one GEMM for all rows."""
-    value = os.environ.get("RADIXLM_GEMM", "auto") or "auto"
-    if value not in ("auto", *GEMMS):
-        raise ValueError(f"RADIXLM_GEMM must be auto or one of {', '.join(GEMMS)}; got {value!r}")
+    """`RADIXLM_GEMM` from the environment: fixed (the default: the weight streamed up to 64
+    rows, MKL beyond, nothing timed or packed), auto (timed at start, see `choose_gemm`), or
+    one GEMM for all rows.
+
+    The timed choice is opt-in until a measurement on a quiet machine shows it faster end to
+    end: on a shared machine its timings disagreed from start to start, its oneDNN copies cost
+    a second copy of the weights, and oneDNN chosen at 512 rows lost to MKL at 4,096."""
+    value = os.environ.get("RADIXLM_GEMM", "fixed") or "fixed"
+    if value not in ("fixed", "auto", *GEMMS):
+        raise ValueError(
+            f"RADIXLM_GEMM must be fixed, auto or one of {', '.join(GEMMS)}; got {value!r}"
+        )
     return value

@@ -16,7 +16,14 @@ from radixlm.engine.engine import Engine
 from radixlm.kernels.backend import choose_backend
 from radixlm.kernels.build import load_kernels
 from radixlm.kernels.cpu import CpuKernelBackend
-from radixlm.kernels.gemm import Gemm, GemmChoice, choose_gemm, measure, onednn_available
+from radixlm.kernels.gemm import (
+    FIXED,
+    Gemm,
+    GemmChoice,
+    choose_gemm,
+    measure,
+    onednn_available,
+)
 from radixlm.kernels.torch_backend import TorchBackend
 from radixlm.models.loader import load_model_files
 from radixlm.runner.runner import ModelRunner
@@ -167,6 +174,23 @@ def test_the_environment_forces_the_gemm(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ValueError, match="RADIXLM_GEMM must be"):
         choose_backend(CPU, torch.float32, torch.float32)
     assert choose_backend(torch.device("cuda"), torch.float32, torch.float32).gemm == "F.linear"
+
+
+def test_without_the_environment_nothing_is_timed_or_packed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default is the fixed rule (streamed up to 64 rows, MKL beyond): prepare times
+    nothing and keeps no second copy of the weights."""
+    monkeypatch.delenv("RADIXLM_GEMM", raising=False)
+    backend = choose_backend(CPU, torch.float32, torch.float32)
+    assert isinstance(backend, CpuKernelBackend)
+    weights = [torch.randn(64, 32), torch.randn(32, 64)]
+    with monkeypatch.context() as m:
+        m.setattr("radixlm.kernels.gemm.measure", lambda *a: pytest.fail("timed"))
+        backend.prepare(weights)
+    assert backend.gemm_choice == FIXED
+    assert backend.gemm.startswith("stream (1-4 rows), stream (-64), mkl (65+); fixed")
+    assert all(packed is None for _, _, packed in backend._prepared.values())
 
 
 def _forward_steps(runner: ModelRunner) -> list[torch.Tensor]:
