@@ -5,6 +5,7 @@ python benchmarks/bench_engine.py all            # every scenario below, default
 python benchmarks/bench_engine.py shared-prefix  # radix cache on vs off, shared few-shot prefix
 python benchmarks/bench_engine.py no-sharing     # radix cache on vs off, nothing shared
 python benchmarks/bench_engine.py salt           # shared-prefix with vs without cache_salt
+python benchmarks/bench_engine.py gemm           # the chosen GEMM vs each candidate, model shapes
 python benchmarks/bench_engine.py prefill        # uncached prefill vs its weight matmuls alone
 python benchmarks/bench_engine.py decode         # decode step vs its weight matmuls; overhead
 python benchmarks/bench_engine.py decode-pass    # CPU decode pass vs the layers one by one
@@ -233,30 +234,33 @@ def _alternating(fns: list[Callable[[], Any]], repeat: int, desc: str) -> list[l
     return times
 
 
-def weight_matmuls(core: EngineCore, rows: int, logit_rows: int) -> Callable[[], None]:
-    """The forward's weight GEMMs alone, at the shapes a batch of `rows` tokens runs them."""
+def weight_matmuls(
+    core: EngineCore,
+    rows: int,
+    logit_rows: int,
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
+) -> Callable[[], None]:
+    """The forward's weight GEMMs alone, at the shapes a batch of `rows` tokens runs them,
+    through `linear`: float32 `F.linear` (MKL), or the backend's chosen GEMM."""
     model = core.runner.model
     dtype, dev = core.runner.dtype, core.runner.device
-    weights = []
-    for layer in model.layers:
-        a, m = layer.self_attn, layer.mlp
-        weights += [a.qkv_proj.weight, a.o_proj.weight, m.gate_up_proj.weight, m.down_proj.weight]
+    weights = model.linear_weights()
     inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dtype, device=dev) for w in weights}
     head_in = torch.randn(logit_rows, model.lm_head.weight.shape[1], dtype=dtype, device=dev)
 
     def run() -> None:
         with torch.inference_mode():
             for w in weights:
-                F.linear(inputs[w.shape[1]], w)
-            F.linear(head_in, model.lm_head.weight)
+                linear(inputs[w.shape[1]], w)
+            linear(head_in, model.lm_head.weight)
 
     return run
 
 
 def pass_matmuls(core: EngineCore, rows: int) -> Callable[[], None] | None:
     """The same GEMMs as the CPU decode pass runs them (each thread its share of every weight's
-    columns, in one OpenMP region; the pass's `gemms` entry), then the LM head as torch runs
-    it; None where that pass does not run."""
+    columns, in one OpenMP region; the pass's `gemms` entry), then the LM head as the backend
+    runs it; None where that pass does not run."""
     runner, model = core.runner, core.runner.model
     decode_pass = model.decode_pass
     if decode_pass is None:
@@ -266,9 +270,60 @@ def pass_matmuls(core: EngineCore, rows: int) -> Callable[[], None] | None:
     def run() -> None:
         with torch.inference_mode():
             decode_pass.gemms(x, runner.pool.k, runner.pool.v)
-            F.linear(x, model.lm_head.weight)
+            runner.backend.linear(x, model.lm_head.weight)
 
     return run
+
+
+def chosen_matmuls(core: EngineCore, rows: int, short_rows: bool) -> Callable[[], None]:
+    """The weight GEMMs as a forward of `rows` tokens runs them with the backend's choice: the
+    decode pass's where it takes a batch of short rows this size, else the backend's `linear`."""
+    decode_pass = core.runner.model.decode_pass
+    if short_rows and decode_pass is not None and decode_pass.takes(rows):
+        run = pass_matmuls(core, rows)
+        assert run is not None
+        return run
+    return weight_matmuls(core, rows, rows if short_rows else 0, core.runner.backend.linear)
+
+
+def bench_gemm(args: argparse.Namespace) -> None:
+    """Each GEMM candidate of the CPU kernels on the model's linear weights (all layers, as a
+    forward runs them) at prefill and decode row counts, alternating, against float32
+    `F.linear` (MKL); the backend's choice marked."""
+    core = EngineCore(EngineArgs(args.model_path, max_total_tokens=4096))
+    backend = core.runner.backend
+    print(f"gemm: chosen {backend.gemm}")
+    if not isinstance(backend, CpuKernelBackend):
+        return
+    weights = core.runner.model.linear_weights()
+    flops_per_row = 2 * sum(w.numel() for w in weights)
+    candidates = backend.gemm_candidates()
+    for rows in args.gemm_rows:
+        inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+        # Each candidate over the model's own weights, prepared as it needs them.
+        runs: dict[str, Callable[[], None]] = {}
+        for name, make in candidates.items():
+            gemms = [(make(w), inputs[w.shape[1]]) for w in weights]
+            runs[name] = functools.partial(_run_all, gemms)
+        times = _alternating(list(runs.values()), args.repeat, f"gemm {rows} rows")
+        speed = {
+            name: flops_per_row * rows / statistics.median(t) / 1e9
+            for name, t in zip(runs, times, strict=True)
+        }
+        chosen = backend.gemm_choice.for_rows(rows)
+        figures = ", ".join(
+            f"{name}{'*' if name == chosen else ''} {v:6.1f}" for name, v in speed.items()
+        )
+        print(
+            f"  M = {rows:5d}: GFLOP/s {figures}; chosen / F.linear = "
+            f"{speed[chosen] / speed['mkl']:.2f}"
+        )
+
+
+def _run_all(gemms: list[tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]]) -> None:
+    with torch.inference_mode():
+        for gemm, x in gemms:
+            gemm(x)
 
 
 def bench_prefill(args: argparse.Namespace) -> None:
@@ -285,21 +340,24 @@ def bench_prefill(args: argparse.Namespace) -> None:
         )
         for i, p in enumerate(prompts)
     ]
-    fwd_times, mm_times = _alternating(
+    tokens = args.batch * args.prefill_len
+    fwd_times, mm_times, torch_times = _alternating(
         [
             lambda: core.runner.forward(seqs),
-            weight_matmuls(core, args.batch * args.prefill_len, args.batch),
+            chosen_matmuls(core, tokens, short_rows=False),
+            weight_matmuls(core, tokens, 0),
         ],
         args.repeat,
         "prefill",
     )
-    fwd, mm = min(fwd_times), min(mm_times)
-    tokens = args.batch * args.prefill_len
-    print(f"prefill: {args.batch} x {args.prefill_len} uncached tokens")
+    fwd, mm, ref = (statistics.median(t) for t in (fwd_times, mm_times, torch_times))
+    print(f"prefill: {args.batch} x {args.prefill_len} uncached tokens (medians)")
     print(
-        f"  forward {fwd * 1000:8.1f} ms ({tokens / fwd:7.0f} tok/s); weight matmuls alone {mm * 1000:8.1f} ms"
+        f"  forward {fwd * 1000:8.1f} ms ({tokens / fwd:7.0f} tok/s); its weight matmuls alone "
+        f"{mm * 1000:8.1f} ms ({core.runner.backend.gemm}); float32 F.linear {ref * 1000:8.1f} ms"
     )
-    print(f"  forward / matmuls = {fwd / mm:.2f}  (target <= 1.4)")
+    print(f"  forward / matmuls = {fwd / mm:.2f}  (target <= 1.2)")
+    print(f"  matmuls vs F.linear = {ref / mm:.2f}x throughput  (target >= 1.5)")
 
 
 def bench_decode(args: argparse.Namespace) -> None:
@@ -336,29 +394,33 @@ def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
         return out
 
     core.runner.forward = timed_forward  # type: ignore[method-assign]
-    # Each decode step is followed by the same GEMMs alone, as torch runs them and as the CPU
-    # decode pass splits them; the faster is the machine's GEMM speed. Medians of each.
+    # Each decode step is followed by the same GEMMs alone, as the step runs them (the chosen
+    # GEMM: the decode pass's split, or the backend's `linear`) and as float32 F.linear runs
+    # them. Medians of each.
     baselines = {
-        "torch": weight_matmuls(core, b, b),
-        "split as the decode pass": pass_matmuls(core, b),
+        "as the step runs them": chosen_matmuls(core, b, short_rows=True),
+        "float32 F.linear": weight_matmuls(core, b, b),
     }
-    names = [name for name, fn in baselines.items() if fn is not None]
     step_times, *mm_times = _alternating(
-        [core.step, *(baselines[name] for name in names)], args.decode_steps, "decode"
+        [core.step, *baselines.values()], args.decode_steps, "decode"
     )
     assert len(sched.running) == b, "every request must still be decoding"
     step = statistics.median(step_times)
     fwd = statistics.median(forward_times[1:])  # the first is the untimed turn's
-    mms = {name: statistics.median(ts) for name, ts in zip(names, mm_times, strict=True)}
-    mm = min(mms.values())
+    mm, ref = (statistics.median(ts) for ts in mm_times)
     print(
         f"decode: batch {b}, {ctx}-token contexts, {args.decode_steps} steps, KV cache {kv_dtype}"
     )
-    alone = ", ".join(f"{name} {t * 1000:7.1f} ms" for name, t in mms.items())
+    alone = ", ".join(
+        f"{name} {statistics.median(t) * 1000:7.1f} ms"
+        for name, t in zip(baselines, mm_times, strict=True)
+    )
     print(
         f"  step {step * 1000:7.1f} ms (forward {fwd * 1000:7.1f} ms); weight matmuls alone: {alone}"
     )
-    print(f"  step / matmuls = {step / mm:.2f}  (target <= 1.5)")
+    print(f"  GEMM: {core.runner.backend.gemm}")
+    print(f"  step / matmuls = {step / mm:.2f}  (target <= 1.3)")
+    print(f"  matmuls vs F.linear = {ref / mm:.2f}x throughput  (target >= 1.6)")
     print(f"  time outside the forward = {(step - fwd) / step:.1%} of a step  (target <= 10%)")
     model, runner = core.runner.model, core.runner
     weight_bytes = (
@@ -524,6 +586,7 @@ SCENARIOS = {
     "no-sharing": bench_no_sharing,
     "salt": bench_salt,
     "prefill": bench_prefill,
+    "gemm": bench_gemm,
     "decode": bench_decode,
     "decode-pass": bench_decode_pass,
     "ttft": bench_ttft,
@@ -547,6 +610,9 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=300)
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument(
+        "--gemm-rows", type=lambda v: [int(x) for x in v.split(",")], default=[2048, 1024, 32, 1]
+    )
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prefill-len", type=int, default=1024)
     p.add_argument("--decode-batch", type=int, default=32)

@@ -20,14 +20,18 @@ CASES = [
         "bench_engine.py",
         "all --questions 2 --prefix-len 40 --question-len 8 --rounds 1 --prompts 2 --prompt-len 16"
         " --output-len 2 --batch 1 --prefill-len 32 --repeat 1 --decode-batch 2"
-        " --decode-context 16 --decode-steps 2 --pass-batches 2 --max-total-tokens 4096",
+        " --decode-context 16 --decode-steps 2 --pass-batches 2 --max-total-tokens 4096"
+        " --gemm-rows 70,1",
         [
             rf"throughput cache on / off = {RATIO}x",
             rf"throughput cache on / off = {RATIO}  ",
             rf"throughput salted / unsalted = {RATIO}",
             rf"throughput public\+salt / unsalted = {RATIO}",
             rf"match_prefix per call: .*\(salted / unsalted = {RATIO}\)",
+            rf"M = +70: GFLOP/s .*\*.*; chosen / F.linear = {RATIO}",
+            rf"M = +1: GFLOP/s .*\*.*; chosen / F.linear = {RATIO}",
             rf"forward / matmuls = {RATIO}",
+            rf"matmuls vs F.linear = {RATIO}x throughput",
             rf"step / matmuls = {RATIO}",
             rf"time outside the forward = {RATIO}% of a step",
             rf"decode pass: batch 2 x 16: .* layers / pass = {RATIO}",
@@ -38,6 +42,16 @@ CASES = [
         ],
         ["radix_shared_prefix", "radix_no_sharing", "decode_step_vs_batch"],
         id="engine",
+    ),
+    pytest.param(
+        "bench_bf16_quality.py",
+        "--limit 2",
+        [
+            rf"prose +[0-9]+ +{RATIO}% +{RATIO} +{RATIO} +{RATIO} +{RATIO}",
+            rf"all +[0-9]+ +{RATIO}%",
+            rf"bfloat16 speedup {RATIO}x",
+        ],
+        id="bf16-quality",
     ),
     pytest.param(
         "bench_grammar.py",

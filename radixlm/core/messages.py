@@ -156,6 +156,7 @@ class CoreInfo:
     kernel_backend: str  # the ops the model runs: compiled CPU kernels or plain torch
     load_seconds: float
     image: ImageSpec | None = None  # how the model takes images; None for text-only models
+    gemm: str = "F.linear"  # the linear layers' GEMM by row count, and how it was chosen
 
 
 @dataclass(frozen=True, slots=True)

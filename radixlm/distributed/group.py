@@ -11,7 +11,6 @@ from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from radixlm.distributed.sharding import TensorSplit
@@ -80,22 +79,6 @@ class TPGroup:
         return torch.cat(parts, dim=1)[:, :width]
 
 
-class RowParallelLinear(nn.Linear):
-    """A bias-free linear layer over this rank's input columns; the ranks' partial outputs are
-    summed, so every rank gets the whole output."""
-
-    def __init__(self, linear: nn.Linear, group: TPGroup) -> None:
-        assert linear.bias is None, "a bias would be added once per rank"
-        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
-        self.weight = linear.weight
-        self.group: TPGroup = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
-        self.group.all_reduce(out)
-        return out
-
-
 def parallelize(model: nn.Module, split: TensorSplit, group: TPGroup) -> None:
     """Turn a model built from `split.rank_config` and `split.shard(...)` into its rank's part:
     o_proj and down_proj sum over the ranks, the LM head keeps this rank's vocabulary rows
@@ -104,8 +87,9 @@ def parallelize(model: nn.Module, split: TensorSplit, group: TPGroup) -> None:
     if not isinstance(model, LlamaForCausalLM):
         raise ValueError(f"--tp > 1 supports text models only, not {type(model).__name__}")
     for layer in cast(list[DecoderLayer], list(model.layers)):
-        layer.self_attn.o_proj = RowParallelLinear(layer.self_attn.o_proj, group)
-        layer.mlp.down_proj = RowParallelLinear(layer.mlp.down_proj, group)
+        assert layer.self_attn.o_proj.bias is None, "a bias would be added once per rank"
+        layer.self_attn.reduce_output = group.all_reduce
+        layer.mlp.reduce_output = group.all_reduce
     with torch.no_grad():
         model.lm_head.weight = nn.Parameter(split.lm_head_rows(model.lm_head.weight))
     model.fused_decode = False

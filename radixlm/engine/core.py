@@ -256,6 +256,7 @@ class EngineCore:
             kernel_backend=self.runner.backend.name,
             load_seconds=self.load_seconds,
             image=self.image_spec,
+            gemm=self.runner.backend.gemm,
         )
 
     def run(

@@ -14,6 +14,7 @@ from radixlm.core.forward import RowLayout
 from radixlm.kernels.build import load_kernels
 from radixlm.kernels.cpu import CpuKernelBackend
 from radixlm.kernels.decode import DecodePass, DecodeShape
+from radixlm.kernels.gemm import forced_gemm
 from radixlm.kernels.torch_backend import TorchBackend
 
 
@@ -82,8 +83,20 @@ class Backend(Protocol):
         slots of the head-major caches; q [T, H, D] holds the rows' queries, row by row."""
         ...
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """F.linear(x, weight) for x [rows, k]."""
+    @property
+    def gemm(self) -> str:
+        """The linear layers' GEMM, for logs and /server_info."""
+        ...
+
+    def prepare(self, weights: Sequence[torch.Tensor]) -> None:
+        """Choose the GEMM for the model's linear weights and prepare them (once they are
+        final: loaded, and sharded where they are); `linear` then runs them as chosen."""
+        ...
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """F.linear(x, weight, bias) for x [rows, k]."""
         ...
 
     def decode_pass(
@@ -100,10 +113,11 @@ class Backend(Protocol):
 def choose_backend(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype) -> Backend:
     """The compiled CPU kernels where they cover the device and dtypes and can be built, unless
     `RADIXLM_CPU_KERNELS=0` is set in the environment; else torch. The kernels are built here,
-    once per machine, before any request waits on them."""
+    once per machine, before any request waits on them. `RADIXLM_GEMM` forces the kernels'
+    GEMM (`forced_gemm`)."""
     wanted = os.environ.get("RADIXLM_CPU_KERNELS", "1") != "0"
     if wanted and CpuKernelBackend.covers(device, dtype, kv_dtype):
         lib = load_kernels()
         if lib is not None:
-            return CpuKernelBackend(lib)
+            return CpuKernelBackend(lib, forced_gemm())
     return TorchBackend()

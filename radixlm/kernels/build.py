@@ -51,7 +51,7 @@ _ARGTYPES: dict[str, list[type]] = {
 }
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     """The CPU's feature flags: -march=native output is only valid on a CPU that has them."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -67,7 +67,7 @@ def isa_variants() -> dict[str, tuple[str, ...]]:
     """The extra flags of the builds this CPU can run: its own ("native") and, where it has
     more, the paths other CPUs take: AVX2, and 128-bit vectors as on SSE or NEON (for tests and
     benchmarks; `load_kernels(flags)` builds one)."""
-    features = set(_cpu_flags().split())
+    features = set(cpu_flags().split())
     variants: dict[str, tuple[str, ...]] = {"native": ()}
     if "avx512f" in features:
         variants["avx2"] = ("-mno-avx512f",)
@@ -96,7 +96,7 @@ def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
                     *(p.read_text() for p in _SOURCES + _HEADERS),
                     " ".join(flags),
                     version,
-                    _cpu_flags(),
+                    cpu_flags(),
                 ]
             ).encode()
         ).hexdigest()[:16]

@@ -4,7 +4,9 @@ built by `radixlm.kernels.build`, with a KV pool of float32 or bfloat16."""
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+import functools
+import logging
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,17 @@ import torch.nn.functional as F
 from radixlm.core.forward import KernelRowLayout, RowLayout
 from radixlm.kernels.build import KV_SUFFIX, mkl_sgemm
 from radixlm.kernels.decode import STREAM_ROWS, DecodePass, DecodeShape
+from radixlm.kernels.gemm import (
+    FIXED,
+    Gemm,
+    GemmChoice,
+    choose_gemm,
+    onednn_available,
+    onednn_linear,
+    onednn_pack,
+)
+
+logger = logging.getLogger(__name__)
 
 # The largest head the decode pass takes: its rotary + KV write rotates each key in a buffer of
 # this many floats on the stack (rope_store_token in layer_ops.h).
@@ -20,13 +33,24 @@ _MAX_PASS_HEAD_DIM = 512
 
 class CpuKernelBackend:
     """The ops of a float32 model on the CPU, over one compiled library (`load_kernels()`, or a
-    variant build such as `load_kernels(("-mno-avx512f",))`); torch's thread count is used."""
+    variant build such as `load_kernels(("-mno-avx512f",))`); torch's thread count is used.
+
+    `gemm` is the linear layers' GEMM: "fixed" (`gemm.FIXED`: streamed up to 64 rows, MKL
+    beyond), "auto" times the candidates on the model's shapes when `prepare` is given its
+    weights (see `radixlm.kernels.gemm`), or one of `GEMMS` for every row count."""
 
     name = "cpu-kernels"
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, gemm: str = "fixed") -> None:
         self.lib = lib
         self.sgemm = mkl_sgemm()  # None without MKL: no decode pass, no streamed GEMMs
+        self._forced_gemm = gemm
+        if gemm not in ("auto", "fixed") and gemm not in self.gemm_candidates():
+            raise ValueError(f"GEMM {gemm!r} is not available here")
+        # Until `prepare`: the weight streamed for a few rows, the decode pass's GEMM up to 64.
+        self.gemm_choice = GemmChoice.forced(gemm) if gemm not in ("auto", "fixed") else FIXED
+        # id(weight) -> (weight, its version when prepared, its oneDNN copy if oneDNN won)
+        self._prepared: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
         self._row_attention = {
             dtype: getattr(lib, f"radixlm_row_attention_{suffix}")
             for dtype, suffix in KV_SUFFIX.items()
@@ -187,14 +211,74 @@ class CpuKernelBackend:
             torch.get_num_threads(),
         )
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """F.linear(x, weight) for x [rows, k]. Up to STREAM_ROWS rows (k a multiple of 16,
-        the widest vector the kernel assumes) stream the weight once at memory speed, each
-        thread its share of the output columns, where BLAS runs far below it; others go to
-        torch."""
-        if self.sgemm is not None and 0 < x.shape[0] <= STREAM_ROWS and weight.shape[1] % 16 == 0:
-            return self.stream_linear(x, weight)
-        return F.linear(x, weight)
+    @property
+    def gemm(self) -> str:
+        """The linear layers' GEMM by row count, and how it was chosen."""
+        return self.gemm_choice.describe()
+
+    def gemm_candidates(self) -> dict[str, Callable[[torch.Tensor], Gemm]]:
+        """The GEMMs this build and this torch can run: name -> (weight -> its GEMM)."""
+        candidates: dict[str, Callable[[torch.Tensor], Gemm]] = {
+            "mkl": lambda w: lambda x: F.linear(x, w)
+        }
+        if self.sgemm is not None:
+            candidates["stream"] = lambda w: lambda x: self.stream_linear(x, w)
+        if onednn_available():
+            candidates["onednn"] = lambda w: functools.partial(onednn_linear, packed=onednn_pack(w))
+        return candidates
+
+    def prepare(self, weights: Sequence[torch.Tensor]) -> None:
+        """Choose the GEMM for the shapes of the model's linear weights (timed once per CPU,
+        torch, thread count and shapes; see `choose_gemm`) and, where oneDNN wins a range,
+        keep a prepacked copy of each weight. Called once the weights are final (loaded, and
+        sharded where they are)."""
+        self.gemm_choice = choose_gemm(
+            self.gemm_candidates(), [(w.shape[0], w.shape[1]) for w in weights], self._forced_gemm
+        )
+        packs = self.gemm_choice.packs
+        self._prepared = {
+            id(w): (w, w._version, onednn_pack(w) if packs else None) for w in weights
+        }
+        extra = sum(
+            w.numel() * w.element_size() for w, _, p in self._prepared.values() if p is not None
+        )
+        logger.info(
+            "GEMM: %s%s%s",
+            self.gemm,
+            f" [GFLOP/s {self.gemm_choice.figures()}]" if self.gemm_choice.gflops else "",
+            f"; oneDNN's prepacked weights take {extra / 2**20:.0f} MiB more" if extra else "",
+        )
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """F.linear(x, weight, bias) for x [rows, k], by the GEMM chosen for its row count. A
+        weight `prepare` did not see (the LM head, whose shape was not timed) streams up to
+        STREAM_ROWS rows (once at memory speed, each thread its share of the output columns,
+        where BLAS runs far below it) and goes to torch beyond."""
+        rows = x.shape[0]
+        entry = self._prepared.get(id(weight))
+        if entry is not None and entry[0] is weight:
+            gemm = self.gemm_choice.for_rows(rows) if rows else "mkl"
+        else:
+            gemm = "stream" if 0 < rows <= STREAM_ROWS else "mkl"
+        if gemm == "onednn":
+            assert entry is not None
+            _, version, packed = entry
+            if packed is not None and version == weight._version:
+                return onednn_linear(x, packed, bias)
+            gemm = "mkl"  # changed in place since: its packed copy is stale
+        if gemm == "stream" and self.sgemm is not None:
+            y = self.stream_linear(x, weight)
+            return y if bias is None else y.add_(bias)
+        return F.linear(x, weight, bias)
+
+    def _pass_takes(self, tokens: int) -> bool:
+        """Whether the decode pass runs a batch of this many short-row tokens: up to
+        STREAM_ROWS always (its streamed GEMMs and one parallel region a step made such steps
+        1.7-1.8x faster than the layers one by one, docs/benchmarks.md, more than a GEMM
+        timed alone could win back), beyond that where its own GEMM won that row count."""
+        return tokens <= STREAM_ROWS or self.gemm_choice.for_rows(tokens) == "stream"
 
     def stream_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """F.linear(x, weight) for x [rows, k] as the decode pass computes its GEMMs: each
@@ -222,7 +306,14 @@ class CpuKernelBackend:
         shape: DecodeShape,
     ) -> DecodePass | None:
         """Every decoder layer of a model over a batch of short rows in one compiled call (see
-        `DecodePass` for `layers`); None without MKL or for heads over 512."""
+        `DecodePass` for `layers`); None without MKL or for heads over 512. It takes the
+        batches `_pass_takes` says."""
         if self.sgemm is None or shape.head_dim > _MAX_PASS_HEAD_DIM:
             return None
-        return DecodePass(self.lib, self.sgemm, layers, shape)
+        return DecodePass(
+            self.lib,
+            self.sgemm,
+            layers,
+            shape,
+            takes=self._pass_takes,
+        )

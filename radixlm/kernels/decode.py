@@ -4,7 +4,7 @@ compiled library (`decode_layers.cpp`), one OpenMP region for the whole forward.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +65,9 @@ class DecodePass:
     Built once per model from its weights: per layer, a tensor for each of `names` (`qkv_b`,
     `q_norm` and `k_norm` may be None), all float32, contiguous and on the CPU. Each GEMM is
     split by output columns among the threads, each calling `sgemm` (MKL's) on its share or,
-    up to STREAM_ROWS tokens, streaming its weight.
+    up to STREAM_ROWS tokens, streaming its weight. `takes(tokens)` says whether a batch of
+    that many tokens should run here rather than layer by layer (where another GEMM was
+    measured faster for its row count).
     """
 
     names = (
@@ -79,7 +81,9 @@ class DecodePass:
         sgemm: int,
         layers: Sequence[dict[str, torch.Tensor | None]],
         shape: DecodeShape,
+        takes: Callable[[int], bool] = lambda tokens: True,
     ) -> None:
+        self.takes = takes
         self._entry = {
             dtype: getattr(lib, f"radixlm_decode_layers_{suffix}")
             for dtype, suffix in KV_SUFFIX.items()

@@ -120,9 +120,16 @@ class TorchBackend:
         o = torch.bmm(probs, vd).view(kvh, b, nq, g, d).permute(1, 2, 0, 3, 4)
         out.copy_(o.reshape(b, nq, h, d)[rows.valid])
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """F.linear(x, weight)."""
-        return F.linear(x, weight)
+    gemm = "F.linear"
+
+    def prepare(self, weights: Sequence[torch.Tensor]) -> None:
+        """Nothing to choose: every device runs F.linear."""
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """F.linear(x, weight, bias)."""
+        return F.linear(x, weight, bias)
 
     def decode_pass(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -32,6 +33,8 @@ class Attention(nn.Module):
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
         )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        # Tensor parallelism: sums this rank's partial output with the other ranks' in place.
+        self.reduce_output: Callable[[torch.Tensor], object] | None = None
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
@@ -45,7 +48,8 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.backend.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -54,7 +58,10 @@ class Attention(nn.Module):
         cos, sin = rope
         q, kh, vh = self.backend.rope_store(q, k, v, cos, sin, batch.out_slots, k_cache, v_cache)
         o = paged_attention(q, kh, vh, k_cache, v_cache, batch, self.scale, self.backend)
-        return self.o_proj(o.reshape(t, self.q_size))
+        out = self.backend.linear(o.reshape(t, self.q_size), self.o_proj.weight)
+        if self.reduce_output is not None:
+            self.reduce_output(out)
+        return out
 
 
 class MLP(nn.Module):
@@ -65,9 +72,14 @@ class MLP(nn.Module):
         self.backend = backend
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.reduce_output: Callable[[torch.Tensor], object] | None = None  # as in Attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.backend.silu_mul(self.gate_up_proj(x)))
+        gate_up = self.backend.linear(x, self.gate_up_proj.weight)
+        out = self.backend.linear(self.backend.silu_mul(gate_up), self.down_proj.weight)
+        if self.reduce_output is not None:
+            self.reduce_output(out)
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -144,12 +156,12 @@ class LlamaForCausalLM(nn.Module):
         residual = self.embed_tokens(batch.input_ids) if embeds is None else embeds
         rope = self.rope(batch.positions, residual.dtype)
         x = None
-        if not batch.extends and batch.rows is not None and self.decode_pass is not None:
-            # Short rows only (decodes): every layer in one call.
+        rows = batch.rows if not batch.extends else None  # short rows only (decodes)
+        decode_pass = self.decode_pass if rows is not None else None
+        if rows is not None and decode_pass is not None and decode_pass.takes(len(residual)):
+            # Every layer in one call.
             cos, sin = rope
-            x = self.decode_pass(
-                residual, cos, sin, batch.out_slots, batch.rows, k_caches, v_caches
-            )
+            x = decode_pass(residual, cos, sin, batch.out_slots, rows, k_caches, v_caches)
         else:
             for layer, kc, vc in zip(self.layers, k_caches, v_caches, strict=True):
                 x, residual = layer(x, residual, rope, batch, kc, vc)
@@ -192,6 +204,19 @@ class LlamaForCausalLM(nn.Module):
             scale=cfg.head_dim**-0.5,
         )
         return self.backend.decode_pass(layers, shape)
+
+    def linear_weights(self) -> list[torch.Tensor]:
+        """The decoder layers' linear weights, each [out, in] (the LM head is not one)."""
+        return [
+            linear.weight
+            for layer in cast(list[DecoderLayer], list(self.layers))
+            for linear in (
+                layer.self_attn.qkv_proj,
+                layer.self_attn.o_proj,
+                layer.mlp.gate_up_proj,
+                layer.mlp.down_proj,
+            )
+        ]
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; every parameter is set."""

@@ -49,6 +49,11 @@ class LlavaForConditionalGeneration(nn.Module):
         """The LM's output projection."""
         return self.language_model.lm_head
 
+    def linear_weights(self) -> list[torch.Tensor]:
+        """The LM's decoder-layer linear weights (the backend's GEMM choice; the vision tower
+        and projector run on torch)."""
+        return self.language_model.linear_weights()
+
     @torch.inference_mode()
     def forward(
         self, batch: ForwardBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]

@@ -48,7 +48,8 @@ def build_model(
     dtype: torch.dtype,
     backend: Backend,
 ) -> LlamaForCausalLM | LlavaForConditionalGeneration:
-    """Create the model over `backend` without a random init, then copy the checkpoint in."""
+    """Create the model over `backend` without a random init, then copy the checkpoint in;
+    the backend then prepares the linear weights (its GEMM choice)."""
     model_cls = LlavaForConditionalGeneration if config.vision else LlamaForCausalLM
     with torch.device("meta"):
         model = model_cls(config, backend)
@@ -60,6 +61,7 @@ def build_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.load_weights(weights)
+    backend.prepare(model.linear_weights())
     return model.eval()
 
 

@@ -278,6 +278,10 @@ class ServerInfo(TypedDict):
     served_model_name: str
     version: str
     internal_states: list[InternalState]
+    # The linear layers' GEMM by row count and how it was chosen (measured at start, cached
+    # from an earlier start, forced by RADIXLM_GEMM), e.g. "stream (1-4 rows), stream (-64),
+    # onednn (65+); measured"; "F.linear" off the CPU kernels.
+    gemm: NotRequired[str]
 
 
 @closed

@@ -211,19 +211,28 @@ class _LayerByLayer(CpuKernelBackend):
 
 
 class _CountedPass(CpuKernelBackend):
-    """The CPU kernels, counting the calls of their decode pass."""
+    """The CPU kernels with the pass's own GEMM at every row count (so every batch of short
+    rows takes the pass), counting the calls of their decode pass."""
 
     calls = 0
+
+    def __init__(self, lib: Any) -> None:
+        super().__init__(lib, gemm="stream")
 
     def decode_pass(self, *args: Any, **kwargs: Any) -> Any:
         run = super().decode_pass(*args, **kwargs)
         assert run is not None
+        backend = self
 
-        def counted(*args: Any) -> torch.Tensor:
-            self.calls += 1
-            return run(*args)
+        class Counted:
+            def takes(self, tokens: int) -> bool:
+                return bool(run.takes(tokens))
 
-        return counted
+            def __call__(self, *args: Any) -> torch.Tensor:
+                backend.calls += 1
+                return run(*args)
+
+        return Counted()
 
 
 def _kernel_runners(
