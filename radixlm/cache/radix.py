@@ -69,6 +69,8 @@ class RadixCache:
         self.allocator = allocator
         self.disable = disable
         self.on_change: ChangeListener | None = None
+        # Told of each new leaf, the node that holds newly cached tokens (a draft index).
+        self.on_new_leaf: Callable[[TreeNode], None] | None = None
         self._ids = itertools.count()
         self._clock = itertools.count(1)
         self._empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
@@ -247,6 +249,8 @@ class RadixCache:
                 leaf = self._new_node(ids[pos:], slots[pos:].clone(), node, tick)
                 if self.on_change is not None:
                     self.on_change("insert", list(ids), pos)
+                if self.on_new_leaf is not None:
+                    self.on_new_leaf(leaf)
                 self._evictable_size += len(leaf.key)
                 self._push(leaf)
                 return pos, leaf
