@@ -30,11 +30,11 @@ from radixlm.speculative.config import SpecConfig
 from radixlm.speculative.lookup import lookup_draft
 from radixlm.speculative.tree import SuffixIndex, cached_continuation
 
-# Rows a step's decodes may verify in all (decodes plus drafts). A CPU decode step streams every
-# weight once for up to a few rows per request; past this many rows the GEMMs are compute-bound,
-# so drafts would cost as much as they save. A batch of more than half this many decodes gets no
-# drafts at all.
-MAX_VERIFY_ROWS = 24
+# Rows a step's decodes may verify in all (decodes plus drafts): on the CPU, the GEMMs of up to
+# this many rows stream each weight once (radixlm.kernels.decode.STREAM_ROWS); past it they go
+# to BLAS and a step costs far more. Each decode gets an equal share of the spare rows, so a
+# batch of more than half this many decodes gets no drafts at all.
+MAX_VERIFY_ROWS = 16
 # Drafts in a row with nothing accepted double the steps a request then decodes without
 # drafting, up to this many.
 MAX_COOLDOWN = 16
@@ -59,9 +59,8 @@ class Speculator:
     def propose(self, decodes: list[Req], free_slots: int, context_len: int) -> None:
         """Append a draft to the decodes that have one (each decode needs one slot of
         free_slots for itself); none when the batch is too large for drafts to pay."""
-        rows = len(decodes)
-        spare = free_slots - rows
-        if 2 * rows > MAX_VERIFY_ROWS:
+        share = min(MAX_VERIFY_ROWS - len(decodes), free_slots - len(decodes)) // len(decodes)
+        if share <= 0:
             return
         for req in decodes:
             if req.num_draft:
@@ -74,8 +73,7 @@ class Speculator:
                 continue
             room = min(
                 state.length,
-                MAX_VERIFY_ROWS - rows,
-                spare,
+                share,
                 req.remaining_new_tokens - 1,  # the step's own token must fit too
                 context_len - req.seq_len - 1,
             )
@@ -88,8 +86,6 @@ class Speculator:
                 continue
             req.output_ids += draft
             req.spec_draft, state.source = len(draft), source
-            rows += len(draft)
-            spare -= len(draft)
 
     def _draft(self, req: Req, state: DraftState, k: int) -> tuple[str, list[int]]:
         """The first draft source with something to propose: the tree's continuation of the

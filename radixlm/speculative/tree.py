@@ -12,6 +12,8 @@ from radixlm.cache.radix import RadixCache, TreeNode, common_prefix_len
 
 # N-gram sizes indexed for suffix matches over the tree, longest tried first.
 SUFFIX_NGRAMS = (4, 3, 2)
+# Places kept per n-gram, the latest: older ones may have been evicted, or end a sequence.
+PLACES_PER_NGRAM = 4
 
 
 def visible(node: TreeNode, salt: str | None) -> bool:
@@ -59,23 +61,25 @@ def cached_continuation(
 
 
 class SuffixIndex:
-    """The n-grams of the tree's token paths -> where their latest insertion ends (a node whose
-    path holds it, and the depth just after it); kept as leaves are inserted, and checked on
-    lookup: an entry whose node was evicted is dropped then. Rebuilt from the tree when stale
-    entries outnumber the tree's tokens."""
+    """The n-grams of the tree's token paths -> where their latest few insertions end (a node
+    whose path holds one, and the depth just after it); kept as leaves are inserted, and checked
+    on lookup: a place whose node was evicted is dropped then. Rebuilt from the tree when stale
+    places outnumber the tree's tokens."""
 
     def __init__(self, cache: RadixCache) -> None:
         self.cache = cache
-        self._entries: dict[tuple[int, ...], tuple[TreeNode, int]] = {}
+        self._entries: dict[tuple[int, ...], list[tuple[TreeNode, int]]] = {}
+        self._num_places = 0
         cache.on_new_leaf = self.add
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Places indexed (evicted ones included until a lookup or a rebuild drops them)."""
+        return self._num_places
 
     def add(self, leaf: TreeNode) -> None:
         """Index a new leaf (RadixCache.on_new_leaf)."""
         self._index(leaf)
-        if len(self._entries) > 4 * len(SUFFIX_NGRAMS) * self.cache.total_size() + 4096:
+        if self._num_places > 2 * len(SUFFIX_NGRAMS) * self.cache.total_size() + 4096:
             self.rebuild()
 
     def _index(self, leaf: TreeNode) -> None:
@@ -94,11 +98,17 @@ class SuffixIndex:
             depth = first + i - len(before) + 1  # just after tokens[i]
             for n in SUFFIX_NGRAMS:
                 if i + 1 >= n:
-                    self._entries[tuple(tokens[i + 1 - n : i + 1])] = (leaf, depth)
+                    places = self._entries.setdefault(tuple(tokens[i + 1 - n : i + 1]), [])
+                    places.append((leaf, depth))
+                    self._num_places += 1
+                    if len(places) > PLACES_PER_NGRAM:
+                        del places[0]
+                        self._num_places -= 1
 
     def rebuild(self) -> None:
         """Forget every entry and index the tree's paths again (drops evicted nodes' entries)."""
         self._entries.clear()
+        self._num_places = 0
         stack = list(self.cache.root.children.values())
         while stack:
             node = stack.pop()
@@ -110,15 +120,14 @@ class SuffixIndex:
         for n in SUFFIX_NGRAMS:
             if len(ids) < n:
                 continue
-            key = tuple(ids[-n:])
-            entry = self._entries.get(key)
-            if entry is None:
+            places = self._entries.get(tuple(ids[-n:]))
+            if not places:
                 continue
-            node, depth = entry
-            if node.parent is None:  # evicted (or flushed) since
-                del self._entries[key]
-                continue
-            out = continuation(node, depth, k, salt)
-            if out:
-                return out
+            for node, depth in reversed(places):
+                out = continuation(node, depth, k, salt) if node.parent is not None else []
+                if out:
+                    return out
+            live = [(node, depth) for node, depth in places if node.parent is not None]
+            self._num_places -= len(places) - len(live)
+            places[:] = live  # evicted (or flushed) since
         return []
