@@ -6,6 +6,7 @@ after every step."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from radixlm.core.params import SamplingParams
 from radixlm.core.plan import SampledReq, StepPlan
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
+from radixlm.grammar import GrammarSpec
+from radixlm.grammar.state import GrammarState
 from radixlm.speculative.speculator import MAX_VERIFY_ROWS
 
 Make = Callable[..., EngineCore]
@@ -354,3 +357,46 @@ def test_no_drafts_for_a_large_batch(make: Make) -> None:
 def test_bad_arguments(args: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EngineArgs(**args)
+
+
+def test_grammar_requests_draft_within_their_grammar(make: Make) -> None:
+    """Free text under a regex, a JSON schema closed by its budget and a jump-forward grammar:
+    the tokens of a run without drafts, and drafts (from the first run's tree) accepted."""
+    base, spec = make(None), make("both")
+    prompt = [1, 520, 9531, 198]  # <|im_start|>assistant\n
+    schema = {
+        "type": "object",
+        "properties": {"words": {"type": "array", "items": {"type": "string"}}},
+        "required": ["words"],
+    }
+    reqs = [
+        request("regex", prompt, regex="[a-z ]{20,60}", max_new_tokens=40),
+        request("closed", prompt, json_schema=json.dumps(schema), max_new_tokens=30),
+        request("letters", prompt, regex="((a|b|c|d)( is one of the letters, )){4}"),
+    ]
+    want = run(base, reqs, full=True)
+    for _ in range(2):
+        got = run(spec, reqs, full=True)
+        for rid, outs in want.items():
+            assert [t for o in got[rid] for t in o.new_ids] == [t for o in outs for t in o.new_ids]
+            assert got[rid][-1].finish_reason == outs[-1].finish_reason
+    assert accepted(spec) > 10
+    assert_pool_clean(spec)
+
+
+def test_a_forbidden_draft_token_ends_the_draft(make: Make) -> None:
+    c = make(None)
+    backend = c.grammar.backend
+    encode = c.tokenizer.encode
+
+    def state(regex: str) -> GrammarState:
+        compiled = backend.compile(GrammarSpec("regex", regex))
+        return GrammarState(backend.matcher(compiled), backend, jump_forward=True)
+
+    digits = [encode(d, add_special_tokens=False)[0] for d in "1234"]
+    g = state("[0-9]{6}")
+    assert g.accept_draft([digits[0], encode("x", add_special_tokens=False)[0], digits[1]]) == 1
+    g.reject_draft(1)
+    assert g.accept_draft(digits) == 4 and not g.is_terminated
+    g = state("[0-9]{2}")
+    assert g.accept_draft(digits) == 2 and g.is_terminated  # nothing after a complete output
