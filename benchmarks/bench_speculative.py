@@ -8,6 +8,9 @@ python benchmarks/bench_speculative.py --algorithm ngram     # one draft source 
 (b) the same program run twice: the second run, measured, drafts from the radix tree
 (c) free-form text with little repetition
 (d) free-form text at batch 32 (drafting switches itself off)
+
+and, first, the cost of a decode step by the rows it verifies (batch x (1 + draft)), relative
+to one row: what MAX_VERIFY_ROWS in radixlm/speculative/speculator.py is chosen from.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from radixlm.core.messages import GenerateRequest, SpecCounters
 from radixlm.core.params import SamplingParams
+from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 
@@ -126,6 +130,35 @@ def spec_delta(before: dict[str, SpecCounters], after: dict[str, SpecCounters]) 
     return "; ".join(parts) or "no drafts"
 
 
+def row_costs(core: EngineCore, shapes: list[tuple[int, int]], reps: int) -> None:
+    """Forward time of decode steps of `batch` rows of `tokens` each (a 200-token context),
+    each relative to one row of one token; shapes alternate, the minimum of reps is kept."""
+    ctx = 200
+
+    def seqs(batch: int, tokens: int) -> list[ScheduledSeq]:
+        return [
+            ScheduledSeq(
+                list(range(100, 100 + tokens)),
+                ctx,
+                torch.arange(i * 512, i * 512 + ctx + tokens),
+                ctx,
+            )
+            for i in range(batch)
+        ]
+
+    times: dict[tuple[int, int], list[float]] = {s: [] for s in [(1, 1), *shapes]}
+    with torch.inference_mode():
+        for _ in range(reps):
+            for shape in times:
+                batch = seqs(*shape)
+                t0 = time.perf_counter()
+                core.runner.forward(batch)
+                times[shape].append(time.perf_counter() - t0)
+    one = min(times[(1, 1)])
+    print(f"decode step, 1 row: {one * 1000:.1f} ms; relative cost by batch x tokens:")
+    print("  " + ", ".join(f"{b}x{t} {min(times[(b, t)]) / one:.2f}" for b, t in shapes))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -138,6 +171,7 @@ def main() -> None:
     p.add_argument("--large-batch", type=int, default=32, help="batch size of case (d)")
     p.add_argument("--rounds", type=int, default=3, help="alternations of the two engines")
     p.add_argument("--max-total-tokens", type=int, default=12288)
+    p.add_argument("--row-reps", type=int, default=8, help="repeats of the row-cost timing")
     args = p.parse_args()
 
     common = {
@@ -157,6 +191,8 @@ def main() -> None:
     cases: list[tuple[str, int]] = [(c, b) for c in "abc" for b in batches]
     cases.append(("d", args.large_batch))
     print(f"model {on.model_path}, algorithm {args.algorithm}, {args.rounds} rounds")
+    shapes = [(1, 2), (1, 4), (1, 5), (1, 8), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (16, 1)]
+    row_costs(off, shapes, args.row_reps)
     for case, batch in cases:
         ratios: list[float] = []
         rates: list[tuple[float, float]] = []
