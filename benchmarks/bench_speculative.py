@@ -169,9 +169,12 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batches", default="1,4", help="batch sizes of cases (a)-(c)")
     p.add_argument("--large-batch", type=int, default=32, help="batch size of case (d)")
+    p.add_argument("--cases", default="abcd", help="which of the cases (a)-(d) to run")
     p.add_argument("--rounds", type=int, default=3, help="alternations of the two engines")
     p.add_argument("--max-total-tokens", type=int, default=12288)
-    p.add_argument("--row-reps", type=int, default=8, help="repeats of the row-cost timing")
+    p.add_argument(
+        "--row-reps", type=int, default=8, help="repeats of the row-cost timing (0: none)"
+    )
     args = p.parse_args()
 
     common = {
@@ -188,11 +191,13 @@ def main() -> None:
         )
     )
     batches = [int(b) for b in args.batches.split(",")]
-    cases: list[tuple[str, int]] = [(c, b) for c in "abc" for b in batches]
-    cases.append(("d", args.large_batch))
+    cases: list[tuple[str, int]] = [(c, b) for c in "abc" if c in args.cases for b in batches]
+    if "d" in args.cases:
+        cases.append(("d", args.large_batch))
     print(f"model {on.model_path}, algorithm {args.algorithm}, {args.rounds} rounds")
     shapes = [(1, 2), (1, 4), (1, 5), (1, 8), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (16, 1)]
-    row_costs(off, shapes, args.row_reps)
+    if args.row_reps:
+        row_costs(off, shapes, args.row_reps)
     for case, batch in cases:
         ratios: list[float] = []
         rates: list[tuple[float, float]] = []
