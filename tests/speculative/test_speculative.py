@@ -5,6 +5,7 @@ after every step."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from radixlm.cli import add_engine_args, engine_args_from
 from radixlm.core.messages import GenerateRequest, SpecCounters, TokenOutput
 from radixlm.core.params import SamplingParams
 from radixlm.core.plan import SampledReq, StepPlan
@@ -23,6 +25,7 @@ from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.grammar import GrammarSpec
 from radixlm.grammar.state import GrammarState
+from radixlm.speculative.config import SpecConfig
 from radixlm.speculative.speculator import MAX_VERIFY_ROWS
 
 Make = Callable[..., EngineCore]
@@ -400,3 +403,17 @@ def test_a_forbidden_draft_token_ends_the_draft(make: Make) -> None:
     assert g.accept_draft(digits) == 4 and not g.is_terminated
     g = state("[0-9]{2}")
     assert g.accept_draft(digits) == 2 and g.is_terminated  # nothing after a complete output
+
+
+def test_command_line_flags() -> None:
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = engine_args_from(
+        parser.parse_args(
+            ["--speculative-algorithm", "radix", "--speculative-num-draft-tokens", "6"]
+        )
+    )
+    assert args.spec_config == SpecConfig("radix", 6)
+    assert engine_args_from(parser.parse_args([])).spec_config is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--speculative-algorithm", "eagle"])
