@@ -19,7 +19,7 @@ evicted for a guess); the scheduler frees the rejected ones at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from radixlm.cache import RadixCache
 from radixlm.cache.radix import common_prefix_len
@@ -40,20 +40,17 @@ MAX_VERIFY_ROWS = 16
 MAX_COOLDOWN = 16
 
 
-@dataclass
 class Speculator:
-    """Proposes drafts for decodes and takes in their verification."""
+    """Proposes drafts for decodes and takes in their verification; counts by draft source."""
 
-    config: SpecConfig
-    cache: RadixCache
-    counters: dict[str, SpecCounters] = field(default_factory=dict)
-    suffix: SuffixIndex | None = None
-
-    def __post_init__(self) -> None:
-        if self.config.algorithm in ("radix", "both"):
-            self.suffix = SuffixIndex(self.cache)
+    def __init__(self, config: SpecConfig, cache: RadixCache) -> None:
+        self.config = config
+        self.counters: dict[str, SpecCounters] = {}
+        self.suffix: SuffixIndex | None = None  # radix drafts from suffix matches
+        if config.algorithm in ("radix", "both"):
+            self.suffix = SuffixIndex(cache)
             self.counters["radix"] = SpecCounters()
-        if self.config.algorithm in ("ngram", "both"):
+        if config.algorithm in ("ngram", "both"):
             self.counters["ngram"] = SpecCounters()
 
     def propose(self, decodes: list[Req], free_slots: int, context_len: int) -> None:
