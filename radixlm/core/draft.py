@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 class DraftState:
     """What the speculator keeps per request (radixlm/speculative/speculator.py)."""
 
-    length: int  # tokens the next draft may have, adapted from recent acceptance
+    length: int  # tokens the next draft may have: +1 after a draft accepted whole, else 1 past
+    # the accepted part
     # Prompt lookup: for each n-gram size, the n-gram -> the position just after its latest
     # occurrence among the first `indexed` positions of the sequence (so never its own suffix).
     ngrams: dict[tuple[int, ...], int] = field(default_factory=dict)

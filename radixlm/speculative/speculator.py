@@ -35,8 +35,9 @@ from radixlm.speculative.tree import SuffixIndex, cached_continuation
 # to BLAS and a step costs far more. Each decode gets an equal share of the spare rows, so a
 # batch of more than half this many decodes gets no drafts at all.
 MAX_VERIFY_ROWS = 16
-# Drafts in a row with nothing accepted double the steps a request then decodes without
-# drafting, up to this many.
+# A draft with nothing accepted makes its request decode 2 steps without drafting; each more in
+# a row doubles that, up to this many. (A draft costs rows of the step, which at batch > 1 on a
+# CPU is time for every request in it.)
 MAX_COOLDOWN = 16
 
 
@@ -64,7 +65,7 @@ class Speculator:
                 continue
             state = req.draft
             if state is None:
-                state = req.draft = DraftState(length=self.config.num_draft_tokens)
+                state = req.draft = DraftState(length=1)  # grows while drafts are accepted
             if state.cooldown:
                 state.cooldown -= 1
                 continue
@@ -123,7 +124,7 @@ class Speculator:
         limit = self.config.num_draft_tokens
         state.length = min(limit, state.length + 1) if accepted == k else max(1, accepted + 1)
         state.misses = 0 if accepted else state.misses + 1
-        state.cooldown = min(2**state.misses - 1, MAX_COOLDOWN) if state.misses else 0
+        state.cooldown = min(2**state.misses, MAX_COOLDOWN) if state.misses else 0
         return accepted
 
     def stats(self) -> dict[str, SpecCounters]:

@@ -383,7 +383,7 @@ def test_grammar_requests_draft_within_their_grammar(make: Make) -> None:
         for rid, outs in want.items():
             assert [t for o in got[rid] for t in o.new_ids] == [t for o in outs for t in o.new_ids]
             assert got[rid][-1].finish_reason == outs[-1].finish_reason
-    assert accepted(spec) > 10
+    assert accepted(spec) >= 5
     assert_pool_clean(spec)
 
 
