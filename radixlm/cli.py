@@ -92,6 +92,17 @@ _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
         {"action": "store_true", "help": "decode forced grammar tokens one by one (ablation)"},
     ),
     (
+        "--speculative-algorithm",
+        {
+            "choices": ["ngram", "radix", "both"],
+            "help": "speculative decoding from the sequence itself (ngram), the radix tree, or both",
+        },
+    ),
+    (
+        "--speculative-num-draft-tokens",
+        {"type": int, "default": 4, "help": "the longest speculative draft, in tokens"},
+    ),
+    (
         "--chat-template",
         {"metavar": "FILE", "help": "a Jinja file that replaces the model's chat template"},
     ),

@@ -128,6 +128,21 @@ CASES = [
         [],
         id="tp",
     ),
+    pytest.param(
+        "bench_speculative.py",
+        "--rounds 1 --max-new-tokens 6 --batches 1 --large-batch 2 --row-reps 1"
+        " --max-total-tokens 2048",
+        [
+            rf"decode step, 1 row: {RATIO} ms",
+            rf"4x4 {RATIO}",
+            rf"\(a\) batch  1: .* on / off = {RATIO}x",
+            rf"\(b\) batch  1: .* on / off = {RATIO}x .* radix: [0-9]+/[0-9]+ accepted, "
+            rf"accept length {RATIO}",
+            rf"\(d\) batch  2: .* on / off = {RATIO}x",
+        ],
+        [],
+        id="speculative",
+    ),
 ]
 
 

@@ -84,6 +84,8 @@ class RadixCache:
         self.disable = disable
         self.on_change: ChangeListener | None = None
         self.evicted_tokens = 0  # tokens freed by evict() since the start
+        # Told of each new leaf, the node that holds newly cached tokens (a draft index).
+        self.on_new_leaf: Callable[[TreeNode], None] | None = None
         self._ids = itertools.count()
         self._clock = itertools.count(1)
         self._empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
@@ -134,7 +136,7 @@ class RadixCache:
                 key: ChildKey = ids[pos]
                 end: int | None = None
             else:
-                key, end = _lookup(ids, pos, salt, public_len)
+                key, end = child_key(ids, pos, salt, public_len)
             child = node.children.get(key)
             if child is None:
                 break
@@ -160,7 +162,7 @@ class RadixCache:
         node, pos = self.root, 0
         out: list[int] = []
         while pos < len(ids):
-            key, end = _lookup(ids, pos, salt, public_len)
+            key, end = child_key(ids, pos, salt, public_len)
             child = node.children.get(key)
             if child is None:
                 return []
@@ -341,7 +343,7 @@ class RadixCache:
                 key: ChildKey = ids[pos]
                 end = len(ids)
             else:
-                key, end = _lookup(ids, pos, salt, public_len)
+                key, end = child_key(ids, pos, salt, public_len)
             child = node.children.get(key)
             if child is None:
                 if held is None:
@@ -363,6 +365,8 @@ class RadixCache:
         if held is None:
             return pos, node
         self._push(node)  # the new leaf
+        if self.on_new_leaf is not None:
+            self.on_new_leaf(node)
         return held, node
 
     def _split(self, node: TreeNode, m: int) -> TreeNode:
@@ -429,7 +433,7 @@ class RadixCache:
             stack.extend(node.children.values())
 
 
-def _lookup(ids: list[int], pos: int, salt: str | None, public_len: int) -> tuple[ChildKey, int]:
+def child_key(ids: list[int], pos: int, salt: str | None, public_len: int) -> tuple[ChildKey, int]:
     """The children key for ids[pos] and where the namespace it is in ends: the shared
     namespace up to public_len for a salted request (everywhere for an unsalted one), then the
     salt's."""

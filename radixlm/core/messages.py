@@ -159,6 +159,21 @@ class CoreInfo:
     gemm: str = "F.linear"  # the linear layers' GEMM by row count, and how it was chosen
 
 
+@dataclass(slots=True)
+class SpecCounters:
+    """Speculative decoding's totals for one draft source."""
+
+    drafted: int = 0  # draft tokens fed
+    accepted: int = 0  # draft tokens the model wrote too
+    verified: int = 0  # drafts verified (steps of a request that fed one)
+
+    @property
+    def accept_length(self) -> float:
+        """Tokens a step that verified a draft gave on average (its accepted drafts and the
+        model's own token); 0.0 before any."""
+        return (self.accepted + self.verified) / self.verified if self.verified else 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class CoreStats:
     """The core's live counters, for /metrics, /server_info and tests."""
@@ -171,6 +186,8 @@ class CoreStats:
     cached_tree_tokens: int
     num_forward_passes: int
     num_retractions: int
+    # Speculative decoding by draft source (ngram, radix); empty when it is off.
+    spec: dict[str, SpecCounters] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -74,8 +74,9 @@ class SampledReq:
     """What sampling gave one ScheduledReq."""
 
     tokens: list[int] = field(default_factory=list)  # one per sampled row, in row order
-    logprob: LogprobEntry | None = None  # of the last token, when asked for
-    top_logprobs: list[LogprobEntry] = field(default_factory=list)
+    # When asked for: the logprob of each sampled row's token, and its top logprobs
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+    top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
     prompt_logprobs: list[LogprobEntry] = field(default_factory=list)
     prompt_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
     error: str | None = None  # sampling failed for this request alone: it ends with this message

@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 
 from radixlm.cache import TreeNode
+from radixlm.core.draft import DraftState
 from radixlm.core.finish import FinishReason
 from radixlm.core.images import ImageSpan
 from radixlm.core.messages import GenerateRequest, LogprobEntry
@@ -44,6 +45,15 @@ class OutputGrammar(Protocol):
     def closed(self) -> bool:
         """Whether the output was ended by budget-aware closing (complete, but the budget is what
         ended it)."""
+        ...
+
+    def accept_draft(self, tokens: Sequence[int]) -> int:
+        """Accept the longest prefix of a speculative draft that the grammar allows (ending at a
+        token that completes it); returns its length."""
+        ...
+
+    def reject_draft(self, num_tokens: int) -> None:
+        """Step back over the last num_tokens of an accepted speculative draft."""
         ...
 
     def settle(self, req: Req, sampled: Sequence[int], context_len: int) -> tuple[int, list[int]]:
@@ -90,6 +100,10 @@ class Req:
     images: tuple[ImageSpan, ...] = ()  # image positions in input_ids (pad ids, see core.images)
     salt: str | None = None  # cache namespace (RadixCache.match_prefix)
     public_len: int = 0  # leading tokens matched in the shared namespace despite the salt
+    # Speculative decoding: the last spec_draft output tokens are a draft proposed for this
+    # step (never two kinds of draft at once: only a request without a grammar draft gets one).
+    spec_draft: int = 0
+    draft: DraftState | None = None  # created by the speculator on first use
 
     @classmethod
     def from_message(cls, msg: GenerateRequest, model_eos: Sequence[int]) -> Req:
@@ -134,8 +148,9 @@ class Req:
 
     @property
     def num_draft(self) -> int:
-        """How many of the last output tokens are unverified drafts (see OutputGrammar)."""
-        return 0 if self.grammar is None else self.grammar.num_draft
+        """How many of the last output tokens are unverified drafts: a grammar's (see
+        OutputGrammar) or a speculative one."""
+        return self.spec_draft + (0 if self.grammar is None else self.grammar.num_draft)
 
     @property
     def committed_len(self) -> int:

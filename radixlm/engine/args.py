@@ -6,6 +6,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from radixlm.speculative.config import SpecConfig
+
 
 @dataclass(frozen=True)
 class EngineArgs:
@@ -32,6 +34,10 @@ class EngineArgs:
     disable_jump_forward: bool = False  # structured output: one decode per forced token (ablation)
     chat_template: str | None = None  # a Jinja file that replaces the model's chat template
     tp_size: int = 1  # tensor-parallel ranks: processes the heads and MLP columns are cut over
+    # Speculative decoding without a draft model: ngram (prompt lookup), radix (the radix
+    # tree's continuations) or both; None = off.
+    speculative_algorithm: str | None = None
+    speculative_num_draft_tokens: int = 4  # the longest draft
 
     def __post_init__(self) -> None:
         for name in ("max_total_tokens", "chunked_prefill_size", "max_running_requests", "tp_size"):
@@ -50,6 +56,14 @@ class EngineArgs:
             )
         if self.chat_template is not None and not os.path.isfile(self.chat_template):
             raise ValueError(f"chat_template {self.chat_template!r} is not a file")
+        self.spec_config  # noqa: B018 (validates the speculative arguments)
+
+    @property
+    def spec_config(self) -> SpecConfig | None:
+        """The speculative-decoding configuration; None when it is off."""
+        if self.speculative_algorithm is None:
+            return None
+        return SpecConfig(self.speculative_algorithm, self.speculative_num_draft_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         """The arguments as a plain dict (server_info)."""

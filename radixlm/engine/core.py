@@ -43,6 +43,7 @@ from radixlm.runner.runner import ModelRunner, default_num_slots, resolve_device
 from radixlm.sampling import Sampler
 from radixlm.sampling.step import sample_step
 from radixlm.scheduler.scheduler import Scheduler, SchedulerConfig
+from radixlm.speculative.speculator import Speculator
 from radixlm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,11 @@ class EngineCore:
             max_wait_s=args.max_wait_s,
             request_timeout_s=args.request_timeout,
         )
-        self.scheduler = Scheduler(self.cache, self.allocator, self.tokenizer, sched_config)
+        spec = args.spec_config
+        self.speculator = None if spec is None else Speculator(spec, self.cache)
+        self.scheduler = Scheduler(
+            self.cache, self.allocator, self.tokenizer, sched_config, self.speculator
+        )
         self.sampler = Sampler(device, seed=args.random_seed)
         self.grammar = GrammarManager(
             self.tokenizer, config.vocab_size, jump_forward=not args.disable_jump_forward
@@ -240,6 +245,7 @@ class EngineCore:
             cached_tree_tokens=self.cache.total_size(),
             num_forward_passes=s.num_forward_passes,
             num_retractions=s.num_retractions,
+            spec={} if self.speculator is None else self.speculator.stats(),
         )
 
     def info(self) -> CoreInfo:

@@ -18,7 +18,7 @@ import torch
 
 from radixlm.core.plan import StepPlan
 from radixlm.core.request import Req
-from radixlm.grammar.base import GrammarBackend, GrammarMatcher, GrammarSpec
+from radixlm.grammar.base import GrammarBackend, GrammarSpec
 from radixlm.grammar.closing import Closer
 from radixlm.grammar.state import GrammarState
 from radixlm.tokenizer import Tokenizer
@@ -173,37 +173,55 @@ class GrammarManager:
 
     def fill_masks(self, plan: StepPlan) -> torch.Tensor | None:
         """Allowed tokens of the plan's sampled rows, in row order: bool [rows, V]; None if no
-        sampled request has a grammar. A drafted request's first row is where its draft was fed
-        (the grammar before the draft), its second after its whole output."""
-        sampled = [r.req for r in plan.reqs if r.num_samples]
-        states = [None if r.grammar is None else _grammar(r) for r in sampled]
+        sampled request has a grammar. A drafted request's first rows are where its draft tokens
+        were fed (the grammar before each), its last after its whole output; a request without a
+        grammar allows every token in each of its rows."""
+        sampled = [r for r in plan.reqs if r.num_samples]
+        states = [None if r.req.grammar is None else _grammar(r.req) for r in sampled]
         if all(s is None for s in states):
             return None
         after = self.backend.fill_masks([None if s is None else s.matcher for s in states])
-        drafted = [(i, s) for i, s in enumerate(states) if s is not None and s.num_draft]
-        if not drafted:
+        if all(r.num_samples == 1 for r in sampled):
             return after
-        before = self._masks_before_drafts([(sampled[i], s) for i, s in drafted])
-        first_of = {i: k for k, (i, _) in enumerate(drafted)}
-        order: list[int] = []
-        for i in range(len(states)):
-            if i in first_of:
-                order.append(len(states) + first_of[i])
-            order.append(i)
-        return torch.cat([after, before]).index_select(0, torch.tensor(order))
+        drafted = [
+            (r.req, s) for r, s in zip(sampled, states, strict=True) if s and r.num_samples > 1
+        ]
+        before = iter(self._masks_before_drafts(drafted))
+        parts: list[torch.Tensor] = []
+        for i, (r, s) in enumerate(zip(sampled, states, strict=True)):
+            row = after[i : i + 1]
+            if r.num_samples > 1:
+                parts.append(next(before) if s is not None else row.expand(r.num_samples - 1, -1))
+            parts.append(row)
+        return torch.cat(parts)
 
-    def _masks_before_drafts(self, drafted: Sequence[tuple[Req, GrammarState]]) -> torch.Tensor:
-        """Each matcher steps back over its request's draft for one batched fill, then accepts
-        it again (microseconds each)."""
-        matchers: list[GrammarMatcher] = []
+    def _masks_before_drafts(
+        self, drafted: Sequence[tuple[Req, GrammarState]]
+    ) -> list[torch.Tensor]:
+        """Each request's masks at its draft positions, [num_draft, V]: each matcher steps back
+        over its request's draft, then accepts it again one token at a time, between batched
+        fills (microseconds each)."""
+        rows: list[list[torch.Tensor]] = [[] for _ in drafted]
+        redone = [0] * len(drafted)  # draft tokens each matcher has accepted again
+        rolled = 0
         try:
-            for _, state in drafted:
-                state.matcher.rollback(1)
-                matchers.append(state.matcher)
-            return self.backend.fill_masks(matchers)
-        finally:  # each matcher is after its whole output again, even if the fill failed
-            for (req, state), _ in zip(drafted, matchers, strict=False):
-                state.matcher.accept(req.output_ids[-1:])
+            for req, state in drafted:
+                state.matcher.rollback(req.num_draft)
+                rolled += 1
+            for j in range(max(req.num_draft for req, _ in drafted)):
+                active = [i for i, (req, _) in enumerate(drafted) if req.num_draft > j]
+                masks = self.backend.fill_masks([drafted[i][1].matcher for i in active])
+                for k, i in enumerate(active):
+                    req, state = drafted[i]
+                    rows[i].append(masks[k : k + 1])
+                    state.matcher.accept([req.output_ids[len(req.output_ids) - req.num_draft + j]])
+                    redone[i] += 1
+        finally:  # each matcher is after its whole output again, even if a fill failed
+            for i, (req, state) in enumerate(drafted[:rolled]):
+                rest = req.num_draft - redone[i]
+                if rest:
+                    state.matcher.accept(req.output_ids[len(req.output_ids) - rest :])
+        return [torch.cat(r) for r in rows]
 
 
 def _closes(req: Req, spec: GrammarSpec | None = None) -> bool:

@@ -114,6 +114,26 @@ class GrammarState:
         ending = self._close(req, base, req.output_ids[base:keep] + tail, context_len)
         return (keep, tail) if ending is None else (base, ending)
 
+    def accept_draft(self, tokens: Sequence[int]) -> int:
+        """Accept the longest prefix of a speculative draft the grammar allows, ending at a
+        token that completes it: a forbidden token ends the draft. With closing, a draft is at
+        most half the steps the closing check is skipping, so it never outruns the check."""
+        if self.num_draft:
+            return 0
+        limit = len(tokens) if self.closer is None else min(len(tokens), self._skip // 2)
+        n = self.matcher.num_valid(tokens[:limit])
+        accepted = 0
+        while accepted < n and not self.matcher.is_terminated:
+            self.matcher.accept(tokens[accepted : accepted + 1])
+            accepted += 1
+        if self.closer is not None:
+            self._skip -= accepted
+        return accepted
+
+    def reject_draft(self, num_tokens: int) -> None:
+        """Step back over the last num_tokens of a speculative draft."""
+        self.matcher.rollback(num_tokens)
+
     def _close(self, req: Req, keep: int, tail: list[int], context_len: int) -> list[int] | None:
         """The end of the output from position keep if after tail (accepted: the step's token,
         its jump, a draft it verified) no completion would fit in the budget: tail and its

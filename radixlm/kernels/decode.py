@@ -16,7 +16,7 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
 # Rows up to which the pass (and `CpuKernelBackend.linear`) stream each weight once instead of
 # calling BLAS: kStreamRows in decode_layers.cpp.
-STREAM_ROWS = 4
+STREAM_ROWS = 16
 
 
 class _DecodeArgs(ctypes.Structure):

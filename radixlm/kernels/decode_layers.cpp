@@ -161,8 +161,12 @@ inline Range share(int64_t n, int t, int parts, int64_t align = 1) {
 #if defined(RADIXLM_TILES)
 // Rows of x at most, for which a GEMM is a stream over its weight: each weight row is loaded once
 // and dotted with every row of x (a few KB, in L1), four weight rows at a time. BLAS runs far
-// below memory speed there (the LM head at 1 row: 11 GB/s).
-constexpr int64_t kStreamRows = 4;
+// below memory speed there (the LM head at 1 row: 11 GB/s). Past 4 rows (a decode batch with
+// speculative drafts), rows go in groups of 4 over each block of 4 weight rows, which the first
+// group loads from memory and the others read from L1; every row's dot products are summed in
+// the same order whatever the number of rows, so a token's logits do not depend on its batch.
+constexpr int64_t kStreamRows = 16;
+constexpr int64_t kRowGroup = 4;
 
 // y[:, cols] = x @ w[cols]^T for M rows of x; k is a multiple of the vector width.
 template <int64_t M>
@@ -204,9 +208,20 @@ void linear_cols(Sgemm sgemm, const float* x, int64_t m, int64_t k, const float*
     if (cols.hi <= cols.lo || m <= 0) return;
 #if defined(RADIXLM_TILES)
     if (m <= kStreamRows && k % Simd::kWidth == 0) {
-        auto stream = m == 4 ? stream_cols<4> : m == 3 ? stream_cols<3> : m == 2 ? stream_cols<2>
-                                                                                 : stream_cols<1>;
-        stream(x, k, w, cols, y, ldy);
+        const auto group = [](int64_t rows) {
+            return rows >= 4 ? stream_cols<4> : rows == 3 ? stream_cols<3>
+                                              : rows == 2 ? stream_cols<2>
+                                                          : stream_cols<1>;
+        };
+        if (m <= kRowGroup) {
+            group(m)(x, k, w, cols, y, ldy);
+        } else {
+            for (int64_t c = cols.lo; c < cols.hi; c += 4) {
+                const Range block{c, std::min(c + 4, cols.hi)};
+                for (int64_t r = 0; r < m; r += kRowGroup)
+                    group(m - r)(x + r * k, k, w, block, y + r * ldy, ldy);
+            }
+        }
     } else
 #endif
     {

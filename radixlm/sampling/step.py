@@ -40,7 +40,8 @@ def _sample(
     masks: torch.Tensor | None,
     results: list[SampledReq],
 ) -> None:
-    """Sample every row; a row where a draft was fed sees the output (and grammar) before it."""
+    """Sample every row; a row where a draft token was fed sees the output (and grammar) before
+    that token."""
     reqs = [s.req for _, s in sampled for _ in range(s.num_samples)]
     outputs = [
         s.req.output_ids[: len(s.req.output_ids) - (s.num_samples - 1 - k)]
@@ -65,12 +66,12 @@ def _sample(
     for i, s in sampled:
         res, req = results[i], s.req
         res.tokens = ids[row : row + s.num_samples]
-        last = row + s.num_samples - 1
         if req.return_logprob and lps is not None:
-            res.logprob = (lps[last], ids[last])
-            if req.top_logprobs_num and top_ids is not None and top_lps is not None:
-                k = req.top_logprobs_num
-                res.top_logprobs = list(zip(top_lps[last][:k], top_ids[last][:k], strict=True))
+            k = req.top_logprobs_num
+            for j in range(row, row + s.num_samples):
+                res.logprobs.append((lps[j], ids[j]))
+                if k and top_ids is not None and top_lps is not None:
+                    res.top_logprobs.append(list(zip(top_lps[j][:k], top_ids[j][:k], strict=True)))
         row += s.num_samples
 
 

@@ -23,6 +23,7 @@ from radixlm.scheduler.finish import finish_reason
 from radixlm.scheduler.policy import SchedulePolicy
 from radixlm.scheduler.retraction import Retraction
 from radixlm.scheduler.table import RequestTable
+from radixlm.speculative.speculator import Speculator
 from radixlm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Scheduler:
         allocator: SlotAllocator,
         tokenizer: Tokenizer,
         config: SchedulerConfig,
+        speculator: Speculator | None = None,
     ) -> None:
         self.cache, self.allocator, self.tokenizer, self.config = (
             cache,
@@ -60,6 +62,7 @@ class Scheduler:
         policy = SchedulePolicy(config.schedule_policy, cache, config.max_wait_s)
         self.admission = Admission(self.table, policy, config.max_running_requests)
         self.retraction = Retraction(self.table)
+        self.speculator = speculator  # None: no speculative decoding
         self.num_forward_passes = 0
 
     @property
@@ -139,8 +142,10 @@ class Scheduler:
         if decodes and not t.ensure_free(len(decodes)):
             decodes = self.retraction.retract_for(decodes)
             self.admission.on_retract()
-        batch = [t.extend(r, 1) for r in decodes]
-        budget = self.config.chunked_prefill_size - len(decodes)
+        if decodes and self.speculator is not None:
+            self.speculator.propose(decodes, self.allocator.num_free, self.config.context_len)
+        batch = [t.extend(r, 1 + r.spec_draft) for r in decodes]
+        budget = self.config.chunked_prefill_size - sum(len(b.seq.new_ids) for b in batch)
         # Chunked prefills already under way continue before anyone new is admitted.
         for r in t.running:
             pending = r.seq_len - r.kv_len
@@ -177,6 +182,9 @@ class Scheduler:
     def _update(self, s: ScheduledReq, res: SampledReq) -> None:
         req, seq, t = s.req, s.seq, self.table
         if res.error is not None:
+            if req.spec_draft and self.speculator is not None:
+                self.speculator.discard(req)
+                t.drop_kv(req, min(req.kv_len, req.seq_len - 1))
             t.finish(req, FinishReason.abort(res.error))
             return
         start, stop = s.prompt_logprobs
@@ -191,7 +199,10 @@ class Scheduler:
             req.finish_reason = FinishReason.at_length(0)
         elif s.num_samples:
             try:
-                self._append(req, res)
+                if req.spec_draft:
+                    res = self._take_draft(req, res)
+                if not req.finished:
+                    self._append(req, res)
             except Exception as e:  # a bug in this request's grammar ends this request only
                 logger.exception("request %s: cannot take in its token", req.rid)
                 t.finish(req, FinishReason.abort(f"internal error: {type(e).__name__}: {e}"))
@@ -200,9 +211,37 @@ class Scheduler:
         if req.finished:
             t.running.remove(req)
             t.release(req)
-        elif seq.start == req.tree_len and len(seq.new_ids) > 1:
-            t.cache_progress(req)  # a fresh prefill: siblings waiting on it can match now
+        elif seq.start == req.tree_len and len(seq.new_ids) > max(s.num_samples, 1):
+            t.cache_progress(req)  # a fresh prefill (not a draft): siblings can match it now
         t.emit(req)
+
+    def _take_draft(self, req: Req, res: SampledReq) -> SampledReq:
+        """Keep the accepted part of req's speculative draft, token by token as if each were
+        sampled alone (so an end of sequence, a stop string or the length limit among them ends
+        the output there: req.finish_reason is set); returns what is left to append: the step's
+        own token, the sample after the accepted drafts."""
+        assert self.speculator is not None
+        accepted = self.speculator.verify(req, res.tokens)
+        base = len(req.output_ids) - accepted
+        drafts = req.output_ids[base:]
+        del req.output_ids[base:]
+        for j, token in enumerate(drafts):
+            req.output_ids.append(token)
+            if res.logprobs:
+                req.output_logprobs.append(res.logprobs[j])
+                if req.top_logprobs_num:
+                    req.output_top_logprobs.append(res.top_logprobs[j])
+            req.finish_reason = finish_reason(req, self.tokenizer, self.config.context_len)
+            if req.finished:
+                if req.grammar is not None:
+                    req.grammar.reject_draft(accepted - 1 - j)
+                self.table.drop_kv(req, min(req.kv_len, req.seq_len - 1))
+                break
+        return SampledReq(
+            tokens=res.tokens[accepted : accepted + 1],
+            logprobs=res.logprobs[accepted : accepted + 1],
+            top_logprobs=res.top_logprobs[accepted : accepted + 1],
+        )
 
     def _append(self, req: Req, res: SampledReq) -> None:
         """Append the step's token (through the grammar: a draft verified, forced text jumped
@@ -218,15 +257,15 @@ class Scheduler:
         valid = min(len(req.input_ids) + keep + same, req.seq_len - 1)
         if req.kv_len > valid:  # a draft the model did not write
             self.table.drop_kv(req, valid)
-        if res.logprob is not None:  # such requests never jump: tail is the sampled token, or
-            # the ending of a closed grammar, whose tokens the model did not choose (no logprob)
-            logprob, sampled = res.logprob
+        if res.logprobs:  # such requests never jump: tail is the sampled token, or the ending
+            # of a closed grammar, whose tokens the model did not choose (no logprob)
+            logprob, sampled = res.logprobs[-1]
             for i, token in enumerate(tail):
                 req.output_logprobs.append(
                     (logprob if i == 0 and token == sampled else None, token)
                 )
                 if req.top_logprobs_num:
-                    req.output_top_logprobs.append(res.top_logprobs if i == 0 else [])
+                    req.output_top_logprobs.append(res.top_logprobs[-1] if i == 0 else [])
 
     # ---- cache control ---------------------------------------------------------------------
 

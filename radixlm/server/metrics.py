@@ -176,6 +176,26 @@ class ServerMetrics:
                 "Share of the KV pool held by running requests.",
                 engine_stats["token_usage"],
             )
+            spec: dict[str, dict[str, int]] = engine_stats.get("spec", {})
+            if spec:
+                sample(
+                    "sglang:spec_accept_length",
+                    "gauge",
+                    "Tokens per step that verified a speculative draft (accepted drafts + 1).",
+                    accept_length(spec),
+                )
+            for key, doc in (
+                ("drafted", "Speculative draft tokens fed, by draft source."),
+                ("accepted", "Speculative draft tokens accepted, by draft source."),
+                ("verified", "Speculative drafts verified, by draft source."),
+            ):
+                full = f"sglang:spec_{key}_tokens" if key != "verified" else "sglang:spec_drafts"
+                if spec:
+                    out += [f"# HELP {full} {doc}", f"# TYPE {full} counter"]
+                out += [
+                    f'{full}_total{{{labels},algorithm="{name}"}} {c[key]}'
+                    for name, c in spec.items()
+                ]
         sample(
             "sglang:cache_hit_rate",
             "gauge",
@@ -218,6 +238,13 @@ class ServerMetrics:
                 [f"# HELP {full} {doc}", f"# TYPE {full} histogram", *hist.lines(full, labels)]
             )
         return "\n".join(out) + "\n"
+
+
+def accept_length(spec: dict[str, dict[str, int]]) -> float:
+    """Tokens per step that verified a draft, over the draft sources of CoreStats.spec (as a
+    dict): the accepted drafts and the model's own token; 0.0 before any draft."""
+    verified = sum(c["verified"] for c in spec.values())
+    return (sum(c["accepted"] for c in spec.values()) + verified) / verified if verified else 0.0
 
 
 def _escape(value: str) -> str:

@@ -29,6 +29,7 @@ from radixlm.server.http import (
     submit,
     wait_finished,
 )
+from radixlm.server.metrics import accept_length
 from radixlm.server.native_protocol import (
     AbortReqInput,
     AbortResult,
@@ -150,8 +151,9 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
         if manager.ready:
             with contextlib.suppress(EngineUnavailable):  # it died just now
                 stats = await manager.stats()
-        # bench_serving reads internal_states[0]; radixlm has no speculative decoding.
-        info["internal_states"] = [{**stats, "avg_spec_accept_length": None}]
+        # bench_serving reads internal_states[0].
+        accept = accept_length(stats.get("spec", {})) if stats.get("spec") else None
+        info["internal_states"] = [{**stats, "avg_spec_accept_length": accept}]
         return json_response(info)
 
     @router.post(

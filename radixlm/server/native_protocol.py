@@ -256,6 +256,15 @@ class ModelInfo(TypedDict):
 
 
 @closed
+class SpecCountersState(TypedDict):
+    """Speculative decoding's totals for one draft source (radixlm.core.messages.SpecCounters)."""
+
+    drafted: int  # draft tokens fed
+    accepted: int  # draft tokens the model wrote too
+    verified: int  # drafts verified
+
+
+@closed
 class InternalState(TypedDict, total=False):
     """The engine's live counters (radixlm.core.messages.CoreStats), once it has started."""
 
@@ -267,7 +276,10 @@ class InternalState(TypedDict, total=False):
     cached_tree_tokens: int
     num_forward_passes: int
     num_retractions: int
-    avg_spec_accept_length: None  # bench_serving reads it; radixlm has no speculative decoding
+    spec: dict[str, SpecCountersState]  # by draft source (ngram, radix); empty when off
+    # Tokens per step that verified a draft, all sources; null without speculative decoding
+    # (bench_serving reads it)
+    avg_spec_accept_length: float | None
 
 
 class ServerInfo(TypedDict):

@@ -10,6 +10,7 @@ from radixlm.core.forward import KernelRowLayout
 from radixlm.core.plan import ScheduledSeq
 from radixlm.kernels.build import isa_variants, load_kernels, mkl_sgemm
 from radixlm.kernels.cpu import CpuKernelBackend
+from radixlm.kernels.decode import STREAM_ROWS
 from radixlm.kernels.torch_backend import TorchBackend, apply_rope
 from radixlm.models.layers import RotaryEmbedding
 from radixlm.runner.runner import build_batch
@@ -222,11 +223,12 @@ def test_rope_store_equals_the_torch_backend(t, h, kvh, d, kv_dtype, flags) -> N
 @pytest.mark.skipif(mkl_sgemm() is None, reason="torch without MKL")
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 6])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 6, 13, 16, 17])
 def test_linear_equals_torch(rows: int, threads: int, flags: tuple[str, ...]) -> None:
-    """Up to 4 rows stream the weight four output columns at a time (here with a tail of 3
-    columns and threads' shares of uneven size); more rows go to sgemm. Both equal F.linear,
-    and no rows give an empty result. `linear`, the op a model calls, equals it too."""
+    """Up to 16 rows stream the weight four output columns at a time (here with a tail of 3
+    columns and threads' shares of uneven size), in groups of 4 rows; more rows go to sgemm.
+    Both equal F.linear, and no rows give an empty result. `linear`, the op a model calls,
+    equals it too. A streamed row's result is the same bits as that row alone."""
     gen = torch.Generator().manual_seed(rows * 10 + threads)
     x = torch.randn(rows, 96, generator=gen)
     w = torch.randn(203, 96, generator=gen)
@@ -241,3 +243,6 @@ def test_linear_equals_torch(rows: int, threads: int, flags: tuple[str, ...]) ->
     want = torch.nn.functional.linear(x, w)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(op, want, atol=1e-5, rtol=1e-5)
+    if 0 < rows <= STREAM_ROWS:
+        alone = torch.cat([backend.stream_linear(x[i : i + 1], w) for i in range(rows)])
+        assert torch.equal(got, alone)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import replace
+
 import httpx
 import pytest
 from server_harness import metric, parse_metrics
 
+from radixlm.core.messages import CoreStats, SpecCounters
 from radixlm.server.metrics import THROUGHPUT_WINDOW_S, Histogram, ServerMetrics
 
 GAUGES = [
@@ -58,6 +62,20 @@ def test_render_without_engine_stats_still_parses() -> None:
     assert metric(samples, "sglang:cache_hit_rate") == 4 / 13
     assert metric(samples, "sglang:inter_token_latency_seconds_count") == 2
     assert "sglang:num_running_reqs" not in "".join(samples)
+
+
+def test_speculative_counters_by_draft_source() -> None:
+    stats = CoreStats(
+        *(1, 0, 10, 0.1, 100, 5, 7, 0),
+        spec={"ngram": SpecCounters(10, 6, 4), "radix": SpecCounters(8, 8, 2)},
+    )
+    samples = parse_metrics(ServerMetrics("m").render(dataclasses.asdict(stats)))
+    assert samples['sglang:spec_drafted_tokens_total{model_name="m",algorithm="ngram"}'] == 10
+    assert samples['sglang:spec_accepted_tokens_total{model_name="m",algorithm="radix"}'] == 8
+    assert samples['sglang:spec_drafts_total{model_name="m",algorithm="ngram"}'] == 4
+    assert metric(samples, "sglang:spec_accept_length") == (6 + 8 + 6) / 6
+    off = parse_metrics(ServerMetrics("m").render(dataclasses.asdict(replace(stats, spec={}))))
+    assert not any("spec" in name for name in off)
 
 
 def test_the_throughput_window_stays_bounded_without_scrapes() -> None:

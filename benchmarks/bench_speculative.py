@@ -1,0 +1,235 @@
+"""Speculative decoding without a draft model: decode tokens/s with vs without drafts, as ratios
+measured in one run (the two engines alternate), with acceptance lengths.
+
+python benchmarks/bench_speculative.py                       # cases (a)-(d), --algorithm both
+python benchmarks/bench_speculative.py --algorithm ngram     # one draft source only
+
+(a) input-grounded output: quote or edit a given text, code with repeated identifiers
+(b) the same program run twice: the second run, measured, drafts from the radix tree
+(c) free-form text with little repetition
+(d) free-form text at batch 32 (drafting switches itself off)
+
+and, first, the cost of a decode step by the rows it verifies (batch x (1 + draft)), relative
+to one row: what MAX_VERIFY_ROWS in radixlm/speculative/speculator.py is chosen from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import radixlm  # noqa: F401  (first: its OpenMP defaults apply only before torch loads)
+
+# isort: split
+
+import torch
+
+from radixlm.core.messages import GenerateRequest, SpecCounters
+from radixlm.core.params import SamplingParams
+from radixlm.core.plan import ScheduledSeq
+from radixlm.engine.args import EngineArgs
+from radixlm.engine.core import EngineCore
+
+GROUNDED = [
+    "Repeat the following text exactly, word for word:\n\n{text}",
+    "Fix the spelling mistakes in this text and write it out again in full:\n\n{text}",
+    "Rewrite this Python function with the variable `total_count` renamed to `n`, "
+    "and write the whole function:\n\n{code}",
+    "Add a docstring to this function and output the whole function:\n\n{code}",
+]
+TEXT = (
+    "The radix tree keeps every cached prefix of every request. When a new request arrives, "
+    "the scheduler matches its tokens against the tree, locks the longest cached prefix, and "
+    "computes only the rest. Finished requests are inserted back, so the next turn of the "
+    "same conversation finds its history already computed."
+)
+TEXT_TYPOS = TEXT.replace("request", "reqeust").replace("tree", "tre").replace("the ", "teh ")
+CODE = (
+    "def count_words(lines):\n"
+    "    total_count = 0\n"
+    "    for line in lines:\n"
+    "        words = line.split()\n"
+    "        total_count = total_count + len(words)\n"
+    "    if total_count > 100:\n"
+    "        print('many words:', total_count)\n"
+    "    return total_count\n"
+)
+FREE = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What are three surprising facts about octopuses?",
+    "Describe your ideal weekend in a few sentences.",
+    "Give advice to someone starting to learn the piano as an adult.",
+    "Explain why the sky is blue to a ten-year-old.",
+    "Invent a new holiday and describe how people celebrate it.",
+    "What would you pack for a week-long hiking trip, and why?",
+    "Write a letter from a cat to its owner.",
+]
+
+
+def chat(core: EngineCore, text: str) -> list[int]:
+    """The prompt's token ids in the model's chat template."""
+    rendered = core.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    return core.tokenizer.encode(rendered)
+
+
+def grounded(core: EngineCore, n: int) -> list[list[int]]:
+    """n input-grounded prompts."""
+    texts = [
+        GROUNDED[0].format(text=TEXT),
+        GROUNDED[1].format(text=TEXT_TYPOS),
+        GROUNDED[2].format(code=CODE),
+        GROUNDED[3].format(code=CODE),
+    ]
+    return [chat(core, texts[i % len(texts)]) for i in range(n)]
+
+
+def free(core: EngineCore, n: int, offset: int = 0) -> list[list[int]]:
+    """n free-form prompts (distinct while n <= len(FREE), then suffixed)."""
+    out = []
+    for i in range(n):
+        j = offset + i
+        suffix = "" if j < len(FREE) else f" (variation {j // len(FREE)})"
+        out.append(chat(core, FREE[j % len(FREE)] + suffix))
+    return out
+
+
+def decode(core: EngineCore, prompts: list[list[int]], max_new: int) -> tuple[int, float]:
+    """Run prompts greedily to the end; (tokens generated after each request's first, seconds
+    from the step after the last first token to the end): decode throughput, prefill left out."""
+    for i, ids in enumerate(prompts):
+        params = SamplingParams(temperature=0.0, max_new_tokens=max_new)
+        core.add(GenerateRequest(rid=f"q{i}", input_ids=ids, params=params))
+    started: set[str] = set()
+    tokens, t0 = 0, 0.0
+    with torch.inference_mode():
+        while core.has_work:
+            outs = core.step()
+            for o in outs:
+                if o.rid in started:
+                    tokens += len(o.new_ids)
+                elif o.new_ids:
+                    started.add(o.rid)
+                    tokens += len(o.new_ids) - 1
+            if len(started) == len(prompts) and not t0:
+                t0, tokens = time.perf_counter(), 0
+    core.check_invariant()
+    return tokens, time.perf_counter() - t0
+
+
+def spec_delta(before: dict[str, SpecCounters], after: dict[str, SpecCounters]) -> str:
+    """Drafted / accepted tokens and acceptance length per source between two stats."""
+    parts = []
+    for name, c in after.items():
+        b = before.get(name, SpecCounters())
+        d = SpecCounters(c.drafted - b.drafted, c.accepted - b.accepted, c.verified - b.verified)
+        if d.verified:
+            parts.append(
+                f"{name}: {d.accepted}/{d.drafted} accepted, accept length {d.accept_length:.2f}"
+            )
+    return "; ".join(parts) or "no drafts"
+
+
+def row_costs(core: EngineCore, shapes: list[tuple[int, int]], reps: int) -> None:
+    """Forward time of decode steps of `batch` rows of `tokens` each (a 200-token context),
+    each relative to one row of one token; shapes alternate, the minimum of reps is kept."""
+    ctx = 200
+
+    def seqs(batch: int, tokens: int) -> list[ScheduledSeq]:
+        return [
+            ScheduledSeq(
+                list(range(100, 100 + tokens)),
+                ctx,
+                torch.arange(i * 512, i * 512 + ctx + tokens),
+                ctx,
+            )
+            for i in range(batch)
+        ]
+
+    times: dict[tuple[int, int], list[float]] = {s: [] for s in [(1, 1), *shapes]}
+    with torch.inference_mode():
+        for _ in range(reps):
+            for shape in times:
+                batch = seqs(*shape)
+                t0 = time.perf_counter()
+                core.runner.forward(batch)
+                times[shape].append(time.perf_counter() - t0)
+    one = min(times[(1, 1)])
+    print(f"decode step, 1 row: {one * 1000:.1f} ms; relative cost by batch x tokens:")
+    print("  " + ", ".join(f"{b}x{t} {min(times[(b, t)]) / one:.2f}" for b, t in shapes))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2")
+    p.add_argument("--algorithm", default="both", choices=["ngram", "radix", "both"])
+    p.add_argument("--num-draft-tokens", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--batches", default="1,4", help="batch sizes of cases (a)-(c)")
+    p.add_argument("--large-batch", type=int, default=32, help="batch size of case (d)")
+    p.add_argument("--cases", default="abcd", help="which of the cases (a)-(d) to run")
+    p.add_argument("--rounds", type=int, default=3, help="alternations of the two engines")
+    p.add_argument("--max-total-tokens", type=int, default=12288)
+    p.add_argument(
+        "--row-reps", type=int, default=8, help="repeats of the row-cost timing (0: none)"
+    )
+    args = p.parse_args()
+
+    common = {
+        "model_path": args.model_path,
+        "max_total_tokens": args.max_total_tokens,
+        "random_seed": 0,
+    }
+    off = EngineCore(EngineArgs(**common))
+    on = EngineCore(
+        EngineArgs(
+            **common,
+            speculative_algorithm=args.algorithm,
+            speculative_num_draft_tokens=args.num_draft_tokens,
+        )
+    )
+    batches = [int(b) for b in args.batches.split(",")]
+    cases: list[tuple[str, int]] = [(c, b) for c in "abc" if c in args.cases for b in batches]
+    if "d" in args.cases:
+        cases.append(("d", args.large_batch))
+    print(f"model {on.model_path}, algorithm {args.algorithm}, {args.rounds} rounds")
+    shapes = [(1, 2), (1, 4), (1, 5), (1, 8), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (16, 1)]
+    if args.row_reps:
+        row_costs(off, shapes, args.row_reps)
+    for case, batch in cases:
+        ratios: list[float] = []
+        rates: list[tuple[float, float]] = []
+        accept = ""
+        for r in range(args.rounds):
+            for core in (off, on) if r % 2 == 0 else (on, off):
+                core.scheduler.flush_cache()
+            result: dict[int, float] = {}
+            for core in (off, on) if r % 2 == 0 else (on, off):
+                if case == "a":
+                    prompts = grounded(core, batch)
+                elif case == "b":
+                    prompts = free(core, batch, offset=r)
+                    decode(core, prompts, args.max_new_tokens)  # the first run fills the tree
+                else:
+                    prompts = free(core, batch, offset=r)
+                before = core.stats().spec
+                tokens, seconds = decode(core, prompts, args.max_new_tokens)
+                result[id(core)] = tokens / seconds
+                if core is on:
+                    accept = spec_delta(before, core.stats().spec)
+            rates.append((result[id(off)], result[id(on)]))
+            ratios.append(result[id(on)] / result[id(off)])
+        off_rate = statistics.median(x for x, _ in rates)
+        on_rate = statistics.median(y for _, y in rates)
+        print(
+            f"({case}) batch {batch:2d}: off {off_rate:6.1f} tok/s, on {on_rate:6.1f} tok/s, "
+            f"on / off = {statistics.median(ratios):.2f}x "
+            f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}); last round {accept}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
