@@ -31,6 +31,11 @@ class EngineArgs:
     random_seed: int | None = None
     disable_jump_forward: bool = False  # structured output: one decode per forced token (ablation)
     chat_template: str | None = None  # a Jinja file that replaces the model's chat template
+    kv_cache_dir: str | None = None  # disk tier under the radix tree (survives restarts)
+    kv_disk_size: float = 16.0  # GB of K/V the disk tier keeps (LRU beyond)
+    kv_disk_policy: str = (
+        "selective"  # which evicted nodes are written: selective, write_through, off
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_total_tokens", "chunked_prefill_size", "max_running_requests"):
@@ -46,6 +51,13 @@ class EngineArgs:
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
             raise ValueError(
                 f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}"
+            )
+        if self.kv_disk_size <= 0:
+            raise ValueError(f"kv_disk_size must be positive, got {self.kv_disk_size}")
+        if self.kv_disk_policy not in ("selective", "write_through", "off"):
+            raise ValueError(
+                "kv_disk_policy must be selective, write_through or off, "
+                f"got {self.kv_disk_policy!r}"
             )
         if self.chat_template is not None and not os.path.isfile(self.chat_template):
             raise ValueError(f"chat_template {self.chat_template!r} is not a file")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from radixlm.cache import RadixCache, SlotAllocator
+from radixlm.cache.disk_tier import DiskTier, open_disk_tier
 from radixlm.core.finish import FinishReason
 from radixlm.core.messages import (
     AbortRequest,
@@ -70,6 +71,17 @@ class EngineCore:
         del weights
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator, disable=args.disable_radix_cache)
+        self.disk_tier: DiskTier | None = None
+        if args.kv_cache_dir and not args.disable_radix_cache:
+            self.disk_tier = open_disk_tier(
+                args.kv_cache_dir,
+                args.kv_disk_size,
+                args.kv_disk_policy,
+                self.model_path,
+                dtype,
+                self.cache,
+                self.runner.pool,
+            )
         self.cache_events = CacheEventLog(self.cache)
         context_len = min(
             args.context_length or config.max_position_embeddings, config.max_position_embeddings
@@ -206,7 +218,7 @@ class EngineCore:
 
     def stats(self) -> CoreStats:
         """Numbers for /metrics, /server_info and tests."""
-        s = self.scheduler
+        s, tier = self.scheduler, self.disk_tier
         used = self.allocator.num_slots - self.allocator.num_free - self.cache.evictable_size
         return CoreStats(
             num_running_reqs=len(s.running),
@@ -217,6 +229,10 @@ class EngineCore:
             cached_tree_tokens=self.cache.total_size(),
             num_forward_passes=s.num_forward_passes,
             num_retractions=s.num_retractions,
+            cache_hit_tokens_pool=s.admission.hit_tokens_pool,
+            cache_hit_tokens_disk=s.admission.hit_tokens_disk,
+            disk_cache_tokens=tier.disk_tokens if tier is not None else 0,
+            disk_cache_bytes=tier.store.used_bytes if tier is not None else 0,
         )
 
     def info(self) -> CoreInfo:
@@ -234,24 +250,40 @@ class EngineCore:
             load_seconds=self.load_seconds,
         )
 
+    def close(self) -> None:
+        """Release what outlives the loop: the disk tier writes what it keeps (in bounded
+        time) and frees its directory."""
+        if self.disk_tier is not None:
+            self.disk_tier.close()
+            self.disk_tier = None
+
     def run(
         self,
         receive: Callable[[bool], list[Message]],
         emit: Callable[[list[Any]], None],
     ) -> None:
-        """The loop: take messages (blocking only when idle), step, emit outputs; None stops."""
+        """The loop: take messages (blocking only when idle), step, emit outputs; None stops
+        (after close())."""
         with torch.inference_mode():
-            while True:
-                replies: list[Any] = []
-                for msg in receive(not self.has_work):
-                    if msg is None:
-                        return
-                    reply = self.handle(msg)
-                    if reply is not None:
-                        replies.append(reply)
-                if replies:
-                    emit(replies)
-                if self.has_work:
-                    outputs = self.step()
-                    if outputs:
-                        emit(outputs)
+            try:
+                self._loop(receive, emit)
+            finally:
+                self.close()
+
+    def _loop(
+        self, receive: Callable[[bool], list[Message]], emit: Callable[[list[Any]], None]
+    ) -> None:
+        while True:
+            replies: list[Any] = []
+            for msg in receive(not self.has_work):
+                if msg is None:
+                    return
+                reply = self.handle(msg)
+                if reply is not None:
+                    replies.append(reply)
+            if replies:
+                emit(replies)
+            if self.has_work:
+                outputs = self.step()
+                if outputs:
+                    emit(outputs)

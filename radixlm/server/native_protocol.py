@@ -252,6 +252,10 @@ class InternalState(TypedDict, total=False):
     cached_tree_tokens: int
     num_forward_passes: int
     num_retractions: int
+    cache_hit_tokens_pool: int
+    cache_hit_tokens_disk: int
+    disk_cache_tokens: int
+    disk_cache_bytes: int
     avg_spec_accept_length: None  # bench_serving reads it; radixlm has no speculative decoding
 
 
