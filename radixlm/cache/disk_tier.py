@@ -9,8 +9,11 @@ into disk-only nodes loads them back first (`RadixCache.load_prefix`).
 Admission policies (`--kv-disk-policy`):
 
 - `selective` (default): a node is written if it has been hit at least once, is shared (two or
-  more children), or holds at least `SELECTIVE_MIN_TOKENS` tokens (a recompute is expensive);
-  one-off prefixes are not worth the disk traffic.
+  more children), holds at least `SELECTIVE_MIN_TOKENS` tokens (a recompute is expensive), or
+  was seen before: a `GHOST_CHUNK`-token piece of its path belonged to a node evicted unwritten
+  earlier (the tier remembers the last `MAX_GHOSTS` such pieces by hash, so a prefix that
+  comes back after its node was dropped is written the second time). One-off prefixes are not
+  worth the disk traffic.
 - `write_through`: every evicted node is written.
 - `off`: nothing new is written; blocks already on disk are still served.
 
@@ -27,6 +30,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 POLICIES = ("selective", "write_through", "off")
 SELECTIVE_MIN_TOKENS = 256
+GHOST_CHUNK = 64
+MAX_GHOSTS = 1 << 16
 SHUTDOWN_FLUSH_S = 5.0
 # Bumped whenever the bytes of a block for the same model and settings would change.
 LAYOUT_VERSION = 1
@@ -64,6 +70,8 @@ class DiskTier:
         self.cache: RadixCache | None = None
         self.loaded_tokens = 0  # tokens read back into the pool: hits served from disk
         self._pinned = pool.device.type == "cuda"  # device pool <-> pinned host buffer <-> disk
+        # Hashes of path pieces of nodes evicted unwritten (selective), oldest first.
+        self._ghosts: OrderedDict[int, None] = OrderedDict()
 
     def attach(self, cache: RadixCache) -> None:
         """Become cache's tier and rebuild the tree's disk-only nodes from the blocks on disk."""
@@ -99,9 +107,30 @@ class DiskTier:
         """Write node's K/V to disk if the policy admits it (or its children are on disk)."""
         if node.disk is not None:
             return True
-        if not (self.admits(node) or any(c.disk is not None for c in node.children.values())):
-            return False
-        return self._write(node)
+        if self.admits(node) or any(c.disk is not None for c in node.children.values()):
+            return self._write(node)
+        if self.policy == "selective":
+            pieces = self._pieces(node)
+            if any(h in self._ghosts for h in pieces):
+                return self._write(node)
+            for h in pieces:
+                self._ghosts[h] = None
+            while len(self._ghosts) > MAX_GHOSTS:
+                self._ghosts.popitem(last=False)
+        return False
+
+    def _pieces(self, node: TreeNode) -> list[int]:
+        """Hashes of the GHOST_CHUNK-aligned pieces of node's path that end inside its key (each
+        hash covers the whole path up to its piece)."""
+        assert self.cache is not None
+        path = self.cache.path_key(node)
+        start = node.depth - len(node.key)
+        h, out = 0, []
+        for end in range(GHOST_CHUNK, node.depth + 1, GHOST_CHUNK):
+            h = hash((h, tuple(path[end - GHOST_CHUNK : end])))
+            if end > start:
+                out.append(h)
+        return out
 
     def admits(self, node: TreeNode) -> bool:
         """The admission policy: is this node worth a disk write?"""
