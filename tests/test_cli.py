@@ -80,3 +80,19 @@ def test_log_level_and_accepted_sglang_flags() -> None:
     assert server_args_from(build_parser().parse_args(["serve"])).log_level == "info"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--log-level", "loud"])
+
+
+def test_disk_tier_flags(tmp_path: Path) -> None:
+    args = parse(
+        "--kv-cache-dir", str(tmp_path), "--kv-disk-size", "2.5", "--kv-disk-policy", "off"
+    )
+    assert (args.kv_cache_dir, args.kv_disk_size, args.kv_disk_policy) == (
+        str(tmp_path),
+        2.5,
+        "off",
+    )
+    assert (parse().kv_cache_dir, parse().kv_disk_policy) == (None, "selective")
+    with pytest.raises(ValueError, match="kv_disk_size"):
+        parse("--kv-disk-size", "0")
+    with pytest.raises(ValueError, match="kv_disk_policy"):
+        EngineArgs(kv_disk_policy="always")

@@ -70,13 +70,19 @@ def serve_dp(engine_args: EngineArgs, server_args: ServerArgs, dp: int) -> int:
     threads = max(1, (os.cpu_count() or 1) // dp)
     env = {"OMP_NUM_THREADS": str(threads), **os.environ}
     worker_args = dataclasses.replace(server_args, host="127.0.0.1", port=0)
-    argv = serve_argv(engine_args, worker_args)
     log_dir = tempfile.mkdtemp(prefix="radixlm-dp-")
     logger.info("starting %d engine servers (%s threads each; logs in %s)", dp, threads, log_dir)
 
     def start(i: int) -> ServerProcess:
         log = os.path.join(log_dir, f"worker-{i}.log")
-        return ServerProcess.start(argv, log, env, WORKER_START_TIMEOUT_S)
+        args = engine_args
+        if args.kv_cache_dir:  # one process per disk tier directory, the size bound shared
+            args = dataclasses.replace(
+                args,
+                kv_cache_dir=os.path.join(args.kv_cache_dir, f"worker-{i}"),
+                kv_disk_size=args.kv_disk_size / dp,
+            )
+        return ServerProcess.start(serve_argv(args, worker_args), log, env, WORKER_START_TIMEOUT_S)
 
     workers: list[ServerProcess] = []
 

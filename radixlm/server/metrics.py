@@ -176,6 +176,19 @@ class ServerMetrics:
                 "Share of the KV pool held by running requests.",
                 engine_stats["token_usage"],
             )
+            sample(
+                "radixlm:disk_cache_tokens",
+                "gauge",
+                "Tokens with K/V in the disk tier (--kv-cache-dir).",
+                engine_stats["disk_cache_tokens"],
+            )
+            for tier in ("pool", "disk"):
+                sample(
+                    f"radixlm:cache_hit_tokens_{tier}_total",
+                    "counter",
+                    f"Prompt tokens admitted from the cache found in the {tier} tier.",
+                    engine_stats[f"cache_hit_tokens_{tier}"],
+                )
         sample(
             "sglang:cache_hit_rate",
             "gauge",
