@@ -23,6 +23,7 @@ import struct
 import threading
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -55,6 +56,7 @@ class BlockEntry:
     host: torch.Tensor | None = field(default=None, repr=False)
     written: bool = False
     deleted: bool = False
+    prefetch: Future[torch.Tensor | None] | None = field(default=None, repr=False)
 
 
 class DiskStore:
@@ -87,6 +89,8 @@ class DiskStore:
         self._queue: queue.SimpleQueue[BlockEntry | None] = queue.SimpleQueue()
         self._idle = threading.Condition(self._mutex)
         self._in_flight = 0
+        self._prefetched_bytes = 0  # read ahead for queued requests, not yet taken
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="radixlm-kv-read")
         self.found = self._scan()
         self._writer = threading.Thread(
             target=self._write_loop, name="radixlm-kv-disk", daemon=True
@@ -120,22 +124,48 @@ class DiskStore:
         host = entry.host
         if host is not None:
             return host
+        future = self._take_prefetch(entry)
+        return future.result() if future is not None else self._read_file(entry)
+
+    def prefetch(self, entry: BlockEntry) -> None:
+        """Start reading a written block on the reader thread (a queued request will need it),
+        unless read-ahead already holds max_pending_bytes."""
+        with self._mutex:
+            if (
+                not entry.written
+                or entry.deleted
+                or entry.prefetch is not None
+                or self._prefetched_bytes + entry.nbytes > self.max_pending_bytes
+            ):
+                return
+            self._prefetched_bytes += entry.nbytes
+            entry.prefetch = self._reader.submit(self._read_file, entry)
+
+    def _take_prefetch(self, entry: BlockEntry) -> Future[torch.Tensor | None] | None:
+        with self._mutex:
+            future, entry.prefetch = entry.prefetch, None
+            if future is not None:
+                self._prefetched_bytes -= entry.nbytes
+        return future
+
+    def _read_file(self, entry: BlockEntry) -> torch.Tensor | None:
         path = self._path(entry.id)
+        payload = bytearray(entry.nbytes)
         try:
             with open(path, "rb") as f:
                 header = _read_header(f)
-                payload = f.read(entry.nbytes + 1)
+                complete = f.readinto(payload) == entry.nbytes and not f.read(1)
         except (OSError, ValueError) as e:
             logger.warning("KV block %s unreadable (%s): treated as a miss", path.name, e)
             return None
-        if len(payload) != entry.nbytes or zlib.crc32(payload) != header["crc32"]:
+        if not complete or zlib.crc32(payload) != header["crc32"]:
             logger.warning("KV block %s fails its checksum: treated as a miss", path.name)
             return None
         with contextlib.suppress(OSError):
             os.utime(path)
         entry.mtime = time.time()
         shape = (*self.shape[:3], len(entry.tokens), self.shape[3])
-        return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(self.dtype).view(shape)
+        return torch.frombuffer(payload, dtype=torch.uint8).view(self.dtype).view(shape)
 
     def retain(self, entry: BlockEntry) -> None:
         """One more tree node holds a range of this block."""
@@ -146,6 +176,7 @@ class DiskStore:
         entry.refs -= 1
         if entry.refs > 0:
             return
+        self._take_prefetch(entry)
         with self._mutex:
             entry.deleted = True
             self.used_bytes -= entry.nbytes
@@ -171,6 +202,7 @@ class DiskStore:
             logger.warning("KV disk tier: %d blocks still unwritten at shutdown", self._in_flight)
         self._queue.put(None)
         self._writer.join(timeout=max(timeout_s, 1.0))
+        self._reader.shutdown(wait=False, cancel_futures=True)
         self._lock_file.close()
 
     # ---- the writer thread ------------------------------------------------------------------

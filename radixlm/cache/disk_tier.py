@@ -38,7 +38,7 @@ import torch
 
 from radixlm.cache.disk import BlockEntry, DiskStore
 from radixlm.cache.pool import KVPool
-from radixlm.cache.radix import RadixCache, TreeNode
+from radixlm.cache.radix import RadixCache, TreeNode, common_prefix_len
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,22 @@ class DiskTier:
             pool.k[layer].index_copy_(1, index, data[layer, 0])
             pool.v[layer].index_copy_(1, index, data[layer, 1])
         self.loaded_tokens += slots.numel()
+
+    def prefetch(self, ids: list[int]) -> None:
+        """Start reading the disk-only nodes on ids' cached path (a request was queued), so that
+        its admission finds them in memory: the reads overlap the running batch's steps."""
+        assert self.cache is not None
+        node, pos = self.cache.root, 0
+        while pos < len(ids):
+            child = node.children.get(ids[pos])
+            if child is None:
+                return
+            if not child.in_pool:
+                self.store.prefetch(child.disk.entry)
+            m = common_prefix_len(child.key, ids, pos)
+            if m < len(child.key):
+                return
+            node, pos = child, pos + m
 
     # ---- writes -----------------------------------------------------------------------------
 

@@ -165,6 +165,8 @@ class EngineCore:
     def add(self, msg: GenerateRequest) -> None:
         """Take a new request: to the grammar compiler if it has a grammar, else to the queue."""
         req = Req.from_message(msg, self.tokenizer.eos_token_ids)
+        if self.disk_tier is not None:
+            self.disk_tier.prefetch(req.input_ids)
         if GrammarSpec.from_params(msg.params) is not None and self.scheduler.check(req) is None:
             self.grammar.submit(req)  # queued by _queue_compiled once its grammar is ready
         else:

@@ -287,3 +287,26 @@ def test_cache_events_count_disk_prefixes_as_cached(tmp_path: Path) -> None:
     assert ("remove", a, 0) in events
     assert [key for _, key in log.drain(snapshot=True).snapshot or []] == [b]
     h.close()
+
+
+def test_a_prefetched_block_is_read_ahead_and_still_checked(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    a, b = prompt(0, 30), prompt(1, 30)
+    h.serve(a)
+    h.serve(b)
+    h.close()
+    path = next(
+        p for p in blocks(tmp_path) if f'"tokens":[{b[0]},{b[1]},'.encode() in p.read_bytes()
+    )
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x10
+    path.write_bytes(bytes(raw))
+    h2 = Harness(tmp_path)
+    h2.tier.prefetch(a + [1, 2])
+    h2.tier.prefetch(b)
+    entries = [n.disk.entry for n in h2.nodes()]
+    assert all(e.prefetch is not None for e in entries)
+    assert h2.serve(a + [1, 2]) == 30
+    assert h2.serve(b) == 0  # read ahead, failed its checksum: a miss
+    assert all(e.prefetch is None for e in entries)
+    h2.close()
