@@ -109,6 +109,13 @@ def blocks(root: Path) -> list[Path]:
     return sorted(root.rglob("*.kv"))
 
 
+def block_of(root: Path, ids: list[int]) -> Path:
+    """The block file whose own tokens start with ids'."""
+    return next(
+        p for p in blocks(root) if f'"tokens":[{ids[0]},{ids[1]},'.encode() in p.read_bytes()
+    )
+
+
 def test_an_evicted_prefix_comes_back_from_disk_with_its_kv(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     a, b = prompt(0, 40), prompt(1, 40)
@@ -171,9 +178,7 @@ def test_a_damaged_block_is_dropped_at_start(tmp_path: Path, damage: str) -> Non
     h.serve(a)
     h.serve(b)
     h.close()
-    path = next(
-        p for p in blocks(tmp_path) if f'"tokens":[{b[0]},{b[1]},'.encode() in p.read_bytes()
-    )
+    path = block_of(tmp_path, b)
     raw = path.read_bytes()
     if damage == "truncate":
         path.write_bytes(raw[: len(raw) // 2])
@@ -295,9 +300,7 @@ def test_a_prefetched_block_is_read_ahead_and_still_checked(tmp_path: Path) -> N
     h.serve(a)
     h.serve(b)
     h.close()
-    path = next(
-        p for p in blocks(tmp_path) if f'"tokens":[{b[0]},{b[1]},'.encode() in p.read_bytes()
-    )
+    path = block_of(tmp_path, b)
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0x10
     path.write_bytes(bytes(raw))
