@@ -34,6 +34,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from radixlm.cache.disk import BlockEntry, DiskStore
@@ -163,12 +164,18 @@ class DiskTier:
     def load(self, slots: torch.Tensor, data: torch.Tensor) -> None:
         """Write K/V read from disk into the pool at slots."""
         pool = self.pool
-        if self._pinned:
-            data = data.pin_memory().to(pool.device, non_blocking=True)
-        index = slots.to(pool.device)
-        for layer in range(pool.num_layers):
-            pool.k[layer].index_copy_(1, index, data[layer, 0])
-            pool.v[layer].index_copy_(1, index, data[layer, 1])
+        if pool.device.type == "cpu":
+            rows = slots.numpy()
+            for layer in range(pool.num_layers):
+                _numpy(pool.k[layer])[:, rows] = _numpy(data[layer, 0])
+                _numpy(pool.v[layer])[:, rows] = _numpy(data[layer, 1])
+        else:
+            if self._pinned:
+                data = data.pin_memory().to(pool.device, non_blocking=True)
+            index = slots.to(pool.device)
+            for layer in range(pool.num_layers):
+                pool.k[layer].index_copy_(1, index, data[layer, 0])
+                pool.v[layer].index_copy_(1, index, data[layer, 1])
         self.loaded_tokens += slots.numel()
 
     def prefetch(self, ids: list[int]) -> None:
@@ -209,6 +216,12 @@ class DiskTier:
         pool = self.pool
         shape = (pool.num_layers, 2, pool.num_kv_heads, slots.numel(), pool.head_dim)
         out = torch.empty(shape, dtype=pool.dtype, pin_memory=self._pinned)
+        if pool.device.type == "cpu":
+            rows, dst = slots.numpy(), _numpy(out)
+            for layer in range(pool.num_layers):
+                dst[layer, 0] = _numpy(pool.k[layer])[:, rows]
+                dst[layer, 1] = _numpy(pool.v[layer])[:, rows]
+            return out
         index = slots.to(pool.device)
         for layer in range(pool.num_layers):
             out[layer, 0].copy_(pool.k[layer].index_select(1, index))
@@ -271,6 +284,16 @@ class DiskTier:
         if self.cache is None:
             return 0
         return sum(n.disk.hi - n.disk.lo for n in self.cache.disk_nodes())
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's bytes as a numpy array of same-size integers (bfloat16 included). On the
+    CPU the tier copies K/V with numpy: one thread, where a torch op of a few MB is an OpenMP
+    region that stalls when the cores are busy."""
+    return t.view(_SAME_SIZE_INT[t.element_size()]).numpy()
 
 
 def fingerprint(model_path: str, dtype: torch.dtype, pool: KVPool) -> str:
