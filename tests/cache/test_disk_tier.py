@@ -313,3 +313,31 @@ def test_a_prefetched_block_is_read_ahead_and_still_checked(tmp_path: Path) -> N
     assert h2.serve(b) == 0  # read ahead, failed its checksum: a miss
     assert all(e.prefetch is None for e in entries)
     h2.close()
+
+
+@pytest.mark.parametrize("policy", ["selective", "write_through"])
+def test_random_traffic_never_returns_wrong_kv(tmp_path: Path, policy: str) -> None:
+    """Prompts branching off a few shared stems, a pool and a disk bound both far smaller than
+    them, restarts in between: every hit's K/V is checked, and the invariants after each request."""
+    rng = torch.Generator().manual_seed(0)
+    stems = [prompt(100 + i, 24) for i in range(4)]
+
+    def draw() -> list[int]:
+        i = int(torch.randint(0, len(stems), (1,), generator=rng))
+        cut = int(torch.randint(1, 25, (1,), generator=rng))
+        tail = int(torch.randint(0, 6, (1,), generator=rng))
+        return stems[i][:cut] + prompt(int(torch.randint(0, 8, (1,), generator=rng)), tail)
+
+    h = Harness(tmp_path, slots=48, capacity_tokens=120, policy=policy)
+    hits = loaded = 0
+    for step in range(150):
+        hits += h.serve(draw())
+        if step % 50 == 49:
+            loaded += h.tier.loaded_tokens
+            h.close()
+            h = Harness(tmp_path, slots=48, capacity_tokens=120, policy=policy)
+        elif step % 7 == 0:
+            h.evict_all()
+        assert h.tier.store.used_bytes <= h.tier.store.capacity_bytes
+    assert hits > 0 and loaded > 0
+    h.close()
