@@ -29,6 +29,7 @@ import radixlm  # noqa: F401  (first: its OpenMP defaults apply only before torc
 
 import torch
 import torch.nn.functional as F
+from plots import add_plot_arg, bar_charts, line_chart  # benchmarks/plots.py
 
 from radixlm.core.forward import KernelRowLayout
 from radixlm.core.messages import GenerateRequest
@@ -101,6 +102,13 @@ def bench_shared_prefix(args: argparse.Namespace) -> None:
     )
     r = cache_on_off(args, prompts, args.shared_output_len)
     print(f"  throughput cache on / off = {r['ratio']:.2f}x  (target >= 8x)")
+    plot_cache_on_off(
+        args,
+        "radix_shared_prefix",
+        f"Shared prefix: {args.questions} x ({args.prefix_len}-token prefix + "
+        f"{args.question_len}-token question)",
+        r,
+    )
 
 
 def bench_no_sharing(args: argparse.Namespace) -> None:
@@ -111,6 +119,24 @@ def bench_no_sharing(args: argparse.Namespace) -> None:
     )
     r = cache_on_off(args, prompts, args.output_len)
     print(f"  throughput cache on / off = {r['ratio']:.3f}  (target >= 0.95)")
+    plot_cache_on_off(
+        args,
+        "radix_no_sharing",
+        f"No sharing: {args.prompts} distinct {args.prompt_len}-token prompts",
+        r,
+    )
+
+
+def plot_cache_on_off(args: argparse.Namespace, name: str, title: str, r: dict[str, float]) -> None:
+    """With --plot: the two throughputs as bars, the ratio in the title."""
+    if args.plot:
+        bar_charts(
+            args.plot,
+            name,
+            f"{title}\nradix cache on / off = {r['ratio']:.2f}x",
+            ["requests/s"],
+            [("requests/s (best round)", {"cache on": [r["on"]], "cache off": [r["off"]]})],
+        )
 
 
 def _alternating(fns: list[Callable[[], Any]], repeat: int, desc: str) -> list[list[float]]:
@@ -305,6 +331,7 @@ def bench_decode_pass(args: argparse.Namespace) -> None:
 
         return run
 
+    curves: dict[str, list[float]] = {}
     for label, busy in settings:
         neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
         try:
@@ -315,6 +342,8 @@ def bench_decode_pass(args: argparse.Namespace) -> None:
                     f"decode pass, batch {b}{label}",
                 )
                 f, lay = statistics.median(fused), statistics.median(layered)
+                curves.setdefault(f"decode pass{label}", []).append(f * 1000)
+                curves.setdefault(f"layer by layer{label}", []).append(lay * 1000)
                 print(
                     f"decode pass{label}: batch {b} x {ctx}: pass {f * 1000:7.1f} ms, "
                     f"layer by layer {lay * 1000:7.1f} ms: layers / pass = {lay / f:.2f}"
@@ -323,6 +352,16 @@ def bench_decode_pass(args: argparse.Namespace) -> None:
             if neighbour is not None:
                 neighbour.kill()
                 neighbour.wait()
+    if args.plot:
+        line_chart(
+            args.plot,
+            "decode_step_vs_batch",
+            f"Decode step time vs batch size (context {ctx} tokens each)",
+            "batch size (requests decoding together)",
+            "ms per decode step (median)",
+            args.pass_batches,
+            curves,
+        )
 
 
 def bench_ttft(args: argparse.Namespace) -> None:
@@ -444,6 +483,7 @@ def main() -> None:
         default=True,
         help="decode-pass: also run next to a busy process",
     )
+    add_plot_arg(p)
     args = p.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -23,6 +23,7 @@ import radixlm  # noqa: F401  (first: its OpenMP defaults apply only before torc
 # isort: split
 
 import torch
+from plots import add_plot_arg, bar_charts  # benchmarks/plots.py
 
 from radixlm.core.messages import GenerateRequest
 from radixlm.core.params import SamplingParams
@@ -112,6 +113,7 @@ def bench_jump_forward(args: argparse.Namespace) -> None:
         for eng in engines.values():
             eng.generate(texts[0], params(args.max_new_tokens))  # builds llguidance, caches it
         outputs: dict[bool, list[str]] = {}
+        figure: dict[str, dict[str, list[float]]] = {"req/s": {}, "passes": {}}
         bar = progress(len(concurrency) * args.rounds * 2, "jump-forward on / off", "run")
         for c in concurrency:
             batch = texts[: args.sequential] if c == 1 else texts
@@ -131,6 +133,9 @@ def bench_jump_forward(args: argparse.Namespace) -> None:
                     outputs[jump] = [o["text"] for o in outs]
                     bar.update()
             for jump in (True, False):
+                mode = f"jump-forward {'on' if jump else 'off'}"
+                figure["req/s"].setdefault(mode, []).append(len(batch) / walls[jump])
+                figure["passes"].setdefault(mode, []).append(counts[jump] / len(batch))
                 valid = sum(_valid(t) for t in outputs[jump])
                 per_request = f"{counts[jump] / len(batch):5.1f} per request, " if c == 1 else ""
                 bar.write(
@@ -148,6 +153,17 @@ def bench_jump_forward(args: argparse.Namespace) -> None:
         same = sum(a == b for a, b in zip(outputs[True], outputs[False], strict=True))
         print(
             f"  identical greedy texts with and without jump-forward: {same}/{len(outputs[True])}"
+        )
+    if args.plot:
+        bar_charts(
+            args.plot,
+            "jump_forward",
+            "JSON extraction (schema {name, age, city}), greedy: jump-forward on vs off",
+            [f"concurrency {c}" for c in concurrency],
+            [
+                ("requests/s (best round)", figure["req/s"]),
+                ("forward passes per request", figure["passes"]),
+            ],
         )
 
 
@@ -387,6 +403,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2, help="timed runs per mode (best kept)")
+    add_plot_arg(p)
     args = p.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -1,22 +1,42 @@
-"""The router's own overhead, against fake workers that answer at once.
+"""The router's worth and its cost.
 
-Starts N fake workers (one process; /generate answers a fixed body, /cache_events sends an empty
-snapshot) and `radixlm router` in front of them, then measures from this process:
+`cache`: two engine servers (one thread each, as `serve --dp 2` on a 2-core machine) behind a
+cache_aware and a round_robin router, and a single engine holding both pools. Workload: G
+shared prefixes (random token ids) with P questions each, arrival interleaved across prefixes,
+pools that hold about half the prefixes each. The configurations alternate within the run (the
+caches flushed before each); each prints the cache hit rate (cached / prompt tokens), requests/s,
+prompt tokens/s, p50 / p99 TTFT and the requests each worker got. `--skew` sends that share of
+the requests to one hot prefix instead.
+
+    python benchmarks/bench_router.py cache --groups 32 --prefix-len 1000 --questions 4 \\
+        --pool 16000 --layers 6 --rounds 2
+
+`overhead`: fake workers (one process each; /generate answers a fixed body at once) behind
+`radixlm router`, load generators in processes of their own:
 - added latency: p50 of one request at a time through the router, minus the same direct;
-- throughput: requests/s through the router with `--concurrency` requests in flight.
+- throughput: requests/s through the router with `--concurrency` requests in flight per client.
 
-    python benchmarks/bench_router.py --requests 400 --seconds 5 --concurrency 64
+    python benchmarks/bench_router.py overhead --requests 400 --seconds 5 --concurrency 64
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import multiprocessing
+import os
+import random
+import shutil
 import socket
 import statistics
 import sys
+import tempfile
 import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import radixlm  # noqa: F401  (sets OMP_WAIT_POLICY before anything loads OpenMP)
 
@@ -25,9 +45,14 @@ ANSWER = (
     b'"completion_tokens": 2, "cached_tokens": 0, "finish_reason": {"type": "length", "length": 2}}}'
 )
 PROMPT = "You are a helpful assistant. Answer briefly. What is the capital of France? " * 4
+BODY = {"text": PROMPT, "sampling_params": {"max_new_tokens": 2}}
 
 
-def _fake_workers(socks: list[socket.socket], tokenizer_path: str) -> None:
+# ---------------------------------------------------------------------------------------------
+# overhead
+
+
+def _fake_worker(sock: socket.socket, tokenizer_path: str) -> None:
     import orjson
     import uvicorn
 
@@ -51,99 +76,322 @@ def _fake_workers(socks: list[socket.socket], tokenizer_path: str) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def main() -> None:
-        servers = [
-            uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-            for _ in socks
-        ]
-        await asyncio.gather(*(s.serve(sockets=[k]) for s, k in zip(servers, socks, strict=True)))
-
-    asyncio.run(main())
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    asyncio.run(server.serve(sockets=[sock]))
 
 
-async def _latencies(url: str, n: int) -> list[float]:
-    import httpx
+def _load(url: str, mode: str, amount: float, concurrency: int, out: Any) -> None:
+    """A load generator process: `latency` sends `amount` requests one at a time and reports
+    their latencies; `throughput` keeps `concurrency` in flight for `amount` seconds and reports
+    how many completed."""
+    import aiohttp
+    import orjson
 
-    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 2}}
-    out = []
-    async with httpx.AsyncClient(base_url=url) as client:
-        for i in range(n + 20):
+    body = orjson.dumps(BODY)
+    headers = {"content-type": "application/json"}
+
+    async def main() -> Any:
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(url, connector=connector) as session:
+
+            async def one() -> None:
+                async with session.post("/generate", data=body, headers=headers) as resp:
+                    await resp.read()
+                    assert resp.status == 200, resp.status
+
+            if mode == "latency":
+                times = []
+                for i in range(int(amount) + 20):
+                    t0 = time.perf_counter()
+                    await one()
+                    if i >= 20:  # warm-up
+                        times.append(time.perf_counter() - t0)
+                return times
+            done = 0
+            end = time.perf_counter() + amount
+
+            async def loop() -> None:
+                nonlocal done
+                while time.perf_counter() < end:
+                    await one()
+                    done += 1
+
             t0 = time.perf_counter()
-            resp = await client.post("/generate", json=body)
-            if i >= 20:  # warm-up
-                out.append(time.perf_counter() - t0)
-            assert resp.status_code == 200, resp.text
-    return out
+            await asyncio.gather(*(loop() for _ in range(concurrency)))
+            return done, time.perf_counter() - t0
+
+    out.put(asyncio.run(main()))
 
 
-async def _throughput(url: str, seconds: float, concurrency: int) -> float:
+def _run_load(url: str, mode: str, amount: float, concurrency: int, clients: int) -> list[Any]:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_load, args=(url, mode, amount, concurrency, out))
+        for _ in range(clients)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return results
+
+
+def _rps(results: list[tuple[int, float]]) -> float:
+    return sum(n for n, _ in results) / max(t for _, t in results)
+
+
+def overhead(a: argparse.Namespace) -> None:
+    """Router overhead against fake workers."""
     import httpx
 
-    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 2}}
-    done = 0
-    end = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits) as client:
-
-        async def loop() -> None:
-            nonlocal done
-            while time.perf_counter() < end:
-                resp = await client.post("/generate", json=body)
-                assert resp.status_code == 200
-                done += 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
-        return done / (time.perf_counter() - t0)
-
-
-def main() -> None:
-    """Run the benchmark and print its figures."""
     from radixlm.models.default import default_model_path
     from radixlm.server.child_process import ServerProcess
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--requests", type=int, default=400, help="sequential requests per latency run")
-    p.add_argument("--seconds", type=float, default=5.0, help="length of the throughput run")
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--policy", default="cache_aware")
-    p.add_argument("--tokenizer-path", default=None, help="default: the embedded SmolLM2")
-    a = p.parse_args()
     tokenizer = a.tokenizer_path or default_model_path()
-    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(a.workers)]
+    socks = [socket.create_server(("127.0.0.1", 0), backlog=2048) for _ in range(a.workers)]
     for s in socks:  # accepted connections inherit it: no delayed-ACK stalls on small answers
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     urls = [f"http://127.0.0.1:{s.getsockname()[1]}" for s in socks]
-    fake = multiprocessing.get_context("fork").Process(
-        target=_fake_workers, args=(socks, tokenizer), daemon=True
-    )
-    fake.start()
+    fork = multiprocessing.get_context("fork")
+    fakes = [fork.Process(target=_fake_worker, args=(s, tokenizer), daemon=True) for s in socks]
+    for f in fakes:
+        f.start()
     router = ServerProcess.start(
         ["--worker-urls", *urls, "--policy", a.policy, "--log-level", "warning"],
         command="router",
     )
     try:
-        import httpx
-
         while not httpx.get(router.url + "/get_server_info").json()["router"]["tokenizer_ready"]:
             time.sleep(0.1)
-        direct = asyncio.run(_latencies(urls[0], a.requests))
-        routed = asyncio.run(_latencies(router.url, a.requests))
-        added_ms = (statistics.median(routed) - statistics.median(direct)) * 1e3
-        rps = asyncio.run(_throughput(router.url, a.seconds, a.concurrency))
-        direct_rps = asyncio.run(_throughput(urls[0], a.seconds, a.concurrency))
+        direct, routed, rps, direct_rps = [], [], [], []
+        for _ in range(a.rounds):  # alternate, so that both see the same machine
+            direct += _run_load(urls[0], "latency", a.requests, 1, 1)[0]
+            routed += _run_load(router.url, "latency", a.requests, 1, 1)[0]
+            rps.append(_rps(_run_load(router.url, "rps", a.seconds, a.concurrency, a.clients)))
+            direct_rps.append(_rps(_run_load(urls[0], "rps", a.seconds, a.concurrency, a.clients)))
     finally:
         router.stop()
-        fake.terminate()
+        for f in fakes:
+            f.terminate()
+    added_ms = (statistics.median(routed) - statistics.median(direct)) * 1e3
     print(f"policy {a.policy}, {a.workers} fake workers, prompt {len(PROMPT)} chars")
     print(
         f"p50 latency direct {statistics.median(direct) * 1e3:.2f} ms, "
         f"via router {statistics.median(routed) * 1e3:.2f} ms: added {added_ms:.2f} ms"
     )
-    print(f"throughput via router {rps:.0f} req/s (direct to one fake worker {direct_rps:.0f} "
-          f"req/s) at concurrency {a.concurrency}")  # fmt: skip
+    print(
+        f"throughput via router {', '.join(f'{r:.0f}' for r in rps)} req/s (direct to one fake "
+        f"worker {', '.join(f'{r:.0f}' for r in direct_rps)} req/s); {a.clients} load "
+        f"generator processes x {a.concurrency} in flight"
+    )
     sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+
+
+def truncated_model(layers: int, folder: Path) -> Path:
+    """The embedded SmolLM2-135M with only its first `layers` layers (same width, attention and
+    vocabulary): a prefill as a real model's, a few times cheaper."""
+    from safetensors.torch import load_file, save_file
+
+    from radixlm.models.default import default_model_path
+    from radixlm.models.gguf import convert_gguf
+
+    source = convert_gguf(default_model_path())
+    config = json.loads((source / "config.json").read_text())
+    if layers >= config["num_hidden_layers"]:
+        return source
+    config["num_hidden_layers"] = layers
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(source / "model.safetensors"))
+    kept = {
+        k: v
+        for k, v in weights.items()
+        if ".layers." not in k or int(k.split(".layers.")[1].split(".")[0]) < layers
+    }
+    save_file(kept, str(folder / "model.safetensors"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    return folder
+
+
+@dataclasses.dataclass
+class Run:
+    """One configuration's figures over one pass of the workload."""
+
+    name: str
+    seconds: float
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    ttft: list[float]
+    workers: Counter[str]
+
+    def row(self) -> str:
+        """The figures as one printed line."""
+        ttft = sorted(self.ttft)
+        p99 = ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]
+        spread = "/".join(str(n) for _, n in sorted(self.workers.items()))
+        return (
+            f"{self.name:13s} hit rate {self.cached_tokens / self.prompt_tokens:6.1%}  "
+            f"{self.requests / self.seconds:6.2f} req/s  "
+            f"{self.prompt_tokens / self.seconds:7.0f} prompt tok/s  "
+            f"TTFT p50 {statistics.median(ttft):6.2f} s p99 {p99:6.2f} s  "
+            f"requests per worker {spread}  ({self.seconds:.1f} s)"
+        )
+
+
+def workload(a: argparse.Namespace, seed: int) -> list[list[int]]:
+    """The prompts in arrival order: round q asks question q of every prefix (with skew, that
+    share of all requests goes to prefix 0 instead)."""
+    rng = random.Random(seed)
+    ids = range(1000, 40000)  # ordinary tokens of SmolLM2's vocabulary
+    prefixes = [[rng.choice(ids) for _ in range(a.prefix_len)] for _ in range(a.groups)]
+    # Each round in its own random order: in a fixed one, round robin would send a prefix to
+    # the same worker every round when the workers divide the prefixes.
+    order = [g for _ in range(a.questions) for g in rng.sample(range(a.groups), a.groups)]
+    if a.skew:
+        order = [0 if rng.random() < a.skew else g for g in order]
+    return [prefixes[g] + [rng.choice(ids) for _ in range(a.question_len)] for g in order]
+
+
+async def _drive(url: str, prompts: list[list[int]], a: argparse.Namespace, name: str) -> Run:
+    import aiohttp
+    import orjson
+
+    params = {"max_new_tokens": a.output_len, "temperature": 0, "ignore_eos": True}
+    queue = list(reversed(prompts))
+    run = Run(name, 0.0, 0, 0, 0, [], Counter())
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(url, timeout=timeout) as session:
+
+        async def client() -> None:
+            while queue:
+                ids = queue.pop()
+                body = {"input_ids": ids, "sampling_params": params, "stream": True}
+                t0 = time.perf_counter()
+                first = None
+                async with session.post("/generate", json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+                    run.workers[resp.headers.get("X-Radixlm-Worker", url)] += 1
+                    last = b""
+                    async for line in resp.content:
+                        if line.startswith(b"data: {"):
+                            first = first or time.perf_counter()
+                            last = line
+                meta = orjson.loads(last[6:])["meta_info"]
+                run.ttft.append((first or time.perf_counter()) - t0)
+                run.requests += 1
+                run.prompt_tokens += meta["prompt_tokens"]
+                run.cached_tokens += meta["cached_tokens"]
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(a.concurrency)))
+        run.seconds = time.perf_counter() - t0
+    return run
+
+
+def cache(a: argparse.Namespace) -> None:
+    """cache_aware vs round_robin over two engines, and one engine with both pools."""
+    import httpx
+
+    from radixlm.server.child_process import ServerProcess
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-router-"))
+    model = truncated_model(a.layers, tmp / "model")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = ["--model-path", str(model), "--log-level", "warning", "--random-seed", "0"]
+    started: list[ServerProcess] = []
+
+    def start(*extra: str, command: str = "serve") -> ServerProcess:
+        server = ServerProcess.start([*flags, *extra] if command == "serve" else list(extra),
+                                     env=env, timeout=600.0, command=command)  # fmt: skip
+        started.append(server)
+        return server
+
+    try:
+        workers = [start("--max-total-tokens", str(a.pool)) for _ in range(2)]
+        single = start("--max-total-tokens", str(2 * a.pool))
+        urls = [w.url for w in workers]
+        routers = {
+            policy: start(
+                "--worker-urls",
+                *urls,
+                "--policy",
+                policy,
+                "--log-level",
+                "warning",
+                command="router",
+            )  # fmt: skip
+            for policy in ("cache_aware", "round_robin")
+        }
+        for r in routers.values():
+            while not httpx.get(r.url + "/get_server_info").json()["router"]["tokenizer_ready"]:
+                time.sleep(0.2)
+        targets = {**{p: r.url for p, r in routers.items()}, "single engine": single.url}
+        prompts = workload(a, seed=0)
+        tokens = sum(map(len, prompts))
+        print(
+            f"{len(prompts)} requests: {a.groups} prefixes x {a.prefix_len} tokens, "
+            f"{a.questions} questions of {a.question_len} each"
+            f"{f' (skew {a.skew:.0%} to one prefix)' if a.skew else ''}, output {a.output_len}, "
+            f"{tokens} prompt tokens; pool {a.pool} slots per engine; {a.concurrency} in flight; "
+            f"SmolLM2-135M truncated to {a.layers} layers"
+        )
+        runs: dict[str, list[Run]] = {name: [] for name in targets}
+        for _ in range(a.rounds):
+            for name, url in targets.items():
+                for target in [single.url, *urls]:
+                    assert httpx.post(target + "/flush_cache", timeout=60).status_code == 200
+                time.sleep(0.5)  # the routers' mirrors see the flush
+                run = asyncio.run(_drive(url, prompts, a, name))
+                runs[name].append(run)
+                print(run.row(), flush=True)
+        ca, rr = runs["cache_aware"], runs["round_robin"]
+        for i, (c, r) in enumerate(zip(ca, rr, strict=True)):
+            hit = (c.cached_tokens / c.prompt_tokens) / max(r.cached_tokens / r.prompt_tokens, 1e-9)
+            print(
+                f"round {i + 1}: cache_aware / round_robin: hit rate {hit:.2f}x, "
+                f"throughput {r.seconds / c.seconds:.2f}x"
+            )
+    finally:
+        for s in reversed(started):
+            s.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    """Run the benchmark and print its figures."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    o = sub.add_parser("overhead", help="the router's cost against fake workers")
+    o.add_argument("--workers", type=int, default=2)
+    o.add_argument("--requests", type=int, default=400, help="sequential requests per latency run")
+    o.add_argument("--seconds", type=float, default=5.0, help="length of a throughput run")
+    o.add_argument("--concurrency", type=int, default=64, help="in flight per load generator")
+    o.add_argument("--clients", type=int, default=2, help="load generator processes")
+    o.add_argument("--rounds", type=int, default=2, help="alternations of direct and routed")
+    o.add_argument("--policy", default="cache_aware")
+    o.add_argument("--tokenizer-path", default=None, help="default: the embedded SmolLM2")
+    c = sub.add_parser("cache", help="cache_aware vs round_robin over two real engines")
+    c.add_argument("--groups", type=int, default=32, help="shared prefixes")
+    c.add_argument("--prefix-len", type=int, default=1000)
+    c.add_argument("--questions", type=int, default=4, help="requests per prefix")
+    c.add_argument("--question-len", type=int, default=16)
+    c.add_argument("--output-len", type=int, default=8)
+    c.add_argument("--pool", type=int, default=16000, help="KV slots per engine")
+    c.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    c.add_argument("--skew", type=float, default=0.0, help="share of requests to one prefix")
+    c.add_argument("--layers", type=int, default=6, help="SmolLM2 layers kept (30: all)")
+    c.add_argument("--rounds", type=int, default=1, help="alternations of the configurations")
+    a = p.parse_args()
+    overhead(a) if a.command == "overhead" else cache(a)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ python benchmarks/bench_serving.py                    # shared-prefix workload a
 python benchmarks/bench_serving.py --dataset-name random --request-rate 4 --max-concurrency 8
 python benchmarks/bench_serving.py --compare-engine   # served / in-process throughput (>= 0.90)
 python benchmarks/bench_serving.py --ttft-cached      # TTFT, cached / uncached prefix (<= 0.25)
+python benchmarks/bench_serving.py --peer-llama-server F32 --plot  # radixlm vs llama-server, 3 datasets
+python benchmarks/bench_serving.py --peer-url http://host:8080     # vs any OpenAI-compatible server
 
 Prompts are random whole words of the model's vocabulary, so that their text re-tokenizes to the
 intended token count; --token-ids sends the same prompts as token ids instead.
@@ -22,6 +24,8 @@ import math
 import os
 import random
 import re
+import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -29,9 +33,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from plots import add_plot_arg, bar_charts  # benchmarks/plots.py
 
 from radixlm.server.child_process import ServerProcess
 from radixlm.tokenizer import Tokenizer
@@ -127,12 +133,37 @@ def random_prompts(
     return requests
 
 
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A multi-turn chat: each turn's prompt is the whole history (earlier prompts and the
+    answers the server gave) plus the next user message, so turns run one after another."""
+
+    turns: list[str]  # the user's messages
+    output_len: int
+
+
+def multiturn(
+    maker: PromptMaker, num_conversations: int, turns: int, question_len: int, output_len: int
+) -> list[Conversation]:
+    """Conversations of `turns` user messages of `question_len` tokens each."""
+    return [
+        Conversation([maker.text(question_len) for _ in range(turns)], output_len)
+        for _ in range(num_conversations)
+    ]
+
+
+def turn_prompt(history: str, message: str) -> str:
+    """The prompt of the next turn: the history, the user's message, and the answer's cue."""
+    return f"{history}{SEPARATOR}User:{message}{SEPARATOR}Assistant:"
+
+
 @dataclass(frozen=True)
 class Workload:
-    """The requests of a run, and a short one to warm up with (not measured)."""
+    """The requests of a run (or its conversations), and a short one to warm up with."""
 
     requests: list[BenchRequest]
     warmup: BenchRequest
+    conversations: list[Conversation] = field(default_factory=list)
 
 
 def arrival_times(n: int, request_rate: float, seed: int) -> list[float]:
@@ -162,6 +193,7 @@ class RequestResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    text: str = ""
 
 
 def _pcts(values: Sequence[float]) -> tuple[float, float, float]:
@@ -328,8 +360,11 @@ class HttpClient:
                             details = usage.get("prompt_tokens_details") or {}
                             out.cached_tokens = details.get("cached_tokens", 0)
                         # Tokens per chunk are unknown here: one ITL sample per chunk, as SGLang.
-                        new = 1 if event["choices"] and event["choices"][0]["text"] else 0
+                        piece = event["choices"][0]["text"] if event["choices"] else ""
+                        out.text += piece
+                        new = 1 if piece else 0
                     else:
+                        out.text = event["text"]
                         meta = event["meta_info"]
                         out.prompt_tokens = meta["prompt_tokens"]
                         out.cached_tokens = meta["cached_tokens"]
@@ -383,11 +418,52 @@ async def run_load(
         return list(results), time.perf_counter() - t0
 
 
-def _session() -> aiohttp.ClientSession:
+async def run_conversations(
+    send: Callable[[BenchRequest], Awaitable[RequestResult]],
+    conversations: Sequence[Conversation],
+    request_rate: float,
+    max_concurrency: int | None,
+    seed: int,
+) -> tuple[list[RequestResult], float]:
+    """Conversations start on a Poisson schedule, at most `max_concurrency` at once; each sends
+    its turns in order, every prompt carrying the answers so far. (every turn's result, wall)"""
+    limit = asyncio.Semaphore(max_concurrency or len(conversations))
+    bar = progress(sum(len(c.turns) for c in conversations), "served turns", "req")
+
+    async def one(i: int, conv: Conversation) -> list[RequestResult]:
+        results = []
+        async with limit:
+            history = ""
+            for message in conv.turns:
+                prompt = turn_prompt(history, message)
+                result = await send(BenchRequest(prompt, [], conv.output_len, i))
+                results.append(result)
+                bar.update()
+                if not result.ok:
+                    break
+                history = prompt + result.text
+        return results
+
+    with bar:
+        t0 = time.perf_counter()
+        tasks = []
+        times = arrival_times(len(conversations), request_rate, seed)
+        for i, (conv, at) in enumerate(zip(conversations, times, strict=True)):
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, conv)))
+        done = await asyncio.gather(*tasks)
+        return [r for rs in done for r in rs], time.perf_counter() - t0
+
+
+def _session(force_close: bool = False) -> aiohttp.ClientSession:
+    """A client session without a connection limit; `force_close`: a new connection per request
+    (llama-server closes kept-alive connections that the client may be about to reuse)."""
     import aiohttp
 
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
+        connector=aiohttp.TCPConnector(limit=0, force_close=force_close),
         timeout=aiohttp.ClientTimeout(total=None, sock_read=3600),
     )
 
@@ -424,15 +500,27 @@ async def connect(
     return client
 
 
-def bench_http(base_url: str, args: argparse.Namespace, workload: Workload) -> RunMetrics:
-    """Warm up, flush the cache, run the workload; the metrics."""
+def bench_http(
+    base_url: str,
+    args: argparse.Namespace,
+    workload: Workload,
+    flush: bool = True,
+    force_close: bool = False,
+) -> RunMetrics:
+    """Warm up, flush the cache (a radixlm or SGLang server), run the workload; the metrics."""
 
     async def go() -> tuple[list[RequestResult], float]:
-        async with _session() as session:
+        async with _session(force_close) as session:
             client = await connect(session, base_url, args, workload.warmup)
-            flush_cache(base_url)
-            return await run_load(
-                client.send, workload.requests, args.request_rate, args.max_concurrency, args.seed
+            if flush:
+                flush_cache(base_url)
+            run = run_conversations if workload.conversations else run_load
+            return await run(
+                client.send,
+                workload.conversations or workload.requests,  # type: ignore[arg-type]
+                args.request_rate,
+                args.max_concurrency,
+                args.seed,
             )
 
     results, duration = asyncio.run(go())
@@ -451,6 +539,8 @@ def launched_server(args: argparse.Namespace) -> Iterator[str]:
     flags = []
     if args.model_path:
         flags += ["--model-path", args.model_path]
+    if args.dtype:
+        flags += ["--dtype", args.dtype]
     if args.max_total_tokens:
         flags += ["--max-total-tokens", str(args.max_total_tokens)]
     if args.disable_radix_cache:
@@ -466,6 +556,52 @@ def launched_server(args: argparse.Namespace) -> Iterator[str]:
         print(f"the server's log is kept in {server.log_path}", file=sys.stderr)
         raise
     server.log_path.unlink()
+
+
+LLAMA_HOME = Path(os.environ.get("LLAMA_HOME", Path.home() / ".cache" / "llama-server"))
+
+
+@contextmanager
+def launched_llama_server(weights: str, threads: int) -> Iterator[str]:
+    """llama.cpp's llama-server on the default model's `weights` (F32 or BF16) GGUF, as
+    ../shared/tools/build-llama-server.sh builds it: 32 slots of 2,048 tokens, its default
+    continuous batching and prompt caches; yields its URL."""
+    binary = LLAMA_HOME / "bin" / "llama-server"
+    gguf = LLAMA_HOME / f"SmolLM2-135M-Instruct.{weights}.gguf"
+    if not (binary.exists() and gguf.exists()):
+        raise SystemExit(
+            f"no {binary} / {gguf}: build them once with bash ../shared/tools/build-llama-server.sh"
+        )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["-np", "32", "-c", "65536", "-t", str(threads), "--metrics"]
+    log = LLAMA_HOME / "bench-llama-server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited ({proc.returncode}); its log: {log}")
+            try:
+                http_json(url + "/health", timeout=2)
+                break
+            except OSError:  # not listening yet, or 503 while it loads
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"llama-server not healthy; its log: {log}") from None
+                time.sleep(0.5)
+        print(f"peer: {' '.join(cmd)} -> {url} (log {log})")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def bench_engine(engine: Engine, args: argparse.Namespace, workload: Workload) -> RunMetrics:
@@ -532,10 +668,20 @@ def _engine_result(out: dict[str, Any], latency: float) -> RequestResult:
 
 
 def build_workload(
-    args: argparse.Namespace, tokenizer: Tokenizer, shuffle: bool = True
+    args: argparse.Namespace, tokenizer: Tokenizer, shuffle: bool = True, seed: int | None = None
 ) -> Workload:
-    """The requests of --dataset-name (unshuffled: in group order)."""
-    maker = PromptMaker(tokenizer, args.seed)
+    """The requests of --dataset-name (unshuffled: in group order), from --seed or `seed`."""
+    seed = args.seed if seed is None else seed
+    maker = PromptMaker(tokenizer, seed)
+    warmup_text = maker.text(16)
+    warmup = BenchRequest(warmup_text, tokenizer.encode(warmup_text), 2, -1)
+    if args.dataset_name == "multiturn":
+        if args.token_ids:
+            raise SystemExit("multiturn sends text: its prompts hold the answers of earlier turns")
+        conversations = multiturn(
+            maker, args.mt_conversations, args.mt_turns, args.mt_question_len, args.mt_output_len
+        )
+        return Workload([], warmup, conversations)
     if args.dataset_name == "random":
         requests = random_prompts(
             maker, args.num_prompts, args.random_input_len, args.random_output_len
@@ -548,16 +694,21 @@ def build_workload(
             args.gsp_system_prompt_len,
             args.gsp_question_len,
             args.gsp_output_len,
-            args.seed,
+            seed,
             shuffle,
         )
-    text = maker.text(16)
-    return Workload(requests, BenchRequest(text, tokenizer.encode(text), 2, -1))
+    return Workload(requests, warmup)
 
 
 def describe(args: argparse.Namespace, workload: Workload) -> dict[str, object]:
     """The setup lines of a summary block."""
-    if args.dataset_name == "random":
+    if args.dataset_name == "multiturn":
+        data = (
+            f"multiturn: {args.mt_conversations} conversations x {args.mt_turns} turns, "
+            f"{args.mt_question_len}-token user messages"
+        )
+        out = args.mt_output_len
+    elif args.dataset_name == "random":
         data = f"random: {args.num_prompts} prompts x {args.random_input_len} tokens"
         out = args.random_output_len
     else:
@@ -572,7 +723,7 @@ def describe(args: argparse.Namespace, workload: Workload) -> dict[str, object]:
     return {
         "Backend": f"{args.backend} ({api}, streaming, {'token ids' if args.token_ids else 'text'})",
         "Dataset": f"{data}, {out} output tokens (ignore_eos)",
-        "Mean prompt tokens": round(sum(lens) / len(lens), 1),
+        "Mean prompt tokens": round(sum(lens) / len(lens), 1) if lens else "grows turn by turn",
         "Request rate (req/s)": args.request_rate,
         "Max concurrency": args.max_concurrency or "not set",
     }
@@ -675,6 +826,77 @@ def mode_ttft_cached(args: argparse.Namespace, url: str, tokenizer: Tokenizer) -
     print("=" * 60)
 
 
+def mode_peer(args: argparse.Namespace, url: str, peer_url: str, tokenizer: Tokenizer) -> None:
+    """Each dataset of --datasets against radixlm and the peer, over the same OpenAI API with
+    the same text prompts; the two take turns, round by round (fresh prompts each round, so
+    neither finds the other round's prefixes), and each keeps its best round."""
+    peer = args.peer_name
+    rows: list[tuple[str, RunMetrics, RunMetrics]] = []
+    for dataset in args.datasets:
+        d = argparse.Namespace(**{**vars(args), "dataset_name": dataset, "backend": "openai"})
+        best: dict[str, RunMetrics] = {}
+        with progress(2 * args.rounds, f"{dataset}: radixlm and {peer}", "run") as bar:
+            for r in range(args.rounds):
+                workload = build_workload(d, tokenizer, seed=args.seed + r)
+                order = [("radixlm", url), (peer, peer_url)]
+                for name, base in order if r % 2 == 0 else order[::-1]:
+                    # Both sides alike: a connection per request (see _session).
+                    m = bench_http(base, d, workload, name == "radixlm", force_close=True)
+                    if m.failed:
+                        raise SystemExit(f"{name}: {m.failed} requests failed: {m.first_error}")
+                    bar.write(
+                        f"  {dataset} round {r + 1} {name}: {m.duration:.2f}s, "
+                        f"{m.request_throughput:.2f} req/s, TTFT p50 {m.ttft_ms[1]:.0f} ms"
+                    )
+                    if name not in best or m.duration < best[name].duration:
+                        best[name] = m
+                    bar.update()
+        print_metrics(f"{dataset}: radixlm (best round)", describe(d, workload), best["radixlm"])
+        print_metrics(f"{dataset}: {peer} (best round)", {}, best[peer])
+        rows.append((dataset, best["radixlm"], best[peer]))
+    print(f"{f' radixlm / {peer}, best rounds ':=^60}")
+    print(f"{'dataset':<26}{'req/s ratio':>12}{'TTFT p50 ms':>20}{'TTFT p99 ms':>20}")
+    for dataset, ours, theirs in rows:
+        ratio = ours.request_throughput / theirs.request_throughput
+        p50 = f"{ours.ttft_ms[1]:.0f} / {theirs.ttft_ms[1]:.0f}"
+        p99 = f"{ours.ttft_ms[2]:.0f} / {theirs.ttft_ms[2]:.0f}"
+        print(f"{dataset:<26}{ratio:>11.2f}x{p50:>20}{p99:>20}")
+    print("=" * 60)
+    if args.plot:
+        names = [d for d, _, _ in rows]
+        bar_charts(
+            args.plot,
+            f"serving_vs_{re.sub(r'[^a-z0-9]+', '_', peer.lower())}",
+            f"radixlm vs {peer}: same datasets, OpenAI /v1/completions, streaming "
+            f"(best of {args.rounds} alternating rounds)",
+            names,
+            [
+                (
+                    "requests/s",
+                    {
+                        "radixlm": [o.request_throughput for _, o, _ in rows],
+                        peer: [t.request_throughput for _, _, t in rows],
+                    },
+                ),
+                (
+                    "TTFT p50, ms (log)",
+                    {
+                        "radixlm": [o.ttft_ms[1] for _, o, _ in rows],
+                        peer: [t.ttft_ms[1] for *_, t in rows],
+                    },
+                ),
+                (
+                    "TTFT p99, ms (log)",
+                    {
+                        "radixlm": [o.ttft_ms[2] for _, o, _ in rows],
+                        peer: [t.ttft_ms[2] for *_, t in rows],
+                    },
+                ),
+            ],
+            log_panels=(1, 2),
+        )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(
@@ -691,6 +913,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="TTFT p50 of requests whose system prompt is cached vs uncached, one at a time",
     )
+    mode.add_argument(
+        "--peer-url",
+        help="also run --datasets against this OpenAI-compatible server, alternating; ratios",
+    )
+    mode.add_argument(
+        "--peer-llama-server",
+        choices=["F32", "BF16"],
+        help="--peer-url, started here: llama-server on the default model's F32 or BF16 GGUF "
+        "(built by ../shared/tools/build-llama-server.sh into $LLAMA_HOME)",
+    )
+    p.add_argument(
+        "--datasets",
+        type=lambda v: v.split(","),
+        default=["generated-shared-prefix", "random", "multiturn"],
+        help="peer mode: the datasets to run, comma-separated",
+    )
     p.add_argument("--base-url", help="a running server (default: start `radixlm serve`)")
     p.add_argument(
         "--backend",
@@ -702,6 +940,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-path", help="model of the started server (default: the embedded SmolLM2-135M)"
     )
     p.add_argument("--max-total-tokens", type=int, help="KV pool size of the started server")
+    p.add_argument("--dtype", help="weight dtype of the started server (e.g. bfloat16)")
     p.add_argument(
         "--disable-radix-cache", action="store_true", help="start the server without prefix cache"
     )
@@ -710,7 +949,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--dataset-name",
-        choices=["generated-shared-prefix", "random"],
+        choices=["generated-shared-prefix", "random", "multiturn"],
         default="generated-shared-prefix",
     )
     p.add_argument("--gsp-num-groups", type=int, default=4, help="distinct system prompts")
@@ -723,6 +962,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=32, help="random dataset: prompts")
     p.add_argument("--random-input-len", type=int, default=512, help="random dataset: tokens")
     p.add_argument("--random-output-len", type=int, default=16, help="random dataset: tokens")
+    p.add_argument("--mt-conversations", type=int, default=16, help="multiturn: conversations")
+    p.add_argument("--mt-turns", type=int, default=4, help="multiturn: user turns each")
+    p.add_argument("--mt-question-len", type=int, default=128, help="multiturn: tokens a message")
+    p.add_argument("--mt-output-len", type=int, default=32, help="multiturn: tokens an answer")
     p.add_argument(
         "--request-rate",
         type=float,
@@ -730,9 +973,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Poisson arrivals per second (inf: all at once)",
     )
     p.add_argument("--max-concurrency", type=int, help="most requests in flight at once")
-    p.add_argument("--rounds", type=int, default=2, help="--compare-engine: alternating rounds")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="--compare-engine, peer: alternating rounds"
+    )
     p.add_argument("--seed", type=int, default=1, help="prompts and arrival times")
-    return p.parse_args(argv)
+    add_plot_arg(p)
+    args = p.parse_args(argv)
+    args.peer_name = "llama-server" if args.peer_llama_server else "peer"
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -742,7 +990,12 @@ def main(argv: list[str] | None = None) -> None:
     with launched_server(args) as url:
         # The server's tokenizer, so that text prompts have the intended token counts.
         tokenizer = Tokenizer.load(http_json(url + "/model_info")["tokenizer_path"])
-        if args.compare_engine:
+        if args.peer_llama_server:
+            with launched_llama_server(args.peer_llama_server, os.cpu_count() or 1) as peer:
+                mode_peer(args, url, peer, tokenizer)
+        elif args.peer_url:
+            mode_peer(args, url, args.peer_url.rstrip("/"), tokenizer)
+        elif args.compare_engine:
             mode_compare_engine(args, url, tokenizer)
         elif args.ttft_cached:
             mode_ttft_cached(args, url, tokenizer)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from radixlm.engine.args import EngineArgs
-from radixlm.router.args import POLICIES, RouterArgs
+from radixlm.router.args import POLICIES, RayArgs, RouterArgs
 from radixlm.server.args import (
     ACCEPTED_SGLANG_ARGS,
     LOG_LEVELS,
@@ -183,6 +183,11 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
         "--reasoning-parser",
         {"choices": REASONING_PARSERS, "help": "move <think>...</think> to reasoning_content"},
     ),
+    ("--image-dir", {"help": "read local image paths (image_data) only under this folder"}),
+    (
+        "--allow-image-urls",
+        {"action": "store_true", "help": "fetch http(s) image URLs sent in requests"},
+    ),
 ]
 
 
@@ -192,6 +197,11 @@ def server_args_from(ns: argparse.Namespace) -> ServerArgs:
 
 
 def _serve(ns: argparse.Namespace) -> int:
+    if ns.ray:
+        from radixlm.router.launch import serve_ray
+
+        ray_args = RayArgs(ns.ray_address, ns.ray_num_cpus, ns.ray_num_gpus)
+        return serve_ray(engine_args_from(ns), server_args_from(ns), ns.dp, ray_args)
     if ns.dp > 1:
         from radixlm.router.launch import serve_dp
 
@@ -253,6 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
         )
     srv.add_argument(
         "--dp", type=int, default=1, help="engine servers behind a router on this port"
+    )
+    ray_defaults = RayArgs()
+    srv.add_argument("--ray", action="store_true", help="run the --dp servers as Ray actors")
+    srv.add_argument(
+        "--ray-address", help="the Ray cluster (default: RAY_ADDRESS, else this machine's)"
+    )
+    srv.add_argument(
+        "--ray-num-cpus", type=float, default=ray_defaults.num_cpus, help="CPUs per Ray replica"
+    )
+    srv.add_argument(
+        "--ray-num-gpus", type=float, default=ray_defaults.num_gpus, help="GPUs per Ray replica"
     )
     add_engine_args(srv)
     rtr = sub.add_parser("router", help="route requests across `radixlm serve` workers")

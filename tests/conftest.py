@@ -386,3 +386,11 @@ def tiny_server_model(
     return make_tiny_model(
         tmp_path_factory.mktemp("models") / "tiny-llama", max_position_embeddings=TINY_CONTEXT
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(radixlm_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LLaVA (CLIP tower, 16 image tokens) folder."""
+    from image_helpers import write_tiny_llava
+
+    return write_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from radixlm.server.child_process import ServerProcess
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 RATIO = r"[0-9]+\.[0-9]+"
 
@@ -31,6 +33,7 @@ CASES = [
             rf"native +{RATIO} ms",
             rf"plain read \(torch.sum\) +{RATIO} ms",
         ],
+        ["radix_shared_prefix", "radix_no_sharing", "decode_step_vs_batch"],
         id="engine",
     ),
     pytest.param(
@@ -45,12 +48,14 @@ CASES = [
             rf"throughput cost of closing, time on / off = {RATIO}",
             rf"grammar work per request .* on {RATIO} ms, off {RATIO} ms",
         ],
+        ["jump_forward"],
         id="grammar",
     ),
     pytest.param(
         "bench_lang.py",
         "--tot-programs 1 --context-words 20 --fewshot-batch 2 --shots 2 --overhead-reps 2",
         [rf"speedup {RATIO}x", r"us per gen", rf"overhead -?{RATIO} ms per call"],
+        [],
         id="lang",
     ),
     pytest.param(
@@ -58,6 +63,7 @@ CASES = [
         "--compare-engine --rounds 1 --gsp-num-groups 2 --gsp-prompts-per-group 2"
         " --gsp-system-prompt-len 40 --gsp-question-len 8 --gsp-output-len 2",
         [r"Successful requests: +4", rf"Served / in-process throughput \(best\): +{RATIO}"],
+        [],
         id="serving",
     ),
     pytest.param(
@@ -65,20 +71,89 @@ CASES = [
         "--ttft-cached --gsp-num-groups 2 --gsp-prompts-per-group 2 --gsp-system-prompt-len 40"
         " --gsp-question-len 8",
         [rf"TTFT p50 cached / uncached: +{RATIO}"],
+        [],
         id="serving-ttft",
+    ),
+    pytest.param(
+        "bench_router.py",
+        "cache --groups 2 --prefix-len 40 --questions 2 --question-len 4 --output-len 2"
+        " --pool 300 --layers 1",
+        [
+            r"cache_aware +hit rate .* requests per worker",
+            r"single engine hit rate .* requests per worker 4 ",
+            rf"round 1: cache_aware / round_robin: hit rate {RATIO}x, throughput {RATIO}x",
+        ],
+        [],
+        id="router-cache",
+    ),
+    pytest.param(
+        "bench_router.py",
+        "overhead --requests 5 --seconds 0.5 --concurrency 4 --clients 1 --rounds 1",
+        [rf"added -?{RATIO} ms", r"throughput via router [0-9]+ req/s"],
+        [],
+        id="router-overhead",
+    ),
+    pytest.param(
+        "bench_images.py",
+        "--images 2 --questions 2 --image-size 56 --vision-hidden 64 --vision-layers 2"
+        " --lm-hidden 64 --lm-layers 2 --output-len 2 --rounds 1 --max-total-tokens 2048",
+        [
+            rf"throughput radix on / off \(both caches off\) = {RATIO}x",
+            rf"encoder cache alone: {RATIO}x; its share of the gain = -?{RATIO}%",
+        ],
+        [],
+        id="images",
     ),
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("script", "args", "figures"), CASES)
-def test_benchmark_runs(script: str, args: str, figures: list[str]) -> None:
+def run_benchmark(script: str, args: list[str]) -> str:
+    """The command's stdout, after checking that it succeeded."""
     run = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *args.split()],
+        [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-4000:]
+    return run.stdout
+
+
+def assert_pngs(folder: Path, names: list[str]) -> None:
+    """Exactly these figures were written, each a PNG of a real size."""
+    assert sorted(p.stem for p in folder.glob("*.png")) == sorted(names)
+    for name in names:
+        data = (folder / f"{name}.png").read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("script", "args", "figures", "pngs"), CASES)
+def test_benchmark_runs(
+    script: str, args: str, figures: list[str], pngs: list[str], tmp_path: Path
+) -> None:
+    plot = ["--plot", str(tmp_path)] if pngs else []
+    out = run_benchmark(script, args.split() + plot)
     for figure in figures:
-        assert re.search(figure, run.stdout), f"{figure!r} not in:\n{run.stdout}"
+        assert re.search(figure, out), f"{figure!r} not in:\n{out}"
+    assert_pngs(tmp_path, pngs)
+
+
+@pytest.mark.slow
+def test_serving_against_a_peer(tmp_path: Path) -> None:
+    """The peer mode runs every dataset against radixlm and an OpenAI-compatible peer (here a
+    second radixlm server), prints one ratio row per dataset and draws them."""
+    with ServerProcess.start([]) as peer:
+        out = run_benchmark(
+            "bench_serving.py",
+            f"--peer-url {peer.url} --rounds 1 --gsp-num-groups 2 --gsp-prompts-per-group 2"
+            " --gsp-system-prompt-len 40 --gsp-question-len 8 --gsp-output-len 2 --num-prompts 2"
+            " --random-input-len 16 --random-output-len 2 --mt-conversations 2 --mt-turns 2"
+            f" --mt-question-len 8 --mt-output-len 2 --plot {tmp_path}".split(),
+        )
+    for dataset, requests in (("generated-shared-prefix", 4), ("random", 2), ("multiturn", 4)):
+        assert re.search(rf"{dataset} +{RATIO}x +[0-9]+ / [0-9]+ +[0-9]+ / [0-9]+", out), out
+        # both servers' summary blocks, each with every request of the dataset served
+        blocks = re.findall(rf" {dataset}: .*\n(?:.*\n)*?Successful requests: +([0-9]+)", out)
+        assert blocks == [str(requests)] * 2, out
+    assert_pngs(tmp_path, ["serving_vs_peer"])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from radixlm.core.images import ImageFill
 
 
 @dataclass(slots=True)
@@ -63,6 +65,8 @@ class ForwardBatch:
     # The model's sliding window: a token attends to itself and the window - 1 positions before
     # it. None: to every position before it.
     window: int | None = None
+    # Image positions among the flat tokens, and which rows of which image's features they take.
+    images: list[ImageFill] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from radixlm.core.finish import FinishReason
+from radixlm.core.images import ImageSpan, ImageSpec
 from radixlm.core.params import SamplingParams
 
 # A logprob entry: (logprob or None for the first prompt token, token id).
@@ -21,6 +22,7 @@ class GenerateRequest:
     return_logprob: bool = False
     logprob_start_len: int = -1  # -1: output logprobs only; k: prompt logprobs from token k
     top_logprobs_num: int = 0
+    images: tuple[ImageSpan, ...] = ()  # image positions in input_ids, with their pixels
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,7 @@ class CoreInfo:
     dtype: str
     kernel_backend: str  # the ops the model runs: compiled CPU kernels or plain torch
     load_seconds: float
+    image: ImageSpec | None = None  # how the model takes images; None for text-only models
 
 
 @dataclass(frozen=True, slots=True)

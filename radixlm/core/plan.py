@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from radixlm.core.images import ImageSpan
 from radixlm.core.messages import LogprobEntry
 from radixlm.core.request import Req
 
@@ -22,6 +23,7 @@ class ScheduledSeq:
     start: int
     kv_slots: torch.Tensor  # int64 [start + len(new_ids)]: slots of every position, new ones last
     logit_from: int  # first position whose logits are returned; start + len(new_ids) for none
+    images: tuple[ImageSpan, ...] = ()  # the request's images (positions in fill_ids)
 
     @property
     def end(self) -> int:

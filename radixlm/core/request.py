@@ -11,6 +11,7 @@ import torch
 
 from radixlm.cache import TreeNode
 from radixlm.core.finish import FinishReason
+from radixlm.core.images import ImageSpan
 from radixlm.core.messages import GenerateRequest, LogprobEntry
 from radixlm.core.params import SamplingParams
 
@@ -86,6 +87,7 @@ class Req:
     input_lp_next: int = 0  # next prompt token whose logprob is owed
     num_sent: int = 0  # output tokens already sent to the frontend
     grammar: OutputGrammar | None = None  # set once compiled; has accepted all of output_ids
+    images: tuple[ImageSpan, ...] = ()  # image positions in input_ids (pad ids, see core.images)
 
     @classmethod
     def from_message(cls, msg: GenerateRequest, model_eos: Sequence[int]) -> Req:
@@ -100,6 +102,7 @@ class Req:
             logprob_start_len=msg.logprob_start_len,
             top_logprobs_num=msg.top_logprobs_num,
             input_lp_next=max(msg.logprob_start_len, 0),
+            images=msg.images,
         )
 
     @property

@@ -35,7 +35,8 @@ from radixlm.engine.cache_events import CacheEventLog
 from radixlm.grammar import GrammarSpec
 from radixlm.grammar.manager import GrammarManager
 from radixlm.models.default import default_model_path
-from radixlm.models.loader import load_model_files
+from radixlm.models.loader import load_model_files, resolve_model_folder
+from radixlm.multimodal.processor import image_spec
 from radixlm.runner.runner import ModelRunner, default_num_slots, resolve_device, resolve_dtype
 from radixlm.sampling import Sampler
 from radixlm.sampling.step import sample_step
@@ -55,6 +56,9 @@ class EngineCore:
         config, weights = load_model_files(self.model_path)
         self.tokenizer = Tokenizer.load(self.model_path, args.chat_template)
         self.model_config = config
+        self.image_spec = image_spec(
+            resolve_model_folder(self.model_path, weights=False), config, self.tokenizer
+        )
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         kv_dtype = (
@@ -250,6 +254,7 @@ class EngineCore:
             dtype=str(self.runner.dtype).removeprefix("torch."),
             kernel_backend=self.runner.backend.name,
             load_seconds=self.load_seconds,
+            image=self.image_spec,
         )
 
     def close(self) -> None:

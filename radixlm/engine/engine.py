@@ -22,6 +22,7 @@ from radixlm.engine.client import (
 from radixlm.engine.core import EngineCore
 from radixlm.engine.frontend import GenerateInput, RequestState, tokenize_input
 from radixlm.engine.transport import ThreadTransport
+from radixlm.multimodal.inputs import ImageSources
 
 __all__ = ["Engine", "EngineDeadError"]
 
@@ -56,9 +57,12 @@ class Engine:
         return_text_in_logprobs: bool = False,
         stream: bool = False,
         rid: str | list[str] | None = None,
+        image_data: str | list[Any] | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """Generate for one prompt (a dict back) or a batch (a list); stream=True yields dicts
-        whose text and output_ids are cumulative. Bad input raises ValueError."""
+        whose text and output_ids are cumulative. `image_data`: for a LLaVA-style model, an
+        image (file path, data URL or base64) or a list per prompt, each where the prompt has
+        an image token. Bad input raises ValueError."""
         inp = _generate_input(locals())  # first: locals() is the call's arguments
         states = self._states(inp)
         outputs: queue.SimpleQueue[tuple[int, Output]] = queue.SimpleQueue()
@@ -85,6 +89,7 @@ class Engine:
         return_text_in_logprobs: bool = False,
         stream: bool = False,
         rid: str | list[str] | None = None,
+        image_data: str | list[Any] | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
         """`generate` for asyncio code, as SGLang's Engine has it: awaiting gives the output (a
         dict, or a list for a batch), or with stream=True an async iterator of cumulative dicts.
@@ -107,7 +112,7 @@ class Engine:
     def _states(self, inp: GenerateInput) -> list[RequestState]:
         """Validate and tokenize (ValueError for bad input); one state per engine request."""
         self._client.check_alive()
-        reqs = tokenize_input(inp, self.tokenizer, self.info)
+        reqs = tokenize_input(inp, self.tokenizer, self.info, ImageSources(any_path=True))
         return [RequestState(r, self.tokenizer, inp.return_text_in_logprobs) for r in reqs]
 
     @staticmethod

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from radixlm.core.finish import FinishReason
 from radixlm.core.limits import prompt_error
@@ -15,6 +15,10 @@ from radixlm.core.messages import CoreInfo, GenerateRequest, LogprobEntry, Token
 from radixlm.core.params import SamplingParams
 from radixlm.grammar import GrammarSpec, validate_spec
 from radixlm.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from radixlm.core.images import ImageSpan
+    from radixlm.multimodal.inputs import ImageSources
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +34,8 @@ class GenerateInput:
     return_text_in_logprobs: bool = False
     stream: bool = False
     rid: str | list[str] | None = None
+    # Images (paths, data URLs, base64, http(s) URLs): one or a list per prompt, as in SGLang.
+    image_data: Any = None
 
     @property
     def is_batch(self) -> bool:
@@ -74,10 +80,14 @@ def _check_int(value: Any, name: str, lo: int) -> int:
 
 
 def tokenize_input(
-    inp: GenerateInput, tokenizer: Tokenizer, limits: CoreInfo
+    inp: GenerateInput,
+    tokenizer: Tokenizer,
+    limits: CoreInfo,
+    image_sources: ImageSources | None = None,
 ) -> list[GenerateRequest]:
     """Validate and tokenize; one GenerateRequest per (prompt, sample). Raises ValueError, also
-    for a prompt that can never run on this core (longer than its context or its KV pool)."""
+    for a prompt that can never run on this core (longer than its context or its KV pool).
+    `image_sources` says where images may be read from (default: data URLs and base64 only)."""
     vocab_size = limits.vocab_size
     if (inp.text is None) == (inp.input_ids is None):
         raise ValueError("exactly one of text and input_ids must be given")
@@ -107,6 +117,7 @@ def tokenize_input(
     n = len(prompts)
     if n == 0:
         raise ValueError("the batch is empty")
+    images = _place_images(inp, prompts, limits, image_sources)
     raw_params = _per_item(inp.sampling_params, n, "sampling_params")
     params = [SamplingParams.from_dict(p) for p in raw_params]
     for p in params:
@@ -120,9 +131,14 @@ def tokenize_input(
     for i, ids in enumerate(prompts):
         error = prompt_error(len(ids), limits.context_len, limits.max_total_num_tokens)
         if error is not None:
-            raise ValueError(error)
+            raise ValueError(error + (" (with its images)" if images[i] else ""))
         _check_room(len(ids), raw_params[i], params[i], limits.context_len)
         s = -1 if start[i] is None else _check_int(start[i], "logprob_start_len", -1)
+        if logprob[i] and images[i] and 0 <= s < images[i][-1].end:
+            raise ValueError(
+                f"logprob_start_len {s} is inside or before an image: prompt logprobs are given "
+                f"only for the text after the last image (from position {images[i][-1].end})"
+            )
         k = 0 if top[i] is None else _check_int(top[i], "top_logprobs_num", 0)
         rid = rids[i] or uuid.uuid4().hex
         p = params[i]
@@ -138,9 +154,37 @@ def tokenize_input(
                     return_logprob=bool(logprob[i]),
                     logprob_start_len=s,
                     top_logprobs_num=k,
+                    images=images[i],
                 )
             )
     return reqs
+
+
+def _place_images(
+    inp: GenerateInput,
+    prompts: list[list[int]],
+    limits: CoreInfo,
+    sources: ImageSources | None,
+) -> list[tuple[ImageSpan, ...]]:
+    """Each prompt's images, its image tokens replaced (in place) by their runs of pad ids."""
+    spec = limits.image
+    if spec is None:
+        if inp.image_data is not None and inp.image_data != []:
+            raise ValueError(f"the model {limits.model_path!r} takes no images (text only)")
+        return [() for _ in prompts]
+    from radixlm.multimodal.inputs import (
+        ImageSources,
+        load_images,
+        per_prompt_images,
+        place_images,
+    )
+
+    where = sources or ImageSources()
+    out = []
+    for i, image_list in enumerate(per_prompt_images(inp.image_data, len(prompts))):
+        prompts[i], spans = place_images(prompts[i], load_images(image_list, spec, where), spec)
+        out.append(spans)
+    return out
 
 
 def _rids(inp: GenerateInput, n: int) -> list[str | None]:

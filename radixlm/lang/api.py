@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, overload
 
 from radixlm.lang.choices import ChoicesMethod, token_length_normalized
@@ -13,6 +15,7 @@ from radixlm.lang.ir import (
     ExprList,
     Gen,
     GenParams,
+    Image,
     RoleBegin,
     RoleEnd,
     Select,
@@ -126,10 +129,14 @@ def select(
 
 
 def image(path: str) -> Expr:
-    """Images are not supported: radixlm serves text-only models."""
-    raise NotImplementedError(
-        f"image({path!r}): radixlm serves text-only models, so programs cannot include images yet"
-    )
+    """Append the image file at `path` (for LLaVA-style models): the model's image token goes
+    into the text and the image, as base64, goes with every later model call, so the server
+    needs no access to the file. Forks share it (and its cached K/V)."""
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise ValueError(f"image({path!r}): cannot read the file: {e}") from e
+    return Image(base64.b64encode(data).decode("ascii"))
 
 
 def _role(role: str, expr: Expr | str | None) -> ExprList:

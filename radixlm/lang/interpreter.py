@@ -14,6 +14,7 @@ from radixlm.lang.ir import (
     Expr,
     Gen,
     GenParams,
+    Image,
     RoleBegin,
     RoleEnd,
     Select,
@@ -62,6 +63,7 @@ class Executor:
         self.inline = inline
         self.text = ""
         self.messages: list[dict[str, Any]] = []
+        self.images: list[str] = []  # base64 of each image token in text, in order
         self.variables: dict[str, Any] = {}
         self.meta_info: dict[str, Any] = {}
         self.error: BaseException | None = None
@@ -141,6 +143,7 @@ class Executor:
                 self.backend, self.defaults, stream=self.stream, spec_tokens=self.spec_tokens
             )
             child.text, child.messages = self.text, list(self.messages)
+            child.images = list(self.images)
             child.variables = dict(self.variables)
             child._role, child._role_start = self._role, self._role_start
             child._speculated = self._speculated
@@ -229,8 +232,13 @@ class Executor:
             self._scopes[expr.name] = len(self.text)
         elif isinstance(expr, VarScopeEnd):
             self.set_var(expr.name, self.text[self._scopes.pop(expr.name) :])
+        elif isinstance(expr, Image):
+            self._image(expr)
         elif isinstance(expr, CommitPrefix):
-            self.backend.cache_prefix(self.text)
+            if self.images:
+                self.backend.cache_prefix(self.text, self.images)
+            else:  # backends written before images take the text alone
+                self.backend.cache_prefix(self.text)
         elif isinstance(expr, ConcatForks):
             for child in expr.forks:
                 child.sync()
@@ -239,7 +247,19 @@ class Executor:
             raise TypeError(f"unknown expression {expr!r}")
 
     def _prompt(self) -> Prompt:
-        return Prompt(self.text, list(self.messages))
+        return Prompt(self.text, list(self.messages), list(self.images))
+
+    def _image(self, image: Image) -> None:
+        token = self.backend.image_token
+        if token is None:
+            raise ValueError("image(): this backend's model takes no images (text only)")
+        if self._spec_segments is not None:
+            raise ValueError("image(): not supported inside a speculated assistant turn")
+        self._speculated = ""
+        with self._cond:
+            self.images.append(image.data)
+            self.text += token
+            self._cond.notify_all()
 
     def _append(self, text: str) -> None:
         with self._cond:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -137,6 +137,13 @@ class Text(Expr):
     """Constant text."""
 
     value: str
+
+
+@dataclass(eq=False)
+class Image(Expr):
+    """An image, placed where the model's image token goes; `data` is the file's base64."""
+
+    data: str = field(repr=False)
 
 
 @dataclass(eq=False)

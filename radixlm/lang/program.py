@@ -254,7 +254,7 @@ class _NullBackend(Backend):
         """Stop the trace."""
         raise _TraceStop
 
-    def cache_prefix(self, text: str) -> None:
+    def cache_prefix(self, text: str, images: list[str] | None = None) -> None:
         """Stop the trace."""
         raise _TraceStop
 

@@ -131,9 +131,14 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, batch: ForwardBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]
+        self,
+        batch: ForwardBatch,
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        residual = self.embed_tokens(batch.input_ids)
+        """Logits of batch.logits_index; `embeds` replaces the token embeddings (images)."""
+        residual = self.embed_tokens(batch.input_ids) if embeds is None else embeds
         rope = self.rope(batch.positions, residual.dtype)
         x = None
         if not batch.extends and batch.rows is not None and self.decode_pass is not None:

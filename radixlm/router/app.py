@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,6 +21,7 @@ from radixlm.router.metrics import RouterMetrics, merge
 from radixlm.router.policy import make_policy
 from radixlm.router.prompts import PromptReader
 from radixlm.router.proxy import Forwarder
+from radixlm.router.replicas import ReplicaSet
 from radixlm.router.workers import WorkerPool
 from radixlm.server.app import ApiKeyMiddleware
 from radixlm.server.errors import ApiError, EngineUnavailable, error_body
@@ -91,20 +92,25 @@ def _key(request: Request, data: Mapping[str, Any]) -> str | None:
     return None
 
 
-def create_router_app(args: RouterArgs, on_close: Callable[[], None] | None = None) -> FastAPI:
-    """The router's app; its workers are followed from the app's start to its end, when
-    on_close (blocking: it runs on a thread) is called."""
+def create_router_app(args: RouterArgs, replicas: ReplicaSet | None = None) -> FastAPI:
+    """The router's app; its workers are followed from the app's start to its end. Replicas
+    the router runs itself are restarted when they die while it serves, and stopped at its end."""
     router = Router(args)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await router.start()
+        watch = asyncio.create_task(replicas.watch(router.pool)) if replicas else None
         try:
             yield
         finally:
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
             await router.close()
-            if on_close is not None:
-                await asyncio.to_thread(on_close)
+            if replicas is not None:
+                await asyncio.to_thread(replicas.stop)
 
     app = FastAPI(
         title="radixlm router", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None

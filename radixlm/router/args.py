@@ -43,3 +43,22 @@ class RouterArgs:
         del info["api_key"]
         info.update(info.pop("extra"))
         return info
+
+
+@dataclass(frozen=True)
+class RayArgs:
+    """The Ray cluster the replicas run on, and what each replica reserves there."""
+
+    # None: RAY_ADDRESS, else the cluster `ray start` started on this machine, else a new one.
+    address: str | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0 or self.num_gpus < 0:
+            raise ValueError("ray_num_cpus must be positive and ray_num_gpus >= 0")
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        """One replica's resources."""
+        return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {})}

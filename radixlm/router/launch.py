@@ -11,19 +11,21 @@ import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from radixlm.engine.args import EngineArgs
 from radixlm.router.app import create_router_app
-from radixlm.router.args import RouterArgs
+from radixlm.router.args import RayArgs, RouterArgs
+from radixlm.router.replicas import LocalReplica, Replica, ReplicaSet
 from radixlm.server.args import ServerArgs
-from radixlm.server.child_process import ServerProcess, serve_argv
+from radixlm.server.child_process import serve_argv
+from radixlm.server.engine_launch import RestartBudget
 from radixlm.server.launch import GRACEFUL_SHUTDOWN_S, bind
 
 logger = logging.getLogger(__name__)
-
-WORKER_START_TIMEOUT_S = 600.0
 
 
 def serve_router(args: RouterArgs) -> int:
@@ -36,14 +38,14 @@ def serve_router(args: RouterArgs) -> int:
     return _run(args, sock)
 
 
-def _run(args: RouterArgs, sock: socket.socket, on_close: Callable[[], None] | None = None) -> int:
+def _run(args: RouterArgs, sock: socket.socket, replicas: ReplicaSet | None = None) -> int:
     # Accepted connections inherit it: a small answer written in two parts (headers, body)
     # must not wait for the client's delayed ACK (40 ms on Linux).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     port = sock.getsockname()[1]
     args = dataclasses.replace(args, port=port)
     config = uvicorn.Config(
-        create_router_app(args, on_close),
+        create_router_app(args, replicas),
         log_level=args.log_level,
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
@@ -61,66 +63,97 @@ def _run(args: RouterArgs, sock: socket.socket, on_close: Callable[[], None] | N
 
 def serve_dp(engine_args: EngineArgs, server_args: ServerArgs, dp: int) -> int:
     """Start `dp` engine servers on loopback ports, the CPU threads split between them, and
-    the router in front of them on the server's address; stop them all on exit."""
+    the router in front of them on the server's address; restart a server that dies (as a
+    server restarts its engine: `max_engine_restarts` within `engine_restart_window_s`); stop
+    them all on exit."""
+    threads = max(1, (os.cpu_count() or 1) // dp)
+    env = {"OMP_NUM_THREADS": str(threads), **os.environ}
+    worker_args = dataclasses.replace(server_args, host="127.0.0.1", port=0)
+    log_dir = Path(tempfile.mkdtemp(prefix="radixlm-dp-"))
+    logger.info("starting %d engine servers (%s threads each; logs in %s)", dp, threads, log_dir)
+
+    def start(i: int) -> LocalReplica:
+        budget = RestartBudget(server_args.max_engine_restarts, server_args.engine_restart_window_s)
+        (log_dir / f"worker-{i}").mkdir()
+        argv = serve_argv(worker_engine_args(engine_args, i, dp), worker_args)
+        return LocalReplica(argv, log_dir / f"worker-{i}", env, budget)
+
+    return _serve_replicas(server_args, engine_args, dp, lambda: _start_all(start, dp))
+
+
+def worker_engine_args(engine_args: EngineArgs, i: int, dp: int) -> EngineArgs:
+    """Replica i's engine arguments: its own disk tier directory (one process per directory)
+    under --kv-cache-dir, with a dp-th of the disk size bound."""
+    if not engine_args.kv_cache_dir:
+        return engine_args
+    return dataclasses.replace(
+        engine_args,
+        kv_cache_dir=os.path.join(engine_args.kv_cache_dir, f"worker-{i}"),
+        kv_disk_size=engine_args.kv_disk_size / dp,
+    )
+
+
+def serve_ray(engine_args: EngineArgs, server_args: ServerArgs, dp: int, ray_args: RayArgs) -> int:
+    """`serve_dp` with the replicas as actors on a Ray cluster, which restarts them."""
+    try:
+        from radixlm.router.ray_replicas import start_ray_replicas
+    except ImportError as e:
+        logger.error("--ray needs the ray package (pip install 'radixlm[ray]'): %s", e)
+        return 1
+
+    def start() -> ReplicaSet | None:
+        return start_ray_replicas(engine_args, server_args, dp, ray_args)
+
+    info = {"ray": dataclasses.asdict(ray_args)}
+    return _serve_replicas(server_args, engine_args, dp, start, **info)
+
+
+def _start_all(start: Callable[[int], Replica], n: int) -> ReplicaSet | None:
+    """Start n replicas at once; None (those started stopped again) if one failed."""
+    started: list[Replica] = []
+    with ThreadPoolExecutor(n) as pool:
+        for f in [pool.submit(start, i) for i in range(n)]:
+            try:
+                started.append(f.result())
+            except RuntimeError as e:
+                logger.error("an engine server failed to start: %s", e)
+    replicas = ReplicaSet(started)
+    if len(started) < n:
+        replicas.stop()
+        return None
+    return replicas
+
+
+def _serve_replicas(
+    server_args: ServerArgs,
+    engine_args: EngineArgs,
+    dp: int,
+    start: Callable[[], ReplicaSet | None],
+    **info: Any,
+) -> int:
+    """Bind the server's address, start the replicas, run the router in front of them until
+    Ctrl-C or SIGTERM, and stop them."""
     try:
         sock = bind(server_args.host, server_args.port)
     except OSError as e:
         logger.error("cannot listen on %s:%d: %s", server_args.host, server_args.port, e)
         return 1
-    threads = max(1, (os.cpu_count() or 1) // dp)
-    env = {"OMP_NUM_THREADS": str(threads), **os.environ}
-    worker_args = dataclasses.replace(server_args, host="127.0.0.1", port=0)
-    log_dir = tempfile.mkdtemp(prefix="radixlm-dp-")
-    logger.info("starting %d engine servers (%s threads each; logs in %s)", dp, threads, log_dir)
-
-    def start(i: int) -> ServerProcess:
-        log = os.path.join(log_dir, f"worker-{i}.log")
-        args = engine_args
-        if args.kv_cache_dir:  # one process per disk tier directory, the size bound shared
-            args = dataclasses.replace(
-                args,
-                kv_cache_dir=os.path.join(args.kv_cache_dir, f"worker-{i}"),
-                kv_disk_size=args.kv_disk_size / dp,
-            )
-        return ServerProcess.start(serve_argv(args, worker_args), log, env, WORKER_START_TIMEOUT_S)
-
-    workers: list[ServerProcess] = []
-
-    def stop_workers() -> None:
-        # Also from the app's shutdown: uvicorn re-raises SIGTERM once it has stopped, which
-        # ends this process before any `finally` here runs.
-        with ThreadPoolExecutor(max(1, len(workers))) as pool:
-            for w, error in zip(workers, pool.map(_stop, workers), strict=True):
-                if error:
-                    logger.error("stopping %s: %s", w.url, error)
-
     try:
-        with ThreadPoolExecutor(dp) as pool:
-            futures = [pool.submit(start, i) for i in range(dp)]
-            for f in futures:
-                try:
-                    workers.append(f.result())
-                except RuntimeError as e:
-                    logger.error("an engine server failed to start: %s", e)
-        if len(workers) < dp:
+        replicas = start()
+        if replicas is None:
             return 1
         args = RouterArgs(
-            worker_urls=tuple(w.url for w in workers),
+            worker_urls=replicas.urls,
             host=server_args.host,
             api_key=server_args.api_key,
             log_level=server_args.log_level,
-            extra={"dp": dp, **server_args.public(), **engine_args.to_dict()},
+            extra={"dp": dp, **info, **server_args.public(), **engine_args.to_dict()},
         )
-        return _run(args, sock, stop_workers)
+        try:
+            return _run(args, sock, replicas)
+        finally:
+            # Also from the app's shutdown: uvicorn re-raises SIGTERM once it has stopped,
+            # which ends this process before this `finally` runs. Stopping twice is harmless.
+            replicas.stop()
     finally:
         sock.close()
-        stop_workers()
-
-
-def _stop(server: ServerProcess) -> str | None:
-    """Stop a server; why it had to be killed, if it had to."""
-    try:
-        server.stop()
-    except RuntimeError as e:
-        return str(e)
-    return None

@@ -9,10 +9,12 @@ import torch
 
 from radixlm.cache import KVPool
 from radixlm.core.forward import ExtendSeq, ForwardBatch
+from radixlm.core.images import ImageFill, image_fills
 from radixlm.core.plan import ScheduledSeq, is_short_row
 from radixlm.kernels.backend import Backend, choose_backend
 from radixlm.models.config import ModelConfig
 from radixlm.models.llama import LlamaForCausalLM
+from radixlm.models.llava import LlavaForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +47,11 @@ def build_model(
     device: torch.device,
     dtype: torch.dtype,
     backend: Backend,
-) -> LlamaForCausalLM:
+) -> LlamaForCausalLM | LlavaForConditionalGeneration:
     """Create the model over `backend` without a random init, then copy the checkpoint in."""
+    model_cls = LlavaForConditionalGeneration if config.vision else LlamaForCausalLM
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend)
+        model = model_cls(config, backend)
     model = model.to_empty(device=device).to(dtype)
     model.rope.__init__(  # type: ignore[misc]  # buffers are lost on meta; recompute them
         config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
@@ -178,6 +181,7 @@ def build_batch(
     out_slots: list[torch.Tensor] = []
     logits_index: list[int] = []
     extends: list[ExtendSeq] = []
+    images: list[ImageFill] = []
     rows: list[ScheduledSeq] = []
     num_extend = 0
     for seq in seqs:
@@ -186,6 +190,8 @@ def build_batch(
         positions.extend(range(seq.start, seq.end))
         out_slots.append(seq.kv_slots[seq.start : seq.end])
         logits_index.extend(range(q_start + seq.logit_from - seq.start, q_start + q_len))
+        if seq.images:
+            images += image_fills(seq.images, seq.start, seq.end, q_start)
         if is_short_row(seq):
             rows.append(seq)
             continue
@@ -207,4 +213,5 @@ def build_batch(
         rows=layout,
         logits_index=torch.tensor(logits_index, dtype=torch.int64, device=device),
         window=window,
+        images=images,
     )

@@ -279,6 +279,9 @@ def _process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
             [chain(batch.prompt_ids[i], batch.output_ids[i]) for i in repetition],
             device,
         )
+        if ids.numel() and int(ids.max()) >= work.shape[1]:
+            keep = ids < work.shape[1]  # image positions' pad ids (radixlm.core.images)
+            rows, ids, local = rows[keep], ids[keep], local[keep]
         penalty = torch.tensor([params[i].repetition_penalty for i in repetition], device=device)
         penalty = penalty[local]
         x = work[rows, ids]

@@ -41,7 +41,7 @@ class RequestTable:
         owed = req.wants_prompt_logprobs and req.input_lp_next < len(req.input_ids)
         if owed:
             logit_from = min(logit_from, max(req.input_lp_next - 1, start))
-        seq = ScheduledSeq(req.fill_range(start, end), start, req.slots, logit_from)
+        seq = ScheduledSeq(req.fill_range(start, end), start, req.slots, logit_from, req.images)
         num_samples = 1 + req.num_draft if at_end and req.params.max_new_tokens > 0 else 0
         scheduled = ScheduledReq(req, seq, num_samples)
         if req.wants_prompt_logprobs and seq.num_logits:

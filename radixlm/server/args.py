@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,6 +36,8 @@ class ServerArgs:
     log_level: str = "info"  # of the server, its engine process and uvicorn
     tool_call_parser: str | None = None  # None: the chat template's format (else hermes)
     reasoning_parser: str | None = None  # None: the output has no reasoning part
+    image_dir: str | None = None  # local image paths are read only under this folder
+    allow_image_urls: bool = False  # fetch http(s) image URLs (off: the server fetches nothing)
 
     def __post_init__(self) -> None:
         for name in ("max_queued_requests", "max_queued_tokens", "max_engine_restarts"):
@@ -54,6 +57,8 @@ class ServerArgs:
                 f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}; "
                 f"got {self.reasoning_parser!r}"
             )
+        if self.image_dir is not None and not os.path.isdir(self.image_dir):
+            raise ValueError(f"image_dir {self.image_dir!r} is not a folder")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(
                 f"log_level must be one of {', '.join(LOG_LEVELS)}; got {self.log_level!r}"

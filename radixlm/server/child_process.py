@@ -6,6 +6,7 @@ For tests, benchmarks and notebooks (what SGLang's `launch_server_cmd`, `wait_fo
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import re
@@ -42,6 +43,14 @@ def serve_argv(engine_args: EngineArgs, server_args: ServerArgs) -> list[str]:
     return argv
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the forked child: ask the kernel for SIGKILL when the parent goes."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 @dataclass
 class ServerProcess:
     """A running `radixlm serve` child, its log file and its base URL."""
@@ -58,10 +67,12 @@ class ServerProcess:
         env: Mapping[str, str] | None = None,
         timeout: float = 300.0,
         command: str = "serve",
+        die_with_parent: bool = False,
     ) -> ServerProcess:
         """Run `radixlm serve --port 0 *args` (or another command: `router`; its output into
         log_path, else a temp file), read the address it bound from the log and wait until
-        /health answers 200.
+        /health answers 200. With die_with_parent (Linux), the child is killed when the thread
+        that started it ends, even by SIGKILL (a Ray actor's server goes with its actor).
 
         RuntimeError, with the log, if the server exits or is not healthy within timeout.
         """
@@ -70,7 +81,13 @@ class ServerProcess:
             fd, log_path = tempfile.mkstemp(prefix="radixlm-serve-", suffix=".log")
             os.close(fd)
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=_die_with_parent if die_with_parent else None,
+            )
         server = cls(proc, Path(log_path))
         try:
             server._wait_healthy(time.monotonic() + timeout)

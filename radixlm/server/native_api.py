@@ -127,6 +127,9 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
                 # radixlm's own: the --chat-template file in place of the model's, for clients
                 # on this machine that render chat roles themselves (the frontend language).
                 "chat_template": chat_template,
+                "image_token": manager.info.image.token_text
+                if manager.info is not None and manager.info.image is not None
+                else None,
             }
         )
 

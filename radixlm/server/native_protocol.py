@@ -23,9 +23,7 @@ T = TypeVar("T")
 _GENERATE_FIELDS = frozenset(f.name for f in fields(GenerateInput))
 # SGLang request fields its clients may send with an "off" value (bench_serving always sends
 # lora_path: null); any other value is a feature radixlm does not have.
-INERT_FIELDS = frozenset(
-    {"lora_path", "image_data", "return_hidden_states", "custom_logit_processor"}
-)
+INERT_FIELDS = frozenset({"lora_path", "return_hidden_states", "custom_logit_processor"})
 
 
 def parse_generate(data: Mapping[str, Any]) -> GenerateInput:
@@ -73,6 +71,7 @@ TokenId = Annotated[int, Field(ge=0)]
 Batch = Annotated[list[T], Field(min_length=1)]  # an empty batch or prompt is an error
 Count = Annotated[int, Field(ge=0)]
 StartLen = Annotated[int, Field(ge=-1)]
+ImageData = Annotated[str, Field(min_length=1)]
 Stop = Annotated[str, Field(min_length=1)]
 # What Python takes for false, spelled in JSON: the only values an inert field accepts.
 Off = Annotated[
@@ -143,7 +142,12 @@ class GenerateReqInput(_Body):
     stream: bool = Field(False, description="answer with server-sent events (text/event-stream)")
     rid: str | Batch[str] | None = None
     lora_path: Off = None
-    image_data: Off = None
+    image_data: ImageData | list[ImageData | list[ImageData] | None] | None = Field(
+        None,
+        description="images for a LLaVA-style model, each where the prompt has an image token: "
+        "one or a list per prompt, a list per prompt for a batch; a data URL or base64 (a "
+        "local path under --image-dir, an http(s) URL with --allow-image-urls)",
+    )
     return_hidden_states: Off = None
     custom_logit_processor: Off = None
 
@@ -238,6 +242,7 @@ class ModelInfo(TypedDict):
     is_generation: bool
     served_model_name: str
     chat_template: str | None  # the --chat-template file replacing the model's, if any
+    image_token: str | None  # where a prompt puts an image; None for a text-only model
 
 
 @closed

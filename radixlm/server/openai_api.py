@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -102,13 +103,15 @@ def echo_texts(req: CompletionRequest, tokenizer: Tokenizer) -> list[str]:
     return [tokenizer.decode(ids) for ids in p]  # type: ignore[union-attr]
 
 
-def chat_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer) -> tuple[str, list[int]]:
+def chat_prompt(
+    req: ChatCompletionRequest, tokenizer: Tokenizer, image_token: str | None = None
+) -> tuple[str, list[int]]:
     """Render the conversation (and the tools) with the model's chat template; the text and
-    its token ids."""
+    its token ids. Image parts become `image_token`, the model's (None: it takes no images)."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
         text = tokenizer.apply_chat_template(
-            req.conversation(),
+            req.conversation(image_token),
             add_generation_prompt=True,
             tools=tools,
             **(req.chat_template_kwargs or {}),
@@ -523,10 +526,14 @@ def openai_router(manager: TokenizerManager) -> APIRouter:
         req.check_supported()
         tokenizer = ready_tokenizer()
         size = sum(len(m.content) if isinstance(m.content, str) else 0 for m in req.messages)
-        prompt, ids = await manager.offload(size, chat_prompt, req, tokenizer)
         assert manager.info is not None  # set with the tokenizer
+        image = manager.info.image
+        image_token = image.token_text if image is not None else None
+        prompt, ids = await manager.offload(size, chat_prompt, req, tokenizer, image_token)
         parsing = chat_parsing(req, tokenizer, manager.server_args, prompt)
         inp = chat_input(req, ids, manager.info.context_len, parsing, tokenizer)
+        if images := req.image_urls():
+            inp = dataclasses.replace(inp, image_data=images)
         group = await submit(manager, inp, openai_names)
         reply = reply_for("chatcmpl", tokenizer, req.n)
         if req.stream:

@@ -248,18 +248,28 @@ class ChatCompletionRequest(_SamplingFields):
             return [t for t in tools if t.function.name == self.tool_choice.function.name]
         return list(tools)
 
-    def conversation(self) -> list[dict[str, Any]]:
-        """The messages as the chat template expects them: text parts joined into a string."""
+    def conversation(self, image_token: str | None = None) -> list[dict[str, Any]]:
+        """The messages as the chat template expects them: parts joined into a string, an
+        image part as `image_token` (the model's; None where it takes no images)."""
         out = []
         for i, m in enumerate(self.messages):
             msg = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
                 texts = []
                 for part in m.content:
+                    if _image_url(part, i) is not None:
+                        if image_token is None:
+                            raise ApiError(
+                                400,
+                                f"messages[{i}].content: the model takes no images (text only)",
+                                f"messages.{i}.content",
+                            )
+                        texts.append(image_token)
+                        continue
                     if part.get("type") != "text" or not isinstance(part.get("text"), str):
                         raise ApiError(
                             400,
-                            f"messages[{i}].content: only text parts are supported",
+                            f"messages[{i}].content: only text and image_url parts are supported",
                             f"messages.{i}.content",
                         )
                     texts.append(part["text"])
@@ -271,6 +281,32 @@ class ChatCompletionRequest(_SamplingFields):
                 call["function"]["arguments"] = _arguments(call["function"]["arguments"])
             out.append(msg)
         return out
+
+    def image_urls(self) -> list[str]:
+        """The URLs of the messages' image_url parts, in order."""
+        return [
+            url
+            for i, m in enumerate(self.messages)
+            if isinstance(m.content, list)
+            for part in m.content
+            if (url := _image_url(part, i)) is not None
+        ]
+
+
+def _image_url(part: dict[str, Any], i: int) -> str | None:
+    """The URL of an `{"type": "image_url", "image_url": {"url": ...}}` part of message i;
+    None for other parts. A malformed image part is a 400."""
+    if part.get("type") != "image_url":
+        return None
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str) or not url:
+        raise ApiError(
+            400,
+            f"messages[{i}].content: an image_url part needs image_url.url (a data URL)",
+            f"messages.{i}.content",
+        )
+    return url
 
 
 def _arguments(text: str) -> Any:

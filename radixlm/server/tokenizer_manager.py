@@ -44,6 +44,7 @@ from radixlm.engine.client import (
     Transport,
 )
 from radixlm.engine.frontend import GenerateInput, RequestState, tokenize_input
+from radixlm.multimodal.inputs import ImageSources
 from radixlm.server.args import ServerArgs
 from radixlm.server.engine_launch import Launch, RestartBudget, launch_process
 from radixlm.server.errors import EngineUnavailable, Overloaded, RequestFailed
@@ -304,7 +305,10 @@ class TokenizerManager:
         self._check_queued_tokens(0)
         texts = inp.text if isinstance(inp.text, list) else [inp.text]
         size = sum(len(t) for t in texts if isinstance(t, str))
-        reqs = await self.offload(size, tokenize_input, inp, self.tokenizer, self.info)
+        if inp.image_data:
+            size += INLINE_TOKENIZE_CHARS + 1  # decoding images (or fetching them) is slow too
+        images = ImageSources(self.server_args.image_dir, self.server_args.allow_image_urls)
+        reqs = await self.offload(size, tokenize_input, inp, self.tokenizer, self.info, images)
         client = self._ready_client()  # it may have died while we tokenized
         self._check_queued_tokens(sum(len(r.input_ids) for r in reqs))
         group = RequestGroup(

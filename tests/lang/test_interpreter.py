@@ -307,8 +307,8 @@ def test_match_segments() -> None:
 
 
 def test_api_errors() -> None:
-    with pytest.raises(NotImplementedError, match="text-only"):
-        sgl.image("cat.png")
+    with pytest.raises(ValueError, match="cannot read"):
+        sgl.image("/nonexistent/cat.png")
     with pytest.raises(ValueError, match="temperature"):
         sgl.select("x", ["a"], temperature=0.5)
     with pytest.raises(ValueError):

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from radixlm.server.child_process import ServerProcess
@@ -69,6 +70,14 @@ def start_router(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Serv
 def ready(http: httpx.Client) -> bool:
     """Whether the router tokenizes prompts already."""
     return bool(http.get("/get_server_info").json()["router"]["tokenizer_ready"])
+
+
+def listener(port: int) -> int:
+    """The process listening on a TCP port of this machine."""
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return conn.pid
+    raise AssertionError(f"nothing listens on port {port}")
 
 
 def client(server: ServerProcess, timeout: float = 120.0) -> httpx.Client:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from conftest import listener
 
 from radixlm.server.child_process import ServerProcess
 
@@ -41,3 +44,52 @@ def test_serve_dp_2(router_model: Path, tmp_path: Path) -> None:
             not Path(f"/proc/{pid}").exists()
             or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
         )
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_serve_dp_restarts_a_dead_replica(router_model: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--dp", "2", "--model-path", str(router_model), "--max-total-tokens", "3000"]
+    server = ServerProcess.start(args, tmp_path / "dp.log", env, 300.0)
+    body = {"text": "a b c", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            before = [w["url"] for w in http.get("/workers").json()]
+            expected = http.post("/generate", json=body).json()["text"]
+            doomed = http.post("/generate", json=body).headers["X-Radixlm-Worker"]
+            survivor = next(u for u in before if u != doomed)
+            # SIGKILL the replica's server and its engine, as a crash would.
+            pid = listener(int(doomed.rsplit(":", 1)[1]))
+            for child in _children(pid):
+                os.kill(child, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+            # The router keeps serving from the other replica meanwhile.
+            while True:
+                answer = http.post("/generate", json=body)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["text"] == expected
+                listed = http.get("/workers").json()
+                if doomed not in {w["url"] for w in listed}:
+                    break
+                time.sleep(0.2)
+            deadline = time.monotonic() + 240
+            while not (len(listed) == 2 and all(w["healthy"] and w["synced"] for w in listed)):
+                assert time.monotonic() < deadline, (listed, server.log())
+                answer = http.post("/generate", json=body)
+                assert answer.status_code == 200, answer.text
+                assert answer.headers["X-Radixlm-Worker"] == survivor
+                time.sleep(0.5)
+                listed = http.get("/workers").json()
+            (reborn,) = {w["url"] for w in listed} - {survivor}
+            # Re-admitted: concurrent requests reach it, and its output is the same.
+            prompts = [{**body, "text": f"{i} x y"} for i in range(8)]
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda b: http.post("/generate", json=b), prompts))
+            assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+            assert reborn in {a.headers["X-Radixlm-Worker"] for a in answers}
+            assert httpx.post(reborn + "/generate", json=body).json()["text"] == expected
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM), server.log()

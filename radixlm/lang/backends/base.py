@@ -17,6 +17,7 @@ class Prompt:
 
     text: str
     messages: list[dict[str, Any]] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)  # base64, one per image token in the text
 
 
 class Backend:
@@ -24,6 +25,8 @@ class Backend:
 
     # Chat-only APIs take messages, not text: gens must open an assistant message.
     is_chat_model: bool = False
+    # Where a prompt puts an image (the model's image token); None: the model takes no images.
+    image_token: str | None = None
 
     def __init__(self, chat_template: ChatTemplate | None = None) -> None:
         self.chat_template = chat_template or ChatTemplate()
@@ -44,8 +47,9 @@ class Backend:
         """Score every choice as a continuation of the prompt and pick one."""
         raise NotImplementedError
 
-    def cache_prefix(self, text: str) -> None:
-        """Prefill `text` so later requests that start with it reuse its KV cache (may do nothing)."""
+    def cache_prefix(self, text: str, images: list[str] | None = None) -> None:
+        """Prefill `text` (with its `images`) so later requests that start with it reuse its KV
+        cache (may do nothing)."""
 
     def flush_cache(self) -> bool:
         """Drop the server's prefix cache; False where that is not possible."""

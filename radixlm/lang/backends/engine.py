@@ -18,6 +18,8 @@ class EngineBackend(NativeBackend):
     def __init__(self, engine: Engine) -> None:
         super().__init__(ChatTemplate.from_tokenizer(engine.tokenizer))
         self.engine = engine
+        image = engine.info.image
+        self.image_token = image.token_text if image is not None else None
 
     def _call(self, payload: dict[str, Any]) -> Any:
         return self.engine.generate(**_engine_kwargs(payload))

@@ -27,7 +27,7 @@ class NativeBackend(Backend):
         self, prompt: Prompt, params: GenParams
     ) -> tuple[str | list[str], dict[str, Any] | list[dict[str, Any]]]:
         """One /generate call with the whole prompt text."""
-        out = self._call(_gen_payload(prompt.text, params))
+        out = self._call(_gen_payload(prompt, params))
         if isinstance(out, list):
             return [o["text"] for o in out], [o["meta_info"] for o in out]
         return out["text"], out["meta_info"]
@@ -37,7 +37,7 @@ class NativeBackend(Backend):
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """A streamed /generate call; the server's text is cumulative, this yields the new part."""
         seen = 0
-        for event in self._call_stream({**_gen_payload(prompt.text, params), "stream": True}):
+        for event in self._call_stream({**_gen_payload(prompt, params), "stream": True}):
             text = event["text"]
             yield text[seen:], event["meta_info"]
             seen = len(text)
@@ -47,7 +47,8 @@ class NativeBackend(Backend):
         prefix = prompt.text
         if not prefix:
             raise ValueError("select needs some text before it to condition the choices on")
-        first = self._call({"text": prefix, "sampling_params": {"max_new_tokens": 0}})
+        images = _images(prompt.images)
+        first = self._call({"text": prefix, "sampling_params": {"max_new_tokens": 0}, **images})
         prefix_tokens = first["meta_info"]["prompt_tokens"]
         # Two tokens back, so a choice that re-tokenizes the prefix's last token is scored too.
         start = max(prefix_tokens - 2, 0)
@@ -58,6 +59,7 @@ class NativeBackend(Backend):
                 "return_logprob": True,
                 "return_text_in_logprobs": True,
                 "logprob_start_len": start,
+                **({"image_data": [prompt.images] * len(choices)} if prompt.images else {}),
             }
         )
         tokens = [
@@ -77,11 +79,21 @@ class NativeBackend(Backend):
             unconditional = [o["meta_info"]["input_token_logprobs"] for o in outs]
         return method(ChoiceScores(choices, tokens, unconditional))
 
-    def cache_prefix(self, text: str) -> None:
+    def cache_prefix(self, text: str, images: list[str] | None = None) -> None:
         """A prefill-only call (max_new_tokens 0): the server keeps the prompt's KV cache."""
         if text:
-            self._call({"text": text, "sampling_params": {"max_new_tokens": 0}})
+            self._call({"text": text, "sampling_params": {"max_new_tokens": 0}, **_images(images)})
 
 
-def _gen_payload(text: str, params: GenParams) -> dict[str, Any]:
-    return {"text": text, "sampling_params": params.sampling_dict(), **params.logprob_dict()}
+def _images(images: list[str] | None) -> dict[str, Any]:
+    """The image_data field of a prompt's request (none without images)."""
+    return {"image_data": list(images)} if images else {}
+
+
+def _gen_payload(prompt: Prompt, params: GenParams) -> dict[str, Any]:
+    return {
+        "text": prompt.text,
+        "sampling_params": params.sampling_dict(),
+        **params.logprob_dict(),
+        **_images(prompt.images),
+    }

@@ -27,6 +27,7 @@ class RuntimeEndpoint(NativeBackend):
                 self.model_info.get("model_path"), self.model_info.get("chat_template")
             )
         )
+        self.image_token = self.model_info.get("image_token")
 
     def get_model_name(self) -> str:
         """The server's model path."""

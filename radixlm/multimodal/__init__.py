@@ -1,0 +1,1 @@
+"""Images for LLaVA-style models: loading and preprocessing (frontend), encoder outputs (core)."""
