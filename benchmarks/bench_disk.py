@@ -168,6 +168,8 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=8000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--decode-batch", type=int, default=8)
+    parser.add_argument("--decode-steps", type=int, default=20)
     ns = parser.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
     if ns.scenario in ("all", "restart-ttft"):
@@ -175,7 +177,7 @@ def main() -> None:
     if ns.scenario in ("all", "capacity"):
         capacity(ns.model_path, ns.num_prompts, ns.prompt_len, ns.pool, ns.rounds, ns.batch)
     if ns.scenario in ("all", "decode"):
-        decode(ns.model_path, 8, 20, ns.reps)
+        decode(ns.model_path, ns.decode_batch, ns.decode_steps, ns.reps)
 
 
 if __name__ == "__main__":
