@@ -103,11 +103,12 @@ class DiskStore:
         self, prefix: list[int], tokens: list[int], salt: str | None, data: torch.Tensor
     ) -> BlockEntry | None:
         """Queue a block for writing (data must be the caller's own CPU copy); None, with
-        nothing queued, if it cannot fit the bound or the writer is too far behind."""
+        nothing queued, if it does not fit the bound (the caller makes room first) or the
+        writer is too far behind."""
         nbytes = data.numel() * data.element_size()
         with self._mutex:
             if (
-                nbytes > self.capacity_bytes
+                self.used_bytes + nbytes > self.capacity_bytes
                 or self._pending_bytes + nbytes > self.max_pending_bytes
             ):
                 return None

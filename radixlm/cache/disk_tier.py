@@ -94,6 +94,7 @@ class DiskTier:
             node.last_access = rank[id(entry)]
             attached += len(entry.tokens)
         self.store.found = []
+        self._make_room(0)  # the bound may have been lowered since the blocks were written
         if entries:
             logger.info(
                 "KV disk tier: %d tokens in %d blocks found in %s",

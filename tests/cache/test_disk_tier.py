@@ -229,6 +229,10 @@ def test_the_disk_bound_keeps_the_most_recently_used(tmp_path: Path) -> None:
     assert [h.serve(p) for p in prompts[3:]] == [30, 30, 30]
     assert [h.serve(p) for p in prompts[:3]] == [0, 0, 0]
     h.close()
+    smaller = Harness(tmp_path, slots=40, capacity_tokens=60)  # a lower bound at restart
+    assert smaller.tier.store.used_bytes <= smaller.tier.store.capacity_bytes
+    assert smaller.tier.disk_tokens == 60
+    smaller.close()
 
 
 def test_selective_writes_hit_shared_or_long_nodes_only(
