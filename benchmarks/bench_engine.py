@@ -4,6 +4,7 @@ measured in one run.
 python benchmarks/bench_engine.py all            # every scenario below, default sizes
 python benchmarks/bench_engine.py shared-prefix  # radix cache on vs off, shared few-shot prefix
 python benchmarks/bench_engine.py no-sharing     # radix cache on vs off, nothing shared
+python benchmarks/bench_engine.py salt           # shared-prefix with vs without cache_salt
 python benchmarks/bench_engine.py prefill        # uncached prefill vs its weight matmuls alone
 python benchmarks/bench_engine.py decode         # decode step vs its weight matmuls; overhead
 python benchmarks/bench_engine.py decode-pass    # CPU decode pass vs the layers one by one
@@ -92,14 +93,20 @@ def cache_on_off(
     return {**best, "ratio": best["on"] / best["off"]}
 
 
-def bench_shared_prefix(args: argparse.Namespace) -> None:
+def shared_prefix_prompts(args: argparse.Namespace, title: str) -> list[list[int]]:
+    """The shared-prefix workload: --questions prompts, one --prefix-len prefix each."""
     gen = torch.Generator().manual_seed(0)
     prefix = random_ids(args.prefix_len, gen)
     prompts = [prefix + random_ids(args.question_len, gen) for _ in range(args.questions)]
     print(
-        f"shared prefix: {args.questions} prompts = {args.prefix_len}-token prefix + "
+        f"{title}: {args.questions} prompts = {args.prefix_len}-token prefix + "
         f"{args.question_len}-token question, {args.shared_output_len} output tokens"
     )
+    return prompts
+
+
+def bench_shared_prefix(args: argparse.Namespace) -> None:
+    prompts = shared_prefix_prompts(args, "shared prefix")
     r = cache_on_off(args, prompts, args.shared_output_len)
     print(f"  throughput cache on / off = {r['ratio']:.2f}x  (target >= 8x)")
     plot_cache_on_off(
@@ -108,6 +115,76 @@ def bench_shared_prefix(args: argparse.Namespace) -> None:
         f"Shared prefix: {args.questions} x ({args.prefix_len}-token prefix + "
         f"{args.question_len}-token question)",
         r,
+    )
+
+
+def bench_salt(args: argparse.Namespace) -> None:
+    """The shared-prefix workload on one engine, unsalted vs salted (one cache_salt) vs salted
+    after a public prefix, alternating; then the tree's match_prefix alone, unsalted vs salted."""
+    prompts = shared_prefix_prompts(args, "salt")
+    prefix = prompts[0][: args.prefix_len]
+    params = {"max_new_tokens": args.shared_output_len, "temperature": 0, "ignore_eos": True}
+    plain = Engine(args.model_path, max_total_tokens=args.max_total_tokens)
+    public = Engine(args.model_path, max_total_tokens=args.max_total_tokens)
+    public.add_public_prefix(input_ids=prefix)  # its own engine: salts elsewhere stay whole
+    configs = {
+        "unsalted": (plain, None),
+        "salted": (plain, "tenant-a"),
+        "public+salt": (public, "tenant-b"),
+    }
+    best = dict.fromkeys(configs, 0.0)
+    try:
+        for eng in (plain, public):
+            eng.generate(input_ids=prompts[0][:64], sampling_params={"max_new_tokens": 1})
+        with progress(args.rounds * len(configs), "unsalted / salted", "run") as bar:
+            for r in range(args.rounds):
+                for label, (eng, salt) in configs.items():
+                    eng.flush_cache()
+                    t0 = time.perf_counter()
+                    outs = eng.generate(input_ids=prompts, sampling_params=params, cache_salt=salt)
+                    wall = time.perf_counter() - t0
+                    assert isinstance(outs, list)
+                    hit = sum(o["meta_info"]["cached_tokens"] for o in outs)
+                    best[label] = max(best[label], len(prompts) / wall)
+                    bar.write(
+                        f"  round {r + 1} {label:11s}: {wall:7.2f}s "
+                        f"{len(prompts) / wall:7.2f} req/s, {hit} cached tokens"
+                    )
+                    bar.update()
+        for eng in (plain, public):
+            eng.check_invariant()
+    finally:
+        plain.shutdown()
+        public.shutdown()
+    for label in ("salted", "public+salt"):
+        print(f"  throughput {label} / unsalted = {best[label] / best['unsalted']:.3f}")
+    _bench_salted_match(prompts, args.repeat)
+
+
+def _bench_salted_match(prompts: list[list[int]], repeat: int) -> None:
+    """match_prefix alone over a tree holding the prompts, unsalted vs salted."""
+    from radixlm.cache import RadixCache, SlotAllocator
+
+    trees = {}
+    for salt in (None, "tenant-a"):
+        cache = RadixCache(SlotAllocator(sum(len(p) for p in prompts)))
+        for ids in prompts:
+            m = cache.match_prefix(ids, salt=salt)
+            slots = cache.allocator.alloc(len(ids) - m.slots.numel())
+            assert slots is not None
+            cache.lock(m.node)
+            cache.cache_finished(ids, torch.cat([m.slots, slots]), m.node, salt=salt)
+        trees[salt] = cache
+
+    def matches(salt: str | None) -> Callable[[], None]:
+        cache = trees[salt]
+        return lambda: [cache.match_prefix(ids, salt=salt) for ids in prompts]
+
+    times = _alternating([matches(None), matches("tenant-a")], max(repeat, 5), "match_prefix")
+    per = [min(ts) / len(prompts) * 1e6 for ts in times]
+    print(
+        f"  match_prefix per call: unsalted {per[0]:.1f} us, salted {per[1]:.1f} us "
+        f"(salted / unsalted = {per[1] / per[0]:.3f})"
     )
 
 
@@ -445,6 +522,7 @@ def _read_layers(pools: list[tuple[torch.Tensor, ...]]) -> None:
 SCENARIOS = {
     "shared-prefix": bench_shared_prefix,
     "no-sharing": bench_no_sharing,
+    "salt": bench_salt,
     "prefill": bench_prefill,
     "decode": bench_decode,
     "decode-pass": bench_decode_pass,

@@ -114,13 +114,19 @@ _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
             "help": "which evicted prefixes the disk tier writes (see docs/architecture.md)",
         },
     ),
+    (
+        "--tp-size",
+        {"type": int, "default": 1, "help": "tensor-parallel ranks the model is cut over"},
+    ),
 ]
+# Other spellings of an engine flag (SGLang's).
+_ENGINE_ALIASES = {"--tp-size": ("--tp",)}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The flags that build an EngineArgs."""
     for flag, kw in _ENGINE_FLAGS:
-        parser.add_argument(flag, **kw)
+        parser.add_argument(flag, *_ENGINE_ALIASES.get(flag, ()), **kw)
 
 
 def _dest(flag: str) -> str:
@@ -158,6 +164,13 @@ _SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--host", {"help": "address to listen on"}),
     ("--port", {"type": int, "help": "port to listen on (0: any free port)"}),
     ("--api-key", {"help": "require `Authorization: Bearer KEY` (health and metrics stay open)"}),
+    (
+        "--api-key-file",
+        {
+            "help": 'keys with tenants and roles: JSON {"KEY": {"tenant": T, "role": "user"|"admin"}}'
+        },
+    ),
+    ("--pin-quota-tokens", {"type": int, "help": "tokens each tenant may pin (default: pool/4)"}),
     (
         "--max-queued-requests",
         {"type": int, "help": "requests waiting beyond --max-running-requests before 503"},

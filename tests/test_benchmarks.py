@@ -24,6 +24,9 @@ CASES = [
         [
             rf"throughput cache on / off = {RATIO}x",
             rf"throughput cache on / off = {RATIO}  ",
+            rf"throughput salted / unsalted = {RATIO}",
+            rf"throughput public\+salt / unsalted = {RATIO}",
+            rf"match_prefix per call: .*\(salted / unsalted = {RATIO}\)",
             rf"forward / matmuls = {RATIO}",
             rf"step / matmuls = {RATIO}",
             rf"time outside the forward = {RATIO}% of a step",
@@ -103,6 +106,13 @@ CASES = [
         ],
         [],
         id="images",
+    ),
+    pytest.param(
+        "bench_tp.py",
+        "--prefill-len 16 --decode-batch 2 --decode-context 16 --steps 2 --repeat 1",
+        [rf"prefill 16 tokens: .* tp=2 / tp=1 = {RATIO}", rf"tp=2 / tp=1 layer by layer = {RATIO}"],
+        [],
+        id="tp",
     ),
     pytest.param(
         "bench_disk.py",

@@ -67,6 +67,13 @@ def test_mem_fraction_static_flag() -> None:
         parse("--mem-fraction-static", "1.5")
 
 
+def test_tp_flag_and_its_sglang_spellings() -> None:
+    assert parse().tp_size == 1
+    assert parse("--tp", "2").tp_size == parse("--tp-size", "2").tp_size == 2
+    with pytest.raises(ValueError, match="tp_size must be positive"):
+        parse("--tp", "0")
+
+
 def test_chat_template_flag(tmp_path: Path) -> None:
     template = tmp_path / "chat.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")

@@ -82,12 +82,8 @@ class DiskTier:
         rank = {id(e): i + 1 for i, e in enumerate(entries)}  # oldest access first
         attached = 0
         for entry in sorted(entries, key=lambda e: len(e.prefix)):
-            if entry.salt is not None:  # no salted namespaces in this build: never matchable
-                self.store.release(entry)
-                continue
-            node = cache.attach_disk(
-                entry.prefix, entry.tokens, DiskRange(entry, 0, len(entry.tokens))
-            )
+            handle = DiskRange(entry, 0, len(entry.tokens))
+            node = cache.attach_disk(entry.prefix, entry.tokens, handle, entry.salt)
             if node is None:  # its prefix is not on disk (never written, or evicted): unreachable
                 self.store.release(entry)
                 continue
@@ -206,7 +202,7 @@ class DiskTier:
             return False
         self._make_room(nbytes)
         prefix = self.cache.path_key(node.parent)
-        entry = self.store.put(prefix, list(node.key), getattr(node, "salt", None), data)
+        entry = self.store.put(prefix, list(node.key), node.salt, data)
         if entry is None:
             return False
         node.disk = DiskRange(entry, 0, len(node.key))

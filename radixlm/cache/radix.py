@@ -12,6 +12,9 @@ import torch
 
 from radixlm.cache.pool import SlotAllocator
 
+# A node's key among its parent's children: its first token, with its salt if it has one.
+ChildKey = int | tuple[str, int]
+
 
 @dataclass(slots=True, eq=False)
 class TreeNode:
@@ -23,15 +26,25 @@ class TreeNode:
     parent: TreeNode | None = field(repr=False)
     depth: int  # tokens from the root through the end of key; a split keeps it for this node
     uid: int  # tie-break for equal access times, so the heap never compares nodes
-    children: dict[int, TreeNode] = field(default_factory=dict, repr=False)  # keyed by key[0]
+    # Keyed by child_key(child): key[0] in the shared namespace, (salt, key[0]) for a salted child.
+    children: dict[ChildKey, TreeNode] = field(default_factory=dict, repr=False)
     # Number of locks held on this node or any descendant; a locked node is never evicted.
     lock_ref: int = 0
     last_access: int = 0
+    # The namespace of this node's tokens: None is shared by every request; a salted node is
+    # matched only by requests with the same salt, and all its descendants carry that salt.
+    salt: str | None = None
+    pin_ref: int = 0  # pins on this node or any descendant (each pin also holds a lock)
+    hits: int = 0  # admissions whose match ended at this node (a subtree's sum counts its uses)
     # Tiers: in the pool (value holds the slots), on disk (disk is the tier's handle), or both.
     # Pool-resident nodes form a subtree from the root: a disk-only node's children are too.
     in_pool: bool = True
     disk: Any = None
-    hits: int = 0  # matches that reached this node (the disk tier's admission reads it)
+
+    @property
+    def child_key(self) -> ChildKey:
+        """This node's key in its parent's children."""
+        return self.key[0] if self.salt is None else (self.salt, self.key[0])
 
 
 @dataclass(slots=True)
@@ -43,9 +56,9 @@ class MatchResult:
     node: TreeNode  # deepest matched node; the root when nothing matched
 
 
-def common_prefix_len(key: list[int], ids: list[int], start: int) -> int:
-    """Length of the common prefix of key and ids[start:]."""
-    n = min(len(key), len(ids) - start)
+def common_prefix_len(key: list[int], ids: list[int], start: int, end: int | None = None) -> int:
+    """Length of the common prefix of key and ids[start:end]."""
+    n = min(len(key), (len(ids) if end is None else end) - start)
     # Slice comparison runs in C; bisecting on it beats an element loop by 3-10x on long runs.
     if key[:n] == ids[start : start + n]:
         return n
@@ -101,6 +114,7 @@ class RadixCache:
         self.disable = disable
         self.on_change: ChangeListener | None = None
         self.tier: EvictionTier | None = None  # where evicted K/V goes instead of vanishing
+        self.evicted_tokens = 0  # tokens freed by evict() since the start
         self._ids = itertools.count()
         self._clock = itertools.count(1)
         self._empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
@@ -133,27 +147,68 @@ class RadixCache:
         """Slots held by the tree."""
         return self._evictable_size + self._protected_size
 
-    def match_prefix(self, ids: Sequence[int]) -> MatchResult:
-        """Longest cached prefix of ids; splits the node the match ends inside; refreshes LRU."""
+    def match_prefix(
+        self, ids: Sequence[int], *, salt: str | None = None, public_len: int = 0
+    ) -> MatchResult:
+        """Longest cached prefix of ids; splits the node the match ends inside; refreshes LRU.
+
+        With a salt, only ids[:public_len] are matched in the shared namespace and the rest among
+        nodes of that salt, so requests with different salts share nothing past public_len.
+        """
         if self.disable:
             return MatchResult(self._empty, self.root)
         ids = _as_list(ids)
         node, pos, tick = self.root, 0, next(self._clock)
         values: list[torch.Tensor] = []
         while pos < len(ids):
-            child = node.children.get(ids[pos])
+            if salt is None:  # the unsalted path stays as cheap as it was
+                key: ChildKey = ids[pos]
+                end: int | None = None
+            else:
+                key, end = _lookup(ids, pos, salt, public_len)
+            child = node.children.get(key)
             if child is None or not child.in_pool:
                 break
-            m = common_prefix_len(child.key, ids, pos)
+            m = common_prefix_len(child.key, ids, pos, end)
             if m < len(child.key):
                 # The upper half has one child, whose first token differs from ids[pos + m]:
                 # the next lookup ends the walk.
                 child = self._split(child, m)
             child.last_access = tick  # only what matched: an unmatched lower half keeps its age
-            child.hits += 1
             values.append(child.value)
             node, pos = child, pos + m
         return MatchResult(_cat(values, self._empty), node)
+
+    def continuation(
+        self, ids: Sequence[int], max_tokens: int, *, salt: str | None = None, public_len: int = 0
+    ) -> list[int]:
+        """Up to max_tokens tokens that the tree holds right after ids in the caller's namespace
+        (at a branch, the most recently used child's): draft material that never crosses
+        salts. Read only: nothing is split, no access time refreshed."""
+        if self.disable or max_tokens <= 0:
+            return []
+        ids = _as_list(ids)
+        node, pos = self.root, 0
+        out: list[int] = []
+        while pos < len(ids):
+            key, end = _lookup(ids, pos, salt, public_len)
+            child = node.children.get(key)
+            if child is None:
+                return []
+            m = common_prefix_len(child.key, ids, pos, end)
+            if m < len(child.key):
+                if pos + m < len(ids) or child.salt != salt:
+                    return []  # ids leave the tree, or the edge's rest is another namespace
+                out = child.key[m : m + max_tokens]
+            node, pos = child, pos + m
+        while len(out) < max_tokens:
+            # Past ids every position is past public_len: only the caller's own salt's nodes.
+            kids = [c for c in node.children.values() if c.salt == salt]
+            if not kids:
+                break
+            node = max(kids, key=lambda c: c.last_access)
+            out += node.key[: max_tokens - len(out)]
+        return out
 
     def lock(self, node: TreeNode) -> None:
         """Protect node and its ancestors from eviction (one more holder)."""
@@ -165,6 +220,23 @@ class RadixCache:
                 self._protected_size += len(node.key)
             node.lock_ref += 1
             node = parent
+
+    def pin(self, node: TreeNode) -> None:
+        """Lock node's path for a pin (shown as pinned); undone by unpin(node)."""
+        self.lock(node)
+        while node is not self.root:
+            node.pin_ref += 1
+            assert node.parent is not None
+            node = node.parent
+
+    def unpin(self, node: TreeNode) -> None:
+        """Drop one pin taken by pin(node)."""
+        walk = node
+        while walk is not self.root:
+            assert walk.parent is not None and walk.pin_ref > 0, "unpin() without a matching pin()"
+            walk.pin_ref -= 1
+            walk = walk.parent
+        self.unlock(node)
 
     def unlock(self, node: TreeNode) -> None:
         """Drop one lock taken by lock(node)."""
@@ -179,25 +251,40 @@ class RadixCache:
                     self._push(node)
             node = parent
 
-    def cache_finished(self, ids: Sequence[int], slots: torch.Tensor, node: TreeNode) -> None:
+    def cache_finished(
+        self,
+        ids: Sequence[int],
+        slots: torch.Tensor,
+        node: TreeNode,
+        *,
+        salt: str | None = None,
+        public_len: int = 0,
+    ) -> None:
         """Insert a finished request's tokens and take ownership of all its slots; drops its lock on node.
 
         ids are the tokens with K/V, slots their slots; slots[: node.depth] are the tree's own
         (node is the request's locked node). Afterwards the caller owns none of these slots.
+        salt and public_len must be those node was matched with (see match_prefix).
         """
         ids = _as_list(ids)
         assert len(ids) == slots.numel(), "one slot per token"
         if self.disable:
             self.allocator.free(slots[node.depth :])
         else:
-            prefix_len, _ = self._insert(ids, slots)
+            prefix_len, _ = self._insert(ids, slots, salt, public_len)
             assert prefix_len >= node.depth, "ids must extend the locked node's prefix"
             # The tree already held ids[:prefix_len]; the request's own copies are duplicates.
             self.allocator.free(slots[node.depth : prefix_len])
         self.unlock(node)
 
     def cache_unfinished(
-        self, ids: Sequence[int], slots: torch.Tensor, node: TreeNode
+        self,
+        ids: Sequence[int],
+        slots: torch.Tensor,
+        node: TreeNode,
+        *,
+        salt: str | None = None,
+        public_len: int = 0,
     ) -> MatchResult:
         """Share a running request's computed prefix; returns its new slots and node, which the tree locks.
 
@@ -209,7 +296,7 @@ class RadixCache:
         assert len(ids) == slots.numel(), "one slot per token"
         if self.disable:
             return MatchResult(slots, node)
-        prefix_len, new_node = self._insert(ids, slots)
+        prefix_len, new_node = self._insert(ids, slots, salt, public_len)
         assert prefix_len >= node.depth, "ids must extend the locked node's prefix"
         self.allocator.free(slots[node.depth : prefix_len])
         self.lock(new_node)
@@ -232,6 +319,7 @@ class RadixCache:
                 continue
             chunks.append(node.value)
             freed += len(node.key)
+            self.evicted_tokens += len(node.key)
             self._evictable_size -= len(node.key)
             if self.tier is not None and self.tier.keep(node):
                 node.value, node.in_pool = self._empty, False
@@ -247,9 +335,9 @@ class RadixCache:
         frees those): an evicted pool leaf, or a disk-only node the tier lets go of."""
         parent = node.parent
         assert parent is not None and node.lock_ref == 0
-        if self.on_change is not None:
+        if self.on_change is not None and node.salt is None:
             self.on_change("remove", self._path_key(node), parent.depth)
-        del parent.children[node.key[0]]
+        del parent.children[node.child_key]
         stack = [node]
         while stack:
             n = stack.pop()
@@ -261,20 +349,24 @@ class RadixCache:
             stack.extend(n.children.values())
         self._push_if_leaf(parent)
 
-    def load_prefix(self, ids: Sequence[int]) -> int:
-        """Bring the disk-only nodes on ids' cached path back into the pool, as far as free and
-        evictable slots allow, so that match_prefix finds them; returns the tokens loaded. A
-        node whose K/V the tier lost is dropped with its subtree (a miss, recomputed)."""
+    def load_prefix(
+        self, ids: Sequence[int], *, salt: str | None = None, public_len: int = 0
+    ) -> int:
+        """Bring the disk-only nodes on ids' cached path (namespaced as in match_prefix) back
+        into the pool, as far as free and evictable slots allow, so that match_prefix finds
+        them; returns the tokens loaded. A node whose K/V the tier lost is dropped with its
+        subtree (a miss, recomputed)."""
         if self.tier is None or self.disable:
             return 0
         ids = _as_list(ids)
         node, pos = self.root, 0
         path: list[TreeNode] = []
         while pos < len(ids):
-            child = node.children.get(ids[pos])
+            key, end = _lookup(ids, pos, salt, public_len)
+            child = node.children.get(key)
             if child is None:
                 break
-            m = common_prefix_len(child.key, ids, pos)
+            m = common_prefix_len(child.key, ids, pos, end)
             if m < len(child.key):
                 child = self._split(child, m)
             if not child.in_pool:
@@ -306,13 +398,22 @@ class RadixCache:
             self.unlock(anchor)
         return loaded
 
-    def attach_disk(self, prefix: list[int], tokens: list[int], handle: Any) -> TreeNode | None:
+    def attach_disk(
+        self, prefix: list[int], tokens: list[int], handle: Any, salt: str | None = None
+    ) -> TreeNode | None:
         """Add a disk-only node for tokens after prefix, holding the tier's handle (a tier
         rebuilding the tree at start); None, with nothing changed, unless the tree holds prefix
-        and no node after it starts with tokens[0]."""
+        and no node after it starts with tokens[0]. A salted node's path runs through shared
+        nodes, then nodes of its salt."""
         node, pos = self.root, 0
+        salted = False
         while pos < len(prefix):
-            child = node.children.get(prefix[pos])
+            if salt is not None and (salted or (salt, prefix[pos]) in node.children):
+                key: ChildKey = (salt, prefix[pos])
+                salted = True
+            else:
+                key = prefix[pos]
+            child = node.children.get(key)
             if child is None:
                 return None
             m = common_prefix_len(child.key, prefix, pos)
@@ -321,9 +422,11 @@ class RadixCache:
                     return None
                 child = self._split(child, m)
             node, pos = child, pos + m
-        if not tokens or tokens[0] in node.children:
+        if not tokens or (tokens[0] if salt is None else (salt, tokens[0])) in node.children:
             return None
-        leaf = self._new_node(list(tokens), self._empty, node, next(self._clock))
+        if salt is None and node.salt is not None:
+            return None  # an unsalted node never hangs under a salted one
+        leaf = self._new_node(list(tokens), self._empty, node, next(self._clock), salt)
         leaf.in_pool, leaf.disk = False, handle
         return leaf
 
@@ -354,44 +457,64 @@ class RadixCache:
         return True
 
     def snapshot(self) -> list[tuple[int, list[int]]]:
-        """The tree's shape as (parent index or -1 for the root, key) in preorder: every cached
-        token sequence is a path of it (what a mirror of the tree starts from)."""
+        """The shared namespace's shape as (parent index or -1 for the root, key) in preorder:
+        every cached unsalted token sequence is a path of it (what a mirror of the tree starts
+        from; salted nodes are no one else's to route by, and are left out as they are from
+        on_change)."""
         out: list[tuple[int, list[int]]] = []
-        stack = [(child, -1) for child in self.root.children.values()]
+        stack = [(child, -1) for child in self.root.children.values() if child.salt is None]
         while stack:
             node, parent = stack.pop()
             out.append((parent, list(node.key)))
             index = len(out) - 1
-            stack.extend((child, index) for child in node.children.values())
+            stack.extend((c, index) for c in node.children.values() if c.salt is None)
         return out
 
     def all_slots(self) -> torch.Tensor:
         """Every slot id the tree holds (for tests and debugging)."""
         return _cat([node.value for node in self._nodes()], self._empty)
 
-    def _insert(self, ids: list[int], slots: torch.Tensor) -> tuple[int, TreeNode]:
-        """Make the tree hold ids; returns how many leading tokens it already held and the node ending at len(ids)."""
+    def _insert(
+        self, ids: list[int], slots: torch.Tensor, salt: str | None = None, public_len: int = 0
+    ) -> tuple[int, TreeNode]:
+        """Make the tree hold ids (namespaced as in match_prefix); returns how many leading
+        tokens it already held and the node ending at len(ids)."""
         node, pos, tick = self.root, 0, next(self._clock)
-        held: int | None = None  # where the pool's part ended, once the walk meets a disk-only node
+        held: int | None = None
+        pool_end: int | None = (
+            None  # where the pool's part ended, once the walk meets a disk-only node
+        )
         while pos < len(ids):
-            child = node.children.get(ids[pos])
+            if salt is None:
+                key: ChildKey = ids[pos]
+                end = len(ids)
+            else:
+                key, end = _lookup(ids, pos, salt, public_len)
+            child = node.children.get(key)
             if child is None:
+                if held is None:
+                    held = pos
+                    shared_end = len(ids) if salt is None else min(public_len, len(ids))
+                    if self.on_change is not None and pos < shared_end:
+                        self.on_change("insert", ids[:shared_end], pos)
                 # Cloned: the caller's tensor is often a view of a table it will overwrite.
-                leaf = self._new_node(ids[pos:], slots[pos:].clone(), node, tick)
-                if self.on_change is not None:
-                    self.on_change("insert", list(ids), pos)
-                self._evictable_size += len(leaf.key)
-                self._push(leaf)
-                return (pos if held is None else held), leaf
-            m = common_prefix_len(child.key, ids, pos)
+                salted = None if isinstance(key, int) else salt
+                node = self._new_node(ids[pos:end], slots[pos:end].clone(), node, tick, salted)
+                self._evictable_size += len(node.key)
+                pos = end
+                continue
+            m = common_prefix_len(child.key, ids, pos, end)
             if m < len(child.key):
                 child = self._split(child, m)  # ids end or branch off inside this edge
             if not child.in_pool:  # the caller computed these tokens: the node takes its slots
-                held = pos if held is None else held
+                pool_end = pos if pool_end is None else pool_end
                 self._adopt(child, slots[pos : pos + m].clone())
             child.last_access = tick
             node, pos = child, pos + m
-        return (pos if held is None else held), node
+        if held is None:
+            return (pos if pool_end is None else pool_end), node
+        self._push(node)  # the new leaf
+        return (held if pool_end is None else pool_end), node
 
     def _adopt(self, node: TreeNode, slots: torch.Tensor) -> None:
         """A disk-only node (never locked) is in the pool again, at slots, which it now owns."""
@@ -403,24 +526,29 @@ class RadixCache:
         """Cut node's edge after m tokens; returns the new upper node. node keeps its identity, depth, locks and heap entry."""
         parent = node.parent
         assert parent is not None and 0 < m < len(node.key)
-        upper = self._new_node(node.key[:m], node.value[:m], parent, node.last_access)
-        upper.lock_ref = node.lock_ref
-        upper.in_pool, upper.hits = node.in_pool, node.hits
+        upper = self._new_node(node.key[:m], node.value[:m], parent, node.last_access, node.salt)
+        upper.lock_ref, upper.pin_ref = node.lock_ref, node.pin_ref
+        upper.in_pool = node.in_pool
         if node.disk is not None:
             assert self.tier is not None
             upper.disk, node.disk = self.tier.split(node.disk, m)
         node.key = node.key[m:]
         node.value = node.value[m:]
         node.parent = upper
-        upper.children[node.key[0]] = node
+        upper.children[node.child_key] = node
         return upper
 
     def _new_node(
-        self, key: list[int], value: torch.Tensor, parent: TreeNode, tick: int
+        self,
+        key: list[int],
+        value: torch.Tensor,
+        parent: TreeNode,
+        tick: int,
+        salt: str | None = None,
     ) -> TreeNode:
-        node = TreeNode(key, value, parent, parent.depth + len(key), next(self._ids))
+        node = TreeNode(key, value, parent, parent.depth + len(key), next(self._ids), salt=salt)
         node.last_access = tick
-        parent.children[key[0]] = node
+        parent.children[node.child_key] = node
         self._num_nodes += 1
         return node
 
@@ -465,6 +593,17 @@ class RadixCache:
             node = stack.pop()
             yield node
             stack.extend(node.children.values())
+
+
+def _lookup(ids: list[int], pos: int, salt: str | None, public_len: int) -> tuple[ChildKey, int]:
+    """The children key for ids[pos] and where the namespace it is in ends: the shared
+    namespace up to public_len for a salted request (everywhere for an unsalted one), then the
+    salt's."""
+    if salt is None:
+        return ids[pos], len(ids)
+    if pos < public_len:
+        return ids[pos], min(public_len, len(ids))
+    return (salt, ids[pos]), len(ids)
 
 
 def _pool_children(node: TreeNode) -> bool:

@@ -23,6 +23,8 @@ class GenerateRequest:
     logprob_start_len: int = -1  # -1: output logprobs only; k: prompt logprobs from token k
     top_logprobs_num: int = 0
     images: tuple[ImageSpan, ...] = ()  # image positions in input_ids, with their pixels
+    # The cache namespace: requests with different salts share no K/V past the public prefix.
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,53 @@ class DrainCacheEvents:
     snapshot: bool = False
 
 
-ControlCall = FlushCache | GetStats | CheckInvariant | DrainCacheEvents
+@dataclass(frozen=True, slots=True)
+class AddPublicPrefix:
+    """Register token ids that every salt shares (a public prefix); answered with True if new."""
+
+    input_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class PinPrefix:
+    """Pin the cached path of input_ids under cache_salt for ttl_s seconds, within tenant's
+    quota; answered with a PinInfo, None if input_ids are not all cached (prefill them first),
+    or a PinQuotaExceeded."""
+
+    input_ids: list[int]
+    cache_salt: str | None
+    tenant: str
+    ttl_s: float
+    quota_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unpin:
+    """End a pin; tenant None may end anyone's. Answered with False if there is no such pin."""
+
+    pin_id: str
+    tenant: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadCacheTree:
+    """What tenant (None: an admin, everything) may see of the tree, at most max_nodes nodes;
+    answered with a radixlm.tenancy.CacheTree."""
+
+    tenant: str | None
+    max_nodes: int
+
+
+ControlCall = (
+    FlushCache
+    | GetStats
+    | CheckInvariant
+    | DrainCacheEvents
+    | AddPublicPrefix
+    | PinPrefix
+    | Unpin
+    | ReadCacheTree
+)
 
 # A change to the set of cached token sequences (see radixlm.cache.radix.ChangeListener):
 # ("insert", ids, held) or ("remove", path, keep).

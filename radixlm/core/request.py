@@ -88,6 +88,8 @@ class Req:
     num_sent: int = 0  # output tokens already sent to the frontend
     grammar: OutputGrammar | None = None  # set once compiled; has accepted all of output_ids
     images: tuple[ImageSpan, ...] = ()  # image positions in input_ids (pad ids, see core.images)
+    salt: str | None = None  # cache namespace (RadixCache.match_prefix)
+    public_len: int = 0  # leading tokens matched in the shared namespace despite the salt
 
     @classmethod
     def from_message(cls, msg: GenerateRequest, model_eos: Sequence[int]) -> Req:
@@ -103,6 +105,7 @@ class Req:
             top_logprobs_num=msg.top_logprobs_num,
             input_lp_next=max(msg.logprob_start_len, 0),
             images=msg.images,
+            salt=msg.cache_salt,
         )
 
     @property

@@ -31,14 +31,13 @@ class EngineArgs:
     random_seed: int | None = None
     disable_jump_forward: bool = False  # structured output: one decode per forced token (ablation)
     chat_template: str | None = None  # a Jinja file that replaces the model's chat template
+    tp_size: int = 1  # tensor-parallel ranks: processes the heads and MLP columns are cut over
     kv_cache_dir: str | None = None  # disk tier under the radix tree (survives restarts)
     kv_disk_size: float = 16.0  # GB of K/V the disk tier keeps (LRU beyond)
-    kv_disk_policy: str = (
-        "selective"  # which evicted nodes are written: selective, write_through, off
-    )
+    kv_disk_policy: str = "selective"  # evicted nodes written: selective, write_through, off
 
     def __post_init__(self) -> None:
-        for name in ("max_total_tokens", "chunked_prefill_size", "max_running_requests"):
+        for name in ("max_total_tokens", "chunked_prefill_size", "max_running_requests", "tp_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -52,6 +51,8 @@ class EngineArgs:
             raise ValueError(
                 f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}"
             )
+        if self.kv_cache_dir is not None and self.tp_size > 1:
+            raise ValueError("kv_cache_dir (the disk KV tier) does not support tp_size > 1")
         if self.kv_disk_size <= 0:
             raise ValueError(f"kv_disk_size must be positive, got {self.kv_disk_size}")
         if self.kv_disk_policy not in ("selective", "write_through", "off"):

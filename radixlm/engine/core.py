@@ -3,6 +3,7 @@ message loop (in a thread or a process)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -30,8 +31,10 @@ from radixlm.core.messages import (
 )
 from radixlm.core.plan import SampledReq, StepPlan
 from radixlm.core.request import Req
+from radixlm.distributed.runner import TensorParallelRunner, tp_pool_slots
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.cache_events import CacheEventLog
+from radixlm.engine.cache_tenancy import CacheTenancy
 from radixlm.grammar import GrammarSpec
 from radixlm.grammar.manager import GrammarManager
 from radixlm.models.default import default_model_path
@@ -64,14 +67,22 @@ class EngineCore:
         kv_dtype = (
             dtype if args.kv_cache_dtype == "auto" else resolve_dtype(args.kv_cache_dtype, device)
         )
-        num_slots = args.max_total_tokens or default_num_slots(
-            config,
-            device,
-            kv_dtype,
-            weight_bytes=sum(w.numel() for w in weights.values()) * dtype.itemsize,
-            mem_fraction=args.mem_fraction_static,
-        )
-        self.runner = ModelRunner(config, weights, device, dtype, num_slots, kv_dtype)
+        if args.tp_size > 1:
+            num_slots = args.max_total_tokens or tp_pool_slots(
+                config, args.tp_size, device, kv_dtype, weights, dtype, args.mem_fraction_static
+            )
+            self.runner: ModelRunner = TensorParallelRunner(
+                self.model_path, config, weights, device, dtype, num_slots, kv_dtype, args.tp_size
+            )
+        else:
+            num_slots = args.max_total_tokens or default_num_slots(
+                config,
+                device,
+                kv_dtype,
+                weight_bytes=sum(w.numel() for w in weights.values()) * dtype.itemsize,
+                mem_fraction=args.mem_fraction_static,
+            )
+            self.runner = ModelRunner(config, weights, device, dtype, num_slots, kv_dtype)
         del weights
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator, disable=args.disable_radix_cache)
@@ -87,6 +98,7 @@ class EngineCore:
                 self.runner.pool,
             )
         self.cache_events = CacheEventLog(self.cache)
+        self.tenancy = CacheTenancy(self.cache)
         context_len = min(
             args.context_length or config.max_position_embeddings, config.max_position_embeddings
         )
@@ -122,6 +134,7 @@ class EngineCore:
     def step(self) -> list[TokenOutput]:
         """Schedule, run the forward, sample, update; returns the step's outputs."""
         self._queue_compiled()
+        self.tenancy.pins.expire()
         plan = self.scheduler.schedule()
         if plan:
             logits = self.runner.forward(plan.seqs)
@@ -169,7 +182,9 @@ class EngineCore:
     def add(self, msg: GenerateRequest) -> None:
         """Take a new request: to the grammar compiler if it has a grammar, else to the queue."""
         req = Req.from_message(msg, self.tokenizer.eos_token_ids)
-        if self.disk_tier is not None:
+        if req.salt is not None:
+            req.public_len = self.tenancy.public.boundary(req.input_ids)
+        if self.disk_tier is not None and req.salt is None:
             self.disk_tier.prefetch(req.input_ids)
         if GrammarSpec.from_params(msg.params) is not None and self.scheduler.check(req) is None:
             self.grammar.submit(req)  # queued by _queue_compiled once its grammar is ready
@@ -212,15 +227,19 @@ class EngineCore:
 
     def control(self, call: ControlCall) -> object:
         """Synchronous calls: cache flush, statistics, cache events, the slot invariant check."""
+        self.tenancy.pins.expire()
         if isinstance(call, FlushCache):
+            if not (self.scheduler.running or self.scheduler.waiting):
+                self.tenancy.pins.clear()  # an admin's flush ends every pin
             return self.scheduler.flush_cache()
         if isinstance(call, GetStats):
             return self.stats()
         if isinstance(call, DrainCacheEvents):
             return self.cache_events.drain(call.snapshot)
-        assert isinstance(call, CheckInvariant)
-        self.scheduler.check_invariant()
-        return True
+        if isinstance(call, CheckInvariant):
+            self.scheduler.check_invariant()
+            return True
+        return self.tenancy.control(call)
 
     def stats(self) -> CoreStats:
         """Numbers for /metrics, /server_info and tests."""
@@ -269,9 +288,9 @@ class EngineCore:
         receive: Callable[[bool], list[Message]],
         emit: Callable[[list[Any]], None],
     ) -> None:
-        """The loop: take messages (blocking only when idle), step, emit outputs; None stops
-        (after close())."""
-        with torch.inference_mode():
+        """The loop: take messages (blocking only when idle), step, emit outputs; None stops.
+        The runner and the disk tier (close()) are closed when the loop ends, however it ends."""
+        with torch.inference_mode(), contextlib.closing(self.runner):
             try:
                 self._loop(receive, emit)
             finally:

@@ -9,7 +9,15 @@ import queue
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from typing import Any
 
-from radixlm.core.messages import CheckInvariant, CoreStats, FlushCache, GetStats
+from radixlm.core.messages import (
+    AddPublicPrefix,
+    CheckInvariant,
+    CoreStats,
+    FlushCache,
+    GetStats,
+    PinPrefix,
+    Unpin,
+)
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.client import (
     EngineClient,
@@ -20,9 +28,10 @@ from radixlm.engine.client import (
     Sink,
 )
 from radixlm.engine.core import EngineCore
-from radixlm.engine.frontend import GenerateInput, RequestState, tokenize_input
+from radixlm.engine.frontend import GenerateInput, RequestState, prefix_ids, tokenize_input
 from radixlm.engine.transport import ThreadTransport
 from radixlm.multimodal.inputs import ImageSources
+from radixlm.tenancy import PinInfo, check_cache_salt, default_pin_quota, salt_tenant
 
 __all__ = ["Engine", "EngineDeadError"]
 
@@ -58,6 +67,7 @@ class Engine:
         stream: bool = False,
         rid: str | list[str] | None = None,
         image_data: str | list[Any] | None = None,
+        cache_salt: str | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """Generate for one prompt (a dict back) or a batch (a list); stream=True yields dicts
         whose text and output_ids are cumulative. `image_data`: for a LLaVA-style model, an
@@ -90,6 +100,7 @@ class Engine:
         stream: bool = False,
         rid: str | list[str] | None = None,
         image_data: str | list[Any] | None = None,
+        cache_salt: str | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
         """`generate` for asyncio code, as SGLang's Engine has it: awaiting gives the output (a
         dict, or a list for a batch), or with stream=True an async iterator of cumulative dicts.
@@ -184,6 +195,41 @@ class Engine:
     def flush_cache(self) -> bool:
         """Drop the radix cache; False (nothing changes) while requests are running."""
         return bool(self._client.control(FlushCache()))
+
+    def add_public_prefix(
+        self, text: str | None = None, input_ids: list[int] | None = None
+    ) -> list[int]:
+        """Register a prefix every cache_salt shares (text or token ids); returns its ids."""
+        ids = prefix_ids(self.tokenizer, text, input_ids, self.info.vocab_size)
+        self._client.control(AddPublicPrefix(ids))
+        return ids
+
+    def pin_prefix(
+        self,
+        text: str | None = None,
+        input_ids: list[int] | None = None,
+        ttl_s: float = 300.0,
+        cache_salt: str | None = None,
+    ) -> dict[str, Any]:
+        """Prefill (if needed) and pin a prefix so eviction skips it for ttl_s seconds; returns
+        the pin (`pin_id`, `tokens`, `expires_in_s`). A salt's tenant may pin a quarter of the
+        pool (PinQuotaExceeded past it)."""
+        ids = prefix_ids(self.tokenizer, text, input_ids, self.info.vocab_size)
+        salt = check_cache_salt(cache_salt)
+        tenant = "" if salt is None else salt_tenant(salt) or salt
+        quota = default_pin_quota(self.info.max_total_num_tokens)
+        call = PinPrefix(ids, salt, tenant, ttl_s, quota)
+        pin = self._client.control(call)
+        if pin is None:  # not all cached: prefill it, then pin
+            self.generate(input_ids=ids, sampling_params={"max_new_tokens": 0}, cache_salt=salt)
+            pin = self._client.control(call)
+        if not isinstance(pin, PinInfo):
+            raise RuntimeError("the prefix was evicted before it could be pinned; try again")
+        return dataclasses.asdict(pin)
+
+    def unpin(self, pin_id: str) -> bool:
+        """End a pin; False if there is none with this id."""
+        return bool(self._client.control(Unpin(pin_id, None)))
 
     def get_stats(self) -> dict[str, Any]:
         """Scheduler and cache counters."""

@@ -36,6 +36,7 @@ class GenerateInput:
     rid: str | list[str] | None = None
     # Images (paths, data URLs, base64, http(s) URLs): one or a list per prompt, as in SGLang.
     image_data: Any = None
+    cache_salt: str | None = None  # requests with different salts share no cached K/V
 
     @property
     def is_batch(self) -> bool:
@@ -63,6 +64,27 @@ class GenerateInput:
             return n if isinstance(n, int) and n > 0 else 1
 
         return sum(n_of(p) for p in each[: max(prompts, 1)])
+
+
+def prefix_ids(tokenizer: Tokenizer, text: object, input_ids: object, vocab_size: int) -> list[int]:
+    """The token ids of a prefix given as text or ids (exactly one), tokenized as a prompt is;
+    ValueError for anything else."""
+    if (text is None) == (input_ids is None):
+        raise ValueError("exactly one of text and input_ids must be given")
+    if text is not None:
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a string, got {type(text).__name__}")
+        ids = tokenizer.encode(text)
+    else:
+        if not isinstance(input_ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
+            for i in input_ids
+        ):
+            raise ValueError(f"input_ids must be a list of token ids in [0, {vocab_size})")
+        ids = list(input_ids)
+    if not ids:
+        raise ValueError("the prefix is empty")
+    return ids
 
 
 def _per_item(value: Any, n: int, name: str) -> list[Any]:
@@ -118,6 +140,9 @@ def tokenize_input(
     if n == 0:
         raise ValueError("the batch is empty")
     images = _place_images(inp, prompts, limits, image_sources)
+    salt = inp.cache_salt  # a server composed it from a checked one (radixlm.server.auth)
+    if salt is not None and not (isinstance(salt, str) and salt):
+        raise ValueError("cache_salt must be a non-empty string")
     raw_params = _per_item(inp.sampling_params, n, "sampling_params")
     params = [SamplingParams.from_dict(p) for p in raw_params]
     for p in params:
@@ -155,6 +180,7 @@ def tokenize_input(
                     logprob_start_len=s,
                     top_logprobs_num=k,
                     images=images[i],
+                    cache_salt=salt,
                 )
             )
     return reqs

@@ -70,6 +70,12 @@ class ProgramState:
         self.executor.sync()
         return list(self.executor.messages)
 
+    def pin(self, ttl_s: float = 300.0) -> dict[str, Any]:
+        """Pin the text so far in the backend's cache for ttl_s seconds (a program's shared
+        context: eviction skips it); waits for what was appended; returns the pin (`pin_id`,
+        `tokens`, `expires_in_s`)."""
+        return self.executor.backend.pin_prefix(self.executor.text_now(), ttl_s)
+
     def sync(self) -> None:
         """Wait until everything appended has run."""
         self.executor.sync()

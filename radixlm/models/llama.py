@@ -128,6 +128,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # False where the layers exchange activations mid-pass (tensor parallelism all-reduces
+        # after o_proj and down_proj): decodes then run layer by layer too.
+        self.fused_decode = True
 
     @torch.inference_mode()
     def forward(
@@ -158,7 +161,10 @@ class LlamaForCausalLM(nn.Module):
     @functools.cached_property
     def decode_pass(self) -> DecodePass | None:
         """The backend's pass over every layer for batches of short rows only, bound to this
-        model's weights on first use (after they are loaded); None where it has none."""
+        model's weights on first use (after they are loaded); None where it has none, or
+        where `fused_decode` is off."""
+        if not self.fused_decode:
+            return None
         cfg = self.config
         layers: list[dict[str, torch.Tensor | None]] = []
         for layer in cast(list[DecoderLayer], list(self.layers)):

@@ -167,6 +167,9 @@ class ModelRunner:
         back = [j for i in range(len(seqs)) for j in range(*spans[i])]
         return logits.index_select(0, torch.tensor(back, device=logits.device))
 
+    def close(self) -> None:
+        """Release what the runner holds besides memory (a tensor-parallel runner's ranks)."""
+
 
 def build_batch(
     seqs: list[ScheduledSeq],

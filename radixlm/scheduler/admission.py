@@ -71,14 +71,17 @@ class Admission:
         for req in ordered:
             if budget <= 0 or len(t.running) >= self.max_running:
                 break
+            salt, public_len = req.salt, req.public_len
             # A prefix on disk comes back into the pool first (a no-op without a disk tier).
-            loaded = t.cache.load_prefix(req.fill_ids)
+            loaded = t.cache.load_prefix(req.fill_ids, salt=salt, public_len=public_len)
             # Matched again: admitting an earlier request may have evicted what ordering saw.
-            match = t.cache.match_prefix(req.fill_ids)
+            match = t.cache.match_prefix(req.fill_ids, salt=salt, public_len=public_len)
             in_pool = len(match.slots) - loaded  # the loaded nodes end the matched path
             prefix = usable_prefix(req, match)
             if prefix < len(match.slots):  # lock exactly what is used: the node at depth prefix
-                match = t.cache.match_prefix(req.fill_ids[:prefix])
+                match = t.cache.match_prefix(
+                    req.fill_ids[:prefix], salt=salt, public_len=public_len
+                )
             run = tuple(req.fill_ids[prefix : prefix + _SHARED_RUN])
             if len(run) == _SHARED_RUN and run in seen_runs:
                 continue  # a request admitted this step computes the same tokens: reuse them next step
@@ -91,6 +94,7 @@ class Admission:
                 t.cache.unlock(match.node)
                 break
             seen_runs.add(run)
+            match.node.hits += 1
             t.waiting.remove(req)
             req.node, req.slots, req.tree_len = match.node, match.slots, match.node.depth
             if not req.admitted:

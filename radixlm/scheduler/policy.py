@@ -33,7 +33,10 @@ class SchedulePolicy:
             (r for r in waiting if now - r.arrival > self.max_wait_s), key=lambda r: r.arrival
         )
         rest = [r for r in waiting if now - r.arrival <= self.max_wait_s]
-        matches = {id(r): self.cache.match_prefix(r.fill_ids) for r in rest}
+        matches = {
+            id(r): self.cache.match_prefix(r.fill_ids, salt=r.salt, public_len=r.public_len)
+            for r in rest
+        }
         if self.name == "lpm":
             rest.sort(key=lambda r: (-len(matches[id(r)].slots), r.arrival))
         else:

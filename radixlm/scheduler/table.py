@@ -58,14 +58,26 @@ class RequestTable:
     def cache_progress(self, req: Req) -> None:
         """Put req's computed tokens into the tree now, so that siblings can match them."""
         assert req.node is not None
-        match = self.cache.cache_unfinished(req.fill_ids[: req.kv_len], req.slots, req.node)
+        match = self.cache.cache_unfinished(
+            req.fill_ids[: req.kv_len],
+            req.slots,
+            req.node,
+            salt=req.salt,
+            public_len=req.public_len,
+        )
         req.slots, req.node, req.tree_len = match.slots, match.node, match.node.depth
 
     def release(self, req: Req) -> None:
         """Hand a request's KV to the tree (so its work can be reused) and drop its lock."""
         if req.node is None:
             return
-        self.cache.cache_finished(req.fill_ids[: req.kv_len], req.slots, req.node)
+        self.cache.cache_finished(
+            req.fill_ids[: req.kv_len],
+            req.slots,
+            req.node,
+            salt=req.salt,
+            public_len=req.public_len,
+        )
         req.slots, req.node, req.tree_len = req.slots[:0], None, 0
 
     def finish(self, req: Req, reason: FinishReason) -> None:

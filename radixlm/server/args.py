@@ -29,6 +29,8 @@ class ServerArgs:
     host: str = "127.0.0.1"
     port: int = 30000  # 0: any free port
     api_key: str | None = None
+    api_key_file: str | None = None  # JSON {key: {"tenant", "role"}}; replaces api_key
+    pin_quota_tokens: int | None = None  # pinned tokens per tenant; None: a quarter of the pool
     max_queued_requests: int = MAX_QUEUED_REQUESTS
     max_queued_tokens: int = MAX_QUEUED_TOKENS
     max_engine_restarts: int = MAX_ENGINE_RESTARTS
@@ -40,6 +42,10 @@ class ServerArgs:
     allow_image_urls: bool = False  # fetch http(s) image URLs (off: the server fetches nothing)
 
     def __post_init__(self) -> None:
+        if self.api_key and self.api_key_file:
+            raise ValueError("give api_key or api_key_file, not both")
+        if self.pin_quota_tokens is not None and self.pin_quota_tokens < 0:
+            raise ValueError(f"pin_quota_tokens must be >= 0, got {self.pin_quota_tokens}")
         for name in ("max_queued_requests", "max_queued_tokens", "max_engine_restarts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -65,7 +71,7 @@ class ServerArgs:
             )
 
     def public(self) -> dict[str, Any]:
-        """The arguments as server_info shows them (the API key left out)."""
+        """The arguments as server_info shows them (the API key and the key file left out)."""
         info = asdict(self)
-        del info["api_key"]
+        del info["api_key"], info["api_key_file"]
         return info

@@ -15,10 +15,12 @@ from collections.abc import AsyncIterator
 
 import orjson
 from fastapi import APIRouter
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from typing_extensions import TypedDict
 
 from radixlm.core.messages import CacheEventBatch, DrainCacheEvents
+from radixlm.server.auth import require_admin
 from radixlm.server.errors import EngineUnavailable
 from radixlm.server.openapi import error_responses, schema_of
 from radixlm.server.tokenizer_manager import TokenizerManager
@@ -114,11 +116,13 @@ def cache_events_router(manager: TokenizerManager) -> APIRouter:
                 "listener leaves (an empty line now and then keeps the connection open)",
                 "content": {"application/x-ndjson": {"schema": schema_of(CacheEventsLine)}},
             },
-            **error_responses(503),
+            **error_responses(403, 503),
         },
     )
-    async def cache_events() -> Response:
-        """The engine's radix-tree inserts and evictions as a stream, for `radixlm router`."""
+    async def cache_events(request: Request) -> Response:
+        """The engine's radix-tree inserts and evictions as a stream, for `radixlm router`
+        (admins only: it carries the shared namespace's token ids)."""
+        require_admin(request)
         manager.check_ready()
         return StreamingResponse(hub.stream(), media_type="application/x-ndjson")
 

@@ -12,6 +12,7 @@ import uvicorn
 from radixlm.engine.args import EngineArgs
 from radixlm.server.app import create_app
 from radixlm.server.args import ServerArgs
+from radixlm.server.auth import KeyTable
 from radixlm.server.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,12 @@ def serve(engine_args: EngineArgs, server_args: ServerArgs | None = None) -> int
     port = sock.getsockname()[1]
     args = dataclasses.replace(args, port=port)
     manager = TokenizerManager(engine_args, args)
-    app = create_app(manager, args.api_key, args.public())
+    try:
+        keys = KeyTable.from_file(args.api_key_file) if args.api_key_file else None
+    except ValueError as e:
+        logger.error("%s", e)
+        return 1
+    app = create_app(manager, args.api_key, args.public(), keys=keys)
     config = uvicorn.Config(
         app,
         log_level=args.log_level,

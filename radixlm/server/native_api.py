@@ -17,6 +17,7 @@ from starlette.responses import PlainTextResponse, Response
 import radixlm
 from radixlm.engine.client import RequestGroup
 from radixlm.engine.frontend import GenerateInput
+from radixlm.server.auth import require_admin, salted
 from radixlm.server.errors import ApiError, EngineUnavailable, RequestFailed
 from radixlm.server.http import (
     DONE,
@@ -69,7 +70,7 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
     )
     async def generate(request: Request) -> Response:
         """Generate from text or token ids; a list is a batch (SGLang's native API)."""
-        inp = parse_generate(await read_json(request))
+        inp = salted(request, parse_generate(await read_json(request)))
         group = await submit(manager, inp)
         if inp.stream:
             return EventStream(_stream_events(group), lambda: manager.abort_unfinished(group))
@@ -156,10 +157,12 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
     @router.post(
         "/flush_cache",
         response_class=PlainTextResponse,
-        responses=error_responses(400, 503),
+        responses=error_responses(400, 403, 503),
     )
-    async def flush_cache() -> Response:
-        """Empty the radix cache; refused (400) while requests run."""
+    async def flush_cache(request: Request) -> Response:
+        """Empty the radix cache and end every pin (admins only); refused (400) while requests
+        run."""
+        require_admin(request)
         flushed = await manager.flush_cache()
         if not flushed:
             raise ApiError(
@@ -204,10 +207,11 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
     @router.get(
         "/internal/check_invariant",
         response_model=InvariantResult,
-        responses=error_responses(500, 503),
+        responses=error_responses(403, 500, 503),
     )
-    async def check_invariant() -> Response:
-        """Check the KV slot invariant in the engine (tests and debugging)."""
+    async def check_invariant(request: Request) -> Response:
+        """Check the KV slot invariant in the engine (admins only; tests and debugging)."""
+        require_admin(request)
         try:
             await manager.check_invariant()
         except AssertionError as e:

@@ -17,6 +17,7 @@ from typing_extensions import NotRequired, TypedDict
 from radixlm.engine.frontend import GenerateInput
 from radixlm.server.errors import ApiError
 from radixlm.server.openapi import closed
+from radixlm.tenancy import MAX_PIN_TTL_S, MAX_SALT_CHARS
 
 T = TypeVar("T")
 
@@ -46,9 +47,10 @@ def parse_generate(data: Mapping[str, Any]) -> GenerateInput:
     _check_type(data, "logprob_start_len", int)
     _check_type(data, "top_logprobs_num", int)
     _check_type(data, "rid", str)
+    _check_type(data, "cache_salt", str)
     params = data.get("sampling_params")
     for p in params if isinstance(params, list) else [params]:
-        if p is not None and not isinstance(p, dict):
+        if (p is not None or params is not None) and not isinstance(p, dict):
             raise ApiError(
                 400, "sampling_params must be an object or a list of objects", "sampling_params"
             )
@@ -59,6 +61,8 @@ def _check_type(data: Mapping[str, Any], key: str, kind: type) -> None:
     value = data.get(key)
     items = value if isinstance(value, list) else [value]
     for v in items:
+        if v is None and value is not None:  # a list's items are never null
+            raise ApiError(400, f"{key} must be a {kind.__name__} or a list of them, got null", key)
         if v is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
             raise ApiError(
                 400, f"{key} must be a {kind.__name__} or a list of them, got {v!r}", key
@@ -73,6 +77,7 @@ Count = Annotated[int, Field(ge=0)]
 StartLen = Annotated[int, Field(ge=-1)]
 ImageData = Annotated[str, Field(min_length=1)]
 Stop = Annotated[str, Field(min_length=1)]
+Salt = Annotated[str, Field(min_length=1, max_length=MAX_SALT_CHARS)]
 # What Python takes for false, spelled in JSON: the only values an inert field accepts.
 Off = Annotated[
     Any,
@@ -141,6 +146,11 @@ class GenerateReqInput(_Body):
     return_text_in_logprobs: bool = False
     stream: bool = Field(False, description="answer with server-sent events (text/event-stream)")
     rid: str | Batch[str] | None = None
+    cache_salt: Salt | None = Field(
+        None,
+        description="requests with different salts share no cached K/V (a user key's tenant is "
+        "always part of its salt); public prefixes stay shared",
+    )
     lora_path: Off = None
     image_data: ImageData | list[ImageData | list[ImageData] | None] | None = Field(
         None,
@@ -286,3 +296,98 @@ class InvariantResult(TypedDict):
     """Every KV slot is free, in the radix tree, or owned by one running request."""
 
     ok: Literal[True]
+
+
+# ---- the cache routes (radixlm's own: tenants, pins, the tree view) -------------------------
+
+
+class PinInput(_Body):
+    """The body of POST /cache/pin: the prefix as text or token ids (exactly one)."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [_given("text"), _given("input_ids")]})
+
+    text: str | None = None
+    input_ids: Batch[TokenId] | None = None
+    ttl_s: float = Field(300.0, gt=0, le=MAX_PIN_TTL_S, description="seconds until it expires")
+    cache_salt: Salt | None = None
+
+
+@closed
+class PinOutput(TypedDict):
+    """A pin: eviction skips its prefix until it expires or is deleted."""
+
+    pin_id: str
+    tenant: str
+    tokens: int
+    expires_in_s: float
+
+
+@closed
+class UnpinOutput(TypedDict):
+    """The answer of DELETE /cache/pin/{pin_id}."""
+
+    unpinned: str
+
+
+class PublicPrefixInput(_Body):
+    """The body of POST /cache/public_prefix: a prefix every tenant may share (text or ids)."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [_given("text"), _given("input_ids")]})
+
+    text: str | None = None
+    input_ids: Batch[TokenId] | None = None
+
+
+@closed
+class PublicPrefixOutput(TypedDict):
+    """A registered public prefix."""
+
+    input_ids: list[int]
+    new: bool
+
+
+@closed
+class CacheNode(TypedDict):
+    """One node of GET /cache; `more_*` count descendants left out to bound the answer."""
+
+    id: int
+    parent: int  # -1: a child of the root
+    tokens: int
+    depth: int
+    text: str  # the decoded start of the node's tokens
+    hits: int
+    last_access: int
+    lock_ref: int
+    pinned: bool
+    tier: str
+    tenant: str | None
+    more_nodes: int
+    more_tokens: int
+
+
+@closed
+class CacheStats(TypedDict):
+    """The pool's and the cache's counters (admins only)."""
+
+    pool_slots: int
+    free_slots: int
+    tree_tokens: int
+    evicted_tokens: int
+    cache_hit_rate: float
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@closed
+class CacheTreeOutput(TypedDict):
+    """GET /cache: the tree as the caller may see it (an admin: all; a user: its own and the
+    public nodes), the biggest subtrees first."""
+
+    tenant: str | None  # the caller's tenant; None for an admin
+    clock: int  # the tree's latest last_access
+    visible_nodes: int
+    visible_tokens: int
+    nodes: list[CacheNode]
+    pins: list[PinOutput]
+    public_prefix_tokens: list[int]
+    stats: CacheStats | None

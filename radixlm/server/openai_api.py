@@ -19,6 +19,7 @@ from radixlm.engine.client import RequestGroup
 from radixlm.engine.frontend import GenerateInput, RequestState
 from radixlm.grammar import GrammarKind, GrammarSpec
 from radixlm.server.args import ServerArgs
+from radixlm.server.auth import salted
 from radixlm.server.chat_output import ChatOutput, ChatParsing
 from radixlm.server.errors import ApiError, RequestFailed
 from radixlm.server.http import (
@@ -88,6 +89,7 @@ def completion_input(req: CompletionRequest) -> GenerateInput:
         logprob_start_len=0 if req.echo and req.logprobs is not None else -1,
         top_logprobs_num=req.logprobs or 0,
         stream=req.stream,
+        cache_salt=req.cache_salt,
     )
 
 
@@ -208,6 +210,7 @@ def chat_input(
         return_logprob=req.logprobs,
         top_logprobs_num=req.top_logprobs or 0,
         stream=req.stream,
+        cache_salt=req.cache_salt,
     )
 
 
@@ -498,7 +501,7 @@ def openai_router(manager: TokenizerManager) -> APIRouter:
         check_model(req.model)
         req.check_supported()
         tokenizer = ready_tokenizer()
-        group = await submit(manager, completion_input(req), openai_names)
+        group = await submit(manager, salted(request, completion_input(req)), openai_names)
         reply = reply_for("cmpl", tokenizer, req.n)
         prompts = echo_texts(req, tokenizer) if req.echo else []
         if req.stream:
@@ -534,7 +537,7 @@ def openai_router(manager: TokenizerManager) -> APIRouter:
         inp = chat_input(req, ids, manager.info.context_len, parsing, tokenizer)
         if images := req.image_urls():
             inp = dataclasses.replace(inp, image_data=images)
-        group = await submit(manager, inp, openai_names)
+        group = await submit(manager, salted(request, inp), openai_names)
         reply = reply_for("chatcmpl", tokenizer, req.n)
         if req.stream:
             return EventStream(_chat_events(reply, req, group, parsing), on_close(group))

@@ -11,6 +11,7 @@ from typing_extensions import NotRequired, TypedDict
 
 from radixlm.server.errors import ApiError
 from radixlm.server.openapi import closed
+from radixlm.tenancy import MAX_SALT_CHARS
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -52,6 +53,8 @@ class _SamplingFields(_Strict):
     ebnf: str | None = None
     json_schema: Any = None
     response_format: dict[str, Any] | None = None
+    # vLLM's: requests with different salts share no cached K/V (a user key adds its tenant).
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_SALT_CHARS)
     # radixlm's: false keeps a JSON output that max_tokens cuts as it was cut (default: closed).
     close_on_length: bool | None = None
 

@@ -45,7 +45,9 @@ class ErrorResponse(TypedDict):
 _ERRORS = {
     400: "Invalid request; the message says why",
     401: "Missing or wrong API key (send `Authorization: Bearer <key>`)",
-    404: "The model named in the request is not served here",
+    403: "The route is for admin keys only",
+    404: "Not found: the model named in the request, or the pin",
+    429: "The tenant's pinned tokens would pass its quota",
     500: "The KV slot invariant is broken (a bug)",
     503: "The engine is starting, stopping or gone; or the server is full (then with Retry-After)",
 }

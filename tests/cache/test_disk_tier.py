@@ -57,6 +57,7 @@ class Harness:
         self.cache.load_prefix(ids)
         m = self.cache.match_prefix(ids)
         self.cache.lock(m.node)
+        m.node.hits += 1  # as admission counts it
         hit = m.slots.numel()
         if hit:
             assert torch.equal(self.read_pool(m.slots), kv(ids, 0, hit)), "wrong K/V for a hit"
@@ -345,3 +346,33 @@ def test_random_traffic_never_returns_wrong_kv(tmp_path: Path, policy: str) -> N
         assert h.tier.store.used_bytes <= h.tier.store.capacity_bytes
     assert hits > 0 and loaded > 0
     h.close()
+
+
+def test_a_salted_prefix_comes_back_only_to_its_salt(tmp_path: Path) -> None:
+    """The salt is part of a block's key: after eviction and a restart, a salted path is found
+    by requests with that salt only; the public part stays shared."""
+    public, private = prompt(0, 10), prompt(1, 20)
+    ids = public + private
+
+    def serve(h: Harness, salt: str | None) -> int:
+        h.cache.load_prefix(ids, salt=salt, public_len=10)
+        m = h.cache.match_prefix(ids, salt=salt, public_len=10)
+        hit = m.slots.numel()
+        if hit:
+            assert torch.equal(h.read_pool(m.slots), kv(ids, 0, hit))
+        h.cache.lock(m.node)
+        new = h.alloc.alloc(len(ids) - hit)
+        assert new is not None
+        h.tier.load(new, kv(ids, hit, len(ids)))
+        h.cache.cache_finished(ids, torch.cat([m.slots, new]), m.node, salt=salt, public_len=10)
+        h.check()
+        return hit
+
+    h = Harness(tmp_path)
+    assert serve(h, "tenant-a") == 0
+    h.evict_all()
+    h.close()
+    h2 = Harness(tmp_path)
+    assert serve(h2, "tenant-b") == 10  # the public part only
+    assert serve(h2, "tenant-a") == 30
+    h2.close()

@@ -21,6 +21,7 @@ from radixlm.server.tokenizer_manager import TokenizerManager
 JSON = "application/json"
 TEXT = "text/plain"
 NDJSON = "application/x-ndjson"
+HTML = "text/html"
 # Every operation, and the media type of its 200 answer (None: an empty body).
 ROUTES: dict[tuple[str, str], str | None] = {
     ("post", "/generate"): JSON,
@@ -38,15 +39,22 @@ ROUTES: dict[tuple[str, str], str | None] = {
     ("post", "/v1/completions"): JSON,
     ("post", "/v1/chat/completions"): JSON,
     ("get", "/cache_events"): NDJSON,
+    ("get", "/cache"): JSON,
+    ("get", "/cache/view"): HTML,
+    ("post", "/cache/pin"): JSON,
+    ("delete", "/cache/pin/{pin_id}"): JSON,
+    ("post", "/cache/public_prefix"): JSON,
 }
 BODIES = {
     "/generate": "GenerateReqInput",
     "/abort_request": "AbortReqInput",
     "/v1/completions": "CompletionRequest",
     "/v1/chat/completions": "ChatCompletionRequest",
+    "/cache/pin": "PinInput",
+    "/cache/public_prefix": "PublicPrefixInput",
 }
 STREAMS = {"/generate", "/v1/completions", "/v1/chat/completions"}
-OPEN = {"/health", "/health_generate", "/metrics"}
+OPEN = {"/health", "/health_generate", "/metrics", "/cache/view"}
 REF = "#/components/schemas/"
 
 # Schemathesis runs its coverage phase (a fixed set of boundary and invalid values per operation)
@@ -117,6 +125,8 @@ def test_every_route_has_real_schemas(document: dict[str, Any], method: str, pat
         assert "content" not in ok
     elif media == TEXT:
         assert ok["content"][TEXT]["schema"] == {"type": "string"}
+    elif media == HTML:
+        assert ok["content"][HTML]["schema"] == {"type": "string"}
     elif media == NDJSON:
         assert component(document, ok["content"][NDJSON]["schema"])["properties"]
     else:

@@ -51,6 +51,10 @@ class Backend:
         """Prefill `text` (with its `images`) so later requests that start with it reuse its KV
         cache (may do nothing)."""
 
+    def pin_prefix(self, text: str, ttl_s: float) -> dict[str, Any]:
+        """Prefill and pin `text` for ttl_s seconds (eviction skips it); the pin's description."""
+        raise NotImplementedError(f"{type(self).__name__} cannot pin a prefix")
+
     def flush_cache(self) -> bool:
         """Drop the server's prefix cache; False where that is not possible."""
         return False

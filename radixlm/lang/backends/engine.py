@@ -15,11 +15,12 @@ if TYPE_CHECKING:
 class EngineBackend(NativeBackend):
     """Sends the native /generate requests straight to `Engine.generate`."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, cache_salt: str | None = None) -> None:
         super().__init__(ChatTemplate.from_tokenizer(engine.tokenizer))
         self.engine = engine
         image = engine.info.image
         self.image_token = image.token_text if image is not None else None
+        self.cache_salt = cache_salt
 
     def _call(self, payload: dict[str, Any]) -> Any:
         return self.engine.generate(**_engine_kwargs(payload))
@@ -28,6 +29,10 @@ class EngineBackend(NativeBackend):
         out = self.engine.generate(**_engine_kwargs(payload))
         assert not isinstance(out, (dict, list))
         yield from out
+
+    def pin_prefix(self, text: str, ttl_s: float) -> dict[str, Any]:
+        """Engine.pin_prefix under this backend's salt."""
+        return self.engine.pin_prefix(text=text, ttl_s=ttl_s, cache_salt=self.cache_salt)
 
     def flush_cache(self) -> bool:
         """Drop the engine's radix cache (False while requests run)."""

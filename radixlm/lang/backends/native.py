@@ -14,8 +14,18 @@ class NativeBackend(Backend):
     """Speaks SGLang's /generate requests, as SGLang's RuntimeEndpoint sends them.
 
     Subclasses provide the transport: `_call` sends one request body and returns the response
-    (a dict, or a list for a batch); `_call_stream` yields the cumulative stream events.
+    (a dict, or a list for a batch); `_call_stream` yields the cumulative stream events. Every
+    body carries `cache_salt` when it is set: the program's K/V is then shared with no request
+    of another salt.
     """
+
+    cache_salt: str | None = None
+
+    def _send(self, payload: dict[str, Any]) -> Any:
+        return self._call(self._salted(payload))
+
+    def _salted(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return payload if self.cache_salt is None else {**payload, "cache_salt": self.cache_salt}
 
     def _call(self, payload: dict[str, Any]) -> Any:
         raise NotImplementedError
@@ -27,7 +37,7 @@ class NativeBackend(Backend):
         self, prompt: Prompt, params: GenParams
     ) -> tuple[str | list[str], dict[str, Any] | list[dict[str, Any]]]:
         """One /generate call with the whole prompt text."""
-        out = self._call(_gen_payload(prompt, params))
+        out = self._send(_gen_payload(prompt, params))
         if isinstance(out, list):
             return [o["text"] for o in out], [o["meta_info"] for o in out]
         return out["text"], out["meta_info"]
@@ -37,7 +47,8 @@ class NativeBackend(Backend):
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """A streamed /generate call; the server's text is cumulative, this yields the new part."""
         seen = 0
-        for event in self._call_stream({**_gen_payload(prompt, params), "stream": True}):
+        payload = self._salted({**_gen_payload(prompt, params), "stream": True})
+        for event in self._call_stream(payload):
             text = event["text"]
             yield text[seen:], event["meta_info"]
             seen = len(text)
@@ -48,11 +59,11 @@ class NativeBackend(Backend):
         if not prefix:
             raise ValueError("select needs some text before it to condition the choices on")
         images = _images(prompt.images)
-        first = self._call({"text": prefix, "sampling_params": {"max_new_tokens": 0}, **images})
+        first = self._send({"text": prefix, "sampling_params": {"max_new_tokens": 0}, **images})
         prefix_tokens = first["meta_info"]["prompt_tokens"]
         # Two tokens back, so a choice that re-tokenizes the prefix's last token is scored too.
         start = max(prefix_tokens - 2, 0)
-        outs = self._call(
+        outs = self._send(
             {
                 "text": [prefix + c for c in choices],
                 "sampling_params": {"max_new_tokens": 0, "temperature": 0},
@@ -68,7 +79,7 @@ class NativeBackend(Backend):
         ]
         unconditional = None
         if method.requires_unconditional_logprobs:
-            outs = self._call(
+            outs = self._send(
                 {
                     "input_ids": [[t[1] for t in toks] for toks in tokens],
                     "sampling_params": {"max_new_tokens": 0},
@@ -82,7 +93,7 @@ class NativeBackend(Backend):
     def cache_prefix(self, text: str, images: list[str] | None = None) -> None:
         """A prefill-only call (max_new_tokens 0): the server keeps the prompt's KV cache."""
         if text:
-            self._call({"text": text, "sampling_params": {"max_new_tokens": 0}, **_images(images)})
+            self._send({"text": text, "sampling_params": {"max_new_tokens": 0}, **_images(images)})
 
 
 def _images(images: list[str] | None) -> dict[str, Any]:

@@ -16,9 +16,12 @@ from radixlm.lang.chat import ChatTemplate
 class RuntimeEndpoint(NativeBackend):
     """A radixlm or SGLang server at `base_url`, driven the way SGLang's frontend drives it."""
 
-    def __init__(self, base_url: str, api_key: str | None = None) -> None:
+    def __init__(
+        self, base_url: str, api_key: str | None = None, cache_salt: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
+        self.cache_salt = cache_salt
         self.http = _Http(self.base_url, api_key)  # keep-alive, one connection per thread
         self.model_info: dict[str, Any] = self._get("/get_model_info")
         # A server on this machine names a model file to read the chat template from.
@@ -52,6 +55,14 @@ class RuntimeEndpoint(NativeBackend):
     def _get(self, path: str) -> Any:
         status, body = self.http.request("GET", path)
         return _decode(status, body)
+
+    def pin_prefix(self, text: str, ttl_s: float) -> dict[str, Any]:
+        """POST /cache/pin under this backend's salt."""
+        status, body = self.http.request(
+            "POST", "/cache/pin", self._salted({"text": text, "ttl_s": ttl_s})
+        )
+        pin: dict[str, Any] = _decode(status, body)
+        return pin
 
     def flush_cache(self) -> bool:
         """POST /flush_cache; False if the server refused (requests are running)."""

@@ -1,0 +1,1 @@
+"""Tensor parallelism: a model's heads and MLP columns cut over ranks, rank 0 scheduling."""
