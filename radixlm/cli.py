@@ -107,6 +107,25 @@ _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
         {"metavar": "FILE", "help": "a Jinja file that replaces the model's chat template"},
     ),
     (
+        "--kv-cache-dir",
+        {
+            "metavar": "DIR",
+            "help": "disk tier for evicted KV, reused after a restart (default: none)",
+        },
+    ),
+    (
+        "--kv-disk-size",
+        {"type": float, "default": 16.0, "metavar": "GB", "help": "disk tier size bound (LRU)"},
+    ),
+    (
+        "--kv-disk-policy",
+        {
+            "default": "selective",
+            "choices": ["selective", "write_through", "off"],
+            "help": "which evicted prefixes the disk tier writes (see docs/architecture.md)",
+        },
+    ),
+    (
         "--tp-size",
         {"type": int, "default": 1, "help": "tensor-parallel ranks the model is cut over"},
     ),

@@ -143,6 +143,19 @@ CASES = [
         [],
         id="speculative",
     ),
+    pytest.param(
+        "bench_disk.py",
+        "all --prefix-len 260 --reps 1 --num-prompts 2 --prompt-len 260 --pool 300 --rounds 2"
+        " --batch 1 --decode-batch 2 --decode-steps 2",
+        [
+            rf"disk / uncached = {RATIO}",
+            rf"throughput with / without the tier = {RATIO}x",
+            r"disk tier: .* hit rate [0-9.]+%",
+            rf"on / off = {RATIO}",
+        ],
+        [],
+        id="disk",
+    ),
 ]
 
 

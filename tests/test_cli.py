@@ -9,6 +9,7 @@ import pytest
 
 from radixlm.cli import add_engine_args, build_parser, engine_args_from, server_args_from
 from radixlm.engine.args import EngineArgs
+from radixlm.router.launch import worker_engine_args
 from radixlm.server.args import ServerArgs
 
 
@@ -89,7 +90,34 @@ def test_log_level_and_accepted_sglang_flags() -> None:
         build_parser().parse_args(["serve", "--log-level", "loud"])
 
 
+def test_disk_tier_flags(tmp_path: Path) -> None:
+    args = parse(
+        "--kv-cache-dir", str(tmp_path), "--kv-disk-size", "2.5", "--kv-disk-policy", "off"
+    )
+    assert (args.kv_cache_dir, args.kv_disk_size, args.kv_disk_policy) == (
+        str(tmp_path),
+        2.5,
+        "off",
+    )
+    assert (parse().kv_cache_dir, parse().kv_disk_policy) == (None, "selective")
+    with pytest.raises(ValueError, match="kv_disk_size"):
+        parse("--kv-disk-size", "0")
+    with pytest.raises(ValueError, match="kv_disk_policy"):
+        EngineArgs(kv_disk_policy="always")
+
+
 def test_ray_flags() -> None:
     ns = build_parser().parse_args(["serve", "--dp", "2", "--ray", "--ray-num-gpus", "1"])
     assert (ns.ray, ns.ray_address, ns.ray_num_cpus, ns.ray_num_gpus) == (True, None, 1.0, 1.0)
     assert not build_parser().parse_args(["serve"]).ray
+
+
+def test_each_dp_replica_gets_its_own_disk_tier_directory(tmp_path: Path) -> None:
+    args = parse("--kv-cache-dir", str(tmp_path), "--kv-disk-size", "4")
+    replicas = [worker_engine_args(args, i, 2) for i in range(2)]
+    assert [r.kv_cache_dir for r in replicas] == [
+        str(tmp_path / "worker-0"),
+        str(tmp_path / "worker-1"),
+    ]
+    assert [r.kv_disk_size for r in replicas] == [2.0, 2.0]
+    assert worker_engine_args(parse(), 1, 2) == parse()

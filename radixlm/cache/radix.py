@@ -6,6 +6,7 @@ import heapq
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -35,6 +36,10 @@ class TreeNode:
     salt: str | None = None
     pin_ref: int = 0  # pins on this node or any descendant (each pin also holds a lock)
     hits: int = 0  # admissions whose match ended at this node (a subtree's sum counts its uses)
+    # Tiers: in the pool (value holds the slots), on disk (disk is the tier's handle), or both.
+    # Pool-resident nodes form a subtree from the root: a disk-only node's children are too.
+    in_pool: bool = True
+    disk: Any = None
 
     @property
     def child_key(self) -> ChildKey:
@@ -69,6 +74,31 @@ def common_prefix_len(key: list[int], ids: list[int], start: int, end: int | Non
     return lo
 
 
+class EvictionTier(Protocol):
+    """A lower tier under the pool (the disk tier): asked about each node the pool lets go of."""
+
+    def keep(self, node: TreeNode) -> bool:
+        """Called before an unlocked pool leaf's slots are freed: True if the node's K/V now
+        lives in the tier (the node stays in the tree, disk-only), False to drop it."""
+        ...
+
+    def split(self, handle: Any, m: int) -> tuple[Any, Any]:
+        """The handles of a node's first m tokens and of the rest, when the node is split."""
+        ...
+
+    def drop(self, node: TreeNode) -> None:
+        """node's copy in the tier is no longer needed (the node left the tree or the tier)."""
+        ...
+
+    def read(self, node: TreeNode) -> torch.Tensor | None:
+        """node's K/V from the tier, None if it is lost (the node is then dropped: a miss)."""
+        ...
+
+    def load(self, slots: torch.Tensor, data: torch.Tensor) -> None:
+        """Write K/V read from the tier into the pool at slots."""
+        ...
+
+
 # Told of every change to the set of cached token sequences: ("insert", ids, held) when the
 # tree comes to hold ids (it held ids[:held] before), ("remove", path, keep) when it drops every
 # sequence that extends path[: keep + 1] (an eviction; a flush is ("remove", [], 0)). The lists
@@ -83,6 +113,7 @@ class RadixCache:
         self.allocator = allocator
         self.disable = disable
         self.on_change: ChangeListener | None = None
+        self.tier: EvictionTier | None = None  # where evicted K/V goes instead of vanishing
         self.evicted_tokens = 0  # tokens freed by evict() since the start
         # Told of each new leaf, the node that holds newly cached tokens (a draft index).
         self.on_new_leaf: Callable[[TreeNode], None] | None = None
@@ -136,9 +167,9 @@ class RadixCache:
                 key: ChildKey = ids[pos]
                 end: int | None = None
             else:
-                key, end = child_key(ids, pos, salt, public_len)
+                key, end = namespace_key(ids, pos, salt, public_len)
             child = node.children.get(key)
-            if child is None:
+            if child is None or not child.in_pool:
                 break
             m = common_prefix_len(child.key, ids, pos, end)
             if m < len(child.key):
@@ -162,7 +193,7 @@ class RadixCache:
         node, pos = self.root, 0
         out: list[int] = []
         while pos < len(ids):
-            key, end = child_key(ids, pos, salt, public_len)
+            key, end = namespace_key(ids, pos, salt, public_len)
             child = node.children.get(key)
             if child is None:
                 return []
@@ -218,7 +249,7 @@ class RadixCache:
             if node.lock_ref == 0:
                 self._evictable_size += len(node.key)
                 self._protected_size -= len(node.key)
-                if not node.children:
+                if not _pool_children(node):
                     self._push(node)
             node = parent
 
@@ -275,31 +306,143 @@ class RadixCache:
         return MatchResult(self._path_slots(new_node), new_node)
 
     def evict(self, num_tokens: int) -> int:
-        """Free unlocked leaves, least recently used first, until num_tokens are freed or none is left; returns the number freed."""
+        """Free unlocked leaves, least recently used first, until num_tokens are freed or none is
+        left; returns the number freed. With a tier, a leaf it keeps stays in the tree, disk-only
+        (a pool leaf is a node with no child in the pool)."""
         freed = 0
         chunks: list[torch.Tensor] = []
         while freed < num_tokens and self._heap:
             access, _, node = heapq.heappop(self._heap)
             parent = node.parent
-            if parent is None or node.children or node.lock_ref > 0:
+            if parent is None or not node.in_pool or node.lock_ref > 0 or _pool_children(node):
                 continue  # stale entry: evicted, grew children, or locked since pushed
             if access < node.last_access:
                 self._push(node)  # touched since pushed: requeue at its real age
                 continue
-            if self.on_change is not None and node.salt is None:
-                self.on_change("remove", self._path_key(node), parent.depth)
-            del parent.children[node.child_key]
-            node.parent = None
             chunks.append(node.value)
             freed += len(node.key)
             self.evicted_tokens += len(node.key)
             self._evictable_size -= len(node.key)
-            self._num_nodes -= 1
-            if not parent.children and parent.lock_ref == 0:
-                self._push(parent)
+            if self.tier is not None and self.tier.keep(node):
+                node.value, node.in_pool = self._empty, False
+                self._push_if_leaf(parent)
+            else:
+                self.remove(node)
         if chunks:
             self.allocator.free(torch.cat(chunks))
         return freed
+
+    def remove(self, node: TreeNode) -> None:
+        """Drop node and its subtree, which must hold no pool slot but node's own (the caller
+        frees those): an evicted pool leaf, or a disk-only node the tier lets go of."""
+        parent = node.parent
+        assert parent is not None and node.lock_ref == 0
+        if self.on_change is not None and node.salt is None:
+            self.on_change("remove", self._path_key(node), parent.depth)
+        del parent.children[node.child_key]
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            assert n is node or not n.in_pool, "a pool node under a removed node"
+            if n.disk is not None and self.tier is not None:
+                self.tier.drop(n)
+            n.parent = None
+            self._num_nodes -= 1
+            stack.extend(n.children.values())
+        self._push_if_leaf(parent)
+
+    def load_prefix(
+        self, ids: Sequence[int], *, salt: str | None = None, public_len: int = 0
+    ) -> int:
+        """Bring the disk-only nodes on ids' cached path (namespaced as in match_prefix) back
+        into the pool, as far as free and evictable slots allow, so that match_prefix finds
+        them; returns the tokens loaded. A node whose K/V the tier lost is dropped with its
+        subtree (a miss, recomputed)."""
+        if self.tier is None or self.disable:
+            return 0
+        ids = _as_list(ids)
+        node, pos = self.root, 0
+        path: list[TreeNode] = []
+        while pos < len(ids):
+            key, end = namespace_key(ids, pos, salt, public_len)
+            child = node.children.get(key)
+            if child is None:
+                break
+            m = common_prefix_len(child.key, ids, pos, end)
+            if m < len(child.key):
+                child = self._split(child, m)
+            if not child.in_pool:
+                path.append(child)
+            node, pos = child, pos + m
+        if not path:
+            return 0
+        anchor = path[0].parent
+        assert anchor is not None
+        need = sum(len(n.key) for n in path)
+        self.lock(anchor)  # the pool prefix the loaded nodes hang from stays
+        try:
+            if self.allocator.num_free < need:
+                self.evict(need - self.allocator.num_free)
+            loaded = 0
+            for n in path:
+                if n.parent is None or self.allocator.num_free < len(n.key):
+                    break  # dropped by the evictions above (the tier's size bound), or no room
+                data = self.tier.read(n)
+                if data is None:
+                    self.remove(n)
+                    break
+                slots = self.allocator.alloc(len(n.key))
+                assert slots is not None
+                self.tier.load(slots, data)
+                self._adopt(n, slots)
+                loaded += len(n.key)
+        finally:
+            self.unlock(anchor)
+        return loaded
+
+    def attach_disk(
+        self, prefix: list[int], tokens: list[int], handle: Any, salt: str | None = None
+    ) -> TreeNode | None:
+        """Add a disk-only node for tokens after prefix, holding the tier's handle (a tier
+        rebuilding the tree at start); None, with nothing changed, unless the tree holds prefix
+        and no node after it starts with tokens[0]. A salted node's path runs through shared
+        nodes, then nodes of its salt."""
+        node, pos = self.root, 0
+        salted = False
+        while pos < len(prefix):
+            if salt is not None and (salted or (salt, prefix[pos]) in node.children):
+                key: ChildKey = (salt, prefix[pos])
+                salted = True
+            else:
+                key = prefix[pos]
+            child = node.children.get(key)
+            if child is None:
+                return None
+            m = common_prefix_len(child.key, prefix, pos)
+            if m < len(child.key):
+                if pos + m < len(prefix) or not tokens or child.key[m] == tokens[0]:
+                    return None
+                child = self._split(child, m)
+            node, pos = child, pos + m
+        if not tokens or (tokens[0] if salt is None else (salt, tokens[0])) in node.children:
+            return None
+        if salt is None and node.salt is not None:
+            return None  # an unsalted node never hangs under a salted one
+        leaf = self._new_node(list(tokens), self._empty, node, next(self._clock), salt)
+        leaf.in_pool, leaf.disk = False, handle
+        return leaf
+
+    def path_key(self, node: TreeNode) -> list[int]:
+        """The token ids from the root through the end of node's key."""
+        return self._path_key(node)
+
+    def preorder(self) -> Iterator[TreeNode]:
+        """Every node but the root, each before its children."""
+        return self._nodes()
+
+    def disk_nodes(self) -> Iterator[TreeNode]:
+        """Every node with a copy in the tier (for the tier's own bookkeeping)."""
+        return (n for n in self._nodes() if n.disk is not None)
 
     def flush(self) -> bool:
         """Drop the whole tree, returning its slots to the allocator; False, with nothing changed, if any node is locked."""
@@ -310,6 +453,8 @@ class RadixCache:
             self.on_change("remove", [], 0)
         for node in self._nodes():
             node.parent = None  # handles still held by callers now read as evicted
+            if node.disk is not None and self.tier is not None:
+                self.tier.drop(node)
         self._reset()
         return True
 
@@ -338,12 +483,15 @@ class RadixCache:
         tokens it already held and the node ending at len(ids)."""
         node, pos, tick = self.root, 0, next(self._clock)
         held: int | None = None
+        pool_end: int | None = (
+            None  # where the pool's part ended, once the walk meets a disk-only node
+        )
         while pos < len(ids):
             if salt is None:
                 key: ChildKey = ids[pos]
                 end = len(ids)
             else:
-                key, end = child_key(ids, pos, salt, public_len)
+                key, end = namespace_key(ids, pos, salt, public_len)
             child = node.children.get(key)
             if child is None:
                 if held is None:
@@ -360,14 +508,23 @@ class RadixCache:
             m = common_prefix_len(child.key, ids, pos, end)
             if m < len(child.key):
                 child = self._split(child, m)  # ids end or branch off inside this edge
+            if not child.in_pool:  # the caller computed these tokens: the node takes its slots
+                pool_end = pos if pool_end is None else pool_end
+                self._adopt(child, slots[pos : pos + m].clone())
             child.last_access = tick
             node, pos = child, pos + m
         if held is None:
-            return pos, node
+            return (pos if pool_end is None else pool_end), node
         self._push(node)  # the new leaf
         if self.on_new_leaf is not None:
             self.on_new_leaf(node)
-        return held, node
+        return (held if pool_end is None else pool_end), node
+
+    def _adopt(self, node: TreeNode, slots: torch.Tensor) -> None:
+        """A disk-only node (never locked) is in the pool again, at slots, which it now owns."""
+        node.value, node.in_pool = slots, True
+        self._evictable_size += len(node.key)
+        self._push(node)
 
     def _split(self, node: TreeNode, m: int) -> TreeNode:
         """Cut node's edge after m tokens; returns the new upper node. node keeps its identity, depth, locks and heap entry."""
@@ -375,6 +532,10 @@ class RadixCache:
         assert parent is not None and 0 < m < len(node.key)
         upper = self._new_node(node.key[:m], node.value[:m], parent, node.last_access, node.salt)
         upper.lock_ref, upper.pin_ref = node.lock_ref, node.pin_ref
+        upper.in_pool = node.in_pool
+        if node.disk is not None:
+            assert self.tier is not None
+            upper.disk, node.disk = self.tier.split(node.disk, m)
         node.key = node.key[m:]
         node.value = node.value[m:]
         node.parent = upper
@@ -395,6 +556,11 @@ class RadixCache:
         self._num_nodes += 1
         return node
 
+    def _push_if_leaf(self, node: TreeNode) -> None:
+        """Queue node for eviction if it just became an evictable pool leaf."""
+        if node.lock_ref == 0 and node.in_pool and not _pool_children(node):
+            self._push(node)
+
     def _push(self, node: TreeNode) -> None:
         heapq.heappush(self._heap, (node.last_access, node.uid, node))
         # Stale entries pile up when nothing is evicted for a long time; rebuild from the
@@ -403,7 +569,7 @@ class RadixCache:
             self._heap = [
                 (n.last_access, n.uid, n)
                 for n in self._nodes()
-                if not n.children and n.lock_ref == 0
+                if n.in_pool and not _pool_children(n) and n.lock_ref == 0
             ]
             heapq.heapify(self._heap)
 
@@ -433,7 +599,9 @@ class RadixCache:
             stack.extend(node.children.values())
 
 
-def child_key(ids: list[int], pos: int, salt: str | None, public_len: int) -> tuple[ChildKey, int]:
+def namespace_key(
+    ids: list[int], pos: int, salt: str | None, public_len: int
+) -> tuple[ChildKey, int]:
     """The children key for ids[pos] and where the namespace it is in ends: the shared
     namespace up to public_len for a salted request (everywhere for an unsalted one), then the
     salt's."""
@@ -442,6 +610,11 @@ def child_key(ids: list[int], pos: int, salt: str | None, public_len: int) -> tu
     if pos < public_len:
         return ids[pos], min(public_len, len(ids))
     return (salt, ids[pos]), len(ids)
+
+
+def _pool_children(node: TreeNode) -> bool:
+    """Whether any child of node is in the pool (a node without is a pool leaf)."""
+    return any(child.in_pool for child in node.children.values())
 
 
 def _as_list(ids: Sequence[int]) -> list[int]:

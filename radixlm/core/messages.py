@@ -188,6 +188,11 @@ class CoreStats:
     num_retractions: int
     # Speculative decoding by draft source (ngram, radix); empty when it is off.
     spec: dict[str, SpecCounters] = field(default_factory=dict)
+    # Prompt tokens admitted from the cache, by the tier they were found in.
+    cache_hit_tokens_pool: int = 0
+    cache_hit_tokens_disk: int = 0
+    disk_cache_tokens: int = 0  # tokens with a copy in the disk tier (0 without one)
+    disk_cache_bytes: int = 0
 
 
 @dataclass(slots=True)

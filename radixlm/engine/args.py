@@ -38,6 +38,9 @@ class EngineArgs:
     # tree's continuations) or both; None = off.
     speculative_algorithm: str | None = None
     speculative_num_draft_tokens: int = 4  # the longest draft
+    kv_cache_dir: str | None = None  # disk tier under the radix tree (survives restarts)
+    kv_disk_size: float = 16.0  # GB of K/V the disk tier keeps (LRU beyond)
+    kv_disk_policy: str = "selective"  # evicted nodes written: selective, write_through, off
 
     def __post_init__(self) -> None:
         for name in ("max_total_tokens", "chunked_prefill_size", "max_running_requests", "tp_size"):
@@ -53,6 +56,15 @@ class EngineArgs:
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
             raise ValueError(
                 f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}"
+            )
+        if self.kv_cache_dir is not None and self.tp_size > 1:
+            raise ValueError("kv_cache_dir (the disk KV tier) does not support tp_size > 1")
+        if self.kv_disk_size <= 0:
+            raise ValueError(f"kv_disk_size must be positive, got {self.kv_disk_size}")
+        if self.kv_disk_policy not in ("selective", "write_through", "off"):
+            raise ValueError(
+                "kv_disk_policy must be selective, write_through or off, "
+                f"got {self.kv_disk_policy!r}"
             )
         if self.chat_template is not None and not os.path.isfile(self.chat_template):
             raise ValueError(f"chat_template {self.chat_template!r} is not a file")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from radixlm.cache import RadixCache, SlotAllocator
+from radixlm.cache.disk_tier import DiskTier, open_disk_tier
 from radixlm.core.finish import FinishReason
 from radixlm.core.messages import (
     AbortRequest,
@@ -86,6 +87,17 @@ class EngineCore:
         del weights
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator, disable=args.disable_radix_cache)
+        self.disk_tier: DiskTier | None = None
+        if args.kv_cache_dir and not args.disable_radix_cache:
+            self.disk_tier = open_disk_tier(
+                args.kv_cache_dir,
+                args.kv_disk_size,
+                args.kv_disk_policy,
+                self.model_path,
+                dtype,
+                self.cache,
+                self.runner.pool,
+            )
         self.cache_events = CacheEventLog(self.cache)
         self.tenancy = CacheTenancy(self.cache)
         context_len = min(
@@ -177,6 +189,8 @@ class EngineCore:
         req = Req.from_message(msg, self.tokenizer.eos_token_ids)
         if req.salt is not None:
             req.public_len = self.tenancy.public.boundary(req.input_ids)
+        if self.disk_tier is not None and req.salt is None:
+            self.disk_tier.prefetch(req.input_ids)
         if GrammarSpec.from_params(msg.params) is not None and self.scheduler.check(req) is None:
             self.grammar.submit(req)  # queued by _queue_compiled once its grammar is ready
         else:
@@ -234,7 +248,7 @@ class EngineCore:
 
     def stats(self) -> CoreStats:
         """Numbers for /metrics, /server_info and tests."""
-        s = self.scheduler
+        s, tier = self.scheduler, self.disk_tier
         used = self.allocator.num_slots - self.allocator.num_free - self.cache.evictable_size
         return CoreStats(
             num_running_reqs=len(s.running),
@@ -246,6 +260,10 @@ class EngineCore:
             num_forward_passes=s.num_forward_passes,
             num_retractions=s.num_retractions,
             spec={} if self.speculator is None else self.speculator.stats(),
+            cache_hit_tokens_pool=s.admission.hit_tokens_pool,
+            cache_hit_tokens_disk=s.admission.hit_tokens_disk,
+            disk_cache_tokens=tier.disk_tokens if tier is not None else 0,
+            disk_cache_bytes=tier.store.used_bytes if tier is not None else 0,
         )
 
     def info(self) -> CoreInfo:
@@ -265,25 +283,40 @@ class EngineCore:
             gemm=self.runner.backend.gemm,
         )
 
+    def close(self) -> None:
+        """Release what outlives the loop: the disk tier writes what it keeps (in bounded
+        time) and frees its directory."""
+        if self.disk_tier is not None:
+            self.disk_tier.close()
+            self.disk_tier = None
+
     def run(
         self,
         receive: Callable[[bool], list[Message]],
         emit: Callable[[list[Any]], None],
     ) -> None:
         """The loop: take messages (blocking only when idle), step, emit outputs; None stops.
-        The runner is closed when the loop ends, however it ends."""
+        The runner and the disk tier (close()) are closed when the loop ends, however it ends."""
         with torch.inference_mode(), contextlib.closing(self.runner):
-            while True:
-                replies: list[Any] = []
-                for msg in receive(not self.has_work):
-                    if msg is None:
-                        return
-                    reply = self.handle(msg)
-                    if reply is not None:
-                        replies.append(reply)
-                if replies:
-                    emit(replies)
-                if self.has_work:
-                    outputs = self.step()
-                    if outputs:
-                        emit(outputs)
+            try:
+                self._loop(receive, emit)
+            finally:
+                self.close()
+
+    def _loop(
+        self, receive: Callable[[bool], list[Message]], emit: Callable[[list[Any]], None]
+    ) -> None:
+        while True:
+            replies: list[Any] = []
+            for msg in receive(not self.has_work):
+                if msg is None:
+                    return
+                reply = self.handle(msg)
+                if reply is not None:
+                    replies.append(reply)
+            if replies:
+                emit(replies)
+            if self.has_work:
+                outputs = self.step()
+                if outputs:
+                    emit(outputs)

@@ -69,16 +69,28 @@ def serve_dp(engine_args: EngineArgs, server_args: ServerArgs, dp: int) -> int:
     threads = max(1, (os.cpu_count() or 1) // dp)
     env = {"OMP_NUM_THREADS": str(threads), **os.environ}
     worker_args = dataclasses.replace(server_args, host="127.0.0.1", port=0)
-    argv = serve_argv(engine_args, worker_args)
     log_dir = Path(tempfile.mkdtemp(prefix="radixlm-dp-"))
     logger.info("starting %d engine servers (%s threads each; logs in %s)", dp, threads, log_dir)
 
     def start(i: int) -> LocalReplica:
         budget = RestartBudget(server_args.max_engine_restarts, server_args.engine_restart_window_s)
         (log_dir / f"worker-{i}").mkdir()
+        argv = serve_argv(worker_engine_args(engine_args, i, dp), worker_args)
         return LocalReplica(argv, log_dir / f"worker-{i}", env, budget)
 
     return _serve_replicas(server_args, engine_args, dp, lambda: _start_all(start, dp))
+
+
+def worker_engine_args(engine_args: EngineArgs, i: int, dp: int) -> EngineArgs:
+    """Replica i's engine arguments: its own disk tier directory (one process per directory)
+    under --kv-cache-dir, with a dp-th of the disk size bound."""
+    if not engine_args.kv_cache_dir:
+        return engine_args
+    return dataclasses.replace(
+        engine_args,
+        kv_cache_dir=os.path.join(engine_args.kv_cache_dir, f"worker-{i}"),
+        kv_disk_size=engine_args.kv_disk_size / dp,
+    )
 
 
 def serve_ray(engine_args: EngineArgs, server_args: ServerArgs, dp: int, ray_args: RayArgs) -> int:

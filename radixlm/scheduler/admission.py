@@ -42,6 +42,9 @@ class Admission:
         # Share of their remaining max_new_tokens that running requests are assumed to need:
         # raised by each retraction, lowered a little each step.
         self.new_token_ratio = 0.7
+        # Prompt tokens taken from the cache at first admission, by tier.
+        self.hit_tokens_pool = 0
+        self.hit_tokens_disk = 0
 
     def on_retract(self) -> None:
         """Memory ran short: reserve more for running requests."""
@@ -68,9 +71,12 @@ class Admission:
         for req in ordered:
             if budget <= 0 or len(t.running) >= self.max_running:
                 break
-            # Matched again: admitting an earlier request may have evicted what ordering saw.
             salt, public_len = req.salt, req.public_len
+            # A prefix on disk comes back into the pool first (a no-op without a disk tier).
+            loaded = t.cache.load_prefix(req.fill_ids, salt=salt, public_len=public_len)
+            # Matched again: admitting an earlier request may have evicted what ordering saw.
             match = t.cache.match_prefix(req.fill_ids, salt=salt, public_len=public_len)
+            in_pool = len(match.slots) - loaded  # the loaded nodes end the matched path
             prefix = usable_prefix(req, match)
             if prefix < len(match.slots):  # lock exactly what is used: the node at depth prefix
                 match = t.cache.match_prefix(
@@ -93,6 +99,9 @@ class Admission:
             req.node, req.slots, req.tree_len = match.node, match.slots, match.node.depth
             if not req.admitted:
                 req.cached_tokens, req.queue_time = prefix, time.monotonic() - req.arrival
+                from_disk = max(0, prefix - in_pool)
+                self.hit_tokens_disk += from_disk
+                self.hit_tokens_pool += prefix - from_disk
             t.running.append(req)
             admitted.append(t.extend(req, n))
             budget -= n

@@ -196,6 +196,19 @@ class ServerMetrics:
                     f'{full}_total{{{labels},algorithm="{name}"}} {c[key]}'
                     for name, c in spec.items()
                 ]
+            sample(
+                "radixlm:disk_cache_tokens",
+                "gauge",
+                "Tokens with K/V in the disk tier (--kv-cache-dir).",
+                engine_stats["disk_cache_tokens"],
+            )
+            for tier in ("pool", "disk"):
+                sample(
+                    f"radixlm:cache_hit_tokens_{tier}_total",
+                    "counter",
+                    f"Prompt tokens admitted from the cache found in the {tier} tier.",
+                    engine_stats[f"cache_hit_tokens_{tier}"],
+                )
         sample(
             "sglang:cache_hit_rate",
             "gauge",

@@ -280,6 +280,10 @@ class InternalState(TypedDict, total=False):
     # Tokens per step that verified a draft, all sources; null without speculative decoding
     # (bench_serving reads it)
     avg_spec_accept_length: float | None
+    cache_hit_tokens_pool: int
+    cache_hit_tokens_disk: int
+    disk_cache_tokens: int
+    disk_cache_bytes: int
 
 
 class ServerInfo(TypedDict):

@@ -9,7 +9,7 @@ LRU time, and a node whose K/V lives elsewhere drafts as well as any.
 
 from __future__ import annotations
 
-from radixlm.cache.radix import RadixCache, TreeNode, child_key, common_prefix_len
+from radixlm.cache.radix import RadixCache, TreeNode, common_prefix_len, namespace_key
 
 # N-gram sizes indexed for suffix matches over the tree, longest tried first.
 SUFFIX_NGRAMS = (4, 3, 2)
@@ -55,7 +55,7 @@ def cached_continuation(
     RadixCache.match_prefix walks them); [] if the tree diverges from ids."""
     pos = start
     while pos < len(ids):
-        key, end = child_key(ids, pos, salt, public_len)
+        key, end = namespace_key(ids, pos, salt, public_len)
         child = node.children.get(key)
         if child is None:
             return []

@@ -21,6 +21,9 @@ def test_serve_argv_round_trips_through_the_parser(tmp_path: Path) -> None:
         mem_fraction_static=0.3,
         chat_template=str(template),
         random_seed=7,
+        kv_cache_dir=str(tmp_path / "kv"),
+        kv_disk_size=0.5,
+        kv_disk_policy="write_through",
     )
     server = ServerArgs(port=0, api_key="k", max_queued_tokens=99, log_level="error")
     for e, s in ((engine, server), (EngineArgs(), ServerArgs())):

@@ -121,3 +121,23 @@ def test_metrics_parse_and_counters_move(http: httpx.Client) -> None:
     assert 0 < metric(after, "sglang:cache_hit_rate") <= 1
     assert metric(after, "sglang:gen_throughput") > 0
     assert metric(after, "sglang:num_running_reqs") == 0
+
+
+def test_engine_stats_split_cache_hits_by_tier() -> None:
+    stats = CoreStats(
+        num_running_reqs=0,
+        num_queue_reqs=0,
+        num_used_tokens=0,
+        token_usage=0.0,
+        max_total_num_tokens=100,
+        cached_tree_tokens=0,
+        num_forward_passes=0,
+        num_retractions=0,
+        cache_hit_tokens_pool=7,
+        cache_hit_tokens_disk=5,
+        disk_cache_tokens=40,
+    )
+    samples = parse_metrics(ServerMetrics("m").render(dataclasses.asdict(stats)))
+    assert metric(samples, "radixlm:cache_hit_tokens_pool_total") == 7
+    assert metric(samples, "radixlm:cache_hit_tokens_disk_total") == 5
+    assert metric(samples, "radixlm:disk_cache_tokens") == 40
