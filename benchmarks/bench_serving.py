@@ -292,17 +292,23 @@ def print_metrics(title: str, setup: dict[str, object], m: RunMetrics) -> None:
 
 
 async def _sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[Any]:
-    """The JSON payloads of a text/event-stream, up to `data: [DONE]`."""
+    """The JSON payloads of a text/event-stream's `data:` lines, up to `data: [DONE]` (other
+    lines, such as comments and event names, are skipped)."""
     buf = b""
     async for chunk in resp.content.iter_any():
-        buf += chunk
+        buf += chunk.replace(b"\r\n", b"\n")
         while b"\n\n" in buf:
             event, buf = buf.split(b"\n\n", 1)
-            data = event.strip().removeprefix(b"data:").strip()
-            if data == b"[DONE]":
-                return
-            if data:
-                yield json.loads(data)
+            for line in event.split(b"\n"):
+                if not line.startswith(b"data:"):
+                    continue
+                data = line.removeprefix(b"data:").strip()
+                if data == b"[DONE]":
+                    return
+                try:
+                    yield json.loads(data)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"not JSON in the stream: {data[:200]!r}") from e
 
 
 @dataclass(frozen=True)
