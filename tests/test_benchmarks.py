@@ -51,6 +51,7 @@ CASES = [
             rf"all +[0-9]+ +{RATIO}%",
             rf"bfloat16 speedup {RATIO}x",
         ],
+        [],
         id="bf16-quality",
     ),
     pytest.param(
