@@ -152,8 +152,8 @@ def test_a_runtime_nobody_holds_is_shut_down(tiny: Path) -> None:
 
 
 def test_bad_arguments_fail_before_any_process_starts(tiny: Path) -> None:
-    with pytest.raises(TypeError, match="unknown arguments: tp_size"):
-        sgl.Runtime(model_path=str(tiny), tp_size=2)
+    with pytest.raises(TypeError, match="unknown arguments: enable_dp_attention"):
+        sgl.Runtime(model_path=str(tiny), enable_dp_attention=True)
     with pytest.raises(ValueError, match="mem_fraction_static"):
         sgl.Runtime(model_path=str(tiny), mem_fraction_static=1.5)
     with pytest.raises(ValueError, match="log_level"):
