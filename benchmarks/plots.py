@@ -39,6 +39,11 @@ def cpu_name() -> str:
     return m.group(1).strip() if m else platform.machine()
 
 
+def _label(value: float) -> str:
+    """A bar's value: whole numbers with thousands separators from 100 up, else 3 digits."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def _pyplot() -> Any:
     try:
         import matplotlib
@@ -80,7 +85,7 @@ def bar_charts(
         for j, (label, values) in enumerate(series.items()):
             xs = [k + (j - (len(series) - 1) / 2) * width for k in range(len(categories))]
             bars = ax.bar(xs, values, width, label=label, color=COLOURS[j % len(COLOURS)])
-            ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=1)
+            ax.bar_label(bars, fmt=_label, fontsize=7, padding=1)
         ax.set_xticks(range(len(categories)), categories, fontsize=8)
         ax.set_ylabel(ylabel)
         if i in log_panels:
