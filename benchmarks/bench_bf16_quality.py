@@ -30,6 +30,7 @@ from radixlm.models.default import default_model_path
 from radixlm.models.loader import load_model_files
 from radixlm.runner.runner import ModelRunner
 from radixlm.tokenizer import Tokenizer
+from radixlm.utils import progress
 
 TEXTS = Path(__file__).parent / "data" / "quality_texts.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -66,25 +67,27 @@ def main() -> None:
     agree: dict[str, list[torch.Tensor]] = defaultdict(list)
     greedy_diff: dict[str, list[torch.Tensor]] = defaultdict(list)
     text_diff: dict[str, list[torch.Tensor]] = defaultdict(list)
-    for text, tokens in zip(texts, ids, strict=True):
-        logprobs = {}
-        for name, runner in runners.items():
-            seq = ScheduledSeq(tokens, 0, torch.arange(1, len(tokens) + 1), 0)
-            t0 = time.perf_counter()
-            logits = runner.forward([seq])
-            seconds[name] += time.perf_counter() - t0
-            logprobs[name] = torch.log_softmax(logits.float(), dim=-1)
-        full, half = logprobs["float32"], logprobs["bfloat16"]
-        best = full.argmax(-1)
-        following = torch.tensor(tokens[1:])[:, None]
-        for kind in (text["kind"], "all"):
-            agree[kind].append(best == half.argmax(-1))
-            greedy_diff[kind].append(
-                (full.gather(1, best[:, None]) - half.gather(1, best[:, None])).abs()[:, 0]
-            )
-            text_diff[kind].append(
-                (full[:-1].gather(1, following) - half[:-1].gather(1, following)).abs()[:, 0]
-            )
+    with progress(len(texts), "float32 / bfloat16", "text") as bar:
+        for text, tokens in zip(texts, ids, strict=True):
+            logprobs = {}
+            for name, runner in runners.items():
+                seq = ScheduledSeq(tokens, 0, torch.arange(1, len(tokens) + 1), 0)
+                t0 = time.perf_counter()
+                logits = runner.forward([seq])
+                seconds[name] += time.perf_counter() - t0
+                logprobs[name] = torch.log_softmax(logits.float(), dim=-1)
+            full, half = logprobs["float32"], logprobs["bfloat16"]
+            best = full.argmax(-1)
+            following = torch.tensor(tokens[1:])[:, None]
+            for kind in (text["kind"], "all"):
+                agree[kind].append(best == half.argmax(-1))
+                greedy_diff[kind].append(
+                    (full.gather(1, best[:, None]) - half.gather(1, best[:, None])).abs()[:, 0]
+                )
+                text_diff[kind].append(
+                    (full[:-1].gather(1, following) - half[:-1].gather(1, following)).abs()[:, 0]
+                )
+            bar.update()
 
     print(
         f"{'texts':16s} {'positions':>9s} {'top-1 agree':>11s} "

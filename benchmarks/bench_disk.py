@@ -24,6 +24,7 @@ from radixlm.core.messages import GenerateRequest
 from radixlm.core.params import SamplingParams
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
+from radixlm.utils import progress
 
 
 def random_ids(n: int, gen: torch.Generator) -> list[int]:
@@ -67,17 +68,20 @@ def restart_ttft(model: str | None, prefix_len: int, reps: int) -> None:
         with torch.inference_mode():
             c.cache.evict(c.allocator.num_slots)
         disk_t, cold_t = [], []
-        for _ in range(reps):
-            t, hit = serve(c, [prefix + random_ids(16, gen)], 1)
-            assert hit >= prefix_len, f"expected a disk hit, cached {hit}"
-            disk_t.append(t)
-            with torch.inference_mode():
-                c.cache.evict(c.allocator.num_slots)
-            t, hit = serve(c, [random_ids(prefix_len + 16, gen)], 1)
-            assert hit == 0
-            cold_t.append(t)
-            with torch.inference_mode():
-                c.cache.evict(c.allocator.num_slots)
+        with progress(2 * reps, "restart-ttft: from disk / uncached", "req") as bar:
+            for _ in range(reps):
+                t, hit = serve(c, [prefix + random_ids(16, gen)], 1)
+                assert hit >= prefix_len, f"expected a disk hit, cached {hit}"
+                disk_t.append(t)
+                with torch.inference_mode():
+                    c.cache.evict(c.allocator.num_slots)
+                bar.update()
+                t, hit = serve(c, [random_ids(prefix_len + 16, gen)], 1)
+                assert hit == 0
+                cold_t.append(t)
+                with torch.inference_mode():
+                    c.cache.evict(c.allocator.num_slots)
+                bar.update()
         c.close()
     disk, cold = statistics.median(disk_t), statistics.median(cold_t)
     print(f"restart-ttft: {on_disk} tokens on disk after the restart, prefix {prefix_len} tokens")
@@ -100,18 +104,20 @@ def capacity(
         times: dict[str, float] = dict.fromkeys(engines, 0.0)
         hits: dict[str, int] = dict.fromkeys(engines, 0)
         total_prompt = 0
-        for r in range(rounds):
-            questions = [s + random_ids(24, gen) for s in systems]
-            for name, c in engines.items():
-                t0 = time.perf_counter()
-                cached = 0
-                for i in range(0, len(questions), batch):
-                    cached += serve(c, questions[i : i + batch], 8)[1]
-                if r > 0:  # the first round fills both caches
-                    times[name] += time.perf_counter() - t0
-                    hits[name] += cached
-            if r > 0:
-                total_prompt += sum(len(q) for q in questions)
+        with progress(rounds * len(engines), "capacity: tier / pool only", "run") as bar:
+            for r in range(rounds):
+                questions = [s + random_ids(24, gen) for s in systems]
+                for name, c in engines.items():
+                    t0 = time.perf_counter()
+                    cached = 0
+                    for i in range(0, len(questions), batch):
+                        cached += serve(c, questions[i : i + batch], 8)[1]
+                    if r > 0:  # the first round fills both caches
+                        times[name] += time.perf_counter() - t0
+                        hits[name] += cached
+                    bar.update()
+                if r > 0:
+                    total_prompt += sum(len(q) for q in questions)
         for c in engines.values():
             c.close()
     requests = num_prompts * (rounds - 1)
@@ -143,12 +149,14 @@ def decode(model: str | None, batch: int, steps: int, reps: int) -> None:
                 c.step()  # the prefill
                 for _ in range(5):
                     c.step()
-            for _ in range(reps):
-                for name, c in engines.items():
-                    t0 = time.perf_counter()
-                    for _ in range(steps):
-                        c.step()
-                    step_times[name].append((time.perf_counter() - t0) / steps)
+            with progress(reps * len(engines), "decode: tier on / off", "run") as bar:
+                for _ in range(reps):
+                    for name, c in engines.items():
+                        t0 = time.perf_counter()
+                        for _ in range(steps):
+                            c.step()
+                        step_times[name].append((time.perf_counter() - t0) / steps)
+                        bar.update()
         for c in engines.values():
             c.close()
     on, off = statistics.median(step_times["tier on"]), statistics.median(step_times["tier off"])

@@ -26,6 +26,7 @@ from radixlm.cache.encoder_cache import EncoderCache
 from radixlm.engine.engine import Engine
 from radixlm.models.default import default_model_path
 from radixlm.models.gguf import convert_gguf
+from radixlm.utils import progress
 
 QUESTIONS = [
     "What is in the picture?",
@@ -149,20 +150,22 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name, _, _ in configs}
         encoded: dict[str, int] = {}
         run(engines["radix on"], images[:1], 1, 1)  # warm-up: kernels, first allocations
-        for _ in range(args.rounds):
-            for name, which, encoder_cache in configs:
-                engine = engines[which]
-                engine.flush_cache()
-                model: Any = engine.core.runner.model
-                model.encoder_cache = EncoderCache() if encoder_cache else EncoderCache(0)
-                before = model.images_encoded
-                elapsed, cached = run(engine, images, args.questions, args.output_len)
-                times[name].append(elapsed)
-                encoded[name] = model.images_encoded - before
-                print(
-                    f"  {name}: {elapsed:6.2f} s, {n / elapsed:6.2f} req/s, "
-                    f"{cached} prompt tokens cached, vision tower runs {encoded[name]}"
-                )
+        with progress(args.rounds * len(configs), "radix / encoder cache", "run") as bar:
+            for _ in range(args.rounds):
+                for name, which, encoder_cache in configs:
+                    engine = engines[which]
+                    engine.flush_cache()
+                    model: Any = engine.core.runner.model
+                    model.encoder_cache = EncoderCache() if encoder_cache else EncoderCache(0)
+                    before = model.images_encoded
+                    elapsed, cached = run(engine, images, args.questions, args.output_len)
+                    times[name].append(elapsed)
+                    encoded[name] = model.images_encoded - before
+                    bar.write(
+                        f"  {name}: {elapsed:6.2f} s, {n / elapsed:6.2f} req/s, "
+                        f"{cached} prompt tokens cached, vision tower runs {encoded[name]}"
+                    )
+                    bar.update()
         for engine in engines.values():
             engine.shutdown()
     best = {name: min(t) for name, t in times.items()}

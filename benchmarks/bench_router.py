@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import radixlm  # noqa: F401  (sets OMP_WAIT_POLICY before anything loads OpenMP)
+from radixlm.utils import progress
 
 ANSWER = (
     b'{"text": " Paris.", "output_ids": [1, 2], "meta_info": {"id": "x", "prompt_tokens": 8, '
@@ -166,11 +167,18 @@ def overhead(a: argparse.Namespace) -> None:
         while not httpx.get(router.url + "/get_server_info").json()["router"]["tokenizer_ready"]:
             time.sleep(0.1)
         direct, routed, rps, direct_rps = [], [], [], []
-        for _ in range(a.rounds):  # alternate, so that both see the same machine
-            direct += _run_load(urls[0], "latency", a.requests, 1, 1)[0]
-            routed += _run_load(router.url, "latency", a.requests, 1, 1)[0]
-            rps.append(_rps(_run_load(router.url, "rps", a.seconds, a.concurrency, a.clients)))
-            direct_rps.append(_rps(_run_load(urls[0], "rps", a.seconds, a.concurrency, a.clients)))
+        with progress(4 * a.rounds, "direct / via router", "run") as bar:
+            for _ in range(a.rounds):  # alternate, so that both see the same machine
+                direct += _run_load(urls[0], "latency", a.requests, 1, 1)[0]
+                bar.update()
+                routed += _run_load(router.url, "latency", a.requests, 1, 1)[0]
+                bar.update()
+                rps.append(_rps(_run_load(router.url, "rps", a.seconds, a.concurrency, a.clients)))
+                bar.update()
+                direct_rps.append(
+                    _rps(_run_load(urls[0], "rps", a.seconds, a.concurrency, a.clients))
+                )
+                bar.update()
     finally:
         router.stop()
         for f in fakes:
@@ -345,14 +353,17 @@ def cache(a: argparse.Namespace) -> None:
             f"SmolLM2-135M truncated to {a.layers} layers"
         )
         runs: dict[str, list[Run]] = {name: [] for name in targets}
-        for _ in range(a.rounds):
-            for name, url in targets.items():
-                for target in [single.url, *urls]:
-                    assert httpx.post(target + "/flush_cache", timeout=60).status_code == 200
-                time.sleep(0.5)  # the routers' mirrors see the flush
-                run = asyncio.run(_drive(url, prompts, a, name))
-                runs[name].append(run)
-                print(run.row(), flush=True)
+        with progress(a.rounds * len(targets), "cache_aware / round_robin / single", "run") as bar:
+            for _ in range(a.rounds):
+                for name, url in targets.items():
+                    for target in [single.url, *urls]:
+                        assert httpx.post(target + "/flush_cache", timeout=60).status_code == 200
+                    time.sleep(0.5)  # the routers' mirrors see the flush
+                    run = asyncio.run(_drive(url, prompts, a, name))
+                    runs[name].append(run)
+                    bar.write(run.row())
+                    sys.stdout.flush()
+                    bar.update()
         ca, rr = runs["cache_aware"], runs["round_robin"]
         for i, (c, r) in enumerate(zip(ca, rr, strict=True)):
             hit = (c.cached_tokens / c.prompt_tokens) / max(r.cached_tokens / r.prompt_tokens, 1e-9)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import radixlm  # noqa: F401  (first: its OpenMP defaults apply only before torch loads)
@@ -30,6 +31,7 @@ from radixlm.core.params import SamplingParams
 from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
+from radixlm.utils import progress
 
 GROUNDED = [
     "Repeat the following text exactly, word for word:\n\n{text}",
@@ -147,13 +149,14 @@ def row_costs(core: EngineCore, shapes: list[tuple[int, int]], reps: int) -> Non
         ]
 
     times: dict[tuple[int, int], list[float]] = {s: [] for s in [(1, 1), *shapes]}
-    with torch.inference_mode():
+    with torch.inference_mode(), progress(reps, "row costs", "round") as bar:
         for _ in range(reps):
             for shape in times:
                 batch = seqs(*shape)
                 t0 = time.perf_counter()
                 core.runner.forward(batch)
                 times[shape].append(time.perf_counter() - t0)
+            bar.update()
     one = min(times[(1, 1)])
     print(f"decode step, 1 row: {one * 1000:.1f} ms; relative cost by batch x tokens:")
     print("  " + ", ".join(f"{b}x{t} {min(times[(b, t)]) / one:.2f}" for b, t in shapes))
@@ -198,37 +201,39 @@ def main() -> None:
     shapes = [(1, 2), (1, 4), (1, 5), (1, 8), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (16, 1)]
     if args.row_reps:
         row_costs(off, shapes, args.row_reps)
-    for case, batch in cases:
-        ratios: list[float] = []
-        rates: list[tuple[float, float]] = []
-        accept = ""
-        for r in range(args.rounds):
-            for core in (off, on) if r % 2 == 0 else (on, off):
-                core.scheduler.flush_cache()
-            result: dict[int, float] = {}
-            for core in (off, on) if r % 2 == 0 else (on, off):
-                if case == "a":
-                    prompts = grounded(core, batch)
-                elif case == "b":
-                    prompts = free(core, batch, offset=r)
-                    decode(core, prompts, args.max_new_tokens)  # the first run fills the tree
-                else:
-                    prompts = free(core, batch, offset=r)
-                before = core.stats().spec
-                tokens, seconds = decode(core, prompts, args.max_new_tokens)
-                result[id(core)] = tokens / seconds
-                if core is on:
-                    accept = spec_delta(before, core.stats().spec)
-            rates.append((result[id(off)], result[id(on)]))
-            ratios.append(result[id(on)] / result[id(off)])
-        off_rate = statistics.median(x for x, _ in rates)
-        on_rate = statistics.median(y for _, y in rates)
-        print(
-            f"({case}) batch {batch:2d}: off {off_rate:6.1f} tok/s, on {on_rate:6.1f} tok/s, "
-            f"on / off = {statistics.median(ratios):.2f}x "
-            f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}); last round {accept}",
-            flush=True,
-        )
+    with progress(len(cases) * args.rounds * 2, "drafts off / on", "run") as bar:
+        for case, batch in cases:
+            ratios: list[float] = []
+            rates: list[tuple[float, float]] = []
+            accept = ""
+            for r in range(args.rounds):
+                for core in (off, on) if r % 2 == 0 else (on, off):
+                    core.scheduler.flush_cache()
+                result: dict[int, float] = {}
+                for core in (off, on) if r % 2 == 0 else (on, off):
+                    if case == "a":
+                        prompts = grounded(core, batch)
+                    elif case == "b":
+                        prompts = free(core, batch, offset=r)
+                        decode(core, prompts, args.max_new_tokens)  # the first run fills the tree
+                    else:
+                        prompts = free(core, batch, offset=r)
+                    before = core.stats().spec
+                    tokens, seconds = decode(core, prompts, args.max_new_tokens)
+                    result[id(core)] = tokens / seconds
+                    if core is on:
+                        accept = spec_delta(before, core.stats().spec)
+                    bar.update()
+                rates.append((result[id(off)], result[id(on)]))
+                ratios.append(result[id(on)] / result[id(off)])
+            off_rate = statistics.median(x for x, _ in rates)
+            on_rate = statistics.median(y for _, y in rates)
+            bar.write(
+                f"({case}) batch {batch:2d}: off {off_rate:6.1f} tok/s, on {on_rate:6.1f} tok/s, "
+                f"on / off = {statistics.median(ratios):.2f}x "
+                f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}); last round {accept}"
+            )
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -27,21 +27,24 @@ from radixlm.distributed.runner import TensorParallelRunner
 from radixlm.models.default import default_model_path
 from radixlm.models.loader import load_model_files
 from radixlm.runner.runner import ModelRunner
+from radixlm.utils import progress
 
 Step = Callable[[], object]
 
 
-def timed(configs: list[tuple[int, Step]], repeat: int) -> list[float]:
+def timed(configs: list[tuple[int, Step]], repeat: int, desc: str) -> list[float]:
     """Median seconds of each (threads, step), run in turn `repeat` times after one untimed
     turn, each with its thread count set first."""
     times: list[list[float]] = [[] for _ in configs]
-    for turn in range(repeat + 1):
-        for (threads, step), ts in zip(configs, times, strict=True):
-            torch.set_num_threads(threads)
-            t0 = time.perf_counter()
-            step()
-            if turn:
-                ts.append(time.perf_counter() - t0)
+    with progress((repeat + 1) * len(configs), desc, "run") as bar:
+        for turn in range(repeat + 1):
+            for (threads, step), ts in zip(configs, times, strict=True):
+                torch.set_num_threads(threads)
+                t0 = time.perf_counter()
+                step()
+                if turn:
+                    ts.append(time.perf_counter() - t0)
+                bar.update()
     return [statistics.median(ts) for ts in times]
 
 
@@ -81,10 +84,13 @@ def main() -> None:
     decodes = [ScheduledSeq(ids(1), ctx, r, ctx) for r in rows]
     prefill_slots = torch.arange(b * (ctx + 1) + 1, b * (ctx + 1) + 1 + args.prefill_len)
     prefill = [ScheduledSeq(ids(args.prefill_len), 0, prefill_slots, args.prefill_len - 1)]
-    for runner, threads in ((one, args.threads), (layered, args.threads), (two, half)):
-        torch.set_num_threads(threads)
-        for seq in contexts:
-            runner.forward([seq])
+    runners = ((one, args.threads), (layered, args.threads), (two, half))
+    with progress(len(runners) * len(contexts), "decode contexts", "seq") as bar:
+        for runner, threads in runners:
+            torch.set_num_threads(threads)
+            for seq in contexts:
+                runner.forward([seq])
+                bar.update()
 
     def decode(runner: ModelRunner) -> Step:
         def run() -> None:
@@ -99,10 +105,12 @@ def main() -> None:
             (half, lambda: two.forward(prefill)),
         ],
         args.repeat,
+        "prefill tp=1 / tp=2",
     )
     dec = timed(
         [(args.threads, decode(one)), (args.threads, decode(layered)), (half, decode(two))],
         args.repeat,
+        "decode tp=1 / tp=1 layered / tp=2",
     )
     dec = [t / args.steps for t in dec]
     two.close()
