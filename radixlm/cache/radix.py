@@ -181,37 +181,6 @@ class RadixCache:
             node, pos = child, pos + m
         return MatchResult(_cat(values, self._empty), node)
 
-    def continuation(
-        self, ids: Sequence[int], max_tokens: int, *, salt: str | None = None, public_len: int = 0
-    ) -> list[int]:
-        """Up to max_tokens tokens that the tree holds right after ids in the caller's namespace
-        (at a branch, the most recently used child's): draft material that never crosses
-        salts. Read only: nothing is split, no access time refreshed."""
-        if self.disable or max_tokens <= 0:
-            return []
-        ids = _as_list(ids)
-        node, pos = self.root, 0
-        out: list[int] = []
-        while pos < len(ids):
-            key, end = namespace_key(ids, pos, salt, public_len)
-            child = node.children.get(key)
-            if child is None:
-                return []
-            m = common_prefix_len(child.key, ids, pos, end)
-            if m < len(child.key):
-                if pos + m < len(ids) or child.salt != salt:
-                    return []  # ids leave the tree, or the edge's rest is another namespace
-                out = child.key[m : m + max_tokens]
-            node, pos = child, pos + m
-        while len(out) < max_tokens:
-            # Past ids every position is past public_len: only the caller's own salt's nodes.
-            kids = [c for c in node.children.values() if c.salt == salt]
-            if not kids:
-                break
-            node = max(kids, key=lambda c: c.last_access)
-            out += node.key[: max_tokens - len(out)]
-        return out
-
     def lock(self, node: TreeNode) -> None:
         """Protect node and its ancestors from eviction (one more holder)."""
         while node is not self.root:

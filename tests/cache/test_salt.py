@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixlm.cache import RadixCache, SlotAllocator
+from radixlm.speculative.tree import cached_continuation
 from tests.cache.test_radix import assert_no_leak, make, nodes, take
 
 Key = tuple[tuple[str | None, int], ...]
@@ -127,7 +128,7 @@ def test_continuations_stay_in_the_callers_namespace(reqs: list, probe: list[int
     public_len = min(2, len(probe))
     ticks = [n.last_access for n in nodes(cache)]
     before = cache.snapshot()
-    out = cache.continuation(probe, 5, salt=salt, public_len=public_len)
+    out = cached_continuation(cache.root, probe, 0, 5, salt, public_len)
     assert len(out) <= 5
     if out:  # what the tree holds after probe, as this caller would match it
         full = namespaced(probe + out, salt, public_len)
@@ -140,8 +141,8 @@ def test_a_continuation_never_crosses_salts() -> None:
     alloc, cache = make()
     serve(cache, [1, 2, 3, 4, 5], "a", 2)
     serve(cache, [1, 2, 3, 9, 9, 9], "b", 2)
-    assert cache.continuation([1, 2], 4, salt="a", public_len=2) == [3, 4, 5]
-    assert cache.continuation([1, 2], 4, salt="b", public_len=2) == [3, 9, 9, 9]
-    assert cache.continuation([1, 2, 3], 4, salt="c", public_len=2) == []
-    assert cache.continuation([1], 4) == [2]  # unsalted: the shared part only
+    assert cached_continuation(cache.root, [1, 2], 0, 4, "a", 2) == [3, 4, 5]
+    assert cached_continuation(cache.root, [1, 2], 0, 4, "b", 2) == [3, 9, 9, 9]
+    assert cached_continuation(cache.root, [1, 2, 3], 0, 4, "c", 2) == []
+    assert cached_continuation(cache.root, [1], 0, 4) == [2]  # unsalted: the shared part only
     assert_no_leak(alloc, cache)
