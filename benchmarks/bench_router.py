@@ -47,6 +47,7 @@ ANSWER = (
 )
 PROMPT = "You are a helpful assistant. Answer briefly. What is the capital of France? " * 4
 BODY = {"text": PROMPT, "sampling_params": {"max_new_tokens": 2}}
+SINGLE = "single"  # the --configs name of one engine holding both pools
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +144,12 @@ def _rps(results: list[tuple[int, float]]) -> float:
     return sum(n for n, _ in results) / max(t for _, t in results)
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (utime + stime from /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def overhead(a: argparse.Namespace) -> None:
     """Router overhead against fake workers."""
     import httpx
@@ -166,14 +173,17 @@ def overhead(a: argparse.Namespace) -> None:
     try:
         while not httpx.get(router.url + "/get_server_info").json()["router"]["tokenizer_ready"]:
             time.sleep(0.1)
-        direct, routed, rps, direct_rps = [], [], [], []
+        direct, routed, rps, direct_rps, cpu = [], [], [], [], []
         with progress(4 * a.rounds, "direct / via router", "run") as bar:
             for _ in range(a.rounds):  # alternate, so that both see the same machine
                 direct += _run_load(urls[0], "latency", a.requests, 1, 1)[0]
                 bar.update()
                 routed += _run_load(router.url, "latency", a.requests, 1, 1)[0]
                 bar.update()
-                rps.append(_rps(_run_load(router.url, "rps", a.seconds, a.concurrency, a.clients)))
+                cpu0 = cpu_seconds(router.proc.pid)
+                results = _run_load(router.url, "rps", a.seconds, a.concurrency, a.clients)
+                cpu.append((cpu_seconds(router.proc.pid) - cpu0) / sum(n for n, _ in results))
+                rps.append(_rps(results))
                 bar.update()
                 direct_rps.append(
                     _rps(_run_load(urls[0], "rps", a.seconds, a.concurrency, a.clients))
@@ -193,6 +203,12 @@ def overhead(a: argparse.Namespace) -> None:
         f"throughput via router {', '.join(f'{r:.0f}' for r in rps)} req/s (direct to one fake "
         f"worker {', '.join(f'{r:.0f}' for r in direct_rps)} req/s); {a.clients} load "
         f"generator processes x {a.concurrency} in flight"
+    )
+    per_request = statistics.median(cpu)
+    print(
+        f"router CPU time per request {per_request * 1e6:.0f} us "
+        f"(runs {', '.join(f'{c * 1e6:.0f}' for c in cpu)}): {1 / per_request:.0f} req/s per core; "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     sys.stdout.flush()
 
@@ -241,16 +257,20 @@ class Run:
     ttft: list[float]
     workers: Counter[str]
 
+    @property
+    def p99(self) -> float:
+        """The 99th percentile of TTFT, in seconds."""
+        ttft = sorted(self.ttft)
+        return ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]
+
     def row(self) -> str:
         """The figures as one printed line."""
-        ttft = sorted(self.ttft)
-        p99 = ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]
         spread = "/".join(str(n) for _, n in sorted(self.workers.items()))
         return (
-            f"{self.name:13s} hit rate {self.cached_tokens / self.prompt_tokens:6.1%}  "
+            f"{self.name:17s} hit rate {self.cached_tokens / self.prompt_tokens:6.1%}  "
             f"{self.requests / self.seconds:6.2f} req/s  "
             f"{self.prompt_tokens / self.seconds:7.0f} prompt tok/s  "
-            f"TTFT p50 {statistics.median(ttft):6.2f} s p99 {p99:6.2f} s  "
+            f"TTFT p50 {statistics.median(self.ttft):6.2f} s p99 {self.p99:6.2f} s  "
             f"requests per worker {spread}  ({self.seconds:.1f} s)"
         )
 
@@ -306,7 +326,8 @@ async def _drive(url: str, prompts: list[list[int]], a: argparse.Namespace, name
 
 
 def cache(a: argparse.Namespace) -> None:
-    """cache_aware vs round_robin over two engines, and one engine with both pools."""
+    """Router policies over two engines (by default cache_aware vs round_robin), and one engine
+    with both pools."""
     import httpx
 
     from radixlm.server.child_process import ServerProcess
@@ -325,24 +346,25 @@ def cache(a: argparse.Namespace) -> None:
 
     try:
         workers = [start("--max-total-tokens", str(a.pool)) for _ in range(2)]
-        single = start("--max-total-tokens", str(2 * a.pool))
+        single = start("--max-total-tokens", str(2 * a.pool)) if SINGLE in a.configs else None
         urls = [w.url for w in workers]
-        routers = {
-            policy: start(
-                "--worker-urls",
-                *urls,
-                "--policy",
-                policy,
-                "--log-level",
-                "warning",
+        routers = {}
+        for name in a.configs:
+            if name == SINGLE:
+                continue
+            policy, _, metric = name.partition(":")
+            extra = ["--load-metric", metric] if metric else []
+            routers[name] = start(
+                "--worker-urls", *urls, "--policy", policy, *extra, "--log-level", "warning",
                 command="router",
             )  # fmt: skip
-            for policy in ("cache_aware", "round_robin")
-        }
         for r in routers.values():
             while not httpx.get(r.url + "/get_server_info").json()["router"]["tokenizer_ready"]:
                 time.sleep(0.2)
-        targets = {**{p: r.url for p, r in routers.items()}, "single engine": single.url}
+        targets = {
+            name: single.url if name == SINGLE and single else routers[name].url
+            for name in a.configs
+        }
         prompts = workload(a, seed=0)
         tokens = sum(map(len, prompts))
         print(
@@ -353,24 +375,30 @@ def cache(a: argparse.Namespace) -> None:
             f"SmolLM2-135M truncated to {a.layers} layers"
         )
         runs: dict[str, list[Run]] = {name: [] for name in targets}
-        with progress(a.rounds * len(targets), "cache_aware / round_robin / single", "run") as bar:
+        with progress(a.rounds * len(targets), " / ".join(targets), "run") as bar:
             for _ in range(a.rounds):
                 for name, url in targets.items():
-                    for target in [single.url, *urls]:
+                    for target in [*urls, *([single.url] if single else [])]:
                         assert httpx.post(target + "/flush_cache", timeout=60).status_code == 200
                     time.sleep(0.5)  # the routers' mirrors see the flush
-                    run = asyncio.run(_drive(url, prompts, a, name))
+                    label = "single engine" if name == SINGLE else name
+                    run = asyncio.run(_drive(url, prompts, a, label))
                     runs[name].append(run)
                     bar.write(run.row())
                     sys.stdout.flush()
                     bar.update()
-        ca, rr = runs["cache_aware"], runs["round_robin"]
-        for i, (c, r) in enumerate(zip(ca, rr, strict=True)):
-            hit = (c.cached_tokens / c.prompt_tokens) / max(r.cached_tokens / r.prompt_tokens, 1e-9)
-            print(
-                f"round {i + 1}: cache_aware / round_robin: hit rate {hit:.2f}x, "
-                f"throughput {r.seconds / c.seconds:.2f}x"
-            )
+        for i in range(a.rounds):
+            if "cache_aware" in runs and "round_robin" in runs:
+                c, r = runs["cache_aware"][i], runs["round_robin"][i]
+                hit = (c.cached_tokens / c.prompt_tokens) / max(
+                    r.cached_tokens / r.prompt_tokens, 1e-9
+                )
+                print(
+                    f"round {i + 1}: cache_aware / round_robin: hit rate {hit:.2f}x, "
+                    f"throughput {r.seconds / c.seconds:.2f}x"
+                )
+            p99s = ", ".join(f"{name} {runs[name][i].p99:.2f} s" for name in a.configs)
+            print(f"round {i + 1}: TTFT p99 {p99s}")
     finally:
         for s in reversed(started):
             s.stop()
@@ -401,6 +429,13 @@ def main() -> None:
     c.add_argument("--skew", type=float, default=0.0, help="share of requests to one prefix")
     c.add_argument("--layers", type=int, default=6, help="SmolLM2 layers kept (30: all)")
     c.add_argument("--rounds", type=int, default=1, help="alternations of the configurations")
+    c.add_argument(
+        "--configs",
+        type=lambda v: v.split(","),
+        default=["cache_aware", "round_robin", SINGLE],
+        help="comma-separated: router policies (cache_aware:queue: with --load-metric queue) "
+        f"and {SINGLE} (one engine holding both pools)",
+    )
     a = p.parse_args()
     overhead(a) if a.command == "overhead" else cache(a)
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from radixlm.engine.args import EngineArgs
-from radixlm.router.args import POLICIES, RayArgs, RouterArgs
+from radixlm.router.args import LOAD_METRICS, POLICIES, RayArgs, RouterArgs
 from radixlm.server.args import (
     ACCEPTED_SGLANG_ARGS,
     LOG_LEVELS,
@@ -252,6 +252,10 @@ _ROUTER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     (
         "--balance-rel-threshold",
         {"type": float, "help": "... and max exceeds this times min (requests in flight)"},
+    ),
+    (
+        "--load-metric",
+        {"choices": LOAD_METRICS, "help": "cache_aware: estimated work, or requests in flight"},
     ),
     ("--health-check-interval-s", {"type": float, "help": "seconds between health checks"}),
     ("--tokenizer-path", {"help": "tokenizer to route with (default: the workers' model)"}),

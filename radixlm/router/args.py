@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-POLICIES = ("cache_aware", "round_robin", "random", "power_of_two", "consistent_hash")
+POLICIES = (
+    "cache_aware",
+    "round_robin",
+    "random",
+    "power_of_two",
+    "consistent_hash",
+    "shortest_queue",
+)
+LOAD_METRICS = ("work", "queue")
 
 
 @dataclass(frozen=True)
@@ -22,6 +30,9 @@ class RouterArgs:
     # cache_aware: load (requests in flight) is unbalanced when max - min > abs and max > rel * min.
     balance_abs_threshold: int = 64
     balance_rel_threshold: float = 1.5
+    # cache_aware: the load that decides when the cache does not: estimated work (uncached
+    # prefill tokens queued plus running decodes) or requests in flight (SGLang's).
+    load_metric: str = "work"
     health_check_interval_s: float = 2.0
     tokenizer_path: str | None = None  # default: the workers' model
     log_level: str = "info"
@@ -30,6 +41,10 @@ class RouterArgs:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+        if self.load_metric not in LOAD_METRICS:
+            raise ValueError(
+                f"load_metric must be one of {', '.join(LOAD_METRICS)}; got {self.load_metric!r}"
+            )
         if not 0 <= self.cache_threshold <= 1:
             raise ValueError(f"cache_threshold must be in [0, 1], got {self.cache_threshold}")
         if self.balance_abs_threshold < 0 or self.balance_rel_threshold < 1:

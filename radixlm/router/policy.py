@@ -6,7 +6,7 @@ import bisect
 import hashlib
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,8 +38,9 @@ class Decision:
     """A routing decision and why, for logs, metrics and tests."""
 
     worker: WorkerState
-    reason: str  # cache | work | balance | hash | round_robin | random | power_of_two
-    matched: int  # prompt tokens the chosen worker holds
+    # cache | work | queue | balance | hash | round_robin | random | power_of_two | shortest_queue
+    reason: str
+    matched: int | None = None  # prompt tokens the chosen worker holds; None: not looked up
 
 
 class Policy(Protocol):
@@ -49,14 +50,34 @@ class Policy(Protocol):
         """The worker for a prompt's token ids and its routing key (session or user), if any."""
 
 
+def estimated_work(worker: WorkerState, uncached: int) -> int:
+    """Prefill tokens queued and running decodes, with a prompt's uncached tokens added."""
+    return worker.work + uncached
+
+
+def queue_length(worker: WorkerState, uncached: int) -> int:
+    """Requests in flight (SGLang's load measure); the prompt does not count."""
+    return worker.in_flight
+
+
+# cache_aware's load measures, by --load-metric.
+LOAD_METRICS: dict[str, Callable[[WorkerState, int], int]] = {
+    "work": estimated_work,
+    "queue": queue_length,
+}
+
+
 class CacheAware:
     """The longest cached prefix wins, unless load is unbalanced or too little is cached
-    anywhere; then the least estimated work, counting this prompt's uncached tokens."""
+    anywhere; then the least load, by default the estimated work counting this prompt's
+    uncached tokens. Ties between equal matches go to the least load too."""
 
     def __init__(self, args: RouterArgs) -> None:
         self.cache_threshold = args.cache_threshold
         self.abs_threshold = args.balance_abs_threshold
         self.rel_threshold = args.balance_rel_threshold
+        self.load = LOAD_METRICS[args.load_metric]
+        self.metric = args.load_metric
 
     def choose(self, workers: Sequence[WorkerState], ids: list[int], key: str | None) -> Decision:
         """See the class."""
@@ -65,11 +86,29 @@ class CacheAware:
         lo, hi = min(loads), max(loads)
         unbalanced = hi - lo > self.abs_threshold and hi > self.rel_threshold * lo
         best = max(matched)
-        if not unbalanced and ids and best / len(ids) > self.cache_threshold:
-            i = min((i for i, m in enumerate(matched) if m == best), key=lambda i: workers[i].work)
+        n = len(ids)
+        if not unbalanced and ids and best / n > self.cache_threshold:
+            i = min(
+                (i for i, m in enumerate(matched) if m == best),
+                key=lambda i: self.load(workers[i], n - best),
+            )
             return Decision(workers[i], "cache", best)
-        i = min(range(len(workers)), key=lambda i: workers[i].work + len(ids) - matched[i])
-        return Decision(workers[i], "balance" if unbalanced else "work", matched[i])
+        i = min(range(len(workers)), key=lambda i: self.load(workers[i], n - matched[i]))
+        return Decision(workers[i], "balance" if unbalanced else self.metric, matched[i])
+
+
+class ShortestQueue:
+    """The fewest requests in flight from this router (SGLang's load fallback); ties in turn."""
+
+    def __init__(self) -> None:
+        self._next = itertools.count()
+
+    def choose(self, workers: Sequence[WorkerState], ids: list[int], key: str | None) -> Decision:
+        """See the class."""
+        n = len(workers)
+        start = next(self._next) % n
+        worker = min((workers[(start + i) % n] for i in range(n)), key=lambda w: w.in_flight)
+        return Decision(worker, "shortest_queue")
 
 
 class RoundRobin:
@@ -80,7 +119,7 @@ class RoundRobin:
 
     def choose(self, workers: Sequence[WorkerState], ids: list[int], key: str | None) -> Decision:
         """See the class."""
-        return Decision(workers[next(self._next) % len(workers)], "round_robin", 0)
+        return Decision(workers[next(self._next) % len(workers)], "round_robin")
 
 
 class Random:
@@ -91,7 +130,7 @@ class Random:
 
     def choose(self, workers: Sequence[WorkerState], ids: list[int], key: str | None) -> Decision:
         """See the class."""
-        return Decision(self._rng.choice(workers), "random", 0)
+        return Decision(self._rng.choice(workers), "random")
 
 
 class PowerOfTwo:
@@ -103,7 +142,7 @@ class PowerOfTwo:
     def choose(self, workers: Sequence[WorkerState], ids: list[int], key: str | None) -> Decision:
         """See the class."""
         pair = self._rng.sample(list(workers), min(2, len(workers)))
-        return Decision(min(pair, key=lambda w: (w.work, w.in_flight)), "power_of_two", 0)
+        return Decision(min(pair, key=lambda w: (w.work, w.in_flight)), "power_of_two")
 
 
 class ConsistentHash:
@@ -126,7 +165,7 @@ class ConsistentHash:
                 (_hash(f"{url}#{v}"), url) for url in by_url for v in range(VIRTUAL_NODES)
             )
         i = bisect.bisect(self._ring, (_hash(key), "")) % len(self._ring)
-        return Decision(by_url[self._ring[i][1]], "hash", 0)
+        return Decision(by_url[self._ring[i][1]], "hash")
 
 
 def _hash(text: str) -> int:
@@ -141,6 +180,8 @@ def make_policy(args: RouterArgs) -> Policy:
         return Random()
     if args.policy == "power_of_two":
         return PowerOfTwo()
+    if args.policy == "shortest_queue":
+        return ShortestQueue()
     if args.policy == "consistent_hash":
         return ConsistentHash(CacheAware(args))
     return CacheAware(args)

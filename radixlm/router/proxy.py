@@ -128,9 +128,9 @@ class Forwarder:
 
     def _flight(self, decision: Decision, ids: list[int]) -> Flight:
         w = decision.worker
-        matched = decision.matched if decision.reason in ("cache", "work", "balance") else 0
-        if not matched and ids:
-            matched = w.tree.match(ids)
+        matched = decision.matched
+        if matched is None:
+            matched = w.tree.match(ids) if ids else 0
         return Flight(w, len(ids) - matched)
 
     def _failed(self, worker: WorkerState, error: Exception) -> str:
