@@ -54,75 +54,116 @@ SINGLE = "single"  # the --configs name of one engine holding both pools
 # overhead
 
 
+def _answer(body: bytes, head: bytes = b"content-type: application/json\r\n") -> bytes:
+    return b"HTTP/1.1 200 OK\r\n%scontent-length: %d\r\n\r\n%s" % (head, len(body), body)
+
+
+class FakeWorker(asyncio.Protocol):
+    """One connection to a fake worker: HTTP/1.1 with keep-alive, parsed by hand (the cheapest
+    server Python has, so that the router, not the worker, is what the load measures);
+    /generate answers ANSWER at once, /cache_events an empty snapshot and then nothing."""
+
+    def __init__(self, answers: dict[bytes, bytes]) -> None:
+        self.answers = answers
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport."""
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        """Answer every complete request in the buffer."""
+        assert self.transport is not None
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head = self.buf[:end].lower()
+            length = 0
+            if (i := head.find(b"\r\ncontent-length:")) >= 0:
+                j = head.find(b"\r\n", i + 2)
+                length = int(head[i + 17 : j if j >= 0 else len(head)])
+            if len(self.buf) < end + 4 + length:
+                return
+            self.buf = self.buf[end + 4 + length :]
+            path = head.split(b" ", 2)[1]
+            if path == b"/cache_events":
+                event = b'{"snapshot": [], "events": []}\n'
+                self.transport.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(event), event)
+                )
+                return  # the stream stays open; nothing more comes on this connection
+            self.transport.write(self.answers.get(path, _answer(b"")))
+
+
 def _fake_worker(sock: socket.socket, tokenizer_path: str) -> None:
     import orjson
-    import uvicorn
+    import uvloop
 
     info = orjson.dumps({"model_path": tokenizer_path, "tokenizer_path": tokenizer_path})
+    answers = {b"/generate": _answer(ANSWER), b"/model_info": _answer(info)}
 
-    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
-        if scope["type"] != "http":
-            return
-        path = scope["path"]
-        if path == "/cache_events":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            body = b'{"snapshot": [], "events": []}\n'
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            return
-        while (await receive()).get("more_body"):
-            pass
-        body = {"/generate": ANSWER, "/model_info": info}.get(path, b"")
-        headers = [(b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: FakeWorker(answers), sock=sock)
+        await server.serve_forever()
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    asyncio.run(server.serve(sockets=[sock]))
+    uvloop.run(serve())
+
+
+async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:
+    """One request on a kept-alive connection, its whole answer read (HTTP/1.1, with a
+    content-length, as both the router and the fake workers answer)."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    lower = head.lower()
+    i = lower.index(b"\r\ncontent-length:") + 17
+    await reader.readexactly(int(lower[i : lower.index(b"\r\n", i)]))
 
 
 def _load(url: str, mode: str, amount: float, concurrency: int, out: Any) -> None:
-    """A load generator process: `latency` sends `amount` requests one at a time and reports
-    their latencies; `throughput` keeps `concurrency` in flight for `amount` seconds and reports
-    how many completed."""
-    import aiohttp
+    """A load generator process (uvloop, HTTP written and read by hand, as cheap as the fake
+    workers): `latency` sends `amount` requests one at a time and reports their latencies;
+    `throughput` keeps `concurrency` in flight, one per connection, for `amount` seconds and
+    reports how many completed."""
     import orjson
+    import uvloop
 
+    host, port = url.removeprefix("http://").rsplit(":", 1)
     body = orjson.dumps(BODY)
-    headers = {"content-type": "application/json"}
+    request = (
+        b"POST /generate HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (host.encode(), len(body), body)
+    )
 
     async def main() -> Any:
-        connector = aiohttp.TCPConnector(limit=concurrency)
-        async with aiohttp.ClientSession(url, connector=connector) as session:
+        if mode == "latency":
+            reader, writer = await asyncio.open_connection(host, int(port))
+            times = []
+            for i in range(int(amount) + 20):
+                t0 = time.perf_counter()
+                await _post(reader, writer, request)
+                if i >= 20:  # warm-up
+                    times.append(time.perf_counter() - t0)
+            writer.close()
+            return times
+        done = 0
+        end = time.perf_counter() + amount
 
-            async def one() -> None:
-                async with session.post("/generate", data=body, headers=headers) as resp:
-                    await resp.read()
-                    assert resp.status == 200, resp.status
+        async def loop() -> None:
+            nonlocal done
+            reader, writer = await asyncio.open_connection(host, int(port))
+            while time.perf_counter() < end:
+                await _post(reader, writer, request)
+                done += 1
+            writer.close()
 
-            if mode == "latency":
-                times = []
-                for i in range(int(amount) + 20):
-                    t0 = time.perf_counter()
-                    await one()
-                    if i >= 20:  # warm-up
-                        times.append(time.perf_counter() - t0)
-                return times
-            done = 0
-            end = time.perf_counter() + amount
+        t0 = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        return done, time.perf_counter() - t0
 
-            async def loop() -> None:
-                nonlocal done
-                while time.perf_counter() < end:
-                    await one()
-                    done += 1
-
-            t0 = time.perf_counter()
-            await asyncio.gather(*(loop() for _ in range(concurrency)))
-            return done, time.perf_counter() - t0
-
-    out.put(asyncio.run(main()))
+    out.put(uvloop.run(main()))
 
 
 def _run_load(url: str, mode: str, amount: float, concurrency: int, clients: int) -> list[Any]:

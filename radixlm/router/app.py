@@ -14,6 +14,7 @@ import orjson
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import radixlm
 from radixlm.router.args import RouterArgs
@@ -80,11 +81,79 @@ class Router:
         return [a for a in answers if a is not None]
 
 
-def _key(request: Request, data: Mapping[str, Any]) -> str | None:
+# The routes forwarded to the worker the policy picks, and the kind of prompt each carries.
+ROUTED = {"/generate": "generate", "/v1/completions": "completion", "/v1/chat/completions": "chat"}
+# The routes any worker answers.
+ANY_WORKER = frozenset(("/v1/models", "/model_info", "/get_model_info", "/health_generate"))
+_KEY_HEADERS = (b"x-routing-key", b"x-session-id")
+
+
+class ForwardedRoutes:
+    """The forwarded routes as a plain ASGI app in front of the others' (`app`): no routing,
+    body validation or middleware on the hot path; the worker validates the body."""
+
+    def __init__(self, app: ASGIApp, router: Router) -> None:
+        self.app = app
+        self.router = router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Forward a request of a forwarded route; hand anything else to `app`."""
+        path: str = scope.get("path", "")
+        kind = ROUTED.get(path) if scope["type"] == "http" else None
+        if kind is None and (scope["type"] != "http" or path not in ANY_WORKER):
+            await self.app(scope, receive, send)
+            return
+        forwarder = self.router.forwarder
+        method = "POST" if kind else "GET"
+        response: ASGIApp
+        try:
+            if scope["method"] != method:
+                body = error_body(405, "Method Not Allowed")
+                response = json_response(body, 405, {"Allow": method})
+            elif kind is None:
+                response = await forwarder.forward(receive, "GET", path, b"", [], None, False)
+            else:
+                response = await self._forward(scope, receive, kind)
+        except ApiError as e:
+            response = json_response(e.body(), e.status, e.headers())
+        except Exception as e:
+            logger.exception("unexpected error on %s", scope["path"])
+            response = json_response(
+                error_body(500, f"internal error: {type(e).__name__}: {e}"), 500
+            )
+        await response(scope, receive, send)
+
+    async def _forward(self, scope: Scope, receive: Receive, kind: str) -> ASGIApp:
+        message = await receive()
+        body = message.get("body", b"")
+        if message.get("more_body"):
+            chunks = [body]
+            while message.get("more_body"):
+                message = await receive()
+                chunks.append(message.get("body", b""))
+            body = b"".join(chunks)
+        forwarder, path = self.router.forwarder, scope["path"]
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):  # the worker answers with the error
+            return await forwarder.forward(receive, "POST", path, body, [], None, False)
+        key = _key(scope, data)
+        if "session_id" in data:  # the router's own field: workers do not know it
+            del data["session_id"]
+            body = orjson.dumps(data)
+        ids = await self.router.prompts.ids(kind, data)
+        stream = data.get("stream") is True
+        return await forwarder.forward(receive, "POST", path, body, ids, key, stream)
+
+
+def _key(scope: Scope, data: Mapping[str, Any]) -> str | None:
     """The routing key of consistent_hash: a header, else the body's session_id or user."""
-    for header in ("x-routing-key", "x-session-id"):
-        if value := request.headers.get(header):
-            return value
+    headers = dict(scope["headers"])
+    for header in _KEY_HEADERS:
+        if value := headers.get(header):
+            return str(value.decode("latin-1"))
     for field in ("session_id", "user"):
         value = data.get(field)
         if isinstance(value, str) and value:
@@ -92,7 +161,7 @@ def _key(request: Request, data: Mapping[str, Any]) -> str | None:
     return None
 
 
-def create_router_app(args: RouterArgs, replicas: ReplicaSet | None = None) -> FastAPI:
+def create_router_app(args: RouterArgs, replicas: ReplicaSet | None = None) -> ASGIApp:
     """The router's app; its workers are followed from the app's start to its end. Replicas
     the router runs itself are restarted when they die while it serves, and stopped at its end."""
     router = Router(args)
@@ -115,42 +184,6 @@ def create_router_app(args: RouterArgs, replicas: ReplicaSet | None = None) -> F
     app = FastAPI(
         title="radixlm router", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None
     )
-    app.state.router = router
-    forwarder = router.forwarder
-
-    async def forward(request: Request, path: str, kind: str) -> Response:
-        body = await request.body()
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):  # the worker answers with the error
-            return await forwarder.forward(request, "POST", path, body, [], None, False)
-        key = _key(request, data)
-        if "session_id" in data:  # the router's own field: workers do not know it
-            del data["session_id"]
-            body = orjson.dumps(data)
-        ids = await router.prompts.ids(kind, data)
-        stream = data.get("stream") is True
-        return await forwarder.forward(request, "POST", path, body, ids, key, stream)
-
-    @app.post("/generate")
-    async def generate(request: Request) -> Response:
-        return await forward(request, "/generate", "generate")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await forward(request, "/v1/completions", "completion")
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await forward(request, "/v1/chat/completions", "chat")
-
-    async def any_worker(request: Request) -> Response:
-        return await forwarder.forward(request, "GET", request.url.path, b"", [], None, False)
-
-    for path in ("/v1/models", "/model_info", "/get_model_info", "/health_generate"):
-        app.add_api_route(path, any_worker, methods=["GET"])
 
     @app.get("/health")
     async def health() -> Response:
@@ -237,6 +270,5 @@ def create_router_app(args: RouterArgs, replicas: ReplicaSet | None = None) -> F
         logger.exception("unexpected error on %s", request.url.path)
         return json_response(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), 500)
 
-    if args.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=args.api_key)
-    return app
+    routes = ForwardedRoutes(app, router)
+    return ApiKeyMiddleware(routes, api_key=args.api_key) if args.api_key else routes

@@ -11,17 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
-import aiohttp
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from radixlm.router.metrics import RouterMetrics
 from radixlm.router.policy import Decision, Policy, WorkerState
+from radixlm.router.upstream import Upstream, UpstreamError, UpstreamResponse
 from radixlm.router.workers import WorkerPool
 from radixlm.server.errors import ApiError, EngineUnavailable
 from radixlm.server.http import sse_error
@@ -30,10 +28,11 @@ logger = logging.getLogger(__name__)
 
 WORKER_HEADER = "X-Radixlm-Worker"
 # Headers of a worker's answer that reach the client.
-_PASSED_HEADERS = ("content-type", "retry-after", "cache-control")
+_PASSED_HEADERS = tuple(
+    (name, name.encode()) for name in ("content-type", "retry-after", "cache-control")
+)
+_WORKER_HEADER = WORKER_HEADER.lower().encode()
 DONE = b"data: [DONE]\n\n"
-# A worker's connection failed: refused, reset, closed early, or cut inside an answer.
-UPSTREAM_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 # Idle upstream connections are dropped before a uvicorn worker's keep-alive (5 s) closes them, so
 # a request seldom meets a connection the worker is closing (a failure that would be retried).
 KEEPALIVE_S = 4.0
@@ -72,8 +71,7 @@ class Flight:
 
 
 class Forwarder:
-    """Sends requests to the workers a policy picks, over aiohttp: the router spends about half
-    the CPU time per request that it did over httpx's client (docs/benchmarks.md)."""
+    """Sends requests to the workers a policy picks, over the router's own lean client."""
 
     def __init__(
         self, headers: dict[str, str], pool: WorkerPool, policy: Policy, metrics: RouterMetrics
@@ -82,33 +80,27 @@ class Forwarder:
         self.pool = pool
         self.policy = policy
         self.metrics = metrics
-        self._session: aiohttp.ClientSession | None = None
+        self._upstream: Upstream | None = None
 
     async def start(self) -> None:
         """Open the upstream connection pool (in the event loop that will use it)."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=4096, keepalive_timeout=KEEPALIVE_S),
-            # A bounded wait to connect, none for an answer: a long generation may take minutes
-            # and a dead worker resets the connection.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0),
-            headers=self.headers,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("Content-Type",),  # the body is passed as it came
-        )
+        self._upstream = Upstream(self.headers, KEEPALIVE_S)
 
     async def close(self) -> None:
-        """Close the upstream connections."""
-        if self._session is not None:
-            await self._session.close()
+        """Close the idle upstream connections."""
+        if self._upstream is not None:
+            self._upstream.close()
 
-    async def _open(self, method: str, url: str, body: bytes) -> aiohttp.ClientResponse:
+    async def _open(
+        self, method: str, worker: WorkerState, path: str, body: bytes
+    ) -> UpstreamResponse:
         """The worker's answer, its body still to read."""
-        assert self._session is not None, "Forwarder.start() first"
-        return await self._session.request(method, url, data=body or None)
+        assert self._upstream is not None, "Forwarder.start() first"
+        return await self._upstream.request(method, worker.url, path, body)
 
-    async def _fetch(self, method: str, url: str, body: bytes) -> Answer:
+    async def _fetch(self, method: str, worker: WorkerState, path: str, body: bytes) -> Answer:
         """The worker's whole answer; cancelling it closes the connection (aborting the request)."""
-        resp = await self._open(method, url, body)
+        resp = await self._open(method, worker, path, body)
         try:
             content = await resp.read()
         except BaseException:
@@ -140,15 +132,17 @@ class Forwarder:
 
     async def forward(
         self,
-        request: Request,
+        receive: Receive,
         method: str,
         path: str,
         body: bytes,
         ids: list[int],
         key: str | None,
         stream: bool,
-    ) -> Response:
-        """The answer of one worker to the request; streamed if `stream`."""
+    ) -> ASGIApp:
+        """The answer of one worker to the request, as an ASGI app to send it with; streamed
+        if `stream`. `receive` is the client's, its body already read: it tells when the
+        client leaves."""
         tried: set[str] = set()
         failure = ""
         for attempt in range(2):
@@ -156,16 +150,17 @@ class Forwarder:
             worker = decision.worker
             tried.add(worker.url)
             flight = self._flight(decision, ids)
-            url = worker.url + path
             try:
                 if not stream:
-                    answer = await _until_disconnect(request, self._fetch(method, url, body))
+                    answer = await _until_disconnect(
+                        receive, self._fetch(method, worker, path, body)
+                    )
                     flight.end()
                     if answer is None:  # the client left: the closed connection aborted it
-                        return Response(status_code=499)
-                    return Response(answer.body, answer.status, _headers(answer.headers, worker))
-                resp = await self._open(method, url, body)
-            except UPSTREAM_ERRORS as e:
+                        return Reply(499, [], b"")
+                    return Reply(answer.status, _headers(answer.headers, worker), answer.body)
+                resp = await self._open(method, worker, path, body)
+            except UpstreamError as e:
                 flight.end()
                 failure = self._failed(worker, e)
                 if attempt == 0:
@@ -181,14 +176,14 @@ class Forwarder:
                 finally:
                     resp.release()
                     flight.end()
-                return Response(content, resp.status, headers)
+                return Reply(resp.status, headers, content)
             relay = self._relay(resp, flight, method, path, body, ids, key, tried, attempt)
             return RelayStream(relay, headers)
         raise EngineUnavailable(f"{failure}; no other worker could take the request")
 
     async def _relay(
         self,
-        resp: aiohttp.ClientResponse,
+        resp: UpstreamResponse,
         flight: Flight,
         method: str,
         path: str,
@@ -204,12 +199,12 @@ class Forwarder:
         try:
             while True:
                 try:
-                    async for chunk in resp.content.iter_any():
+                    async for chunk in resp.chunks():
                         flight.first_output()
                         yield chunk
                     ended = True
                     return
-                except UPSTREAM_ERRORS as e:
+                except UpstreamError as e:
                     failure = self._failed(flight.worker, e)
                 resp.close()
                 flight.end()
@@ -229,8 +224,8 @@ class Forwarder:
                 tried.add(decision.worker.url)
                 flight = self._flight(decision, ids)
                 try:
-                    resp = await self._open(method, decision.worker.url + path, body)
-                except UPSTREAM_ERRORS as e:
+                    resp = await self._open(method, decision.worker, path, body)
+                except UpstreamError as e:
                     yield sse_error(503, f"{failure}; then {self._failed(decision.worker, e)}")
                     yield DONE
                     return
@@ -258,9 +253,28 @@ class Answer:
     body: bytes
 
 
-def _headers(upstream: Mapping[str, str], worker: WorkerState) -> dict[str, str]:
-    headers = {k: v for k in _PASSED_HEADERS if (v := upstream.get(k)) is not None}
-    headers[WORKER_HEADER] = worker.url
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A whole answer for the client, as an ASGI app."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]  # content-length added when sent
+    body: bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send it."""
+        headers = [*self.headers, (b"content-length", b"%d" % len(self.body))]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def _headers(upstream: Mapping[str, str], worker: WorkerState) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (raw, value.encode("latin-1"))
+        for name, raw in _PASSED_HEADERS
+        if (value := upstream.get(name)) is not None
+    ]
+    headers.append((_WORKER_HEADER, worker.url.encode()))
     return headers
 
 
@@ -270,34 +284,51 @@ async def _await_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _until_disconnect(request: Request, send: Coroutine[Any, Any, Answer]) -> Answer | None:
-    """Await the upstream answer; None (and the upstream call cancelled) if the client leaves."""
-    answer = asyncio.ensure_future(send)
-    watcher = asyncio.ensure_future(_await_disconnect(request.receive))
+T = TypeVar("T")
+
+
+async def _until_disconnect(receive: Receive, call: Awaitable[T]) -> T | None:
+    """Await call in this task; None (and call cancelled) if the client leaves first. One
+    watcher task per request, which cancels this one when the client leaves."""
+    task = asyncio.current_task()
+    assert task is not None
+    finished = left = False
+
+    async def watch() -> None:
+        nonlocal left
+        await _await_disconnect(receive)
+        if not finished:
+            left = True
+            task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({answer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        result = await call
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        if hasattr(task, "uncancel"):  # Python 3.11+: the cancel was ours, not the caller's
+            task.uncancel()
+        return None
     finally:
-        if not answer.done():
-            answer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await answer
+        finished = True
         watcher.cancel()
-    return answer.result() if not answer.cancelled() else None
+    return result
 
 
-class RelayStream(Response):
-    """A relayed stream; the client leaving cancels the relay, which closes the upstream."""
+class RelayStream:
+    """A relayed stream, as an ASGI app; the client leaving cancels the relay, which closes
+    the upstream."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str]) -> None:
-        super().__init__(headers=headers)
-        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+    def __init__(self, chunks: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]]) -> None:
+        self.headers = headers
         self._chunks = chunks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Send the chunks until they end or the client leaves."""
 
         async def pump() -> None:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             async for chunk in self._chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
