@@ -98,8 +98,9 @@ CASES = [
         " --pool 300 --layers 1",
         [
             r"cache_aware +hit rate .* requests per worker",
-            r"single engine hit rate .* requests per worker 4 ",
+            r"single engine +hit rate .* requests per worker 4 ",
             rf"round 1: cache_aware / round_robin: hit rate {RATIO}x, throughput {RATIO}x",
+            rf"round 1: TTFT p99 cache_aware {RATIO} s, round_robin {RATIO} s, single {RATIO} s",
         ],
         [],
         id="router-cache",
@@ -107,7 +108,11 @@ CASES = [
     pytest.param(
         "bench_router.py",
         "overhead --requests 5 --seconds 0.5 --concurrency 4 --clients 1 --rounds 1",
-        [rf"added -?{RATIO} ms", r"throughput via router [0-9]+ req/s"],
+        [
+            rf"added -?{RATIO} ms",
+            r"throughput via router [0-9]+ req/s",
+            r"router CPU time per request [0-9]+ us .*: [0-9]+ req/s per core",
+        ],
         [],
         id="router-overhead",
     ),

@@ -29,15 +29,12 @@ GREEDY = {"max_new_tokens": 8, "temperature": 0}
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """A local Ray cluster with a CPU for each of two replicas."""
+    """A local Ray cluster with a CPU for each of two replicas, its dashboard off. Ray cannot
+    be kept on loopback: it replaces a loopback node address with the machine's
+    (`ray._private.services.resolve_ip_for_localhost`, so that other nodes can join) and its
+    GCS, raylet and workers listen on every interface."""
     ray = pytest.importorskip("ray")
-    context = ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()
 
