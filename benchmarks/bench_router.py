@@ -6,15 +6,19 @@ shared prefixes (random token ids) with P questions each, arrival interleaved ac
 pools that hold about half the prefixes each. The configurations alternate within the run (the
 caches flushed before each); each prints the cache hit rate (cached / prompt tokens), requests/s,
 prompt tokens/s, p50 / p99 TTFT and the requests each worker got. `--skew` sends that share of
-the requests to one hot prefix instead.
+the requests to one hot prefix instead. `--configs` picks the configurations: router policies
+(`cache_aware:queue` is cache_aware with `--load-metric queue`) and `single`; each round ends
+with the p99 TTFT of each.
 
     python benchmarks/bench_router.py cache --groups 32 --prefix-len 1000 --questions 4 \\
         --pool 16000 --layers 6 --rounds 2
+    python benchmarks/bench_router.py cache ... --configs cache_aware,cache_aware:queue,shortest_queue
 
-`overhead`: fake workers (one process each; /generate answers a fixed body at once) behind
-`radixlm router`, load generators in processes of their own:
+`overhead`: fake workers (one process each, HTTP by hand on uvloop; /generate answers a fixed
+body at once) behind `radixlm router`, load generators (likewise) in processes of their own:
 - added latency: p50 of one request at a time through the router, minus the same direct;
-- throughput: requests/s through the router with `--concurrency` requests in flight per client.
+- throughput: requests/s through the router with `--concurrency` requests in flight per client,
+  and the router process's CPU time per request over those runs.
 
     python benchmarks/bench_router.py overhead --requests 400 --seconds 5 --concurrency 64
 """
