@@ -142,6 +142,7 @@ def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     for name, argtypes in _ARGTYPES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
+    lib.radixlm_native_bf16_dot.argtypes, lib.radixlm_native_bf16_dot.restype = [], ctypes.c_int
     return lib
 
 

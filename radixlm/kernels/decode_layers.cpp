@@ -219,15 +219,82 @@ void dot_cols(const float* x, int64_t m, int64_t k, const W* w, Range cols, floa
         }
 }
 
+#if defined(RADIXLM_TILES) && defined(__AVX512BF16__)
+#define RADIXLM_DPBF16 1
+// stream_cols for bfloat16 weights where the CPU has AVX512-BF16: x is rounded to bfloat16 too
+// (as torch's bfloat16 GEMMs round it), and each vdpbf16ps multiplies 32 pairs into 16 float32
+// sums, twice the products of a float32 FMA and no widening. k is a multiple of 32.
+template <int64_t M>
+void stream_cols_dp(const uint16_t* __restrict x, int64_t k, const uint16_t* __restrict w,
+                    Range cols, float* __restrict y, int64_t ldy) {
+    int64_t c = cols.lo;
+    for (; c + 4 <= cols.hi; c += 4) {
+        __m512 acc[M][4];
+        for (int64_t r = 0; r < M; ++r)
+            for (int64_t j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+        const uint16_t* w0 = w + c * k;
+        for (int64_t i = 0; i < k; i += 32) {
+            __m512bh wv[4];
+            for (int64_t j = 0; j < 4; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w0 + j * k + i);
+            for (int64_t r = 0; r < M; ++r) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * k + i);
+                for (int64_t j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv, wv[j]);
+            }
+        }
+        for (int64_t r = 0; r < M; ++r)
+            Simd::store_sum4(y + r * ldy + c, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    }
+    for (; c < cols.hi; ++c)
+        for (int64_t r = 0; r < M; ++r) {
+            float dot = 0.0f;
+            for (int64_t i = 0; i < k; ++i) dot += to_float(x[r * k + i]) * to_float(w[c * k + i]);
+            y[r * ldy + c] = dot;
+        }
+}
+#endif
+
+#if defined(RADIXLM_TILES)
+// y[:, cols] = x @ w[cols]^T through a stream_cols-like `group(rows)` kernel: up to kRowGroup
+// rows in one pass over the weight, more in groups of kRowGroup over each block of 4 weight
+// rows (read from L1 after the first group).
+template <typename X, typename Wt, typename Group>
+void stream_rows(Group group, const X* x, int64_t m, int64_t k, const Wt* w, Range cols, float* y,
+                 int64_t ldy) {
+    if (m <= kRowGroup) {
+        group(m)(x, k, w, cols, y, ldy);
+        return;
+    }
+    for (int64_t c = cols.lo; c < cols.hi; c += 4) {
+        const Range block{c, std::min(c + 4, cols.hi)};
+        for (int64_t r = 0; r < m; r += kRowGroup)
+            group(m - r)(x + r * k, k, w, block, y + r * ldy, ldy);
+    }
+}
+#endif
+
 // y[:, cols] = x @ w[cols]^T (+ bias[cols]) for x [m, k] and w [n, k] row-major; y has row
 // stride ldy. A few rows stream the weight (stream_cols); more go to sgemm, in whose
 // column-major terms y^T[cols] = w[cols] (k x |cols|, transposed) x^T. A bfloat16 weight
-// (W = uint16_t) streams for any number of rows.
+// (W = uint16_t) streams for any number of rows: widened to float32 (float32 products), or
+// with AVX512-BF16 multiplied natively (x rounded to bfloat16, float32 sums).
 template <typename W>
 void linear_cols(Sgemm sgemm, const float* x, int64_t m, int64_t k, const W* w, const W* bias,
                  Range cols, float* y, int64_t ldy) {
     if (cols.hi <= cols.lo || m <= 0) return;
     constexpr bool kWide = std::is_same_v<W, float>;
+#if defined(RADIXLM_DPBF16)
+    if (!kWide && k % 32 == 0) {
+        thread_local std::vector<uint16_t> xb;
+        xb.resize(m * k);
+        for (int64_t i = 0; i < m * k; ++i) radixlm::store(x[i], xb.data() + i);
+        const auto group = [](int64_t rows) {
+            return rows >= 4 ? stream_cols_dp<4> : rows == 3 ? stream_cols_dp<3>
+                                                 : rows == 2 ? stream_cols_dp<2>
+                                                             : stream_cols_dp<1>;
+        };
+        stream_rows(group, xb.data(), m, k, reinterpret_cast<const uint16_t*>(w), cols, y, ldy);
+    } else
+#endif
 #if defined(RADIXLM_TILES)
     if ((m <= kStreamRows || !kWide) && k % Simd::kWidth == 0) {
         const auto group = [](int64_t rows) {
@@ -235,15 +302,7 @@ void linear_cols(Sgemm sgemm, const float* x, int64_t m, int64_t k, const W* w, 
                                                  : rows == 2 ? stream_cols<2, W>
                                                              : stream_cols<1, W>;
         };
-        if (m <= kRowGroup) {
-            group(m)(x, k, w, cols, y, ldy);
-        } else {
-            for (int64_t c = cols.lo; c < cols.hi; c += 4) {
-                const Range block{c, std::min(c + 4, cols.hi)};
-                for (int64_t r = 0; r < m; r += kRowGroup)
-                    group(m - r)(x + r * k, k, w, block, y + r * ldy, ldy);
-            }
-        }
+        stream_rows(group, x, m, k, w, cols, y, ldy);
     } else
 #endif
     if constexpr (kWide) {
@@ -376,6 +435,16 @@ void radixlm_linear_f32(const float* x, int64_t m, int64_t k, const float* w, in
 void radixlm_linear_bf16(const float* x, int64_t m, int64_t k, const uint16_t* w, int64_t n,
                          float* y, Sgemm sgemm, int num_threads) {
     linear(x, m, k, w, n, y, sgemm, num_threads);
+}
+
+// 1 where bfloat16 weights are multiplied natively (AVX512-BF16: x rounded to bfloat16), 0 where
+// they are widened to float32.
+int radixlm_native_bf16_dot() {
+#if defined(RADIXLM_DPBF16)
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 // The pass, radixlm_decode_layers_<weights>_<KV pool>.

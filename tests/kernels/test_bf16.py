@@ -31,6 +31,13 @@ BF = torch.bfloat16
 VARIANTS = list(isa_variants().values())
 
 
+def _widening_flags() -> tuple[str, ...]:
+    """Flags of a build that widens bfloat16 weights to float32 (this CPU's own build where it
+    has no AVX512-BF16): its products are float32 math on the bfloat16 weights."""
+    lib = load_kernels()
+    return ("-mno-avx512bf16",) if lib is not None and lib.radixlm_native_bf16_dot() else ()
+
+
 def _backend(flags: tuple[str, ...] = ()) -> CpuKernelBackend:
     lib = load_kernels(flags)
     assert lib is not None
@@ -55,8 +62,9 @@ def test_a_bfloat16_model_on_the_cpu_gets_the_kernels(monkeypatch: pytest.Monkey
 def test_a_streamed_bfloat16_weight_equals_float32_math(
     rows: int, k: int, threads: int, flags: tuple[str, ...]
 ) -> None:
-    """Any number of rows streams a bfloat16 weight (widened, float32 sums), with a tail of
-    columns, uneven thread shares, and k not a multiple of the vector width (plain loop)."""
+    """Any number of rows streams a bfloat16 weight (widened, or with AVX512-BF16 multiplied
+    natively after rounding x to bfloat16; float32 sums), with a tail of columns, uneven thread
+    shares, and k not a multiple of 32 or of the vector width (plain loop)."""
     gen = torch.Generator().manual_seed(rows + k)
     x = torch.randn(rows, k, generator=gen)
     w = torch.randn(203, k, generator=gen).to(BF)
@@ -68,15 +76,17 @@ def test_a_streamed_bfloat16_weight_equals_float32_math(
         got = backend.stream_linear(x, w)
     finally:
         torch.set_num_threads(saved)
-    want = F.linear(x.double(), w.double())
+    native = backend.native_bf16_dot and k % 32 == 0
+    want = F.linear((x.to(BF) if native else x).double(), w.double())
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
     # The op a model calls on its layers' weights: streamed up to 64 rows, torch's bfloat16
     # GEMM beyond (whose inputs are rounded to bfloat16: a bfloat16 tolerance).
     backend.prepare([w])
     op = backend.linear(x, w, bias)
     assert op.dtype == torch.float32
-    tol = 1e-4 if rows <= 64 else 0.05
-    torch.testing.assert_close(op.double(), want + bias.double(), atol=tol, rtol=1e-2)
+    exact = F.linear(x.double(), w.double()) + bias.double()
+    tol = 1e-4 if rows <= 64 and not native else 0.05
+    torch.testing.assert_close(op.double(), exact, atol=tol, rtol=1e-2)
 
 
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
@@ -120,10 +130,12 @@ def _steps(runner: ModelRunner, most_rows: int) -> list[torch.Tensor]:
 def test_bfloat16_kernels_compute_float32_math_on_the_bfloat16_weights(
     kv_dtype: torch.dtype, tiny_model_dir: Path
 ) -> None:
-    """Where every GEMM streams (up to 64 rows a forward), a bfloat16 model on the kernels
-    computes what a float32 model on the rounded weights computes in torch."""
+    """Where every GEMM streams (up to 64 rows a forward), a bfloat16 model on the kernels that
+    widen its weights computes what a float32 model on the rounded weights computes in torch."""
     config, weights = load_model_files(str(tiny_model_dir))
-    kernels = ModelRunner(config, weights, CPU, BF, 1400, kv_dtype=kv_dtype)
+    backend = _backend(_widening_flags())
+    assert not backend.native_bf16_dot
+    kernels = ModelRunner(config, weights, CPU, BF, 1400, kv_dtype=kv_dtype, backend=backend)
     assert isinstance(kernels.backend, CpuKernelBackend)
     assert kernels.backend.gemm_choice == BF16
     assert kernels.model.decode_pass is not None
