@@ -37,7 +37,8 @@ class CpuKernelBackend:
     """The ops of a model with float32 or bfloat16 weights on the CPU, over one compiled library
     (`load_kernels()`, or a variant build such as `load_kernels(("-mno-avx512f",))`); torch's
     thread count is used. Activations are float32 whatever the weights (`activations`): the
-    kernels widen bfloat16 weights as they read them and accumulate in float32.
+    kernels widen bfloat16 weights as they read them, or multiply them with AVX512-BF16's dot
+    products (`native_bf16_dot`), and accumulate in float32.
 
     `gemm` is the float32 linear layers' GEMM: "fixed" (`gemm.FIXED`: streamed up to 64 rows,
     MKL beyond), "auto" times the candidates on the model's shapes when `prepare` is given its
