@@ -7,9 +7,10 @@
 // sleep) between ops. Each weight GEMM is split by output columns: every thread multiplies all
 // rows by its share of the weight through the BLAS sgemm torch links (single-threaded inside
 // the region), or for up to kStreamRows rows streams its share (stream_cols), so each weight byte
-// is read once, by one core. Weights are float32 or bfloat16: bfloat16 weights are widened to
-// float32 in registers (a shift) and every product is accumulated in float32, for any number of
-// rows (BLAS has no such GEMM), so a decode step reads half the bytes. Norms, rotary + KV write
+// is read once, by one core. Weights are float32 or bfloat16: bfloat16 weights stream for any
+// number of rows (BLAS has no such GEMM), multiplied with AVX512-BF16's dot products where the
+// CPU has them, else widened to float32 in registers (a shift), every product accumulated in
+// float32; a decode step reads half the bytes. Norms, rotary + KV write
 // and SwiGLU reuse layer_ops.h; the attention reuses row_attention.h.
 // Built at first use by radixlm/kernels/build.py; called through ctypes by
 // radixlm/kernels/decode.py (the pass) and cpu.py (the GEMM alone).
