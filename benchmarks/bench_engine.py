@@ -11,6 +11,7 @@ python benchmarks/bench_engine.py decode         # decode step vs its weight mat
 python benchmarks/bench_engine.py decode-pass    # CPU decode pass vs the layers one by one
 python benchmarks/bench_engine.py ttft           # time to first token, cached vs uncached prefix
 python benchmarks/bench_engine.py attention-kernel  # the CPU decode attention kernel per ISA build
+python benchmarks/bench_engine.py bf16           # bfloat16 weights vs float32: prefill GEMMs, decode
 """
 
 from __future__ import annotations
@@ -241,12 +242,16 @@ def weight_matmuls(
     linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
 ) -> Callable[[], None]:
     """The forward's weight GEMMs alone, at the shapes a batch of `rows` tokens runs them,
-    through `linear`: float32 `F.linear` (MKL), or the backend's chosen GEMM."""
+    through `linear`: `F.linear` in the model's dtype (MKL for float32), or the backend's chosen
+    GEMM (over activations as the backend has them)."""
     model = core.runner.model
     dtype, dev = core.runner.dtype, core.runner.device
+    act = core.runner.backend.activations if linear is not F.linear else lambda x: x
     weights = model.linear_weights()
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dtype, device=dev) for w in weights}
-    head_in = torch.randn(logit_rows, model.lm_head.weight.shape[1], dtype=dtype, device=dev)
+    inputs = {
+        w.shape[1]: act(torch.randn(rows, w.shape[1], dtype=dtype, device=dev)) for w in weights
+    }
+    head_in = act(torch.randn(logit_rows, model.lm_head.weight.shape[1], dtype=dtype, device=dev))
 
     def run() -> None:
         with torch.inference_mode():
@@ -265,7 +270,7 @@ def pass_matmuls(core: EngineCore, rows: int) -> Callable[[], None] | None:
     decode_pass = model.decode_pass
     if decode_pass is None:
         return None
-    x = torch.randn(rows, model.config.hidden_size, dtype=runner.dtype)
+    x = runner.backend.activations(torch.randn(rows, model.config.hidden_size, dtype=runner.dtype))
 
     def run() -> None:
         with torch.inference_mode():
@@ -365,11 +370,15 @@ def bench_decode(args: argparse.Namespace) -> None:
         _bench_decode(args, kv_dtype)
 
 
-def _decoding(model_path: str | None, b: int, ctx: int, steps: int, kv_dtype: str) -> EngineCore:
+def _decoding(
+    model_path: str | None, b: int, ctx: int, steps: int, kv_dtype: str, dtype: str = "auto"
+) -> EngineCore:
     """An engine core whose `b` requests have prefilled `ctx` random tokens each and can decode
     `steps` more (and 256 beyond)."""
     slots = b * (ctx + steps + 300) + 64
-    core = EngineCore(EngineArgs(model_path, max_total_tokens=slots, kv_cache_dtype=kv_dtype))
+    core = EngineCore(
+        EngineArgs(model_path, max_total_tokens=slots, kv_cache_dtype=kv_dtype, dtype=dtype)
+    )
     sched = core.scheduler
     gen = torch.Generator().manual_seed(3)
     params = SamplingParams(max_new_tokens=steps + 256, temperature=0, ignore_eos=True)
@@ -581,6 +590,73 @@ def _read_layers(pools: list[tuple[torch.Tensor, ...]]) -> None:
         v.sum()
 
 
+def bench_bf16(args: argparse.Namespace) -> None:
+    """bfloat16 weights against float32, alternating in one run: the prefill's weight GEMMs as
+    a bfloat16 forward runs them against float32 `F.linear` (MKL) at `--batch` x
+    `--prefill-len` rows, the uncached prefill forward in each dtype, and decode steps at
+    each of `--pass-batches` over `--decode-context`-token contexts (each dtype's default KV
+    pool: the model's dtype)."""
+    tokens = args.batch * args.prefill_len
+    cores = {
+        dtype: EngineCore(EngineArgs(args.model_path, max_total_tokens=tokens + 64, dtype=dtype))
+        for dtype in ("float32", "bfloat16")
+    }
+    print("bf16: backends " + ", ".join(f"{d} {c.runner.backend.name}" for d, c in cores.items()))
+    print(f"  bfloat16 GEMM: {cores['bfloat16'].runner.backend.gemm}")
+    gen = torch.Generator().manual_seed(2)
+    prompts = [random_ids(args.prefill_len, gen) for _ in range(args.batch)]
+    forwards = {}
+    for dtype, core in cores.items():
+        slots = core.allocator.alloc(tokens)
+        assert slots is not None
+        n = args.prefill_len
+        seqs = [
+            ScheduledSeq(p, 0, slots[i * n : (i + 1) * n], n - 1) for i, p in enumerate(prompts)
+        ]
+        forwards[dtype] = functools.partial(core.runner.forward, seqs)
+    bf16_mm, f32_mm, f32_fwd, bf16_fwd = (
+        statistics.median(t)
+        for t in _alternating(
+            [
+                chosen_matmuls(cores["bfloat16"], tokens, short_rows=False),
+                weight_matmuls(cores["float32"], tokens, 0),
+                forwards["float32"],
+                forwards["bfloat16"],
+            ],
+            args.repeat,
+            "bf16 prefill",
+        )
+    )
+    print(f"bf16 prefill: {args.batch} x {args.prefill_len} uncached tokens (medians)")
+    print(
+        f"  weight GEMMs: bfloat16 {bf16_mm * 1000:8.1f} ms, float32 F.linear "
+        f"{f32_mm * 1000:8.1f} ms: bfloat16 vs F.linear = {f32_mm / bf16_mm:.2f}x throughput"
+        "  (target >= 2.8 with native bfloat16)"
+    )
+    print(
+        f"  forward: bfloat16 {bf16_fwd * 1000:8.1f} ms ({tokens / bf16_fwd:7.0f} tok/s), float32 "
+        f"{f32_fwd * 1000:8.1f} ms ({tokens / f32_fwd:7.0f} tok/s): bfloat16 / float32 = "
+        f"{f32_fwd / bf16_fwd:.2f}x throughput"
+    )
+    del cores, forwards
+    ctx = args.decode_context
+    for b in args.pass_batches:
+        decoding = {
+            dtype: _decoding(args.model_path, b, ctx, 2 * (args.decode_steps + 1), "auto", dtype)
+            for dtype in ("float32", "bfloat16")
+        }
+        f32, bf16 = (
+            statistics.median(t)
+            for t in _alternating(
+                [c.step for c in decoding.values()], args.decode_steps, f"bf16 decode, batch {b}"
+            )
+        )
+        print(
+            f"bf16 decode: batch {b} x {ctx}: step float32 {f32 * 1000:7.1f} ms, bfloat16 "
+            f"{bf16 * 1000:7.1f} ms: float32 / bfloat16 = {f32 / bf16:.2f}"
+        )
+
+
 SCENARIOS = {
     "shared-prefix": bench_shared_prefix,
     "no-sharing": bench_no_sharing,
@@ -591,6 +667,7 @@ SCENARIOS = {
     "decode-pass": bench_decode_pass,
     "ttft": bench_ttft,
     "attention-kernel": bench_attention_kernel,
+    "bf16": bench_bf16,
 }
 
 

@@ -31,6 +31,11 @@ class Backend(Protocol):
         """Whether every op runs here for a model of `dtype` and a pool of `kv_dtype`."""
         ...
 
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """The embeddings x in the dtype the backend's ops take activations in (the residual
+        stream's: the model's dtype, or float32 for a bfloat16 model's compiled kernels)."""
+        ...
+
     def row_layout(
         self, kv: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, window: int | None
     ) -> RowLayout:

@@ -33,21 +33,26 @@ _FLAGS = [
     "-shared",
     "-fPIC",
 ]
-# The KV pool dtypes the kernels cover, and the suffix of each one's entry points.
-KV_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+# The dtypes the kernels read weights and the KV pool in (activations are float32), and the
+# suffix of each one's entry points.
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 # The order of radixlm_row_attention_* in row_attention.cpp.
 _ROW_ATTENTION: list[type] = [_P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
 _ROW_ATTENTION += [ctypes.c_float, _I64, _P, ctypes.c_int]
 _ROPE_STORE: list[type] = [_P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64]
 _ROPE_STORE += [_P, _P, _P, _P, _P, _I64, ctypes.c_int]
+_RMS_NORM: list[type] = [_P, _I64, _P, _P, ctypes.c_float, _P, _I64, _I64, ctypes.c_int]
 _ARGTYPES: dict[str, list[type]] = {
-    **{f"radixlm_row_attention_{suffix}": _ROW_ATTENTION for suffix in KV_SUFFIX.values()},
-    "radixlm_rms_norm_f32": [_P, _I64, _P, _P, ctypes.c_float, _P, _I64, _I64, ctypes.c_int],
+    **{f"radixlm_row_attention_{suffix}": _ROW_ATTENTION for suffix in SUFFIX.values()},
+    **{f"radixlm_rms_norm_{suffix}": _RMS_NORM for suffix in SUFFIX.values()},
     "radixlm_silu_mul_f32": [_P, _P, _I64, _I64, ctypes.c_int],
-    **{f"radixlm_rope_store_{suffix}": _ROPE_STORE for suffix in KV_SUFFIX.values()},
-    **{f"radixlm_decode_layers_{suffix}": [_P] for suffix in KV_SUFFIX.values()},
-    "radixlm_linear_f32": [_P, _I64, _I64, _P, _I64, _P, _P, ctypes.c_int],
+    **{f"radixlm_rope_store_{suffix}": _ROPE_STORE for suffix in SUFFIX.values()},
+    **{f"radixlm_decode_layers_{w}_{kv}": [_P] for w in SUFFIX.values() for kv in SUFFIX.values()},
+    **{
+        f"radixlm_linear_{suffix}": [_P, _I64, _I64, _P, _I64, _P, _P, ctypes.c_int]
+        for suffix in SUFFIX.values()
+    },
 }
 
 
@@ -61,6 +66,13 @@ def cpu_flags() -> str:
     except OSError:
         pass
     return ""
+
+
+def native_bf16() -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX on x86, BF16 on Arm),
+    so that torch's bfloat16 GEMMs (oneDNN) outrun float32 rather than emulate it."""
+    features = set(cpu_flags().split())
+    return bool(features & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def isa_variants() -> dict[str, tuple[str, ...]]:
@@ -130,6 +142,7 @@ def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     for name, argtypes in _ARGTYPES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
+    lib.radixlm_native_bf16_dot.argtypes, lib.radixlm_native_bf16_dot.restype = [], ctypes.c_int
     return lib
 
 

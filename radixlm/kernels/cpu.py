@@ -1,5 +1,6 @@
-"""The compiled CPU kernels as a backend: a float32 model's ops, each one call into the library
-built by `radixlm.kernels.build`, with a KV pool of float32 or bfloat16."""
+"""The compiled CPU kernels as a backend: the ops of a model with float32 or bfloat16 weights,
+each one call into the library built by `radixlm.kernels.build`, with a KV pool of float32 or
+bfloat16; the activations between ops are float32."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from radixlm.core.forward import KernelRowLayout, RowLayout
-from radixlm.kernels.build import KV_SUFFIX, mkl_sgemm
+from radixlm.kernels.build import SUFFIX, mkl_sgemm, native_bf16
 from radixlm.kernels.decode import STREAM_ROWS, DecodePass, DecodeShape
 from radixlm.kernels.gemm import (
+    BF16,
     FIXED,
     Gemm,
     GemmChoice,
@@ -32,12 +34,16 @@ _MAX_PASS_HEAD_DIM = 512
 
 
 class CpuKernelBackend:
-    """The ops of a float32 model on the CPU, over one compiled library (`load_kernels()`, or a
-    variant build such as `load_kernels(("-mno-avx512f",))`); torch's thread count is used.
+    """The ops of a model with float32 or bfloat16 weights on the CPU, over one compiled library
+    (`load_kernels()`, or a variant build such as `load_kernels(("-mno-avx512f",))`); torch's
+    thread count is used. Activations are float32 whatever the weights (`activations`): the
+    kernels widen bfloat16 weights as they read them, or multiply them with AVX512-BF16's dot
+    products (`native_bf16_dot`), and accumulate in float32.
 
-    `gemm` is the linear layers' GEMM: "fixed" (`gemm.FIXED`: streamed up to 64 rows, MKL
-    beyond), "auto" times the candidates on the model's shapes when `prepare` is given its
-    weights (see `radixlm.kernels.gemm`), or one of `GEMMS` for every row count."""
+    `gemm` is the float32 linear layers' GEMM: "fixed" (`gemm.FIXED`: streamed up to 64 rows,
+    MKL beyond), "auto" times the candidates on the model's shapes when `prepare` is given its
+    weights (see `radixlm.kernels.gemm`), or one of `GEMMS` for every row count. bfloat16
+    weights take `gemm.BF16` whatever `gemm` says."""
 
     name = "cpu-kernels"
 
@@ -53,17 +59,33 @@ class CpuKernelBackend:
         self._prepared: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
         self._row_attention = {
             dtype: getattr(lib, f"radixlm_row_attention_{suffix}")
-            for dtype, suffix in KV_SUFFIX.items()
+            for dtype, suffix in SUFFIX.items()
         }
         self._rope_store = {
-            dtype: getattr(lib, f"radixlm_rope_store_{suffix}")
-            for dtype, suffix in KV_SUFFIX.items()
+            dtype: getattr(lib, f"radixlm_rope_store_{suffix}") for dtype, suffix in SUFFIX.items()
         }
+        self._rms_norm_kernel = {
+            dtype: getattr(lib, f"radixlm_rms_norm_{suffix}") for dtype, suffix in SUFFIX.items()
+        }
+        self._linear = {
+            dtype: getattr(lib, f"radixlm_linear_{suffix}") for dtype, suffix in SUFFIX.items()
+        }
+
+    @property
+    def native_bf16_dot(self) -> bool:
+        """Whether this build multiplies bfloat16 weights natively (AVX512-BF16's dot products,
+        the activations rounded to bfloat16 as torch's bfloat16 GEMMs round them; twice the
+        widened path's speed from a few rows up) rather than widening them to float32."""
+        return bool(self.lib.radixlm_native_bf16_dot())
 
     @staticmethod
     def covers(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
         """Whether every op runs here for a model of `dtype` and a pool of `kv_dtype`."""
-        return device.type == "cpu" and dtype == torch.float32 and kv_dtype in KV_SUFFIX
+        return device.type == "cpu" and dtype in SUFFIX and kv_dtype in SUFFIX
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream in float32 (the embeddings of a bfloat16 model are widened)."""
+        return x.float()
 
     def row_layout(
         self, kv: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, window: int | None
@@ -88,7 +110,7 @@ class CpuKernelBackend:
     def _rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
     ) -> torch.Tensor:
-        assert weight.is_contiguous()
+        assert weight.is_contiguous() and x.dtype == torch.float32
         dim = x.shape[-1]
         rows = x.reshape(-1, dim)  # a view when the rows are evenly strided
         if rows.stride(-1) != 1:
@@ -97,7 +119,7 @@ class CpuKernelBackend:
             assert residual.shape == x.shape and residual.is_contiguous()
             assert residual.dtype == x.dtype and residual.device.type == "cpu"
         out = torch.empty(x.shape, dtype=x.dtype)
-        self.lib.radixlm_rms_norm_f32(
+        self._rms_norm_kernel[weight.dtype](
             rows.data_ptr(),
             rows.stride(0),
             None if residual is None else residual.data_ptr(),
@@ -230,11 +252,16 @@ class CpuKernelBackend:
     def prepare(self, weights: Sequence[torch.Tensor]) -> None:
         """Choose the GEMM for the shapes of the model's linear weights (timed once per CPU,
         torch, thread count and shapes; see `choose_gemm`) and, where oneDNN wins a range,
-        keep a prepacked copy of each weight. Called once the weights are final (loaded, and
-        sharded where they are)."""
-        self.gemm_choice = choose_gemm(
-            self.gemm_candidates(), [(w.shape[0], w.shape[1]) for w in weights], self._forced_gemm
-        )
+        keep a prepacked copy of each weight; bfloat16 weights take `BF16`. Called once the
+        weights are final (loaded, and sharded where they are)."""
+        if any(w.dtype == torch.bfloat16 for w in weights):
+            self.gemm_choice = self._bf16_choice()
+        else:
+            self.gemm_choice = choose_gemm(
+                self.gemm_candidates(),
+                [(w.shape[0], w.shape[1]) for w in weights],
+                self._forced_gemm,
+            )
         packs = self.gemm_choice.packs
         self._prepared = {
             id(w): (w, w._version, onednn_pack(w) if packs else None) for w in weights
@@ -249,17 +276,42 @@ class CpuKernelBackend:
             f"; oneDNN's prepacked weights take {extra / 2**20:.0f} MiB more" if extra else "",
         )
 
+    def _bf16_choice(self) -> GemmChoice:
+        """`BF16`, and a log line where it is slower than it could be or overrides a choice."""
+        if self._forced_gemm != "fixed":
+            logger.warning(
+                "RADIXLM_GEMM=%s applies to float32 weights; bfloat16 weights take %s",
+                self._forced_gemm,
+                BF16.describe(),
+            )
+        logger.info(
+            "bfloat16 weights: %s",
+            "native dot products (avx512_bf16) up to 64 rows"
+            if self.native_bf16_dot
+            else "widened to float32 in registers up to 64 rows",
+        )
+        if not native_bf16():
+            logger.warning(
+                "bfloat16 weights on a CPU without native bfloat16 (avx512_bf16 / AMX): "
+                "torch emulates the prefill GEMMs, slower than float32 here; decodes still "
+                "read half the bytes"
+            )
+        return BF16
+
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """F.linear(x, weight, bias) for x [rows, k], by the GEMM chosen for its row count. A
-        weight `prepare` did not see (the LM head, whose shape was not timed) streams up to
-        STREAM_ROWS rows (once at memory speed, each thread its share of the output columns,
-        where BLAS runs far below it) and goes to torch beyond."""
+        """F.linear(x, weight, bias) for x [rows, k] (float32 where the weight is bfloat16), by
+        the GEMM chosen for its row count. A float32 weight `prepare` did not see (the LM head,
+        whose shape was not timed) streams up to STREAM_ROWS rows (once at memory speed, each
+        thread its share of the output columns, where BLAS runs far below it) and goes to torch
+        beyond; a bfloat16 one follows `BF16`."""
         rows = x.shape[0]
         entry = self._prepared.get(id(weight))
         if entry is not None and entry[0] is weight:
             gemm = self.gemm_choice.for_rows(rows) if rows else "mkl"
+        elif weight.dtype == torch.bfloat16:
+            gemm = BF16.for_rows(rows) if rows else "torch"
         else:
             gemm = "stream" if 0 < rows <= STREAM_ROWS else "mkl"
         if gemm == "onednn":
@@ -268,9 +320,11 @@ class CpuKernelBackend:
             if packed is not None and version == weight._version:
                 return onednn_linear(x, packed, bias)
             gemm = "mkl"  # changed in place since: its packed copy is stale
-        if gemm == "stream" and self.sgemm is not None:
+        if gemm == "stream" and (self.sgemm is not None or weight.dtype == torch.bfloat16):
             y = self.stream_linear(x, weight)
             return y if bias is None else y.add_(bias)
+        if weight.dtype != x.dtype:  # bfloat16 weights: torch's bfloat16 GEMM (oneDNN)
+            return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
         return F.linear(x, weight, bias)
 
     def _pass_takes(self, tokens: int) -> bool:
@@ -281,14 +335,15 @@ class CpuKernelBackend:
         return tokens <= STREAM_ROWS or self.gemm_choice.for_rows(tokens) == "stream"
 
     def stream_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """F.linear(x, weight) for x [rows, k] as the decode pass computes its GEMMs: each
-        thread its share of the output columns; up to STREAM_ROWS rows stream the weight, more
-        call MKL's sgemm. Needs MKL and k a multiple of 16."""
-        assert self.sgemm is not None and weight.is_contiguous() and x.dim() == 2
+        """F.linear(x, weight) for x [rows, k] float32 as the decode pass computes its GEMMs:
+        each thread its share of the output columns; up to STREAM_ROWS rows stream the weight,
+        more call MKL's sgemm (float32 weights; needs MKL) or stream too (bfloat16 weights)."""
+        assert weight.is_contiguous() and x.dim() == 2 and x.dtype == torch.float32
+        assert self.sgemm is not None or weight.dtype == torch.bfloat16
         n, k = weight.shape
         x = x.contiguous()
         y = torch.empty(x.shape[0], n, dtype=x.dtype)
-        self.lib.radixlm_linear_f32(
+        self._linear[weight.dtype](
             x.data_ptr(),
             x.shape[0],
             k,
@@ -306,9 +361,11 @@ class CpuKernelBackend:
         shape: DecodeShape,
     ) -> DecodePass | None:
         """Every decoder layer of a model over a batch of short rows in one compiled call (see
-        `DecodePass` for `layers`); None without MKL or for heads over 512. It takes the
-        batches `_pass_takes` says."""
-        if self.sgemm is None or shape.head_dim > _MAX_PASS_HEAD_DIM:
+        `DecodePass` for `layers`); None for float32 weights without MKL, or for heads over 512.
+        It takes the batches `_pass_takes` says."""
+        qkv_w = layers[0]["qkv_w"] if layers else None
+        wide = qkv_w is None or qkv_w.dtype == torch.float32
+        if (self.sgemm is None and wide) or shape.head_dim > _MAX_PASS_HEAD_DIM:
             return None
         return DecodePass(
             self.lib,

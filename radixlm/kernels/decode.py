@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from radixlm.core.forward import KernelRowLayout, RowLayout
-from radixlm.kernels.build import KV_SUFFIX
+from radixlm.kernels.build import SUFFIX
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -63,11 +63,12 @@ class DecodePass:
     """Every decoder layer of one model over a batch of short rows (no extends) in one call.
 
     Built once per model from its weights: per layer, a tensor for each of `names` (`qkv_b`,
-    `q_norm` and `k_norm` may be None), all float32, contiguous and on the CPU. Each GEMM is
-    split by output columns among the threads, each calling `sgemm` (MKL's) on its share or,
-    up to STREAM_ROWS tokens, streaming its weight. `takes(tokens)` says whether a batch of
-    that many tokens should run here rather than layer by layer (where another GEMM was
-    measured faster for its row count).
+    `q_norm` and `k_norm` may be None), all float32 or all bfloat16, contiguous and on the CPU;
+    the activations are float32. Each GEMM is split by output columns among the threads, each
+    calling `sgemm` (MKL's) on its share or, up to STREAM_ROWS tokens, streaming its weight;
+    bfloat16 weights stream for any number of tokens (`sgemm` may then be None). `takes(tokens)`
+    says whether a batch of that many tokens should run here rather than layer by layer (where
+    another GEMM was measured faster for its row count).
     """
 
     names = (
@@ -78,15 +79,18 @@ class DecodePass:
     def __init__(
         self,
         lib: ctypes.CDLL,
-        sgemm: int,
+        sgemm: int | None,
         layers: Sequence[dict[str, torch.Tensor | None]],
         shape: DecodeShape,
         takes: Callable[[int], bool] = lambda tokens: True,
     ) -> None:
         self.takes = takes
+        qkv_w = layers[0]["qkv_w"]
+        assert qkv_w is not None and qkv_w.dtype in SUFFIX
+        self.dtype = qkv_w.dtype  # every weight's
         self._entry = {
-            dtype: getattr(lib, f"radixlm_decode_layers_{suffix}")
-            for dtype, suffix in KV_SUFFIX.items()
+            dtype: getattr(lib, f"radixlm_decode_layers_{SUFFIX[self.dtype]}_{suffix}")
+            for dtype, suffix in SUFFIX.items()
         }
         self.tensors = layers  # keeps what the pointers point at alive
         self.args = _DecodeArgs(
@@ -107,7 +111,7 @@ class DecodePass:
             column = [layer[name] for layer in layers]
             present = [t for t in column if t is not None]
             for t in present:
-                assert t.dtype == torch.float32 and t.is_contiguous()
+                assert t.dtype == self.dtype and t.is_contiguous(), f"{name}: {t.dtype}"
                 assert t.device.type == "cpu"
             if len(present) < len(column):
                 assert not present, f"{name}: every layer has one, or none"
@@ -127,8 +131,8 @@ class DecodePass:
         v_caches: list[torch.Tensor],
     ) -> torch.Tensor:
         """Each token's K/V is written at out_slots of each layer's pool and its rows attend as
-        in `CpuKernelBackend.row_attention`. residual [T, hidden] holds the embeddings and is
-        updated in place; returns the last layer's output [T, hidden] (not yet added to the
+        in `CpuKernelBackend.row_attention`. residual [T, hidden] (float32) holds the embeddings
+        and is updated in place; returns the last layer's output [T, hidden] (not yet added to the
         residual). cos / sin [T, 1, D] or [T, D]."""
         assert isinstance(rows, KernelRowLayout), "a batch built by another backend"
         return self._run(residual, cos, sin, out_slots, rows, k_caches, v_caches, gemms_only=False)
@@ -159,6 +163,7 @@ class DecodePass:
     ) -> torch.Tensor:
         t = residual.shape[0]
         cos, sin = cos.reshape(t, -1).contiguous(), sin.reshape(t, -1).contiguous()
+        assert residual.dtype == cos.dtype == sin.dtype == torch.float32
         for x in (residual, cos, sin, out_slots, rows.kv, rows.spans, *k_caches, *v_caches):
             assert x.is_contiguous() and x.device.type == "cpu"
         out = torch.empty_like(residual)

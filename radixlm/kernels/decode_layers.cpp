@@ -6,9 +6,12 @@
 // Here the threads are woken once per forward and meet at a barrier (a short spin, then a futex
 // sleep) between ops. Each weight GEMM is split by output columns: every thread multiplies all
 // rows by its share of the weight through the BLAS sgemm torch links (single-threaded inside
-// the region), or for up to 4 rows streams its share (stream_cols), so each weight byte is
-// read once, by one core. Norms, rotary + KV write and SwiGLU reuse layer_ops.h; the attention
-// reuses row_attention.h.
+// the region), or for up to kStreamRows rows streams its share (stream_cols), so each weight byte
+// is read once, by one core. Weights are float32 or bfloat16: bfloat16 weights stream for any
+// number of rows (BLAS has no such GEMM), multiplied with AVX512-BF16's dot products where the
+// CPU has them, else widened to float32 in registers (a shift), every product accumulated in
+// float32; a decode step reads half the bytes. Norms, rotary + KV write
+// and SwiGLU reuse layer_ops.h; the attention reuses row_attention.h.
 // Built at first use by radixlm/kernels/build.py; called through ctypes by
 // radixlm/kernels/decode.py (the pass) and cpu.py (the GEMM alone).
 #include <omp.h>
@@ -18,6 +21,7 @@
 #include <cstdint>
 #include <optional>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -40,18 +44,19 @@ typedef void (*Sgemm)(const char* transa, const char* transb, const int* m, cons
 // Mirrored by _DecodeArgs in radixlm/kernels/decode.py. Per-layer arrays have `layers` entries;
 // qkv_b, q_norm and k_norm are null where the model has none.
 struct DecodeArgs {
-    // The model: hidden size, heads, KV heads, head size, MLP width; weights as nn.Linear
-    // stores them ([out, in], row-major); caches [KVH, head_stride / D, D] in float32 or bfloat16.
+    // The model: hidden size, heads, KV heads, head size, MLP width; weights (all float32 or
+    // all bfloat16) as nn.Linear stores them ([out, in], row-major); caches
+    // [KVH, head_stride / D, D] in float32 or bfloat16.
     int64_t layers, hidden, heads, kv_heads, head_dim, inter;
-    const float* const* in_norm;
-    const float* const* qkv_w;  // [(H + 2 KVH) D, hidden]: q, then k, then v
-    const float* const* qkv_b;
-    const float* const* q_norm;  // [D], applied to each head before the rotary embedding
-    const float* const* k_norm;
-    const float* const* o_w;  // [hidden, H D]
-    const float* const* post_norm;
-    const float* const* gate_up_w;  // [2 inter, hidden]: gate, then up
-    const float* const* down_w;     // [hidden, inter]
+    const void* const* in_norm;
+    const void* const* qkv_w;  // [(H + 2 KVH) D, hidden]: q, then k, then v
+    const void* const* qkv_b;
+    const void* const* q_norm;  // [D], applied to each head before the rotary embedding
+    const void* const* k_norm;
+    const void* const* o_w;  // [hidden, H D]
+    const void* const* post_norm;
+    const void* const* gate_up_w;  // [2 inter, hidden]: gate, then up
+    const void* const* down_w;     // [hidden, inter]
     void* const* k_cache;
     void* const* v_cache;
     int64_t head_stride;
@@ -168,9 +173,10 @@ inline Range share(int64_t n, int t, int parts, int64_t align = 1) {
 constexpr int64_t kStreamRows = 16;
 constexpr int64_t kRowGroup = 4;
 
-// y[:, cols] = x @ w[cols]^T for M rows of x; k is a multiple of the vector width.
-template <int64_t M>
-void stream_cols(const float* __restrict x, int64_t k, const float* __restrict w, Range cols,
+// y[:, cols] = x @ w[cols]^T for M rows of x; k is a multiple of the vector width; w float32
+// or bfloat16 (widened as it is loaded).
+template <int64_t M, typename Wt>
+void stream_cols(const float* __restrict x, int64_t k, const Wt* __restrict w, Range cols,
                  float* __restrict y, int64_t ldy) {
     using V = Simd::V;
     constexpr int64_t W = Simd::kWidth;
@@ -179,7 +185,7 @@ void stream_cols(const float* __restrict x, int64_t k, const float* __restrict w
         V acc[M][4];
         for (int64_t r = 0; r < M; ++r)
             for (int64_t j = 0; j < 4; ++j) acc[r][j] = Simd::set1(0.0f);
-        const float* w0 = w + c * k;
+        const Wt* w0 = w + c * k;
         for (int64_t i = 0; i < k; i += W) {
             const V wv[4] = {Simd::load(w0 + i), Simd::load(w0 + k + i),
                              Simd::load(w0 + 2 * k + i), Simd::load(w0 + 3 * k + i)};
@@ -194,49 +200,131 @@ void stream_cols(const float* __restrict x, int64_t k, const float* __restrict w
     for (; c < cols.hi; ++c)
         for (int64_t r = 0; r < M; ++r) {
             float dot = 0.0f;
-            for (int64_t i = 0; i < k; ++i) dot += x[r * k + i] * w[c * k + i];
+            for (int64_t i = 0; i < k; ++i) dot += x[r * k + i] * to_float(w[c * k + i]);
             y[r * ldy + c] = dot;
         }
 }
 #endif
 
-// y[:, cols] = x @ w[cols]^T (+ bias[cols]) for x [m, k] and w [n, k] row-major; y has row
-// stride ldy. A few rows stream the weight (stream_cols); more go to sgemm, in whose
-// column-major terms y^T[cols] = w[cols] (k x |cols|, transposed) x^T.
-void linear_cols(Sgemm sgemm, const float* x, int64_t m, int64_t k, const float* w,
-                 const float* bias, Range cols, float* y, int64_t ldy) {
-    if (cols.hi <= cols.lo || m <= 0) return;
-#if defined(RADIXLM_TILES)
-    if (m <= kStreamRows && k % Simd::kWidth == 0) {
-        const auto group = [](int64_t rows) {
-            return rows >= 4 ? stream_cols<4> : rows == 3 ? stream_cols<3>
-                                              : rows == 2 ? stream_cols<2>
-                                                          : stream_cols<1>;
-        };
-        if (m <= kRowGroup) {
-            group(m)(x, k, w, cols, y, ldy);
-        } else {
-            for (int64_t c = cols.lo; c < cols.hi; c += 4) {
-                const Range block{c, std::min(c + 4, cols.hi)};
-                for (int64_t r = 0; r < m; r += kRowGroup)
-                    group(m - r)(x + r * k, k, w, block, y + r * ldy, ldy);
+// y[r, cols] = x[r] @ w[cols]^T by plain dot products: where the vector kernels do not apply
+// to a bfloat16 weight (k not a multiple of the vector width, or no vector support).
+template <typename W>
+void dot_cols(const float* x, int64_t m, int64_t k, const W* w, Range cols, float* y,
+              int64_t ldy) {
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t c = cols.lo; c < cols.hi; ++c) {
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < k; ++i) dot += x[r * k + i] * to_float(w[c * k + i]);
+            y[r * ldy + c] = dot;
+        }
+}
+
+#if defined(RADIXLM_TILES) && defined(__AVX512BF16__)
+#define RADIXLM_DPBF16 1
+// stream_cols for bfloat16 weights where the CPU has AVX512-BF16: x is rounded to bfloat16 too
+// (as torch's bfloat16 GEMMs round it), and each vdpbf16ps multiplies 32 pairs into 16 float32
+// sums, twice the products of a float32 FMA and no widening. k is a multiple of 32.
+template <int64_t M>
+void stream_cols_dp(const uint16_t* __restrict x, int64_t k, const uint16_t* __restrict w,
+                    Range cols, float* __restrict y, int64_t ldy) {
+    int64_t c = cols.lo;
+    for (; c + 4 <= cols.hi; c += 4) {
+        __m512 acc[M][4];
+        for (int64_t r = 0; r < M; ++r)
+            for (int64_t j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+        const uint16_t* w0 = w + c * k;
+        for (int64_t i = 0; i < k; i += 32) {
+            __m512bh wv[4];
+            for (int64_t j = 0; j < 4; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w0 + j * k + i);
+            for (int64_t r = 0; r < M; ++r) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * k + i);
+                for (int64_t j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv, wv[j]);
             }
         }
+        for (int64_t r = 0; r < M; ++r)
+            Simd::store_sum4(y + r * ldy + c, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    }
+    for (; c < cols.hi; ++c)
+        for (int64_t r = 0; r < M; ++r) {
+            float dot = 0.0f;
+            for (int64_t i = 0; i < k; ++i) dot += to_float(x[r * k + i]) * to_float(w[c * k + i]);
+            y[r * ldy + c] = dot;
+        }
+}
+#endif
+
+#if defined(RADIXLM_TILES)
+// y[:, cols] = x @ w[cols]^T through a stream_cols-like `group(rows)` kernel: up to kRowGroup
+// rows in one pass over the weight, more in groups of kRowGroup over each block of 4 weight
+// rows (read from L1 after the first group).
+template <typename X, typename Wt, typename Group>
+void stream_rows(Group group, const X* x, int64_t m, int64_t k, const Wt* w, Range cols, float* y,
+                 int64_t ldy) {
+    if (m <= kRowGroup) {
+        group(m)(x, k, w, cols, y, ldy);
+        return;
+    }
+    for (int64_t c = cols.lo; c < cols.hi; c += 4) {
+        const Range block{c, std::min(c + 4, cols.hi)};
+        for (int64_t r = 0; r < m; r += kRowGroup)
+            group(m - r)(x + r * k, k, w, block, y + r * ldy, ldy);
+    }
+}
+#endif
+
+// y[:, cols] = x @ w[cols]^T (+ bias[cols]) for x [m, k] and w [n, k] row-major; y has row
+// stride ldy. A few rows stream the weight (stream_cols); more go to sgemm, in whose
+// column-major terms y^T[cols] = w[cols] (k x |cols|, transposed) x^T. A bfloat16 weight
+// (W = uint16_t) streams for any number of rows: widened to float32 (float32 products), or
+// with AVX512-BF16 multiplied natively (x rounded to bfloat16, float32 sums).
+template <typename W>
+void linear_cols(Sgemm sgemm, const float* x, int64_t m, int64_t k, const W* w, const W* bias,
+                 Range cols, float* y, int64_t ldy) {
+    if (cols.hi <= cols.lo || m <= 0) return;
+    constexpr bool kWide = std::is_same_v<W, float>;
+#if defined(RADIXLM_DPBF16)
+    if (!kWide && k % 32 == 0) {
+        thread_local std::vector<uint16_t> xb;
+        xb.resize(m * k);
+        for (int64_t i = 0; i < m * k; ++i) radixlm::store(x[i], xb.data() + i);
+        const auto group = [](int64_t rows) {
+            return rows >= 4 ? stream_cols_dp<4> : rows == 3 ? stream_cols_dp<3>
+                                                 : rows == 2 ? stream_cols_dp<2>
+                                                             : stream_cols_dp<1>;
+        };
+        stream_rows(group, xb.data(), m, k, reinterpret_cast<const uint16_t*>(w), cols, y, ldy);
     } else
 #endif
-    {
+#if defined(RADIXLM_TILES)
+    if ((m <= kStreamRows || !kWide) && k % Simd::kWidth == 0) {
+        const auto group = [](int64_t rows) {
+            return rows >= 4 ? stream_cols<4, W> : rows == 3 ? stream_cols<3, W>
+                                                 : rows == 2 ? stream_cols<2, W>
+                                                             : stream_cols<1, W>;
+        };
+        stream_rows(group, x, m, k, w, cols, y, ldy);
+    } else
+#endif
+    if constexpr (kWide) {
         const int n = int(cols.hi - cols.lo), mm = int(m), kk = int(k), ld = int(ldy);
         const float one = 1.0f, zero = 0.0f;
         sgemm("T", "N", &n, &mm, &kk, &one, w + cols.lo * k, &kk, x, &kk, &zero, y + cols.lo,
               &ld);
+    } else {
+        dot_cols(x, m, k, w, cols, y, ldy);
     }
     if (bias == nullptr) return;
     for (int64_t r = 0; r < m; ++r)
-        for (int64_t c = cols.lo; c < cols.hi; ++c) y[r * ldy + c] += bias[c];
+        for (int64_t c = cols.lo; c < cols.hi; ++c) y[r * ldy + c] += to_float(bias[c]);
 }
 
-template <typename KV>
+template <typename W, typename KV>
 void decode_layers(const DecodeArgs& a) {
+    // Layer l's weight `name` in its dtype.
+    const auto wt = [](const void* const* name, int64_t l) {
+        return static_cast<const W*>(name[l]);
+    };
     const int64_t m = a.tokens, hid = a.hidden, d = a.head_dim, inter = a.inter;
     const int64_t q_cols = a.heads * d, kv_cols = a.kv_heads * d, qkv_cols = q_cols + 2 * kv_cols;
     const bool all = a.gemms_only == 0;
@@ -270,19 +358,20 @@ void decode_layers(const DecodeArgs& a) {
             for (int64_t r = my_rows.lo; all && r < my_rows.hi; ++r) {
                 const float* x = l == 0 ? a.residual + r * hid : a.out + r * hid;
                 float* res = l == 0 ? nullptr : a.residual + r * hid;
-                rms_norm_row(x, res, a.in_norm[l], a.eps, hid, h.data() + r * hid);
+                rms_norm_row(x, res, wt(a.in_norm, l), a.eps, hid, h.data() + r * hid);
             }
             sync.wait();
-            linear_cols(a.sgemm, h.data(), m, hid, a.qkv_w[l], a.qkv_b ? a.qkv_b[l] : nullptr,
-                        my_qkv, qkv.data(), qkv_cols);
+            linear_cols(a.sgemm, h.data(), m, hid, wt(a.qkv_w, l),
+                        a.qkv_b ? wt(a.qkv_b, l) : nullptr, my_qkv, qkv.data(), qkv_cols);
             sync.wait();
             // Per token: q/k head norms where the model has them, the rotary embedding, and
             // the token's K/V into the pool.
             for (int64_t r = my_rows.lo; all && r < my_rows.hi; ++r) {
                 float* x = qkv.data() + r * qkv_cols;
                 for (int64_t hh = 0; a.q_norm != nullptr && hh < a.heads + a.kv_heads; ++hh)
-                    rms_norm_row(x + hh * d, nullptr, hh < a.heads ? a.q_norm[l] : a.k_norm[l],
-                                 a.eps, d, x + hh * d);
+                    rms_norm_row(x + hh * d, nullptr,
+                                 hh < a.heads ? wt(a.q_norm, l) : wt(a.k_norm, l), a.eps, d,
+                                 x + hh * d);
                 rope_store_token(x, x + q_cols, x + q_cols + kv_cols, a.cos + r * d,
                                  a.sin + r * d, a.out_slots[r], a.heads, a.kv_heads, d,
                                  q.data() + r * q_cols, nullptr, nullptr, 0, k_cache, v_cache,
@@ -296,28 +385,39 @@ void decode_layers(const DecodeArgs& a) {
             for (int64_t task; all && (task = next_task.fetch_add(1)) < rows.tasks();)
                 attend_task(my_rows_batch, task, scratch);
             sync.wait();
-            linear_cols(a.sgemm, attn.data(), m, q_cols, a.o_w[l], nullptr, my_hidden, o.data(),
-                        hid);
+            linear_cols<W>(a.sgemm, attn.data(), m, q_cols, wt(a.o_w, l), nullptr, my_hidden,
+                           o.data(), hid);
             sync.wait();
             for (int64_t r = my_rows.lo; all && r < my_rows.hi; ++r)
-                rms_norm_row(o.data() + r * hid, a.residual + r * hid, a.post_norm[l], a.eps, hid,
-                             h.data() + r * hid);
+                rms_norm_row(o.data() + r * hid, a.residual + r * hid, wt(a.post_norm, l), a.eps,
+                             hid, h.data() + r * hid);
             sync.wait();
             // This thread's columns of both gate and up, so SwiGLU needs no barrier before it.
-            linear_cols(a.sgemm, h.data(), m, hid, a.gate_up_w[l], nullptr, gate, gate_up.data(),
-                        2 * inter);
-            linear_cols(a.sgemm, h.data(), m, hid, a.gate_up_w[l], nullptr, up, gate_up.data(),
-                        2 * inter);
+            linear_cols<W>(a.sgemm, h.data(), m, hid, wt(a.gate_up_w, l), nullptr, gate,
+                           gate_up.data(), 2 * inter);
+            linear_cols<W>(a.sgemm, h.data(), m, hid, wt(a.gate_up_w, l), nullptr, up,
+                           gate_up.data(), 2 * inter);
             for (int64_t r = 0; all && r < m; ++r) {
                 const float* g = gate_up.data() + r * 2 * inter;
                 silu_mul_row(g + gate.lo, g + inter + gate.lo, gate.hi - gate.lo,
                              act.data() + r * inter + gate.lo);
             }
             sync.wait();
-            linear_cols(a.sgemm, act.data(), m, inter, a.down_w[l], nullptr, my_hidden, a.out,
-                        hid);
+            linear_cols<W>(a.sgemm, act.data(), m, inter, wt(a.down_w, l), nullptr, my_hidden,
+                           a.out, hid);
             sync.wait();
         }
+    }
+}
+
+template <typename W>
+void linear(const float* x, int64_t m, int64_t k, const W* w, int64_t n, float* y, Sgemm sgemm,
+            int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    {
+        omp_set_num_threads(1);  // as in the pass
+        const Range cols = share(n, omp_get_thread_num(), omp_get_num_threads(), 16);
+        linear_cols<W>(sgemm, x, m, k, w, nullptr, cols, y, n);
     }
 }
 
@@ -326,19 +426,41 @@ void decode_layers(const DecodeArgs& a) {
 extern "C" {
 
 // y [m, n] = x [m, k] @ w [n, k]^T, row-major, each thread computing its share of y's columns
-// as the decode pass does (for the LM head after it).
+// as the decode pass does (for the LM head after it); w float32 (_f32) or bfloat16 (_bf16,
+// which never calls sgemm).
 void radixlm_linear_f32(const float* x, int64_t m, int64_t k, const float* w, int64_t n, float* y,
                         Sgemm sgemm, int num_threads) {
-#pragma omp parallel num_threads(num_threads)
-    {
-        omp_set_num_threads(1);  // as in the pass
-        const Range cols = share(n, omp_get_thread_num(), omp_get_num_threads(), 16);
-        linear_cols(sgemm, x, m, k, w, nullptr, cols, y, n);
-    }
+    linear(x, m, k, w, n, y, sgemm, num_threads);
 }
 
-void radixlm_decode_layers_f32(const DecodeArgs* args) { decode_layers<float>(*args); }
+void radixlm_linear_bf16(const float* x, int64_t m, int64_t k, const uint16_t* w, int64_t n,
+                         float* y, Sgemm sgemm, int num_threads) {
+    linear(x, m, k, w, n, y, sgemm, num_threads);
+}
 
-void radixlm_decode_layers_bf16(const DecodeArgs* args) { decode_layers<uint16_t>(*args); }
+// 1 where bfloat16 weights are multiplied natively (AVX512-BF16: x rounded to bfloat16), 0 where
+// they are widened to float32.
+int radixlm_native_bf16_dot() {
+#if defined(RADIXLM_DPBF16)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// The pass, radixlm_decode_layers_<weights>_<KV pool>.
+void radixlm_decode_layers_f32_f32(const DecodeArgs* args) { decode_layers<float, float>(*args); }
+
+void radixlm_decode_layers_f32_bf16(const DecodeArgs* args) {
+    decode_layers<float, uint16_t>(*args);
+}
+
+void radixlm_decode_layers_bf16_f32(const DecodeArgs* args) {
+    decode_layers<uint16_t, float>(*args);
+}
+
+void radixlm_decode_layers_bf16_bf16(const DecodeArgs* args) {
+    decode_layers<uint16_t, uint16_t>(*args);
+}
 
 }  // extern "C"

@@ -72,7 +72,8 @@ class GemmChoice:
     few: str  # up to STREAM_ROWS rows
     decode: str  # up to 64 rows
     prefill: str  # more
-    source: str  # "measured", "cached" (measured by an earlier start), "forced" or "default"
+    # "measured", "cached" (measured by an earlier start), "forced", "fixed" or "bfloat16 weights"
+    source: str
     gflops: dict[str, dict[str, float]] = field(default_factory=dict)  # range -> GEMM -> GF/s
 
     @classmethod
@@ -107,6 +108,10 @@ class GemmChoice:
 # The rule without timing: a few rows to a decode batch stream the weight (the decode pass's
 # GEMM), prefill chunks take MKL.
 FIXED = GemmChoice("stream", "stream", "mkl", "fixed")
+# bfloat16 weights: streamed and widened to float32 in registers up to 64 rows (a decode step
+# reads half the bytes of float32), torch's bfloat16 GEMM beyond (oneDNN, native bfloat16 dot
+# products where the CPU has them). Nothing is timed: MKL has no bfloat16 GEMM to compare.
+BF16 = GemmChoice("stream", "stream", "torch", "bfloat16 weights")
 
 
 def probe_rows(shapes: Sequence[tuple[int, int]]) -> dict[str, int]:

@@ -30,6 +30,15 @@ void rope_store(const float* q, int64_t q_stride, const float* k, int64_t k_stri
                          k_cache, v_cache, head_stride);
 }
 
+template <typename W>
+void rms_norm(const float* x, int64_t x_stride, float* residual, const W* weight, float eps,
+              float* out, int64_t rows, int64_t dim, int num_threads) {
+#pragma omp parallel for num_threads(threads_for(rows * dim, num_threads)) schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+        rms_norm_row(x + r * x_stride, residual == nullptr ? nullptr : residual + r * dim, weight,
+                     eps, dim, out + r * dim);
+}
+
 }  // namespace
 
 extern "C" {
@@ -56,13 +65,17 @@ void radixlm_rope_store_bf16(const float* q, int64_t q_stride, const float* k, i
 
 // out[r] = weight * (x[r] / sqrt(mean(x[r]^2) + eps)) for rows r of x (row stride x_stride);
 // out is [rows, dim] contiguous. With a residual [rows, dim] contiguous, the residual add comes
-// first, in place: residual[r] += x[r], and the norm is of the sum.
+// first, in place: residual[r] += x[r], and the norm is of the sum. The weight is float32
+// (radixlm_rms_norm_f32) or bfloat16 (radixlm_rms_norm_bf16).
 void radixlm_rms_norm_f32(const float* x, int64_t x_stride, float* residual, const float* weight,
                           float eps, float* out, int64_t rows, int64_t dim, int num_threads) {
-#pragma omp parallel for num_threads(threads_for(rows * dim, num_threads)) schedule(static)
-    for (int64_t r = 0; r < rows; ++r)
-        rms_norm_row(x + r * x_stride, residual == nullptr ? nullptr : residual + r * dim, weight,
-                     eps, dim, out + r * dim);
+    rms_norm(x, x_stride, residual, weight, eps, out, rows, dim, num_threads);
+}
+
+void radixlm_rms_norm_bf16(const float* x, int64_t x_stride, float* residual,
+                           const uint16_t* weight, float eps, float* out, int64_t rows,
+                           int64_t dim, int num_threads) {
+    rms_norm(x, x_stride, residual, weight, eps, out, rows, dim, num_threads);
 }
 
 // out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i]; gate_up is [rows, 2 * inter].

@@ -2,7 +2,7 @@
 // where torch makes several: RMSNorm with the residual add before it, SwiGLU's silu(gate) * up,
 // and the rotary embedding of a token's q and k with its K/V written into the pool. Shared by
 // the standalone kernels (layer_ops.cpp) and the fused decode pass (decode_layers.cpp).
-// float32 activations.
+// float32 activations; norm weights in float32 or bfloat16 (widened as they are read).
 #pragma once
 
 #include <cmath>
@@ -14,6 +14,7 @@ namespace {
 
 using radixlm::exp_nonpositive;
 using radixlm::store;
+using radixlm::to_float;
 
 // Here products and sums are rounded separately (no fused multiply-add), as torch's ops round
 // them.
@@ -61,8 +62,10 @@ void rope_store_token(const float* q, const float* k, const float* v, const floa
 #pragma GCC pop_options
 
 // out = weight * (x / sqrt(mean(x^2) + eps)) over dim floats; out may be x. With a residual,
-// the residual add comes first, in place: residual += x, and the norm is of the sum.
-inline void rms_norm_row(const float* x, float* residual, const float* weight, float eps,
+// the residual add comes first, in place: residual += x, and the norm is of the sum. The weight
+// is float32 or bfloat16 (W = uint16_t).
+template <typename W>
+inline void rms_norm_row(const float* x, float* residual, const W* weight, float eps,
                          int64_t dim, float* out) {
     const float* xr = x;
     if (residual != nullptr) {
@@ -76,7 +79,7 @@ inline void rms_norm_row(const float* x, float* residual, const float* weight, f
     for (int64_t i = 0; i < dim; ++i) sum += xr[i] * xr[i];
     const float inv = 1.0f / std::sqrt(sum / float(dim) + eps);
 #pragma omp simd
-    for (int64_t i = 0; i < dim; ++i) out[i] = weight[i] * (xr[i] * inv);
+    for (int64_t i = 0; i < dim; ++i) out[i] = to_float(weight[i]) * (xr[i] * inv);
 }
 
 // out[i] = silu(gate[i]) * up[i] for i < n.

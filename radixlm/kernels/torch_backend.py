@@ -30,6 +30,10 @@ class TorchBackend:
         """Whether every op runs here for a model of `dtype` and a pool of `kv_dtype`: always."""
         return True
 
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream in the model's dtype, as it is."""
+        return x
+
     def row_layout(
         self, kv: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, window: int | None
     ) -> RowLayout:

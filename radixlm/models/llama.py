@@ -154,6 +154,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Logits of batch.logits_index; `embeds` replaces the token embeddings (images)."""
         residual = self.embed_tokens(batch.input_ids) if embeds is None else embeds
+        residual = self.backend.activations(residual)
         rope = self.rope(batch.positions, residual.dtype)
         x = None
         rows = batch.rows if not batch.extends else None  # short rows only (decodes)
