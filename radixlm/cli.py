@@ -60,6 +60,14 @@ _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("--chunked-prefill-size", {"type": int, "help": "max tokens per forward pass"}),
+    (
+        "--target-itl-ms",
+        {
+            "type": float,
+            "default": 500.0,
+            "help": "while requests decode, cap prefill chunks to keep a step near this (0: off)",
+        },
+    ),
     ("--max-running-requests", {"type": int, "help": "max requests decoding at once"}),
     (
         "--context-length",
