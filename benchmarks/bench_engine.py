@@ -800,9 +800,9 @@ def main() -> None:
     p.add_argument("--burst-decode-len", type=int, default=128, help="bursts: their output")
     p.add_argument("--bursts", type=int, default=3)
     p.add_argument("--burst-size", type=int, default=4, help="bursts: requests per burst")
-    p.add_argument("--burst-prompt-len", type=int, default=512)
+    p.add_argument("--burst-prompt-len", type=int, default=256)
     p.add_argument("--burst-output-len", type=int, default=16)
-    p.add_argument("--burst-interval", type=float, default=3.0, help="bursts: seconds apart")
+    p.add_argument("--burst-interval", type=float, default=6.0, help="bursts: seconds apart")
     add_plot_arg(p)
     args = p.parse_args()
     print(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 # The fewest prefill tokens a step with decodes carries: below this, GEMMs run far under their
 # speed at more rows, and a long prompt would take too many steps to reach its first token.
-MIN_PREFILL_TOKENS = 128
+MIN_PREFILL_TOKENS = 256
 # Weight of the newest step in the running cost estimates (steps on a shared CPU are noisy).
 _EMA = 0.25
 # Steps with fewer prefill tokens than this say too little about the cost of one.

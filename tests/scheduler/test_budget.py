@@ -32,9 +32,9 @@ def test_the_cap_stays_within_the_floor_and_the_chunk() -> None:
     slow = PrefillBudget(chunk=2048, target_s=0.5)
     drive(slow, decode_s=0.6, token_s=0.001, steps=10)  # the decodes alone exceed the target
     assert slow.tokens(decoding=True) == MIN_PREFILL_TOKENS
-    fast = PrefillBudget(chunk=256, target_s=0.5)
+    fast = PrefillBudget(chunk=1024, target_s=0.5)
     drive(fast, decode_s=0.01, token_s=1e-6, steps=10)
-    assert fast.tokens(decoding=True) == 256
+    assert fast.tokens(decoding=True) == 1024
 
 
 def test_without_a_target_or_a_measurement_chunks_are_whole() -> None:
