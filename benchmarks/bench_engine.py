@@ -71,7 +71,10 @@ def cache_on_off(
     best: dict[str, float] = {"on": 0.0, "off": 0.0}
     engines = {
         label: Engine(
-            args.model_path, disable_radix_cache=disable, max_total_tokens=args.max_total_tokens
+            args.model_path,
+            disable_radix_cache=disable,
+            max_total_tokens=args.max_total_tokens,
+            target_itl_ms=args.target_itl_ms,
         )
         for label, disable in (("on", False), ("off", True))
     }
@@ -795,7 +798,12 @@ def main() -> None:
     ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
     p.add_argument("--mixed-chunks", type=ints, default=[512, 2048], help="mixed: chunk sizes")
     p.add_argument("--mixed-batches", type=ints, default=[8, 32], help="mixed: decode rows")
-    p.add_argument("--target-itl-ms", type=float, default=500.0, help="bursts: adaptive target")
+    p.add_argument(
+        "--target-itl-ms",
+        type=float,
+        default=500.0,
+        help="the engines' target_itl_ms (bursts: against 0, whole chunks)",
+    )
     p.add_argument("--burst-decoders", type=int, default=8, help="bursts: requests decoding")
     p.add_argument("--burst-decode-len", type=int, default=128, help="bursts: their output")
     p.add_argument("--bursts", type=int, default=3)
