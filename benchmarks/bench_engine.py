@@ -74,7 +74,7 @@ def cache_on_off(
             args.model_path,
             disable_radix_cache=disable,
             max_total_tokens=args.max_total_tokens,
-            target_itl_ms=args.target_itl_ms,
+            **({} if args.target_itl_ms is None else {"target_itl_ms": args.target_itl_ms}),
         )
         for label, disable in (("on", False), ("off", True))
     }
@@ -595,7 +595,8 @@ def bench_bursts(args: argparse.Namespace) -> None:
     """Requests arriving in bursts while others decode, in one engine core with the adaptive
     prefill budget (--target-itl-ms) and one with whole chunks (target 0), alternating rounds:
     time to first token of the burst requests and inter-token latency of every request."""
-    targets = {"adaptive": args.target_itl_ms, "fixed chunks": 0.0}
+    target = 500.0 if args.target_itl_ms is None else args.target_itl_ms
+    targets = {"adaptive": target, "fixed chunks": 0.0}
     cores = {
         label: EngineCore(
             EngineArgs(args.model_path, max_total_tokens=args.max_total_tokens, target_itl_ms=t)
@@ -607,7 +608,7 @@ def bench_bursts(args: argparse.Namespace) -> None:
         f"bursts: {n_dec} requests decoding {dec_len} tokens ({args.prompt_len}-token prompts); "
         f"{args.bursts} bursts of {args.burst_size} x {args.burst_prompt_len}-token prompts "
         f"({args.burst_output_len} output tokens) every {args.burst_interval:g} s; "
-        f"adaptive target {args.target_itl_ms:g} ms"
+        f"adaptive target {target:g} ms"
     )
     results: dict[str, dict[str, list[float]]] = {
         label: {"ttft": [], "itl": [], "wall": []} for label in cores
@@ -801,8 +802,7 @@ def main() -> None:
     p.add_argument(
         "--target-itl-ms",
         type=float,
-        default=500.0,
-        help="the engines' target_itl_ms (bursts: against 0, whole chunks)",
+        help="the engines' target_itl_ms (default: the engine's; bursts: 500, against 0)",
     )
     p.add_argument("--burst-decoders", type=int, default=8, help="bursts: requests decoding")
     p.add_argument("--burst-decode-len", type=int, default=128, help="bursts: their output")

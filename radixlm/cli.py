@@ -64,8 +64,9 @@ _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
         "--target-itl-ms",
         {
             "type": float,
-            "default": 500.0,
-            "help": "while requests decode, cap prefill chunks to keep a step near this (0: off)",
+            "default": 0.0,
+            "help": "while requests decode, cap prefill chunks to keep a step near this many "
+            "ms (default 0: off)",
         },
     ),
     ("--max-running-requests", {"type": int, "help": "max requests decoding at once"}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from radixlm.engine.args import EngineArgs
 from radixlm.scheduler.budget import MIN_PREFILL_TOKENS, PrefillBudget
 
 
@@ -51,3 +52,9 @@ def test_tiny_steps_do_not_move_the_estimate() -> None:
     budget.plan(3, decoding=False)  # a 3-token step that took long (noise): ignored
     budget.observe(5.0)
     assert budget.token_s == pytest.approx(0.001)
+
+
+def test_a_negative_target_is_refused_and_the_default_is_off() -> None:
+    with pytest.raises(ValueError, match="target_itl_ms must be >= 0"):
+        EngineArgs(target_itl_ms=-1)
+    assert EngineArgs().target_itl_ms == 0
