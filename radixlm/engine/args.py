@@ -26,8 +26,8 @@ class EngineArgs:
     mem_fraction_static: float | None = None
     chunked_prefill_size: int | None = None  # tokens per forward (prefill chunks + decodes)
     # While requests decode, a step's prefill tokens are capped (by measured step costs) to
-    # keep the step near this many milliseconds; 0: whole chunks always (off: smaller chunks
-    # cost throughput on the CPU, docs/benchmarks.md).
+    # keep the step near this many milliseconds; 0 (the default): whole chunks always (on, an
+    # all-at-once workload measured slower, docs/benchmarks.md).
     target_itl_ms: float = 0.0
     max_running_requests: int | None = None
     context_length: int | None = None
