@@ -12,6 +12,8 @@ python benchmarks/bench_engine.py decode-pass    # CPU decode pass vs the layers
 python benchmarks/bench_engine.py ttft           # time to first token, cached vs uncached prefix
 python benchmarks/bench_engine.py attention-kernel  # the CPU decode attention kernel per ISA build
 python benchmarks/bench_engine.py bf16           # bfloat16 weights vs float32: prefill GEMMs, decode
+python benchmarks/bench_engine.py mixed          # a prefill chunk + decodes: one forward vs two
+python benchmarks/bench_engine.py bursts         # TTFT / ITL under bursts: adaptive vs fixed chunks
 """
 
 from __future__ import annotations
@@ -70,7 +72,10 @@ def cache_on_off(
     best: dict[str, float] = {"on": 0.0, "off": 0.0}
     engines = {
         label: Engine(
-            args.model_path, disable_radix_cache=disable, max_total_tokens=args.max_total_tokens
+            args.model_path,
+            disable_radix_cache=disable,
+            max_total_tokens=args.max_total_tokens,
+            **({} if args.target_itl_ms is None else {"target_itl_ms": args.target_itl_ms}),
         )
         for label, disable in (("on", False), ("off", True))
     }
@@ -539,6 +544,168 @@ def bench_ttft(args: argparse.Namespace) -> None:
     )
 
 
+def bench_mixed(args: argparse.Namespace) -> None:
+    """A mixed step (one prefill chunk + decode rows at --decode-context keys) as the engine
+    runs it, one forward (the rows join the layer path's GEMMs and take the short-row attention
+    kernel), against two forwards (the chunk, then the rows through the decode pass), and
+    against each part alone; alternating, medians."""
+    chunks, batches = args.mixed_chunks, args.mixed_batches
+    ctx = args.decode_context
+    slots = max(chunks) + max(batches) * (ctx + 1) + 64
+    core = EngineCore(EngineArgs(args.model_path, max_total_tokens=slots))
+    runner, alloc = core.runner, core.allocator
+    gen = torch.Generator().manual_seed(5)
+    rows = []
+    for _ in range(max(batches)):
+        kv = alloc.alloc(ctx + 1)
+        assert kv is not None
+        rows.append(ScheduledSeq(random_ids(1, gen), ctx, kv, ctx))
+    print(f"mixed: one prefill chunk + decode rows at {ctx}-token contexts (medians)")
+    for c in chunks:
+        kv = alloc.alloc(c)
+        assert kv is not None
+        chunk = [ScheduledSeq(random_ids(c, gen), 0, kv, c - 1)]
+        for b in batches:
+            decodes = rows[:b]
+            fwd = runner.forward
+            one, two, alone_chunk, alone_rows = _alternating(
+                [
+                    functools.partial(fwd, chunk + decodes),
+                    functools.partial(_forwards, fwd, [chunk, decodes]),
+                    functools.partial(fwd, chunk),
+                    functools.partial(fwd, decodes),
+                ],
+                args.repeat,
+                f"mixed, {c} + {b}",
+            )
+            m1, m2, mc, md = (
+                statistics.median(t) * 1000 for t in (one, two, alone_chunk, alone_rows)
+            )
+            print(
+                f"  chunk {c:5d} + {b:3d} decodes: one forward {m1:8.1f} ms, two forwards "
+                f"{m2:8.1f} ms; alone: chunk {mc:8.1f} ms, decodes {md:7.1f} ms "
+                f"(decode pass: {runner.model.decode_pass is not None})"
+            )
+            print(
+                f"    one / two forwards = {m1 / m2:.2f}; one forward / (chunk + decodes alone) "
+                f"= {m1 / (mc + md):.2f}"
+            )
+        alloc.free(kv)
+
+
+def _forwards(
+    forward: Callable[[list[ScheduledSeq]], torch.Tensor], batches: list[list[ScheduledSeq]]
+) -> None:
+    for batch in batches:
+        forward(batch)
+
+
+def bench_bursts(args: argparse.Namespace) -> None:
+    """Requests arriving in bursts while others decode, in one engine core with the adaptive
+    prefill budget (--target-itl-ms) and one with whole chunks (target 0), alternating rounds:
+    time to first token of the burst requests and inter-token latency of every request."""
+    target = 500.0 if args.target_itl_ms is None else args.target_itl_ms
+    targets = {"adaptive": target, "fixed chunks": 0.0}
+    cores = {
+        label: EngineCore(
+            EngineArgs(args.model_path, max_total_tokens=args.max_total_tokens, target_itl_ms=t)
+        )
+        for label, t in targets.items()
+    }
+    n_dec, dec_len = args.burst_decoders, args.burst_decode_len
+    print(
+        f"bursts: {n_dec} requests decoding {dec_len} tokens ({args.prompt_len}-token prompts); "
+        f"{args.bursts} bursts of {args.burst_size} x {args.burst_prompt_len}-token prompts "
+        f"({args.burst_output_len} output tokens) every {args.burst_interval:g} s; "
+        f"adaptive target {target:g} ms"
+    )
+    results: dict[str, dict[str, list[float]]] = {
+        label: {"ttft": [], "itl": [], "wall": []} for label in cores
+    }
+    with progress(args.rounds * len(cores), "bursts", "run") as bar:
+        for r in range(args.rounds):
+            for label, core in cores.items():
+                core.scheduler.cache.flush()
+                ttft, itl, wall = _run_bursts(core, args, seed=r)
+                res = results[label]
+                res["ttft"] += ttft
+                res["itl"] += itl
+                res["wall"].append(wall)
+                bar.write(
+                    f"  round {r + 1} {label:12s}: {wall:6.1f} s, TTFT p50 "
+                    f"{_pct(ttft, 50) * 1000:7.0f} ms, ITL p99 {_pct(itl, 99) * 1000:7.0f} ms"
+                )
+                bar.update()
+    for label, res in results.items():
+        ttft, itl = res["ttft"], res["itl"]
+        print(
+            f"  {label:12s}: TTFT p50 {_pct(ttft, 50) * 1000:7.0f} ms p99 "
+            f"{_pct(ttft, 99) * 1000:7.0f} ms; ITL p50 {_pct(itl, 50) * 1000:6.0f} ms p99 "
+            f"{_pct(itl, 99) * 1000:6.0f} ms; run {min(res['wall']):6.1f} s (best)"
+        )
+    a, f = results["adaptive"], results["fixed chunks"]
+    print(
+        f"  adaptive / fixed: TTFT p50 {_pct(a['ttft'], 50) / _pct(f['ttft'], 50):.2f}, "
+        f"p99 {_pct(a['ttft'], 99) / _pct(f['ttft'], 99):.2f}; ITL p50 "
+        f"{_pct(a['itl'], 50) / _pct(f['itl'], 50):.2f}, p99 "
+        f"{_pct(a['itl'], 99) / _pct(f['itl'], 99):.2f}; run time "
+        f"{min(a['wall']) / min(f['wall']):.2f}"
+    )
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q / 100))
+
+
+def _run_bursts(
+    core: EngineCore, args: argparse.Namespace, seed: int
+) -> tuple[list[float], list[float], float]:
+    """One run of the burst workload, stepping `core` in real time: the burst requests' times
+    to first token, every gap between two tokens of a request, and the wall time."""
+    gen = torch.Generator().manual_seed(100 + seed)
+
+    def req(rid: str, n: int, out: int) -> GenerateRequest:
+        params = SamplingParams(max_new_tokens=out, temperature=0, ignore_eos=True)
+        return GenerateRequest(rid, random_ids(n, gen), params)
+
+    arrivals = [
+        (0.0, req(f"d{i}", args.prompt_len, args.burst_decode_len))
+        for i in range(args.burst_decoders)
+    ]
+    for k in range(args.bursts):
+        at = args.burst_interval * (k + 1)
+        arrivals += [
+            (at, req(f"b{k}.{j}", args.burst_prompt_len, args.burst_output_len))
+            for j in range(args.burst_size)
+        ]
+    due = {msg.rid: at for at, msg in arrivals}
+    last: dict[str, float] = {}
+    ttft: list[float] = []
+    itl: list[float] = []
+    t0 = time.perf_counter()
+    pending = list(arrivals)
+    while pending or core.has_work:
+        now = time.perf_counter() - t0
+        while pending and pending[0][0] <= now:
+            core.add(pending.pop(0)[1])
+        if not core.has_work:
+            time.sleep(max(0.0, pending[0][0] - now))
+            continue
+        with torch.inference_mode():
+            outputs = core.step()
+        now = time.perf_counter() - t0
+        for o in outputs:
+            if not o.new_ids:
+                continue
+            if o.rid in last:
+                itl.append(now - last[o.rid])
+            elif o.rid.startswith("b"):
+                ttft.append(now - due[o.rid])
+            last[o.rid] = now
+    core.check_invariant()
+    return ttft, itl, time.perf_counter() - t0
+
+
 def bench_attention_kernel(args: argparse.Namespace) -> None:
     """The short-row attention kernel alone at the decode shape (SmolLM2's heads, one pool per
     layer, contiguous slots), built for this CPU and for the paths other CPUs take, against a
@@ -668,6 +835,8 @@ SCENARIOS = {
     "ttft": bench_ttft,
     "attention-kernel": bench_attention_kernel,
     "bf16": bench_bf16,
+    "mixed": bench_mixed,
+    "bursts": bench_bursts,
 }
 
 
@@ -704,6 +873,21 @@ def main() -> None:
         default=True,
         help="decode-pass: also run next to a busy process",
     )
+    ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
+    p.add_argument("--mixed-chunks", type=ints, default=[512, 2048], help="mixed: chunk sizes")
+    p.add_argument("--mixed-batches", type=ints, default=[8, 32], help="mixed: decode rows")
+    p.add_argument(
+        "--target-itl-ms",
+        type=float,
+        help="the engines' target_itl_ms (default: the engine's; bursts: 500, against 0)",
+    )
+    p.add_argument("--burst-decoders", type=int, default=8, help="bursts: requests decoding")
+    p.add_argument("--burst-decode-len", type=int, default=128, help="bursts: their output")
+    p.add_argument("--bursts", type=int, default=3)
+    p.add_argument("--burst-size", type=int, default=4, help="bursts: requests per burst")
+    p.add_argument("--burst-prompt-len", type=int, default=256)
+    p.add_argument("--burst-output-len", type=int, default=16)
+    p.add_argument("--burst-interval", type=float, default=6.0, help="bursts: seconds apart")
     add_plot_arg(p)
     args = p.parse_args()
     print(

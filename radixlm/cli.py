@@ -60,6 +60,15 @@ _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("--chunked-prefill-size", {"type": int, "help": "max tokens per forward pass"}),
+    (
+        "--target-itl-ms",
+        {
+            "type": float,
+            "default": 0.0,
+            "help": "while requests decode, cap prefill chunks to keep a step near this many "
+            "ms (default 0: off)",
+        },
+    ),
     ("--max-running-requests", {"type": int, "help": "max requests decoding at once"}),
     (
         "--context-length",

@@ -21,7 +21,9 @@ CASES = [
         "all --questions 2 --prefix-len 40 --question-len 8 --rounds 1 --prompts 2 --prompt-len 16"
         " --output-len 2 --batch 1 --prefill-len 32 --repeat 1 --decode-batch 2"
         " --decode-context 16 --decode-steps 2 --pass-batches 2 --max-total-tokens 4096"
-        " --gemm-rows 70,1",
+        " --gemm-rows 70,1 --mixed-chunks 24 --mixed-batches 2 --bursts 1 --burst-size 2"
+        " --burst-prompt-len 32 --burst-output-len 2 --burst-decoders 2 --burst-decode-len 4"
+        " --burst-interval 0.2",
         [
             rf"throughput cache on / off = {RATIO}x",
             rf"throughput cache on / off = {RATIO}  ",
@@ -42,6 +44,8 @@ CASES = [
             rf"bfloat16 vs F.linear = {RATIO}x throughput",
             rf"forward: bfloat16 .* bfloat16 / float32 = {RATIO}x throughput",
             rf"bf16 decode: batch 2 x 16: .* float32 / bfloat16 = {RATIO}",
+            rf"chunk +24 \+ +2 decodes: one forward .*\n +one / two forwards = {RATIO}",
+            rf"adaptive / fixed: TTFT p50 {RATIO}, p99 {RATIO}; ITL p50 {RATIO}, p99 {RATIO}",
         ],
         ["radix_shared_prefix", "radix_no_sharing", "decode_step_vs_batch"],
         id="engine",

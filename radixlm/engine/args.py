@@ -25,6 +25,10 @@ class EngineArgs:
     # memory left after the weights.
     mem_fraction_static: float | None = None
     chunked_prefill_size: int | None = None  # tokens per forward (prefill chunks + decodes)
+    # While requests decode, a step's prefill tokens are capped (by measured step costs) to
+    # keep the step near this many milliseconds; 0 (the default): whole chunks always (on, an
+    # all-at-once workload measured slower, docs/benchmarks.md).
+    target_itl_ms: float = 0.0
     max_running_requests: int | None = None
     context_length: int | None = None
     device: str = "auto"
@@ -49,6 +53,8 @@ class EngineArgs:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
+        if self.target_itl_ms < 0:
+            raise ValueError(f"target_itl_ms must be >= 0, got {self.target_itl_ms}")
         if self.max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
         if self.context_length is not None and self.context_length < 2:

@@ -112,6 +112,7 @@ class EngineCore:
             schedule_policy=args.schedule_policy,
             max_wait_s=args.max_wait_s,
             request_timeout_s=args.request_timeout,
+            target_itl_s=args.target_itl_ms / 1000 or None,
         )
         spec = args.spec_config
         self.speculator = None if spec is None else Speculator(spec, self.cache)
@@ -142,8 +143,10 @@ class EngineCore:
         self.tenancy.pins.expire()
         plan = self.scheduler.schedule()
         if plan:
+            t0 = time.perf_counter()
             logits = self.runner.forward(plan.seqs)
             self.scheduler.update(plan, self._sample(plan, logits))
+            self.scheduler.prefill_budget.observe(time.perf_counter() - t0)
         return self.scheduler.take_outputs()
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor) -> list[SampledReq]:

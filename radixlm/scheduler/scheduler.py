@@ -19,6 +19,7 @@ from radixlm.core.messages import TokenOutput
 from radixlm.core.plan import SampledReq, ScheduledReq, StepPlan, is_short_row
 from radixlm.core.request import Req
 from radixlm.scheduler.admission import Admission, chunk_len
+from radixlm.scheduler.budget import PrefillBudget
 from radixlm.scheduler.finish import finish_reason
 from radixlm.scheduler.policy import SchedulePolicy
 from radixlm.scheduler.retraction import Retraction
@@ -39,6 +40,9 @@ class SchedulerConfig:
     schedule_policy: str = "lpm"
     max_wait_s: float = 10.0
     request_timeout_s: float | None = None  # a request older than this ends with an abort
+    # While requests decode, a step's prefill tokens are capped to stay near this step time
+    # (seconds); None: whole chunks always.
+    target_itl_s: float | None = None
 
 
 class Scheduler:
@@ -63,6 +67,7 @@ class Scheduler:
         self.admission = Admission(self.table, policy, config.max_running_requests)
         self.retraction = Retraction(self.table)
         self.speculator = speculator  # None: no speculative decoding
+        self.prefill_budget = PrefillBudget(config.chunked_prefill_size, config.target_itl_s)
         self.num_forward_passes = 0
 
     @property
@@ -145,7 +150,11 @@ class Scheduler:
         if decodes and self.speculator is not None:
             self.speculator.propose(decodes, self.allocator.num_free, self.config.context_len)
         batch = [t.extend(r, 1 + r.spec_draft) for r in decodes]
-        budget = self.config.chunked_prefill_size - sum(len(b.seq.new_ids) for b in batch)
+        decode_tokens = sum(len(b.seq.new_ids) for b in batch)
+        budget = min(
+            self.config.chunked_prefill_size - decode_tokens,
+            self.prefill_budget.tokens(decoding=bool(decodes)),
+        )
         # Chunked prefills already under way continue before anyone new is admitted.
         for r in t.running:
             pending = r.seq_len - r.kv_len
@@ -162,6 +171,8 @@ class Scheduler:
             return self.schedule()
         # Extends first, short rows (decodes among them) last: the runner's flat layout.
         batch.sort(key=lambda s: is_short_row(s.seq))
+        prefill = sum(len(b.seq.new_ids) for b in batch) - decode_tokens
+        self.prefill_budget.plan(prefill, decoding=bool(decodes))
         return StepPlan(batch)
 
     def _expire(self, timeout_s: float) -> None:
