@@ -5,12 +5,12 @@ decode pass against the layers one by one, and an engine's greedy tokens."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_tiny_model
 
 from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.engine import Engine
@@ -180,12 +180,12 @@ def test_the_bfloat16_decode_pass_equals_the_layers_one_by_one(tiny_model_dir: P
 
 
 def test_an_engine_on_bfloat16_weights_decodes_the_float32_tokens_of_those_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Weights that bfloat16 holds exactly: the kernels in bfloat16 and torch in float32 (both
     with a bfloat16 KV pool) decode the same greedy tokens, batched and sharing prefixes; every
     slot has one owner afterwards."""
-    path = write_tiny_model(tmp_path / "model")
+    path = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     config, weights = load_model_files(str(path))
     from safetensors.torch import save_file
 
