@@ -23,10 +23,10 @@ logger = logging.getLogger(__name__)
 
 # Row counts a step is timed at (others are interpolated); past the last, no drafts: the CPU
 # decode pass takes up to 64 tokens, and a batch that large gains nothing from guesses.
-COST_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+COST_ROWS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Tokens of context each timed row attends to (a typical short chat's).
-COST_CONTEXT = 256
-COST_REPS = 3
+COST_CONTEXT = 128
+COST_REPS = 4
 # A draft must raise the step's expected tokens per second by this share: the estimates of
 # acceptance and cost are rough, and a guess that only breaks even is not worth the rows.
 MIN_GAIN = 0.03
@@ -76,13 +76,28 @@ def measure_step_cost(
     """Time decode steps of COST_ROWS rows through `forward` (a runner's) over a pool of
     num_slots, every slot free: the timed steps write K/V into the first slots, so this must
     run before any request holds one. Each count keeps its fastest of COST_REPS interleaved
-    runs (a shared machine only ever adds time); the curve is then made non-decreasing."""
+    runs (a shared machine only ever adds time); the curve is then made non-decreasing.
+
+    Row counts stop where a row's logits first depend on the rows beside it (the CPU kernels
+    sum every row in the same order up to STREAM_ROWS rows, and hand larger steps to BLAS): a
+    draft verified past it could turn a near tie the other way, and greedy output would no
+    longer be the output without drafts. A backend that is never batch-invariant (a GPU's) has
+    no such bound: its decodes already depend on their batch."""
     max_rows = max(1, min(COST_ROWS[-1], num_slots // 2))
     context = min(COST_CONTEXT, num_slots - max_rows)
     counts = [r for r in COST_ROWS if r <= max_rows]
-    best = dict.fromkeys(counts, float("inf"))
     with torch.inference_mode():
-        forward(_rows(1, context))  # threads and caches warm
+        # The context the timed rows attend to, computed once (the pool holds no garbage).
+        forward([ScheduledSeq(list(range(100, 100 + context)), 0, torch.arange(context), context)])
+        first = forward(_rows(1, context))[0]
+        exact = counts
+        for i, rows in enumerate(counts[1:], start=1):  # also warms threads and caches
+            if not torch.equal(forward(_rows(rows, context))[0], first):
+                exact = counts[:i]
+                break
+        if len(exact) > 1:
+            counts = exact
+        best = dict.fromkeys(counts, float("inf"))
         for _ in range(COST_REPS):
             for rows in counts:
                 batch = _rows(rows, context)
@@ -99,13 +114,14 @@ def measure_step_cost(
 
 
 def _rows(rows: int, context: int) -> list[ScheduledSeq]:
-    """A decode step of `rows` new tokens in sequences of up to 4 (drafts), every sequence
-    attending to the same `context` slots and writing its own after them."""
+    """A decode step of `rows` new tokens: one decode, then sequences of up to 4 (drafts), all
+    attending to the same `context` slots and writing their own after them (the first row is
+    the same in every such step)."""
     seqs, start = [], context
     while start < context + rows:
-        n = min(4, context + rows - start, MAX_ROW_QUERIES)
+        n = 1 if start == context else min(4, context + rows - start, MAX_ROW_QUERIES)
         slots = torch.cat([torch.arange(context), torch.arange(start, start + n)])
-        seqs.append(ScheduledSeq(list(range(100, 100 + n)), context, slots, context))
+        seqs.append(ScheduledSeq(list(range(200, 200 + n)), context, slots, context))
         start += n
     return seqs
 

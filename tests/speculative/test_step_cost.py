@@ -12,6 +12,7 @@ import torch
 
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
+from radixlm.kernels.decode import STREAM_ROWS
 from radixlm.speculative.cost import COST_ROWS, MIN_GAIN, StepCost, allot, measure_step_cost
 
 
@@ -86,13 +87,17 @@ def test_allot_by_the_shape_of_the_cost() -> None:
 
 
 def test_measured_cost_on_the_tiny_model(tiny_model_dir: Path) -> None:
+    """Timed up to the rows whose logits do not depend on the rows beside them: the CPU
+    kernels' streamed row count (past it, BLAS sums in another order)."""
     core = EngineCore(EngineArgs(model_path=str(tiny_model_dir), max_total_tokens=300))
     cost = measure_step_cost(core.runner.forward, 300)
-    assert cost.rows == tuple(r for r in COST_ROWS if r <= 150)
+    assert cost.rows == COST_ROWS[: len(cost.rows)]
+    if core.runner.backend.name == "cpu-kernels":
+        assert cost.max_rows == STREAM_ROWS
     assert all(s > 0 for s in cost.seconds)
     assert list(cost.seconds) == sorted(cost.seconds)
     # The timed steps wrote into free slots only: the pool is whole and serves as before.
     core.check_invariant()
     assert core.allocator.num_free == core.allocator.num_slots
     with torch.inference_mode():
-        assert measure_step_cost(core.runner.forward, 8).rows == (1, 2, 3, 4)
+        assert measure_step_cost(core.runner.forward, 8).rows == (1, 2, 4)
