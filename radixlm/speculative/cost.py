@@ -76,7 +76,9 @@ def measure_step_cost(
     """Time decode steps of COST_ROWS rows through `forward` (a runner's) over a pool of
     num_slots, every slot free: the timed steps write K/V into the first slots, so this must
     run before any request holds one. Each count keeps its fastest of COST_REPS interleaved
-    runs (a shared machine only ever adds time); the curve is then made non-decreasing.
+    runs (a shared machine only ever adds time), and the cost is the least-squares line through
+    those, never falling with rows: one slow count on a busy machine would otherwise make the
+    counts below it look free, and guesses that rarely hit would be fed.
 
     Row counts stop where a row's logits first depend on the rows beside it (the CPU kernels
     sum every row in the same order up to STREAM_ROWS rows, and hand larger steps to BLAS): a
@@ -104,13 +106,21 @@ def measure_step_cost(
                 t0 = time.perf_counter()
                 forward(batch)[-1, 0].item()  # waits for an asynchronous device
                 best[rows] = min(best[rows], time.perf_counter() - t0)
-    seconds, most = [], 0.0
-    for rows in counts:
-        most = max(most, best[rows])
-        seconds.append(most)
-    cost = StepCost(tuple(counts), tuple(seconds))
+    cost = StepCost(tuple(counts), fit_line(counts, [best[r] for r in counts]))
     logger.info("decode step cost by rows (ms): %s", cost.describe())
     return cost
+
+
+def fit_line(rows: Sequence[int], seconds: Sequence[float]) -> tuple[float, ...]:
+    """The least-squares line through (rows, seconds) at each row count, with a slope of at
+    least 0 and no value under half the fastest time."""
+    n = len(rows)
+    mean_r, mean_s = sum(rows) / n, sum(seconds) / n
+    spread = sum((r - mean_r) ** 2 for r in rows)
+    slope = sum((r - mean_r) * (s - mean_s) for r, s in zip(rows, seconds, strict=True))
+    slope = max(slope / spread, 0.0) if spread else 0.0
+    floor = min(seconds) / 2
+    return tuple(max(mean_s + slope * (r - mean_r), floor) for r in rows)
 
 
 def _rows(rows: int, context: int) -> list[ScheduledSeq]:

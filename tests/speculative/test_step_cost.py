@@ -13,7 +13,14 @@ import torch
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.kernels.decode import STREAM_ROWS
-from radixlm.speculative.cost import COST_ROWS, MIN_GAIN, StepCost, allot, measure_step_cost
+from radixlm.speculative.cost import (
+    COST_ROWS,
+    MIN_GAIN,
+    StepCost,
+    allot,
+    fit_line,
+    measure_step_cost,
+)
 
 
 def test_step_cost_interpolates_and_validates() -> None:
@@ -23,6 +30,16 @@ def test_step_cost_interpolates_and_validates() -> None:
     for rows, seconds in [((), ()), ((1, 2), (1.0,)), ((2, 1), (1.0, 2.0)), ((1, 1), (1.0, 1.0))]:
         with pytest.raises(ValueError, match="increasing row counts"):
             StepCost(rows, seconds)
+
+
+def test_fit_line() -> None:
+    assert fit_line([1, 2, 4], [1.0, 2.0, 4.0]) == pytest.approx((1.0, 2.0, 4.0))
+    # A slow middle count (a busy machine) raises the line, never makes the counts below free.
+    fitted = fit_line([1, 2, 4, 8, 16], [1.0, 1.1, 3.0, 1.4, 2.0])
+    assert list(fitted) == sorted(fitted) and fitted[4] > fitted[2] > fitted[0]
+    assert fit_line([1, 2], [2.0, 1.0]) == (1.5, 1.5)  # never falling
+    assert fit_line([1, 2, 3, 4], [1.0, 1.0, 1.0, 10.0])[0] == 0.5  # never under half the fastest
+    assert fit_line([4], [3.0]) == (3.0,)
 
 
 def brute_force(
