@@ -32,13 +32,14 @@ from radixlm.speculative.lookup import lookup_draft
 from radixlm.speculative.tree import SuffixIndex, cached_continuation
 
 # Each step, a request's record of accepted drafts fades by this factor (whether it drafts or
-# not): recent drafts predict the next best, and a request whose drafts missed drafts again
-# once its record has faded back toward its source's.
-FADE = 0.9
+# not; half-life about 23 steps): recent drafts predict the next best, and a request whose
+# drafts missed drafts again once its record has faded back toward its source's.
+FADE = 0.97
 # The weight, in seen draft tokens, of the draft source's acceptance in a request's estimate.
-PRIOR_WEIGHT = 2.0
-# Each verification, a source's record fades by this factor: a long memory across requests.
-SOURCE_FADE = 0.99
+PRIOR_WEIGHT = 1.0
+# Each verification, a source's record fades by this factor: it follows the current work (a
+# source right on quoted text is not right on free text).
+SOURCE_FADE = 0.95
 
 
 @dataclass(slots=True)
