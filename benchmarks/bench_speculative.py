@@ -9,8 +9,9 @@ python benchmarks/bench_speculative.py --algorithm ngram     # one draft source 
 (c) free-form text with little repetition
 (d) free-form text at batch 32 (drafting switches itself off)
 
-and, first, the cost of a decode step by the rows it verifies (batch x (1 + draft)), relative
-to one row: what MAX_VERIFY_ROWS in radixlm/speculative/speculator.py is chosen from.
+and, first, the decode step cost by rows that the engine measured at start (what it allots
+draft tokens by, radixlm/speculative/cost.py), and the cost of a step by the rows it verifies
+(batch x (1 + draft)) relative to one row, timed here.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def main() -> None:
     )
     p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2")
     p.add_argument("--algorithm", default="both", choices=["ngram", "radix", "both"])
-    p.add_argument("--num-draft-tokens", type=int, default=4)
+    p.add_argument("--num-draft-tokens", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batches", default="1,4", help="batch sizes of cases (a)-(c)")
     p.add_argument("--large-batch", type=int, default=32, help="batch size of case (d)")
@@ -198,6 +199,8 @@ def main() -> None:
     if "d" in args.cases:
         cases.append(("d", args.large_batch))
     print(f"model {on.model_path}, algorithm {args.algorithm}, {args.rounds} rounds")
+    assert on.speculator is not None
+    print(f"step cost measured at start, ms by rows: {on.speculator.cost.describe()}")
     shapes = [(1, 2), (1, 4), (1, 5), (1, 8), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (16, 1)]
     if args.row_reps:
         row_costs(off, shapes, args.row_reps)

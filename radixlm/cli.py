@@ -109,7 +109,7 @@ _ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ),
     (
         "--speculative-num-draft-tokens",
-        {"type": int, "default": 4, "help": "the longest speculative draft, in tokens"},
+        {"type": int, "default": 8, "help": "the longest speculative draft, in tokens"},
     ),
     (
         "--chat-template",

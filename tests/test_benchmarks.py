@@ -146,6 +146,7 @@ CASES = [
         "--rounds 1 --max-new-tokens 6 --batches 1 --large-batch 2 --row-reps 1"
         " --max-total-tokens 2048",
         [
+            rf"step cost measured at start, ms by rows: 1: {RATIO}, 2: {RATIO}",
             rf"decode step, 1 row: {RATIO} ms",
             rf"4x4 {RATIO}",
             rf"\(a\) batch  1: .* on / off = {RATIO}x",

@@ -41,7 +41,7 @@ class EngineArgs:
     # Speculative decoding without a draft model: ngram (prompt lookup), radix (the radix
     # tree's continuations) or both; None = off.
     speculative_algorithm: str | None = None
-    speculative_num_draft_tokens: int = 4  # the longest draft
+    speculative_num_draft_tokens: int = 8  # the longest draft
     kv_cache_dir: str | None = None  # disk tier under the radix tree (survives restarts)
     kv_disk_size: float = 16.0  # GB of K/V the disk tier keeps (LRU beyond)
     kv_disk_policy: str = "selective"  # evicted nodes written: selective, write_through, off

@@ -44,6 +44,7 @@ from radixlm.runner.runner import ModelRunner, default_num_slots, resolve_device
 from radixlm.sampling import Sampler
 from radixlm.sampling.step import sample_step
 from radixlm.scheduler.scheduler import Scheduler, SchedulerConfig
+from radixlm.speculative.cost import measure_step_cost
 from radixlm.speculative.speculator import Speculator
 from radixlm.tokenizer import Tokenizer
 
@@ -85,6 +86,9 @@ class EngineCore:
             )
             self.runner = ModelRunner(config, weights, device, dtype, num_slots, kv_dtype)
         del weights
+        spec = args.spec_config
+        # Timed while every slot is free: the timed steps write K/V into the pool.
+        step_cost = None if spec is None else measure_step_cost(self.runner.forward, num_slots)
         self.allocator = SlotAllocator(num_slots)
         self.cache = RadixCache(self.allocator, disable=args.disable_radix_cache)
         self.disk_tier: DiskTier | None = None
@@ -114,8 +118,9 @@ class EngineCore:
             request_timeout_s=args.request_timeout,
             target_itl_s=args.target_itl_ms / 1000 or None,
         )
-        spec = args.spec_config
-        self.speculator = None if spec is None else Speculator(spec, self.cache)
+        self.speculator = None
+        if spec is not None and step_cost is not None:
+            self.speculator = Speculator(spec, self.cache, step_cost)
         self.scheduler = Scheduler(
             self.cache, self.allocator, self.tokenizer, sched_config, self.speculator
         )

@@ -14,7 +14,7 @@ class SpecConfig:
     """Which draft sources, and the longest draft (each request's length adapts below it)."""
 
     algorithm: str  # ngram | radix | both
-    num_draft_tokens: int = 4
+    num_draft_tokens: int = 8
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:

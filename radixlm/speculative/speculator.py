@@ -19,7 +19,7 @@ evicted for a guess); the scheduler frees the rejected ones at once.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from radixlm.cache import RadixCache
 from radixlm.cache.radix import common_prefix_len
@@ -27,63 +27,99 @@ from radixlm.core.draft import DraftState
 from radixlm.core.messages import SpecCounters
 from radixlm.core.request import Req
 from radixlm.speculative.config import SpecConfig
+from radixlm.speculative.cost import StepCost, allot
 from radixlm.speculative.lookup import lookup_draft
 from radixlm.speculative.tree import SuffixIndex, cached_continuation
 
-# Rows a step's decodes may verify in all (decodes plus drafts): on the CPU, the GEMMs of up to
-# this many rows stream each weight once (radixlm.kernels.decode.STREAM_ROWS); past it they go
-# to BLAS and a step costs far more. Each decode gets an equal share of the spare rows, so a
-# batch of more than half this many decodes gets no drafts at all.
-MAX_VERIFY_ROWS = 16
-# A draft with nothing accepted makes its request decode 2 steps without drafting; each more in
-# a row doubles that, up to this many. (A draft costs rows of the step, which at batch > 1 on a
-# CPU is time for every request in it.)
-MAX_COOLDOWN = 16
+# Each step, a request's record of accepted drafts fades by this factor (whether it drafts or
+# not; half-life about 23 steps): recent drafts predict the next best, and a request whose
+# drafts missed drafts again once its record has faded back toward its source's.
+FADE = 0.97
+# The weight, in seen draft tokens, of the draft source's acceptance in a request's estimate.
+PRIOR_WEIGHT = 1.0
+# Each verification, a source's record fades by this factor: it follows the current work (a
+# source right on quoted text is not right on free text).
+SOURCE_FADE = 0.95
+
+
+@dataclass(slots=True)
+class Acceptance:
+    """A draft source's record of its drafts, across requests: tokens accepted and seen."""
+
+    hits: float = 1.0  # a fresh source counts as right half the time
+    trials: float = 2.0
+
+    @property
+    def rate(self) -> float:
+        """The chance that a draft token is accepted, given the tokens before it were."""
+        return self.hits / self.trials
 
 
 class Speculator:
-    """Proposes drafts for decodes and takes in their verification; counts by draft source."""
+    """Proposes drafts for decodes and takes in their verification; counts by draft source.
+    `cost` (the machine's decode step cost by rows) decides how many draft tokens a step
+    feeds, and whose."""
 
-    def __init__(self, config: SpecConfig, cache: RadixCache) -> None:
+    def __init__(self, config: SpecConfig, cache: RadixCache, cost: StepCost) -> None:
         self.config = config
+        self.cost = cost
         self.counters: dict[str, SpecCounters] = {}
+        self.acceptance: dict[str, Acceptance] = {}
         self.suffix: SuffixIndex | None = None  # radix drafts from suffix matches
         if config.algorithm in ("radix", "both"):
             self.suffix = SuffixIndex(cache)
             self.counters["radix"] = SpecCounters()
+            self.acceptance["radix"] = Acceptance()
         if config.algorithm in ("ngram", "both"):
             self.counters["ngram"] = SpecCounters()
+            self.acceptance["ngram"] = Acceptance()
 
     def propose(self, decodes: list[Req], free_slots: int, context_len: int) -> None:
-        """Append a draft to the decodes that have one (each decode needs one slot of
-        free_slots for itself); none when the batch is too large for drafts to pay."""
-        share = min(MAX_VERIFY_ROWS - len(decodes), free_slots - len(decodes)) // len(decodes)
-        if share <= 0:
+        """Append a draft to the decodes whose draft tokens are worth their rows (`allot`): each
+        decode needs one slot of free_slots for itself, each draft token one more."""
+        rows = sum(1 + r.num_draft for r in decodes)
+        most = min(self.cost.max_rows, free_slots)
+        if rows >= most:
             return
+        found: list[tuple[Req, str, list[int], float]] = []
         for req in decodes:
-            if req.num_draft:
-                continue
             state = req.draft
             if state is None:
-                state = req.draft = DraftState(length=1)  # grows while drafts are accepted
-            if state.cooldown:
-                state.cooldown -= 1
-                continue
+                state = req.draft = DraftState()
+            state.hits *= FADE
+            state.trials *= FADE
             room = min(
-                state.length,
-                share,
+                self.config.num_draft_tokens,
                 req.remaining_new_tokens - 1,  # the step's own token must fit too
                 context_len - req.seq_len - 1,
             )
-            if room <= 0:
+            if req.num_draft or room <= 0:
                 continue
             source, draft = self._draft(req, state, room)
+            if draft:
+                prior = self.acceptance[source].rate
+                alpha = (state.hits + PRIOR_WEIGHT * prior) / (state.trials + PRIOR_WEIGHT)
+                found.append((req, source, draft, alpha))
+        if not found:
+            return
+        lengths = allot(
+            [a for *_, a in found],
+            [len(d) for _, _, d, _ in found],
+            len(decodes),
+            rows,
+            most,
+            self.cost,
+        )
+        for (req, source, draft, _), n in zip(found, lengths, strict=True):
+            draft = draft[:n]
             if draft and req.grammar is not None:
                 draft = draft[: req.grammar.accept_draft(draft)]
             if not draft:
                 continue
             req.output_ids += draft
-            req.spec_draft, state.source = len(draft), source
+            req.spec_draft = len(draft)
+            assert req.draft is not None
+            req.draft.source = source
 
     def _draft(self, req: Req, state: DraftState, k: int) -> tuple[str, list[int]]:
         """The first draft source with something to propose: the tree's continuation of the
@@ -121,10 +157,12 @@ class Speculator:
         counters.drafted += k
         counters.accepted += accepted
         counters.verified += 1
-        limit = self.config.num_draft_tokens
-        state.length = min(limit, state.length + 1) if accepted == k else max(1, accepted + 1)
-        state.misses = 0 if accepted else state.misses + 1
-        state.cooldown = min(2**state.misses, MAX_COOLDOWN) if state.misses else 0
+        seen = accepted + (accepted < k)  # the accepted tokens and the first rejected one
+        state.hits += accepted
+        state.trials += seen
+        source = self.acceptance[state.source]
+        source.hits = source.hits * SOURCE_FADE + accepted
+        source.trials = source.trials * SOURCE_FADE + seen
         return accepted
 
     def stats(self) -> dict[str, SpecCounters]:

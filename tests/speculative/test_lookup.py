@@ -25,7 +25,7 @@ def naive(ids: list[int], k: int) -> list[int]:
 @pytest.mark.parametrize("seed", range(4))
 def test_incremental_lookup_equals_the_naive_search(seed: int) -> None:
     rng = random.Random(seed)
-    state = DraftState(length=4)
+    state = DraftState()
     ids: list[int] = []
     for step in range(300):
         if step % 50 == 49 and ids:  # the sequence cut back (a rejected draft, a retokenization)
@@ -36,6 +36,6 @@ def test_incremental_lookup_equals_the_naive_search(seed: int) -> None:
 
 
 def test_no_draft_without_an_earlier_occurrence() -> None:
-    state = DraftState(length=4)
+    state = DraftState()
     assert lookup_draft(state, [1, 2, 3, 4], 4) == []
     assert lookup_draft(state, [1, 2, 3, 4, 1, 2], 4) == [3, 4, 1, 2]

@@ -26,17 +26,29 @@ from radixlm.engine.core import EngineCore
 from radixlm.grammar import GrammarSpec
 from radixlm.grammar.state import GrammarState
 from radixlm.speculative.config import SpecConfig
-from radixlm.speculative.speculator import MAX_VERIFY_ROWS
+from radixlm.speculative.cost import StepCost
 
 Make = Callable[..., EngineCore]
+
+# Step costs that make every draft token worth its row (up to 64 rows), or none (each row costs
+# its share: a guess right less than always loses).
+FLAT = StepCost((1, 64), (1.0, 1.0))
+COMPUTE_BOUND = StepCost((1, 64), (1.0, 64.0))
 
 
 @pytest.fixture
 def make(tiny_model_dir: Path) -> Callable[..., EngineCore]:
     """Build engine cores over the tiny model, each with its own KV pool."""
 
-    def build(algorithm: str | None, pool: int = 4096, seed: int = 0, **args: Any) -> EngineCore:
-        return EngineCore(
+    def build(
+        algorithm: str | None,
+        pool: int = 4096,
+        seed: int = 0,
+        cost: StepCost | None = FLAT,
+        **args: Any,
+    ) -> EngineCore:
+        """cost: the speculator's step cost; None keeps the one measured at start."""
+        core = EngineCore(
             EngineArgs(
                 model_path=str(tiny_model_dir),
                 max_total_tokens=pool,
@@ -45,6 +57,9 @@ def make(tiny_model_dir: Path) -> Callable[..., EngineCore]:
                 **args,
             )
         )
+        if core.speculator is not None and cost is not None:
+            core.speculator.cost = cost
+        return core
 
     return build
 
@@ -106,13 +121,18 @@ def assert_pool_clean(c: EngineCore) -> None:
     assert c.allocator.num_free == c.allocator.num_slots
 
 
-@pytest.mark.parametrize("algorithm", ["ngram", "radix", "both"])
-def test_greedy_identity_over_prompts_and_batches(make: Make, algorithm: str) -> None:
+@pytest.mark.parametrize(
+    "algorithm, cost", [("ngram", FLAT), ("radix", FLAT), ("both", FLAT), ("both", None)]
+)
+def test_greedy_identity_over_prompts_and_batches(
+    make: Make, algorithm: str, cost: StepCost | None
+) -> None:
+    """Drafts as long as allowed (FLAT: 14 decodes fill the 64 rows), or as the step cost
+    measured on this machine at start decides."""
     prompts = repetitive(10, 1) + random_prompts(4, 2)
     base = make(None)
-    spec = make(algorithm)
-    # Batches of 1, 3 and all 14 (more decodes than MAX_VERIFY_ROWS allows drafts for at first);
-    # each batch twice, so the second run can draft from the tree.
+    spec = make(algorithm, cost=cost)
+    # Batches of 1, 3 and all 14; each batch twice, so the second run can draft from the tree.
     for sizes in ([1] * 3, [3, 3], [len(prompts)]):
         start = 0
         for size in sizes:
@@ -121,7 +141,6 @@ def test_greedy_identity_over_prompts_and_batches(make: Make, algorithm: str) ->
             for again in range(2):
                 reqs = [request(f"r{start}-{i}-{again}", ids) for i, ids in enumerate(batch)]
                 assert run(spec, reqs) == run(base, reqs)
-    assert 2 * len(prompts) > MAX_VERIFY_ROWS
     assert accepted(spec) >= 5, spec.speculator and spec.speculator.counters
     assert_pool_clean(spec)
 
@@ -183,7 +202,7 @@ def test_sampling_distribution_is_unchanged(make: Make) -> None:
     for algorithm in (None, "radix"):
         c = make(algorithm, seed=7)
         counter: Counter[tuple[int, ...]] = Counter()
-        for b in range(n // 4):  # 4 decodes at a time: MAX_VERIFY_ROWS lets each draft
+        for b in range(n // 4):  # 4 decodes at a time
             reqs = [request(f"x{b}-{i}", prompt, **params) for i in range(4)]
             counter.update(tuple(v) for v in run(c, reqs).values())
         counts.append(counter)
@@ -283,13 +302,13 @@ def test_penalties_and_parallel_samples(make: Make) -> None:
 
 
 def test_retraction_keeps_output_and_slots(make: Make) -> None:
-    """Four requests of up to 63 tokens on a 120-slot pool: running ones go back to the queue
+    """Four requests of 60 new tokens on a 120-slot pool: running ones go back to the queue
     (drafts never in the way of their slots) and resume with the tokens of a roomy run."""
     prompts = repetitive(4, 14)
     base = make(None)
     spec = make("both", pool=120)
     reqs = [
-        request(f"t{i}", ids, max_new_tokens=40, ignore_eos=True) for i, ids in enumerate(prompts)
+        request(f"t{i}", ids, max_new_tokens=60, ignore_eos=True) for i, ids in enumerate(prompts)
     ]
     want = run(base, reqs)
     for _ in range(2):  # the second run drafts from what the tree kept of the first
@@ -341,12 +360,25 @@ def test_a_failed_sample_drops_the_draft(make: Make) -> None:
     assert_pool_clean(spec)
 
 
-def test_no_drafts_for_a_large_batch(make: Make) -> None:
-    spec = make("ngram")
-    n = MAX_VERIFY_ROWS // 2 + 1
-    reqs = [request(f"b{i}", ids, max_new_tokens=8) for i, ids in enumerate(repetitive(n, 17))]
+def test_no_drafts_where_rows_cost_their_share(make: Make) -> None:
+    """A compute-bound step (each row costs as much as a decode's) makes no draft worth it, at
+    any batch; nor does a batch of more decodes than the step cost was measured for. Every
+    request runs twice, so the tree holds a right draft for the second run."""
+    reqs = [request(f"b{i}", ids, max_new_tokens=8) for i, ids in enumerate(repetitive(3, 17))]
+    spec = make("both", cost=COMPUTE_BOUND)
+    for r in reqs * 2:
+        run(spec, [r])
     run(spec, reqs)
-    assert spec.speculator is not None and spec.speculator.counters["ngram"].verified == 0
+    assert spec.speculator is not None
+    assert all(c.verified == 0 for c in spec.speculator.counters.values())
+    spec = make("radix", cost=StepCost((1, 2), (1.0, 1.0)))
+    run(spec, reqs)
+    run(spec, reqs)  # 3 decodes: past the 2 rows costed
+    assert spec.speculator is not None and spec.speculator.counters["radix"].verified == 0
+    run(spec, reqs[:1])  # 1 decode: a 1-token draft fits
+    assert (
+        spec.speculator.counters["radix"].accepted == spec.speculator.counters["radix"].verified > 0
+    )
 
 
 @pytest.mark.parametrize(

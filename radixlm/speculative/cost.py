@@ -1,0 +1,173 @@
+"""What a decode step costs by the rows it feeds, measured on the machine at start, and the
+draft lengths that make a step give the most tokens per second.
+
+A draft row is worth its expected accepted tokens; what it costs depends on the machine. On a
+CPU a step of a few rows streams the weights once (rows nearly free) and a larger one is
+compute-bound (every row costs its share); on a GPU the bend comes far later. The shape of that
+curve, not a constant, decides how many rows a batch of decodes may verify.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from radixlm.core.plan import MAX_ROW_QUERIES, ScheduledSeq
+
+logger = logging.getLogger(__name__)
+
+# Row counts a step is timed at (others are interpolated); past the last, no drafts: the CPU
+# decode pass takes up to 64 tokens, and a batch that large gains nothing from guesses.
+COST_ROWS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# Tokens of context each timed row attends to (a typical short chat's).
+COST_CONTEXT = 128
+COST_REPS = 4
+# A draft must raise the step's expected tokens per second by this share: the estimates of
+# acceptance and cost are rough, and a guess that only breaks even is not worth the rows.
+MIN_GAIN = 0.03
+
+
+@dataclass(frozen=True, slots=True)
+class StepCost:
+    """Seconds of a decode step by its rows (decodes plus draft tokens), linear between the
+    measured row counts, non-decreasing; rows past the last measured count are not costed."""
+
+    rows: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if (
+            not self.rows
+            or len(self.rows) != len(self.seconds)
+            or list(self.rows) != sorted(set(self.rows))
+        ):
+            raise ValueError("a step cost needs increasing row counts, one time each")
+
+    @property
+    def max_rows(self) -> int:
+        """The most rows a step with drafts may have."""
+        return self.rows[-1]
+
+    def __call__(self, rows: int) -> float:
+        """Seconds of a step of this many rows (1 <= rows <= max_rows)."""
+        i = bisect.bisect_left(self.rows, rows)
+        if i < len(self.rows) and self.rows[i] == rows:
+            return self.seconds[i]
+        if i == 0:
+            return self.seconds[0]
+        r0, r1, s0, s1 = self.rows[i - 1], self.rows[i], self.seconds[i - 1], self.seconds[i]
+        return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
+
+    def describe(self) -> str:
+        """One line for the log: milliseconds by rows."""
+        return ", ".join(
+            f"{r}: {s * 1000:.1f}" for r, s in zip(self.rows, self.seconds, strict=True)
+        )
+
+
+def measure_step_cost(
+    forward: Callable[[list[ScheduledSeq]], torch.Tensor], num_slots: int
+) -> StepCost:
+    """Time decode steps of COST_ROWS rows through `forward` (a runner's) over a pool of
+    num_slots, every slot free: the timed steps write K/V into the first slots, so this must
+    run before any request holds one. Each count keeps its fastest of COST_REPS interleaved
+    runs (a shared machine only ever adds time), and the cost is the least-squares line through
+    those, never falling with rows: one slow count on a busy machine would otherwise make the
+    counts below it look free, and guesses that rarely hit would be fed.
+
+    Row counts stop where a row's logits first depend on the rows beside it (the CPU kernels
+    sum every row in the same order up to STREAM_ROWS rows, and hand larger steps to BLAS): a
+    draft verified past it could turn a near tie the other way, and greedy output would no
+    longer be the output without drafts. A backend that is never batch-invariant (a GPU's) has
+    no such bound: its decodes already depend on their batch."""
+    max_rows = max(1, min(COST_ROWS[-1], num_slots // 2))
+    context = min(COST_CONTEXT, num_slots - max_rows)
+    counts = [r for r in COST_ROWS if r <= max_rows]
+    with torch.inference_mode():
+        # The context the timed rows attend to, computed once (the pool holds no garbage).
+        forward([ScheduledSeq(list(range(100, 100 + context)), 0, torch.arange(context), context)])
+        first = forward(_rows(1, context))[0]
+        exact = counts
+        for i, rows in enumerate(counts[1:], start=1):  # also warms threads and caches
+            if not torch.equal(forward(_rows(rows, context))[0], first):
+                exact = counts[:i]
+                break
+        if len(exact) > 1:
+            counts = exact
+        best = dict.fromkeys(counts, float("inf"))
+        for _ in range(COST_REPS):
+            for rows in counts:
+                batch = _rows(rows, context)
+                t0 = time.perf_counter()
+                forward(batch)[-1, 0].item()  # waits for an asynchronous device
+                best[rows] = min(best[rows], time.perf_counter() - t0)
+    cost = StepCost(tuple(counts), fit_line(counts, [best[r] for r in counts]))
+    logger.info("decode step cost by rows (ms): %s", cost.describe())
+    return cost
+
+
+def fit_line(rows: Sequence[int], seconds: Sequence[float]) -> tuple[float, ...]:
+    """The least-squares line through (rows, seconds) at each row count, with a slope of at
+    least 0 and no value under half the fastest time."""
+    n = len(rows)
+    mean_r, mean_s = sum(rows) / n, sum(seconds) / n
+    spread = sum((r - mean_r) ** 2 for r in rows)
+    slope = sum((r - mean_r) * (s - mean_s) for r, s in zip(rows, seconds, strict=True))
+    slope = max(slope / spread, 0.0) if spread else 0.0
+    floor = min(seconds) / 2
+    return tuple(max(mean_s + slope * (r - mean_r), floor) for r in rows)
+
+
+def _rows(rows: int, context: int) -> list[ScheduledSeq]:
+    """A decode step of `rows` new tokens: one decode, then sequences of up to 4 (drafts), all
+    attending to the same `context` slots and writing their own after them (the first row is
+    the same in every such step)."""
+    seqs, start = [], context
+    while start < context + rows:
+        n = 1 if start == context else min(4, context + rows - start, MAX_ROW_QUERIES)
+        slots = torch.cat([torch.arange(context), torch.arange(start, start + n)])
+        seqs.append(ScheduledSeq(list(range(200, 200 + n)), context, slots, context))
+        start += n
+    return seqs
+
+
+def allot(
+    alphas: Sequence[float],
+    lengths: Sequence[int],
+    decodes: int,
+    rows: int,
+    most: int,
+    cost: StepCost,
+) -> list[int]:
+    """Draft tokens to feed per candidate (at most lengths[i]) in a step of `decodes` decodes
+    feeding `rows` rows without these drafts, with at most `most` rows in all, maximising the
+    step's expected tokens per second. Candidate i's draft token j (from 1) is accepted with
+    probability alphas[i] ** j (each token given the ones before it), so it adds that many
+    expected tokens; the step costs cost(rows + drafted). Drafts are fed only if they raise the
+    step's rate by MIN_GAIN."""
+    gains = sorted(
+        (
+            (a**j, i)
+            for i, (a, n) in enumerate(zip(alphas, lengths, strict=True))
+            for j in range(1, n + 1)
+        ),
+        reverse=True,
+    )
+    room = min(most, cost.max_rows) - rows
+    out = [0] * len(alphas)
+    if room <= 0:
+        return out
+    best_rate, best_d, tokens = decodes / cost(rows) * (1 + MIN_GAIN), 0, float(decodes)
+    for d, (gain, _) in enumerate(gains[:room], start=1):
+        tokens += gain
+        rate = tokens / cost(rows + d)
+        if rate > best_rate:
+            best_rate, best_d = rate, d
+    for _, i in gains[:best_d]:
+        out[i] += 1
+    return out
