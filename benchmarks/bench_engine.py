@@ -12,7 +12,6 @@ python benchmarks/bench_engine.py decode-pass    # CPU decode pass vs the layers
 python benchmarks/bench_engine.py ttft           # time to first token, cached vs uncached prefix
 python benchmarks/bench_engine.py attention-kernel  # the CPU decode attention kernel per ISA build
 python benchmarks/bench_engine.py bf16           # bfloat16 weights vs float32: prefill GEMMs, decode
-python benchmarks/bench_engine.py cascade        # shared-prefix decodes: cascade attention vs per row
 """
 
 from __future__ import annotations
@@ -658,96 +657,6 @@ def bench_bf16(args: argparse.Namespace) -> None:
         )
 
 
-def bench_cascade(args: argparse.Namespace) -> None:
-    """Decodes over one shared cached prefix: each row attending over the prefix on its own vs
-    cascade attention (the prefix attended once for the group), alternating in one run. For
-    each of `--pass-batches` rows over a `--prefix-len`-token prefix (each row's own
-    `--question-len` tokens after it): the attention kernel alone over 30 layers' pools, and
-    the decode step of the default model (float32)."""
-    layers, heads, kv_heads, d, own = 30, 9, 3, 64, args.question_len
-    gen = torch.Generator().manual_seed(4)
-    lib = load_kernels()
-    assert lib is not None, "the cascade benchmark needs the CPU kernels"
-    paths = {"per row": CpuKernelBackend(lib, cascade=False), "cascade": CpuKernelBackend(lib)}
-    for g in args.pass_batches:
-        p = args.prefix_len
-        pool = p + g * (own + 1) + 1
-        pools = [tuple(torch.randn(kv_heads, pool, d) for _ in range(2)) for _ in range(layers)]
-        starts, lens = torch.full((g,), p + own), torch.ones(g, dtype=torch.long)
-        q = torch.randn(g, heads, d)
-        out = torch.empty_like(q)
-        attn = 0.0
-        # Slots in order (as a fresh pool hands them out) and scattered (a pool after churn).
-        for order, slots in [
-            ("in order", torch.arange(pool - 1) + 1),
-            ("scattered", torch.randperm(pool - 1, generator=gen) + 1),
-        ]:
-            kv = torch.stack(
-                [
-                    torch.cat([slots[:p], slots[p + b * (own + 1) : p + (b + 1) * (own + 1)]])
-                    for b in range(g)
-                ]
-            )
-            fns = [
-                functools.partial(
-                    _attend_layers,
-                    backend,
-                    pools,
-                    q,
-                    backend.row_layout(kv, starts, lens, None),
-                    out,
-                )
-                for backend in paths.values()
-            ]
-            times = _alternating(fns, args.repeat, f"cascade attention, {g} rows")
-            a, c = (min(t) for t in times)
-            attn = a if order == "in order" else attn
-            print(
-                f"cascade attention, slots {order}: {g} rows x {p}-token prefix + {own}: "
-                f"per row {a * 1000:7.1f} ms, cascade {c * 1000:7.1f} ms: per row / cascade = {a / c:.2f}"
-            )
-        core = _shared_decoding(args.model_path, g, p, own, args.decode_steps)
-        backend = core.runner.backend
-        assert isinstance(backend, CpuKernelBackend)
-
-        def step(on: bool, backend: CpuKernelBackend = backend, core: EngineCore = core) -> None:
-            backend.cascade = on
-            core.step()
-
-        plain, cascade = (
-            statistics.median(t)
-            for t in _alternating(
-                [functools.partial(step, False), functools.partial(step, True)],
-                args.decode_steps,
-                f"cascade decode, {g} rows",
-            )
-        )
-        print(
-            f"cascade decode: {g} rows x {p}-token prefix + {own}: step per row {plain * 1000:7.1f} ms, "
-            f"cascade {cascade * 1000:7.1f} ms: per row / cascade = {plain / cascade:.2f}; "
-            f"attention's share of the per-row step {min(1.0, attn / plain):.0%}"
-        )
-
-
-def _shared_decoding(model_path: str | None, g: int, p: int, own: int, steps: int) -> EngineCore:
-    """An engine core decoding `g` requests whose prompts share a `p`-token prefix (one prefill
-    caches it; the others reuse its slots), each with `own` tokens of its own, able to decode
-    2 * steps + 2 more (and 256 beyond)."""
-    core = EngineCore(EngineArgs(model_path, max_total_tokens=p + g * (own + 2 * steps + 300) + 64))
-    sched = core.scheduler
-    gen = torch.Generator().manual_seed(5)
-    prefix = random_ids(p, gen)
-    params = SamplingParams(max_new_tokens=2 * steps + 256, temperature=0, ignore_eos=True)
-    for i in range(g):
-        core.add(GenerateRequest(f"c{i}", prefix + random_ids(own, gen), params))
-        if i == 0:  # the prefix in the radix tree before the others are scheduled
-            while sched.waiting or sched.running[0].seq_len - sched.running[0].kv_len > 1:
-                core.step()
-    while sched.waiting or any(r.seq_len - r.kv_len > 1 for r in sched.running):
-        core.step()
-    return core
-
-
 SCENARIOS = {
     "shared-prefix": bench_shared_prefix,
     "no-sharing": bench_no_sharing,
@@ -759,7 +668,6 @@ SCENARIOS = {
     "ttft": bench_ttft,
     "attention-kernel": bench_attention_kernel,
     "bf16": bench_bf16,
-    "cascade": bench_cascade,
 }
 
 

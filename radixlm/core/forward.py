@@ -40,11 +40,6 @@ class KernelRowLayout:
     window: int = (
         0  # the model's sliding window (a query sees this many keys, itself last); 0: none
     )
-    # Rows that share a cached prefix, attended once for the group (radixlm.kernels.cascade):
-    # int64, the group starts [G + 1], prefix lengths [G], the grouped rows, each row's prefix
-    # [B]; None where no group pays.
-    groups: torch.Tensor | None = None
-    num_groups: int = 0
 
 
 # The short rows' attention metadata, in the layout of the backend that built the batch.

@@ -39,7 +39,7 @@ SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 # The order of radixlm_row_attention_* in row_attention.cpp.
 _ROW_ATTENTION: list[type] = [_P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
-_ROW_ATTENTION += [ctypes.c_float, _I64, _P, _I64, _P, ctypes.c_int]
+_ROW_ATTENTION += [ctypes.c_float, _I64, _P, ctypes.c_int]
 _ROPE_STORE: list[type] = [_P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64]
 _ROPE_STORE += [_P, _P, _P, _P, _P, _I64, ctypes.c_int]
 _RMS_NORM: list[type] = [_P, _I64, _P, _P, ctypes.c_float, _P, _I64, _I64, ctypes.c_int]

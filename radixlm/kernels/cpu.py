@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from radixlm.core.forward import KernelRowLayout, RowLayout
 from radixlm.kernels.build import SUFFIX, mkl_sgemm, native_bf16
-from radixlm.kernels.cascade import shared_prefixes
 from radixlm.kernels.decode import STREAM_ROWS, DecodePass, DecodeShape
 from radixlm.kernels.gemm import (
     BF16,
@@ -48,9 +47,8 @@ class CpuKernelBackend:
 
     name = "cpu-kernels"
 
-    def __init__(self, lib: ctypes.CDLL, gemm: str = "fixed", cascade: bool = True) -> None:
+    def __init__(self, lib: ctypes.CDLL, gemm: str = "fixed") -> None:
         self.lib = lib
-        self.cascade = cascade  # rows sharing a cached prefix read it once (`shared_prefixes`)
         self.sgemm = mkl_sgemm()  # None without MKL: no decode pass, no streamed GEMMs
         self._forced_gemm = gemm
         if gemm not in ("auto", "fixed") and gemm not in self.gemm_candidates():
@@ -96,11 +94,7 @@ class CpuKernelBackend:
         starts [B] its first new position, lens [B] its number of new tokens; `window` the
         model's sliding window, if any."""
         first = torch.cumsum(lens, 0) - lens
-        spans = torch.stack([first, lens, starts + lens])
-        groups = None if window or not self.cascade else shared_prefixes(kv, starts)
-        if groups is None:
-            return KernelRowLayout(kv, spans, window or 0)
-        return KernelRowLayout(kv, spans, 0, *groups)
+        return KernelRowLayout(kv, torch.stack([first, lens, starts + lens]), window or 0)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """weight * x / sqrt(mean(x^2) + eps) over the last dim, in one pass; a new tensor."""
@@ -213,8 +207,7 @@ class CpuKernelBackend:
         holds the rows' queries, row by row."""
         assert isinstance(rows, KernelRowLayout), "a batch built by another backend"
         q = q.contiguous()
-        groups = [] if rows.groups is None else [rows.groups]
-        for t in (k_cache, v_cache, rows.kv, rows.spans, out, *groups):
+        for t in (k_cache, v_cache, rows.kv, rows.spans, out):
             assert t.is_contiguous() and t.device.type == "cpu"
         _, h, d = q.shape
         kvh, slots, _ = k_cache.shape
@@ -237,8 +230,6 @@ class CpuKernelBackend:
             scale,
             rows.window,
             out.data_ptr(),
-            rows.num_groups,
-            None if rows.groups is None else rows.groups.data_ptr(),
             torch.get_num_threads(),
         )
 

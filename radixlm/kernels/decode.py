@@ -33,8 +33,6 @@ class _DecodeArgs(ctypes.Structure):
         *((n, _P) for n in ("q_start", "q_len", "kv_len")),
         ("rows", _I64),
         ("window", _I64),
-        ("num_groups", _I64),
-        ("groups", _P),
         ("sgemm", _P),
         ("num_threads", _I64),
         ("gemms_only", _I64),
@@ -181,8 +179,6 @@ class DecodePass:
         args.row_kv = rows.kv.data_ptr()
         args.q_start, args.q_len, args.kv_len = spans, spans + step, spans + 2 * step
         args.window = rows.window
-        args.num_groups = rows.num_groups
-        args.groups = None if rows.groups is None else rows.groups.data_ptr()
         args.num_threads = torch.get_num_threads()
         args.gemms_only = gemms_only
         self._entry[k_caches[0].dtype](ctypes.byref(args))

@@ -77,8 +77,6 @@ struct DecodeArgs {
     const int64_t* kv_len;
     int64_t rows;
     int64_t window;  // the sliding window (a query sees this many keys, itself last); 0: none
-    int64_t num_groups;     // rows sharing a prefix, as in RowBatch; 0: none
-    const int64_t* groups;  // as in row_attention (row_attention.cpp)
     Sgemm sgemm;
     int64_t num_threads;
     int64_t gemms_only;  // nonzero: only the weight GEMMs, as the pass runs them (benchmarks)
@@ -332,22 +330,9 @@ void decode_layers(const DecodeArgs& a) {
     const bool all = a.gemms_only == 0;
     std::vector<float> h(m * hid), qkv(m * qkv_cols), q(m * q_cols), attn(m * q_cols),
         o(m * hid), gate_up(m * 2 * inter), act(m * inter);
-    RowBatch<KV> rows{q.data(), nullptr, nullptr, a.row_kv, a.row_stride, a.q_start,
-                      a.q_len, a.kv_len, a.rows, a.heads, a.kv_heads, d, a.head_stride,
-                      a.scale, a.window, attn.data(), a.num_groups};
-    std::vector<float> prefix_out, lse;
-    if (a.num_groups > 0 && all) {
-        rows.group_start = a.groups;
-        rows.group_prefix = a.groups + a.num_groups + 1;
-        rows.group_rows = rows.group_prefix + a.num_groups;
-        rows.row_prefix = rows.group_rows + rows.group_start[a.num_groups];
-        prefix_out.resize(m * q_cols);
-        lse.resize(2 * m * a.heads);
-        rows.prefix_out = prefix_out.data();
-        rows.lse = lse.data();
-    } else {
-        rows.num_groups = 0;
-    }
+    const RowBatch<KV> rows{q.data(), nullptr, nullptr, a.row_kv, a.row_stride, a.q_start,
+                            a.q_len, a.kv_len, a.rows, a.heads, a.kv_heads, d, a.head_stride,
+                            a.scale, a.window, attn.data()};
     const int64_t max_m = rows.max_m();
     std::optional<Barrier> barrier;
     std::atomic<int64_t> next_task{0};  // the attention's work queue
@@ -400,11 +385,6 @@ void decode_layers(const DecodeArgs& a) {
             for (int64_t task; all && (task = next_task.fetch_add(1)) < rows.tasks();)
                 attend_task(my_rows_batch, task, scratch);
             sync.wait();
-            if (rows.num_groups > 0) {  // grouped rows: their own part and their prefix's
-                const Range mine = share(a.rows, t, n);
-                for (int64_t b = mine.lo; b < mine.hi; ++b) merge_row(my_rows_batch, b);
-                sync.wait();
-            }
             linear_cols<W>(a.sgemm, attn.data(), m, q_cols, wt(a.o_w, l), nullptr, my_hidden,
                            o.data(), hid);
             sync.wait();

@@ -302,37 +302,12 @@ struct RowBatch {
     float scale;
     int64_t window;
     float* out;
-    // Shared prefixes (cascade attention), none where num_groups is 0: group g's rows are
-    // group_rows[group_start[g] .. group_start[g + 1]); they all start with the same
-    // group_prefix[g] slots, before any of their queries. A prefix task attends all the group's
-    // queries over those keys in one pass (each K/V block read once for the group); a grouped
-    // row's own task attends over the rest of its keys (row_prefix[b] keys skipped, 0 for
-    // ungrouped rows); `merge_row` joins the two by their log-sum-exp. Scratch of the caller:
-    // prefix_out [T, H, D], lse [2, T, H] (the row's part, then the prefix's).
-    int64_t num_groups = 0;
-    const int64_t* group_start = nullptr;
-    const int64_t* group_rows = nullptr;
-    const int64_t* group_prefix = nullptr;
-    const int64_t* row_prefix = nullptr;
-    float* prefix_out = nullptr;
-    float* lse = nullptr;
 
-    int64_t tasks() const { return (num_groups + num_rows) * num_kv_heads; }
-    // The tokens of the batch (rows' queries), for the scratch of shared prefixes.
-    int64_t tokens() const {
-        int64_t t = 0;
-        for (int64_t b = 0; b < num_rows; ++b) t = std::max(t, q_start[b] + q_len[b]);
-        return t;
-    }
-    // Query heads of the task with the most queries: the scratch a task needs.
+    int64_t tasks() const { return num_rows * num_kv_heads; }
+    // Query heads of the row with the most queries: the scratch a task needs.
     int64_t max_m() const {
         int64_t most = 0;
         for (int64_t b = 0; b < num_rows; ++b) most = std::max(most, q_len[b]);
-        for (int64_t g = 0; g < num_groups; ++g) {
-            int64_t n = 0;
-            for (int64_t i = group_start[g]; i < group_start[g + 1]; ++i) n += q_len[group_rows[i]];
-            most = std::max(most, n);
-        }
         return most * (num_heads / num_kv_heads);
     }
 };
@@ -340,82 +315,30 @@ struct RowBatch {
 // One thread's buffers for RowBatch tasks.
 struct RowScratch {
     std::vector<float> qs, acc, row_max, row_sum;
-    std::vector<int64_t> token;  // each query's token
     RowScratch(int64_t max_m, int64_t d)
-        : qs(max_m * d), acc(max_m * d), row_max(max_m), row_sum(max_m), token(max_m) {}
+        : qs(max_m * d), acc(max_m * d), row_max(max_m), row_sum(max_m) {}
 };
 
-// The attention of m_count scaled queries over `len` keys at `slots` of KV head kh (see
-// attend_row), normalized into dst(m) and, where lse is given, each query's log-sum-exp of its
-// scores into lse(m).
-template <typename KV, typename Dst, typename Lse>
-void attend_into(const RowBatch<KV>& a, RowScratch& s, int64_t kh, int64_t m_count,
-                 int64_t group, int64_t nq, int64_t len, int64_t window, const int64_t* slots,
-                 Dst dst, Lse lse) {
-    const int64_t d = a.head_dim;
-    auto attend = d == 64 ? attend_row<KV, 64> : d == 128 ? attend_row<KV, 128> : attend_row<KV, 0>;
-    attend(s.qs.data(), m_count, group, nq, len, window, slots, a.k_cache + kh * a.head_stride,
-           a.v_cache + kh * a.head_stride, d, s.acc.data(), s.row_max.data(), s.row_sum.data());
-    for (int64_t m = 0; m < m_count; ++m) {
-        float* out = dst(m);
-        const float inv = 1.0f / s.row_sum[m];
-        for (int64_t x = 0; x < d; ++x) out[x] = s.acc[m * d + x] * inv;
-        if (float* l = lse(m)) *l = s.row_max[m] + std::log(s.row_sum[m]);
-    }
-}
-
-// Task `task` of a RowBatch: first each shared prefix's tasks (group task / KVH), then each
-// row's (row task / KVH), all of KV head task % KVH.
+// Task `task` of a RowBatch: row task / KVH's queries of KV head task % KVH, into out.
 template <typename KV>
 void attend_task(const RowBatch<KV>& a, int64_t task, RowScratch& s) {
-    const int64_t group = a.num_heads / a.num_kv_heads, d = a.head_dim, kvh = a.num_kv_heads;
-    const int64_t kh = task % kvh, th = a.tokens() * a.num_heads;
-    // Query m of the task: token token[m / group], head kh * group + m % group.
-    int64_t* token = s.token.data();
-    int64_t n = 0;
-    const auto load = [&](int64_t b) {
-        for (int64_t i = 0; i < a.q_len[b]; ++i, ++n) {
-            token[n] = a.q_start[b] + i;
-            for (int64_t hh = 0; hh < group; ++hh) {
-                const float* src = a.q + (token[n] * a.num_heads + kh * group + hh) * d;
-                float* qs = s.qs.data() + (n * group + hh) * d;
-                for (int64_t x = 0; x < d; ++x) qs[x] = src[x] * a.scale;
-            }
-        }
-    };
-    const auto head = [&](int64_t m) { return token[m / group] * a.num_heads + kh * group + m % group; };
-    if (task < a.num_groups * kvh) {
-        const int64_t g = task / kvh;
-        for (int64_t i = a.group_start[g]; i < a.group_start[g + 1]; ++i) load(a.group_rows[i]);
-        // Every query sees every key of the prefix: one "query" position (nq = 1) for all.
-        attend_into(a, s, kh, n * group, n * group, 1, a.group_prefix[g], 0,
-                    a.row_kv + a.group_rows[a.group_start[g]] * a.row_stride,
-                    [&](int64_t m) { return a.prefix_out + head(m) * d; },
-                    [&](int64_t m) { return a.lse + th + head(m); });
-        return;
+    const int64_t group = a.num_heads / a.num_kv_heads, d = a.head_dim;
+    const int64_t b = task / a.num_kv_heads, kh = task % a.num_kv_heads;
+    const int64_t nq = a.q_len[b], m_count = nq * group;
+    for (int64_t m = 0; m < m_count; ++m) {
+        const int64_t i = m / group, h = kh * group + m % group;
+        const float* src = a.q + ((a.q_start[b] + i) * a.num_heads + h) * d;
+        for (int64_t x = 0; x < d; ++x) s.qs[m * d + x] = src[x] * a.scale;
     }
-    const int64_t b = task / kvh - a.num_groups;
-    const int64_t skip = a.row_prefix != nullptr ? a.row_prefix[b] : 0;
-    load(b);
-    attend_into(a, s, kh, n * group, group, n, a.kv_len[b] - skip, a.window,
-                a.row_kv + b * a.row_stride + skip,
-                [&](int64_t m) { return a.out + head(m) * d; },
-                [&](int64_t m) { return skip > 0 ? a.lse + head(m) : nullptr; });
-}
-
-// Row b's output, where it has a shared prefix: its own part and its prefix's, each normalized,
-// weighted by their shares of the softmax's total (from their log-sum-exps).
-template <typename KV>
-void merge_row(const RowBatch<KV>& a, int64_t b) {
-    if (a.row_prefix == nullptr || a.row_prefix[b] == 0) return;
-    const int64_t d = a.head_dim, th = a.tokens() * a.num_heads;
-    for (int64_t i = a.q_start[b] * a.num_heads; i < (a.q_start[b] + a.q_len[b]) * a.num_heads; ++i) {
-        const float own = a.lse[i], prefix = a.lse[th + i], top = std::max(own, prefix);
-        const float w_own = std::exp(own - top), w_prefix = std::exp(prefix - top);
-        const float inv = 1.0f / (w_own + w_prefix);
-        float* out = a.out + i * d;
-        const float* p = a.prefix_out + i * d;
-        for (int64_t x = 0; x < d; ++x) out[x] = (out[x] * w_own + p[x] * w_prefix) * inv;
+    auto attend = d == 64 ? attend_row<KV, 64> : d == 128 ? attend_row<KV, 128> : attend_row<KV, 0>;
+    attend(s.qs.data(), m_count, group, nq, a.kv_len[b], a.window, a.row_kv + b * a.row_stride,
+           a.k_cache + kh * a.head_stride, a.v_cache + kh * a.head_stride, d, s.acc.data(),
+           s.row_max.data(), s.row_sum.data());
+    for (int64_t m = 0; m < m_count; ++m) {
+        const int64_t i = m / group, h = kh * group + m % group;
+        float* dst = a.out + ((a.q_start[b] + i) * a.num_heads + h) * d;
+        const float inv = 1.0f / s.row_sum[m];
+        for (int64_t x = 0; x < d; ++x) dst[x] = s.acc[m * d + x] * inv;
     }
 }
 
