@@ -24,6 +24,7 @@ import math
 import os
 import random
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -551,6 +552,7 @@ def launched_server(args: argparse.Namespace) -> Iterator[str]:
         flags += ["--max-total-tokens", str(args.max_total_tokens)]
     if args.disable_radix_cache:
         flags.append("--disable-radix-cache")
+    flags += shlex.split(args.server_args)
     server = ServerProcess.start(flags, timeout=SERVER_START_TIMEOUT_S)
     try:
         with server:
@@ -949,6 +951,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", help="weight dtype of the started server (e.g. bfloat16)")
     p.add_argument(
         "--disable-radix-cache", action="store_true", help="start the server without prefix cache"
+    )
+    p.add_argument(
+        "--server-args",
+        default="",
+        help="more flags of the started server, e.g. '--target-itl-ms 500' (the served side only)",
     )
     p.add_argument(
         "--token-ids", action="store_true", help="send token ids instead of text (no tokenizing)"

@@ -16,10 +16,10 @@ from radixlm.core.forward import KernelRowLayout, RowLayout
 from radixlm.kernels.build import SUFFIX, mkl_sgemm, native_bf16
 from radixlm.kernels.decode import STREAM_ROWS, DecodePass, DecodeShape
 from radixlm.kernels.gemm import (
-    BF16,
     FIXED,
     Gemm,
     GemmChoice,
+    bf16_rule,
     choose_gemm,
     onednn_available,
     onednn_linear,
@@ -43,7 +43,7 @@ class CpuKernelBackend:
     `gemm` is the float32 linear layers' GEMM: "fixed" (`gemm.FIXED`: streamed up to 64 rows,
     MKL beyond), "auto" times the candidates on the model's shapes when `prepare` is given its
     weights (see `radixlm.kernels.gemm`), or one of `GEMMS` for every row count. bfloat16
-    weights take `gemm.BF16` whatever `gemm` says."""
+    weights take `bf16_rule` (`gemm.bf16_rule` for this CPU) whatever `gemm` says."""
 
     name = "cpu-kernels"
 
@@ -55,6 +55,7 @@ class CpuKernelBackend:
             raise ValueError(f"GEMM {gemm!r} is not available here")
         # Until `prepare`: the weight streamed for a few rows, the decode pass's GEMM up to 64.
         self.gemm_choice = GemmChoice.forced(gemm) if gemm not in ("auto", "fixed") else FIXED
+        self.bf16_rule = bf16_rule(native_bf16())
         # id(weight) -> (weight, its version when prepared, its oneDNN copy if oneDNN won)
         self._prepared: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
         self._row_attention = {
@@ -252,7 +253,7 @@ class CpuKernelBackend:
     def prepare(self, weights: Sequence[torch.Tensor]) -> None:
         """Choose the GEMM for the shapes of the model's linear weights (timed once per CPU,
         torch, thread count and shapes; see `choose_gemm`) and, where oneDNN wins a range,
-        keep a prepacked copy of each weight; bfloat16 weights take `BF16`. Called once the
+        keep a prepacked copy of each weight; bfloat16 weights take `bf16_rule`. Called once the
         weights are final (loaded, and sharded where they are)."""
         if any(w.dtype == torch.bfloat16 for w in weights):
             self.gemm_choice = self._bf16_choice()
@@ -277,12 +278,12 @@ class CpuKernelBackend:
         )
 
     def _bf16_choice(self) -> GemmChoice:
-        """`BF16`, and a log line where it is slower than it could be or overrides a choice."""
+        """`bf16_rule`, and a log line where it is slower than it could be or overrides a choice."""
         if self._forced_gemm != "fixed":
             logger.warning(
                 "RADIXLM_GEMM=%s applies to float32 weights; bfloat16 weights take %s",
                 self._forced_gemm,
-                BF16.describe(),
+                self.bf16_rule.describe(),
             )
         logger.info(
             "bfloat16 weights: %s",
@@ -293,10 +294,10 @@ class CpuKernelBackend:
         if not native_bf16():
             logger.warning(
                 "bfloat16 weights on a CPU without native bfloat16 (avx512_bf16 / AMX): "
-                "torch emulates the prefill GEMMs, slower than float32 here; decodes still "
-                "read half the bytes"
+                "prefill GEMMs widen each weight to float32 for the call, a little slower "
+                "than float32 weights here; decodes read half the bytes"
             )
-        return BF16
+        return self.bf16_rule
 
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
@@ -305,13 +306,13 @@ class CpuKernelBackend:
         the GEMM chosen for its row count. A float32 weight `prepare` did not see (the LM head,
         whose shape was not timed) streams up to STREAM_ROWS rows (once at memory speed, each
         thread its share of the output columns, where BLAS runs far below it) and goes to torch
-        beyond; a bfloat16 one follows `BF16`."""
+        beyond; a bfloat16 one follows `bf16_rule`."""
         rows = x.shape[0]
         entry = self._prepared.get(id(weight))
         if entry is not None and entry[0] is weight:
             gemm = self.gemm_choice.for_rows(rows) if rows else "mkl"
         elif weight.dtype == torch.bfloat16:
-            gemm = BF16.for_rows(rows) if rows else "torch"
+            gemm = self.bf16_rule.for_rows(rows) if rows else self.bf16_rule.prefill
         else:
             gemm = "stream" if 0 < rows <= STREAM_ROWS else "mkl"
         if gemm == "onednn":
@@ -323,6 +324,8 @@ class CpuKernelBackend:
         if gemm == "stream" and (self.sgemm is not None or weight.dtype == torch.bfloat16):
             y = self.stream_linear(x, weight)
             return y if bias is None else y.add_(bias)
+        if gemm == "widen":  # bfloat16 weights on a CPU without native bfloat16: MKL
+            return F.linear(x, weight.float(), None if bias is None else bias.float())
         if weight.dtype != x.dtype:  # bfloat16 weights: torch's bfloat16 GEMM (oneDNN)
             return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
         return F.linear(x, weight, bias)

@@ -108,10 +108,19 @@ class GemmChoice:
 # The rule without timing: a few rows to a decode batch stream the weight (the decode pass's
 # GEMM), prefill chunks take MKL.
 FIXED = GemmChoice("stream", "stream", "mkl", "fixed")
-# bfloat16 weights: streamed and widened to float32 in registers up to 64 rows (a decode step
-# reads half the bytes of float32), torch's bfloat16 GEMM beyond (oneDNN, native bfloat16 dot
-# products where the CPU has them). Nothing is timed: MKL has no bfloat16 GEMM to compare.
+# bfloat16 weights: streamed (widened to float32 in registers, or native dot products) up to
+# 64 rows, so that a decode step reads half the bytes of float32. Beyond, on a CPU with native
+# bfloat16, torch's bfloat16 GEMM (oneDNN: 3x float32 MKL on Zen 4); on one without, torch
+# emulates it at a sixth of float32's speed, so each weight is widened to float32 for the call
+# and MKL multiplies ("widen": 0.8-1.0x float32 weights from 128 rows on Zen 3,
+# docs/benchmarks.md). Nothing is timed: the rule follows the CPU's flags.
 BF16 = GemmChoice("stream", "stream", "torch", "bfloat16 weights")
+BF16_WIDENED = GemmChoice("stream", "stream", "widen", "bfloat16 weights, no native bfloat16")
+
+
+def bf16_rule(native: bool) -> GemmChoice:
+    """The GEMMs of bfloat16 weights on a CPU with (or without) native bfloat16 products."""
+    return BF16 if native else BF16_WIDENED
 
 
 def probe_rows(shapes: Sequence[tuple[int, int]]) -> dict[str, int]:

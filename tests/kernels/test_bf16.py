@@ -17,7 +17,7 @@ from radixlm.engine.engine import Engine
 from radixlm.kernels.backend import choose_backend
 from radixlm.kernels.build import isa_variants, load_kernels, native_bf16
 from radixlm.kernels.cpu import CpuKernelBackend
-from radixlm.kernels.gemm import BF16
+from radixlm.kernels.gemm import BF16, BF16_WIDENED, bf16_rule
 from radixlm.kernels.torch_backend import TorchBackend
 from radixlm.models.loader import load_model_files
 from radixlm.runner.runner import ModelRunner
@@ -79,14 +79,45 @@ def test_a_streamed_bfloat16_weight_equals_float32_math(
     native = backend.native_bf16_dot and k % 32 == 0
     want = F.linear((x.to(BF) if native else x).double(), w.double())
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
-    # The op a model calls on its layers' weights: streamed up to 64 rows, torch's bfloat16
-    # GEMM beyond (whose inputs are rounded to bfloat16: a bfloat16 tolerance).
+    # The op a model calls on its layers' weights: streamed up to 64 rows; beyond, torch's
+    # bfloat16 GEMM where the CPU has native bfloat16 (its inputs rounded to bfloat16: a
+    # bfloat16 tolerance), the weight widened for MKL where it has not (float32 math).
     backend.prepare([w])
     op = backend.linear(x, w, bias)
     assert op.dtype == torch.float32
     exact = F.linear(x.double(), w.double()) + bias.double()
-    tol = 1e-4 if rows <= 64 and not native else 0.05
+    rounds = native if rows <= 64 else native_bf16()
+    tol = 0.05 if rounds else 1e-4
     torch.testing.assert_close(op.double(), exact, atol=tol, rtol=1e-2)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "widened"])
+@pytest.mark.parametrize("rows", [8, 65, 300])
+def test_bfloat16_prefill_gemms_follow_the_cpu(
+    native: bool, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past 64 rows a bfloat16 weight takes torch's bfloat16 GEMM on a CPU with native
+    bfloat16 (x rounded to bfloat16), and on one without is widened to float32 for MKL
+    (torch would emulate bfloat16 products at a sixth of float32's speed): float32 math on
+    the bfloat16 weight, for prepared weights and others (the LM head) alike."""
+    monkeypatch.setattr("radixlm.kernels.cpu.native_bf16", lambda: native)
+    backend = CpuKernelBackend(load_kernels(_widening_flags()))
+    assert backend.bf16_rule == (BF16 if native else BF16_WIDENED)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=gen)
+    prepared, other = (torch.randn(130, 96, generator=gen).to(BF) for _ in range(2))
+    bias = torch.randn(130, generator=gen).to(BF)
+    backend.prepare([prepared])
+    assert backend.gemm_choice == backend.bf16_rule
+    for w in (prepared, other):
+        got = backend.linear(x, w, bias).double()
+        exact = F.linear(x.double(), w.double()) + bias.double()
+        rounded = F.linear(x.to(BF).double(), w.double()) + bias.double()
+        if rows > 64 and native:
+            torch.testing.assert_close(got, rounded, atol=0.05, rtol=1e-2)
+        else:
+            torch.testing.assert_close(got, exact, atol=1e-4, rtol=1e-5)
+            assert (rounded - exact).abs().max() > 1e-3  # the check above tells them apart
 
 
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
@@ -137,7 +168,7 @@ def test_bfloat16_kernels_compute_float32_math_on_the_bfloat16_weights(
     assert not backend.native_bf16_dot
     kernels = ModelRunner(config, weights, CPU, BF, 1400, kv_dtype=kv_dtype, backend=backend)
     assert isinstance(kernels.backend, CpuKernelBackend)
-    assert kernels.backend.gemm_choice == BF16
+    assert kernels.backend.gemm_choice == bf16_rule(native_bf16())
     assert kernels.model.decode_pass is not None
     ref = ModelRunner(
         config, _rounded(weights), CPU, torch.float32, 1400, kv_dtype, backend=TorchBackend()
@@ -150,7 +181,8 @@ def test_bfloat16_kernels_compute_float32_math_on_the_bfloat16_weights(
 def test_bfloat16_kernels_are_within_bfloat16_tolerance_of_float32_and_of_torch(
     tiny_model_dir: Path,
 ) -> None:
-    """With prefills past 64 rows (torch's bfloat16 GEMM), the logits stay within a bfloat16
+    """With prefills past 64 rows (torch's bfloat16 GEMM, or widened weights), the logits stay
+    within a bfloat16
     tolerance of the float32 model's, no further from them than the plain torch bfloat16
     path's, and within tolerance of that path's."""
     config, weights = load_model_files(str(tiny_model_dir))
@@ -216,8 +248,9 @@ def test_the_bfloat16_gemm_is_logged_and_says_where_it_is_slower(
     with caplog.at_level(logging.INFO, logger="radixlm.kernels.cpu"):
         runner = ModelRunner(config, weights, CPU, BF, 64)
     assert isinstance(runner.backend, CpuKernelBackend)
-    assert runner.backend.gemm == BF16.describe()
+    rule = bf16_rule(native_bf16())
+    assert runner.backend.gemm == rule.describe()
     messages = [r.getMessage() for r in caplog.records]
-    assert f"GEMM: {BF16.describe()}" in messages
+    assert f"GEMM: {rule.describe()}" in messages
     assert any("RADIXLM_GEMM=mkl applies to float32 weights" in m for m in messages)
     assert any("without native bfloat16" in m for m in messages) == (not native_bf16())
