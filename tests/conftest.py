@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from radixlm.engine.args import EngineArgs
+from radixlm.engine.core import EngineCore
 from radixlm.models.config import ModelConfig
 from radixlm.models.default import default_model_path
 from radixlm.models.gguf import convert_gguf
@@ -92,6 +94,18 @@ def gguf_tokenizer_metadata() -> dict[str, Any]:
 def tiny_model_dir(radixlm_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete tiny random-weight Llama folder with the SmolLM2 tokenizer."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def make_core(tiny_model_dir: Path) -> Callable[..., EngineCore]:
+    """Build fresh engine cores over the tiny model: EngineArgs as keywords (by default a pool
+    of 1,024 slots and seed 0)."""
+
+    def build(**args: Any) -> EngineCore:
+        args = {"max_total_tokens": 1024, "random_seed": 0, **args}
+        return EngineCore(EngineArgs(model_path=str(tiny_model_dir), **args))
+
+    return build
 
 
 def tiny_config(arch: str = "llama", **overrides: Any) -> dict[str, Any]:

@@ -291,7 +291,7 @@ class CpuKernelBackend:
             if self.native_bf16_dot
             else "widened to float32 in registers up to 64 rows",
         )
-        if not native_bf16():
+        if self.bf16_rule.prefill == "widen":
             logger.warning(
                 "bfloat16 weights on a CPU without native bfloat16 (avx512_bf16 / AMX): "
                 "prefill GEMMs widen each weight to float32 for the call, a little slower "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,21 +18,15 @@ import torch
 from radixlm.core.messages import GenerateRequest, TokenOutput
 from radixlm.core.params import SamplingParams
 from radixlm.core.plan import ScheduledSeq
-from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 
 Make = Callable[..., EngineCore]
 
 
 @pytest.fixture
-def make(tiny_model_dir: Path) -> Make:
+def make(make_core: Make) -> Make:
     """Build a fresh engine core over the tiny model."""
-
-    def build(**args: Any) -> EngineCore:
-        args = {"max_total_tokens": 1024, "random_seed": 0, **args}
-        return EngineCore(EngineArgs(model_path=str(tiny_model_dir), **args))
-
-    return build
+    return make_core
 
 
 def ids(n: int, seed: int) -> list[int]:

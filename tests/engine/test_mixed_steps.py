@@ -4,9 +4,8 @@ prefill budget capping chunks while others decode; the slot invariant holds afte
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ import torch
 from radixlm.core.messages import GenerateRequest
 from radixlm.core.params import SamplingParams
 from radixlm.core.plan import ScheduledSeq, is_short_row
-from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.scheduler.budget import MIN_PREFILL_TOKENS
 
@@ -22,12 +20,8 @@ Make = Callable[..., EngineCore]
 
 
 @pytest.fixture
-def make(tiny_model_dir: Path) -> Make:
-    def build(**args: Any) -> EngineCore:
-        args = {"max_total_tokens": 2048, "random_seed": 0, **args}
-        return EngineCore(EngineArgs(model_path=str(tiny_model_dir), **args))
-
-    return build
+def make(make_core: Make) -> Make:
+    return functools.partial(make_core, max_total_tokens=2048)
 
 
 def prompt(n: int, seed: int) -> list[int]:
