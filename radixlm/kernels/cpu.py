@@ -16,6 +16,7 @@ from radixlm.core.forward import KernelRowLayout, RowLayout
 from radixlm.kernels.build import SUFFIX, mkl_sgemm, native_bf16
 from radixlm.kernels.decode import STREAM_ROWS, DecodePass, DecodeShape
 from radixlm.kernels.gemm import (
+    FEW_ROWS,
     FIXED,
     Gemm,
     GemmChoice,
@@ -332,10 +333,10 @@ class CpuKernelBackend:
 
     def _pass_takes(self, tokens: int) -> bool:
         """Whether the decode pass runs a batch of this many short-row tokens: up to
-        STREAM_ROWS always (its streamed GEMMs and one parallel region a step made such steps
+        FEW_ROWS always (its streamed GEMMs and one parallel region a step made such steps
         1.7-1.8x faster than the layers one by one, docs/benchmarks.md, more than a GEMM
         timed alone could win back), beyond that where its own GEMM won that row count."""
-        return tokens <= STREAM_ROWS or self.gemm_choice.for_rows(tokens) == "stream"
+        return tokens <= FEW_ROWS or self.gemm_choice.for_rows(tokens) == "stream"
 
     def stream_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """F.linear(x, weight) for x [rows, k] float32 as the decode pass computes its GEMMs:

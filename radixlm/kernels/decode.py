@@ -15,8 +15,9 @@ from radixlm.kernels.build import SUFFIX
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
 # Rows up to which the pass (and `CpuKernelBackend.linear`) stream each weight once instead of
-# calling BLAS: kStreamRows in decode_layers.cpp.
-STREAM_ROWS = 16
+# calling BLAS, every row summed in the same order whatever the batch: kStreamRows in
+# decode_layers.cpp.
+STREAM_ROWS = 64
 
 
 class _DecodeArgs(ctypes.Structure):

@@ -164,41 +164,80 @@ inline Range share(int64_t n, int t, int parts, int64_t align = 1) {
 }
 
 #if defined(RADIXLM_TILES)
-// Rows of x at most, for which a GEMM is a stream over its weight: each weight row is loaded once
-// and dotted with every row of x (a few KB, in L1), four weight rows at a time. BLAS runs far
-// below memory speed there (the LM head at 1 row: 11 GB/s). Past 4 rows (a decode batch with
-// speculative drafts), rows go in groups of 4 over each block of 4 weight rows, which the first
-// group loads from memory and the others read from L1; every row's dot products are summed in
-// the same order whatever the number of rows, so a token's logits do not depend on its batch.
-constexpr int64_t kStreamRows = 16;
-constexpr int64_t kRowGroup = 4;
+// Rows of x at most, for which a GEMM is a stream over its weight: each block of 4 weight rows is
+// loaded from memory once, by one core, and dotted with every row of x, a tile of rows at a time
+// (the block is in L1 for the tiles after the first). BLAS runs far below memory speed for a few
+// rows (the LM head at 1 row: 11 GB/s) and below this kernel up to 64 (docs/benchmarks.md).
+// Every row's dot products are summed in the same order whatever the number of rows and
+// whichever tile it falls in, so a token's logits do not depend on its batch.
+constexpr int64_t kStreamRows = 64;
+// Rows of a tile: 4 R accumulators, R vectors of x and a weight vector in registers; 16 of
+// AVX2's 16 (R = 3), 21 of AVX-512's 32 (R = 4).
+#if defined(__AVX512F__)
+constexpr int64_t kTileRows = 4;
+#else
+constexpr int64_t kTileRows = 3;
+#endif
+// A single row's GEMM is bound by memory, and the hardware prefetcher keeps up with its one
+// pass; there a software prefetch of the next block only pays while both blocks fit in L1 next
+// to the block in use: up to this many bytes of a weight row (Zen 3, 1 row: 576-float rows
+// gained 5%, the 1,536-float rows of the MLP's down projection lost 20%).
+constexpr int64_t kPrefetchRowBytes = 3072;
 
-// y[:, cols] = x @ w[cols]^T for M rows of x; k is a multiple of the vector width; w float32
-// or bfloat16 (widened as it is loaded).
-template <int64_t M, typename Wt>
-void stream_cols(const float* __restrict x, int64_t k, const Wt* __restrict w, Range cols,
-                 float* __restrict y, int64_t ldy) {
+// y[0..R, 0..4] = x[0..R] @ w0[0..4]^T, four weight rows of k from w0 (k a multiple of the
+// vector width; w float32 or bfloat16, widened as it is loaded), while `lines` cache lines from
+// `ahead` (the next block's weight rows) are prefetched, two an iteration: without it the first
+// tile of each block waits on memory while the FMA units idle (1.3x at 8-32 rows, Zen 3).
+template <int64_t R, typename Wt>
+void stream_tile(const float* __restrict x, int64_t k, const Wt* __restrict w0,
+                 float* __restrict y, int64_t ldy, const char* ahead, int64_t lines) {
     using V = Simd::V;
     constexpr int64_t W = Simd::kWidth;
+    V acc[R][4];
+    for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < 4; ++j) acc[r][j] = Simd::set1(0.0f);
+    int64_t line = 0;
+    for (int64_t i = 0; i < k; i += W) {
+        for (int p = 0; p < 2 && line < lines; ++p, ++line)
+            __builtin_prefetch(ahead + 64 * line);
+        V xv[R];
+        for (int64_t r = 0; r < R; ++r) xv[r] = Simd::load(x + r * k + i);
+        for (int64_t j = 0; j < 4; ++j) {
+            const V wv = Simd::load(w0 + j * k + i);
+            for (int64_t r = 0; r < R; ++r) acc[r][j] = Simd::fmadd(xv[r], wv, acc[r][j]);
+        }
+    }
+    for (; line < lines; ++line) __builtin_prefetch(ahead + 64 * line);
+    for (int64_t r = 0; r < R; ++r)
+        Simd::store_sum4(y + r * ldy, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+}
+
+// y[:, cols] = x @ w[cols]^T for m rows of x: per block of 4 weight rows, tiles of kTileRows
+// rows (fewer in the last), which share the prefetch of the next block between them. Up to 4
+// rows make one tile: a single pass over the weight (on AVX2 a few accumulators spill, which
+// costs less than a second pass at these memory-bound sizes).
+template <typename Wt>
+void stream_cols(const float* __restrict x, int64_t m, int64_t k, const Wt* __restrict w,
+                 Range cols, float* __restrict y, int64_t ldy) {
+    const int64_t tile_rows = m <= 4 ? m : kTileRows, tiles = (m + tile_rows - 1) / tile_rows;
+    const int64_t row_bytes = k * int64_t(sizeof(Wt));
+    const int64_t block_lines = m > 1 || row_bytes <= kPrefetchRowBytes ? 4 * row_bytes / 64 : 0;
     int64_t c = cols.lo;
     for (; c + 4 <= cols.hi; c += 4) {
-        V acc[M][4];
-        for (int64_t r = 0; r < M; ++r)
-            for (int64_t j = 0; j < 4; ++j) acc[r][j] = Simd::set1(0.0f);
-        const Wt* w0 = w + c * k;
-        for (int64_t i = 0; i < k; i += W) {
-            const V wv[4] = {Simd::load(w0 + i), Simd::load(w0 + k + i),
-                             Simd::load(w0 + 2 * k + i), Simd::load(w0 + 3 * k + i)};
-            for (int64_t r = 0; r < M; ++r) {
-                const V xv = Simd::load(x + r * k + i);
-                for (int64_t j = 0; j < 4; ++j) acc[r][j] = Simd::fmadd(xv, wv[j], acc[r][j]);
-            }
+        const char* ahead = reinterpret_cast<const char*>(w + (c + 4) * k);
+        const int64_t lines = c + 8 <= cols.hi ? block_lines : 0;
+        for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t r = t * tile_rows, rows = std::min(tile_rows, m - r);
+            const int64_t a = lines * t / tiles, b = lines * (t + 1) / tiles;
+            const auto tile = rows == 1   ? stream_tile<1, Wt>
+                              : rows == 2 ? stream_tile<2, Wt>
+                              : rows == 3 ? stream_tile<3, Wt>
+                                          : stream_tile<4, Wt>;
+            tile(x + r * k, k, w + c * k, y + r * ldy + c, ldy, ahead + 64 * a, b - a);
         }
-        for (int64_t r = 0; r < M; ++r)
-            Simd::store_sum4(y + r * ldy + c, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
     }
     for (; c < cols.hi; ++c)
-        for (int64_t r = 0; r < M; ++r) {
+        for (int64_t r = 0; r < m; ++r) {
             float dot = 0.0f;
             for (int64_t i = 0; i < k; ++i) dot += x[r * k + i] * to_float(w[c * k + i]);
             y[r * ldy + c] = dot;
@@ -252,23 +291,23 @@ void stream_cols_dp(const uint16_t* __restrict x, int64_t k, const uint16_t* __r
             y[r * ldy + c] = dot;
         }
 }
-#endif
 
-#if defined(RADIXLM_TILES)
-// y[:, cols] = x @ w[cols]^T through a stream_cols-like `group(rows)` kernel: up to kRowGroup
-// rows in one pass over the weight, more in groups of kRowGroup over each block of 4 weight
-// rows (read from L1 after the first group).
-template <typename X, typename Wt, typename Group>
-void stream_rows(Group group, const X* x, int64_t m, int64_t k, const Wt* w, Range cols, float* y,
-                 int64_t ldy) {
-    if (m <= kRowGroup) {
+// y[:, cols] = x @ w[cols]^T through stream_cols_dp: up to 4 rows in one pass over the weight,
+// more in groups of 4 over each block of 4 weight rows (read from L1 after the first group).
+void stream_rows_dp(const uint16_t* x, int64_t m, int64_t k, const uint16_t* w, Range cols,
+                    float* y, int64_t ldy) {
+    const auto group = [](int64_t rows) {
+        return rows >= 4 ? stream_cols_dp<4> : rows == 3 ? stream_cols_dp<3>
+                                             : rows == 2 ? stream_cols_dp<2>
+                                                         : stream_cols_dp<1>;
+    };
+    if (m <= 4) {
         group(m)(x, k, w, cols, y, ldy);
         return;
     }
     for (int64_t c = cols.lo; c < cols.hi; c += 4) {
         const Range block{c, std::min(c + 4, cols.hi)};
-        for (int64_t r = 0; r < m; r += kRowGroup)
-            group(m - r)(x + r * k, k, w, block, y + r * ldy, ldy);
+        for (int64_t r = 0; r < m; r += 4) group(m - r)(x + r * k, k, w, block, y + r * ldy, ldy);
     }
 }
 #endif
@@ -288,22 +327,12 @@ void linear_cols(Sgemm sgemm, const float* x, int64_t m, int64_t k, const W* w, 
         thread_local std::vector<uint16_t> xb;
         xb.resize(m * k);
         for (int64_t i = 0; i < m * k; ++i) radixlm::store(x[i], xb.data() + i);
-        const auto group = [](int64_t rows) {
-            return rows >= 4 ? stream_cols_dp<4> : rows == 3 ? stream_cols_dp<3>
-                                                 : rows == 2 ? stream_cols_dp<2>
-                                                             : stream_cols_dp<1>;
-        };
-        stream_rows(group, xb.data(), m, k, reinterpret_cast<const uint16_t*>(w), cols, y, ldy);
+        stream_rows_dp(xb.data(), m, k, reinterpret_cast<const uint16_t*>(w), cols, y, ldy);
     } else
 #endif
 #if defined(RADIXLM_TILES)
     if ((m <= kStreamRows || !kWide) && k % Simd::kWidth == 0) {
-        const auto group = [](int64_t rows) {
-            return rows >= 4 ? stream_cols<4, W> : rows == 3 ? stream_cols<3, W>
-                                                 : rows == 2 ? stream_cols<2, W>
-                                                             : stream_cols<1, W>;
-        };
-        stream_rows(group, x, m, k, w, cols, y, ldy);
+        stream_cols(x, m, k, w, cols, y, ldy);
     } else
 #endif
     if constexpr (kWide) {

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 
 from radixlm.kernels.build import cpu_flags
-from radixlm.kernels.decode import STREAM_ROWS
 from radixlm.utils import atomic_write, cache_dir
 
 logger = logging.getLogger(__name__)
@@ -30,9 +29,11 @@ logger = logging.getLogger(__name__)
 # The candidates, cheapest in memory first (ties go to the earlier one): `stream` and `mkl`
 # read the model's own weights, `onednn` keeps a prepacked copy of each.
 GEMMS = ("stream", "mkl", "onednn")
+# The most rows of the "few" range: a decode batch of a few requests.
+FEW_ROWS = 16
 # The ranges of row counts a choice holds for: (name, most rows, rows it is timed at). Decode
 # batches are a few rows or a few dozen; prefill chunks hundreds to thousands.
-RANGES = (("few", STREAM_ROWS, 1), ("decode", 64, 32), ("prefill", None, 512))
+RANGES = (("few", FEW_ROWS, 1), ("decode", 64, 32), ("prefill", None, 512))
 # The prefill probe's rows shrink for large layers so that one timed call stays short.
 _PROBE_FLOPS = 4e9
 # Per range: seconds of timed rounds, and the fewest and most rounds. Few rows are cheap to
@@ -69,7 +70,7 @@ def onednn_linear(
 class GemmChoice:
     """Which GEMM runs a linear layer of how many rows, and how it was decided."""
 
-    few: str  # up to STREAM_ROWS rows
+    few: str  # up to FEW_ROWS rows
     decode: str  # up to 64 rows
     prefill: str  # more
     # "measured", "cached" (measured by an earlier start), "forced", "fixed" or "bfloat16 weights"
@@ -83,7 +84,7 @@ class GemmChoice:
 
     def for_rows(self, rows: int) -> str:
         """The GEMM for a linear layer over `rows` rows."""
-        if rows <= STREAM_ROWS:
+        if rows <= FEW_ROWS:
             return self.few
         return self.decode if rows <= 64 else self.prefill
 
@@ -94,7 +95,7 @@ class GemmChoice:
 
     def describe(self) -> str:
         """One line for the startup log and /server_info."""
-        ranges = f"{self.few} (1-{STREAM_ROWS} rows), {self.decode} (-64), {self.prefill} (65+)"
+        ranges = f"{self.few} (1-{FEW_ROWS} rows), {self.decode} (-64), {self.prefill} (65+)"
         return f"{ranges}; {self.source}"
 
     def figures(self) -> str:

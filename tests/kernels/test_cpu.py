@@ -223,10 +223,11 @@ def test_rope_store_equals_the_torch_backend(t, h, kvh, d, kv_dtype, flags) -> N
 @pytest.mark.skipif(mkl_sgemm() is None, reason="torch without MKL")
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 6, 13, 16, 17])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 13, 16, 17, 40, 64, 65])
 def test_linear_equals_torch(rows: int, threads: int, flags: tuple[str, ...]) -> None:
-    """Up to 16 rows stream the weight four output columns at a time (here with a tail of 3
-    columns and threads' shares of uneven size), in groups of 4 rows; more rows go to sgemm.
+    """Up to 64 rows stream the weight four output columns at a time (here with a tail of 3
+    columns and threads' shares of uneven size), in tiles of 3 or 4 rows (one tile up to 4
+    rows, a shorter last one); more rows go to sgemm.
     Both equal F.linear, and no rows give an empty result. `linear`, the op a model calls,
     equals it too. A streamed row's result is the same bits as that row alone."""
     gen = torch.Generator().manual_seed(rows * 10 + threads)

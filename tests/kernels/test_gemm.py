@@ -16,8 +16,8 @@ from radixlm.engine.engine import Engine
 from radixlm.kernels.backend import choose_backend
 from radixlm.kernels.build import load_kernels
 from radixlm.kernels.cpu import CpuKernelBackend
-from radixlm.kernels.decode import STREAM_ROWS
 from radixlm.kernels.gemm import (
+    FEW_ROWS,
     FIXED,
     Gemm,
     GemmChoice,
@@ -116,7 +116,7 @@ def test_the_fastest_gemm_wins_each_range_of_row_counts() -> None:
     for name, winner in (("few", "stream"), ("decode", "mkl"), ("prefill", "onednn")):
         figures = choice.gflops[name]
         assert max(figures, key=figures.__getitem__) == winner
-    assert [choice.for_rows(r) for r in (1, STREAM_ROWS, STREAM_ROWS + 1, 64, 65, 4096)] == [
+    assert [choice.for_rows(r) for r in (1, FEW_ROWS, FEW_ROWS + 1, 64, 65, 4096)] == [
         *("stream", "stream", "mkl", "mkl", "onednn", "onednn")
     ]
 
@@ -170,7 +170,7 @@ def test_the_environment_forces_the_gemm(monkeypatch: pytest.MonkeyPatch) -> Non
     backend = choose_backend(CPU, torch.float32, torch.float32)
     assert isinstance(backend, CpuKernelBackend)
     assert backend.gemm_choice == GemmChoice.forced("mkl")
-    assert backend.gemm.startswith(f"mkl (1-{STREAM_ROWS} rows), mkl (-64), mkl (65+); forced")
+    assert backend.gemm.startswith(f"mkl (1-{FEW_ROWS} rows), mkl (-64), mkl (65+); forced")
     monkeypatch.setenv("RADIXLM_GEMM", "fastest")
     with pytest.raises(ValueError, match="RADIXLM_GEMM must be"):
         choose_backend(CPU, torch.float32, torch.float32)
@@ -190,7 +190,7 @@ def test_without_the_environment_nothing_is_timed_or_packed(
         m.setattr("radixlm.kernels.gemm.measure", lambda *a: pytest.fail("timed"))
         backend.prepare(weights)
     assert backend.gemm_choice == FIXED
-    assert backend.gemm.startswith(f"stream (1-{STREAM_ROWS} rows), stream (-64), mkl (65+); fixed")
+    assert backend.gemm.startswith(f"stream (1-{FEW_ROWS} rows), stream (-64), mkl (65+); fixed")
     assert all(packed is None for _, _, packed in backend._prepared.values())
 
 
@@ -217,7 +217,7 @@ def _forward_steps(runner: ModelRunner) -> list[torch.Tensor]:
 @pytest.mark.parametrize("gemm", [*GEMMS, "auto"])
 def test_a_model_gives_the_torch_logits_with_each_gemm(gemm: str, tiny_model_dir: Path) -> None:
     """Prefills in the prefill range, decode batches in each range (through the decode pass
-    up to STREAM_ROWS tokens and where the pass's own GEMM is chosen for their row count, else layer by
+    up to FEW_ROWS tokens and where the pass's own GEMM is chosen for their row count, else layer by
     layer)."""
     config, weights = load_model_files(str(tiny_model_dir))
     runners = [
@@ -226,11 +226,11 @@ def test_a_model_gives_the_torch_logits_with_each_gemm(gemm: str, tiny_model_dir
     ]
     decode_pass = runners[1].model.decode_pass
     if decode_pass is not None and gemm != "auto":
-        # Up to STREAM_ROWS tokens always in the pass; beyond, only where its own GEMM is the
+        # Up to FEW_ROWS tokens always in the pass; beyond, only where its own GEMM is the
         # choice.
         tokens = (1, 4, 8, 40, 70)
         assert [decode_pass.takes(t) for t in tokens] == [
-            t <= STREAM_ROWS or gemm == "stream" for t in tokens
+            t <= FEW_ROWS or gemm == "stream" for t in tokens
         ]
     want, got = (_forward_steps(r) for r in runners)
     for g, w in zip(got, want, strict=True):
