@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import radixlm  # noqa: F401  (first: its OpenMP defaults apply only before torch loads)
@@ -43,7 +44,7 @@ from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.engine.engine import Engine
-from radixlm.kernels.build import isa_variants, load_kernels
+from radixlm.kernels.build import isa_variants, load_kernels, open_kernels
 from radixlm.kernels.cpu import CpuKernelBackend
 from radixlm.models.llama import LlamaForCausalLM
 from radixlm.models.loader import load_model_files
@@ -708,35 +709,42 @@ def _run_bursts(
 
 def bench_attention_kernel(args: argparse.Namespace) -> None:
     """The short-row attention kernel alone at the decode shape (SmolLM2's heads, one pool per
-    layer, contiguous slots), built for this CPU and for the paths other CPUs take, against a
-    plain read of the same K/V (torch.sum): the memory-bandwidth floor."""
+    layer, contiguous slots), built for this CPU and for the paths other CPUs take (and any
+    `--kernel-lib` builds, e.g. another checkout's, to compare in one run), against a plain
+    read of the same K/V (torch.sum): the memory-bandwidth floor. Rows of more than one query
+    (`--attention-queries`) are what a speculative step verifies."""
     layers, heads, kv_heads, d = 30, 9, 3, 64
     b, n = args.decode_batch, args.decode_context
     libs = {name: load_kernels(flags) for name, flags in isa_variants().items()}
+    libs.update({path: open_kernels(Path(path)) for path in args.kernel_lib})
     builds = {name: CpuKernelBackend(lib) for name, lib in libs.items() if lib is not None}
-    q = torch.randn(b, heads, d)
-    out = torch.empty_like(q)
     row_kv = (torch.arange(b * n) + 1).view(b, n)
-    spans = torch.stack([torch.arange(b), torch.ones(b, dtype=torch.long), torch.full((b,), n)])
-    rows = KernelRowLayout(row_kv, spans)
-    for dtype in (torch.float32, torch.bfloat16):
-        pools = [
-            tuple(torch.randn(kv_heads, b * n + 1, d).to(dtype) for _ in range(2))
-            for _ in range(layers)
-        ]
-        fns: dict[str, Callable[[], None]] = {
-            name: functools.partial(_attend_layers, backend, pools, q, rows, out)
-            for name, backend in builds.items()
-        }
-        fns["plain read (torch.sum)"] = functools.partial(_read_layers, pools)
-        runs = _alternating(list(fns.values()), args.repeat, f"attention kernel, {dtype}")
-        times = [statistics.median(t) for t in runs]
-        nbytes = 2 * layers * kv_heads * b * n * d * pools[0][0].element_size()
-        print(
-            f"attention kernel: {layers} layers x {b} rows x {n} keys, {dtype}: {nbytes / 1e6:.0f} MB of K/V"
+    for nq in args.attention_queries:
+        q = torch.randn(b * nq, heads, d)
+        out = torch.empty_like(q)
+        spans = torch.stack(
+            [torch.arange(b) * nq, torch.full((b,), nq, dtype=torch.long), torch.full((b,), n)]
         )
-        for name, t in zip(fns, times, strict=True):
-            print(f"  {name:24s} {t * 1000:7.1f} ms  {nbytes / t / 1e9:5.1f} GB/s")
+        rows = KernelRowLayout(row_kv, spans)
+        for dtype in (torch.float32, torch.bfloat16):
+            pools = [
+                tuple(torch.randn(kv_heads, b * n + 1, d).to(dtype) for _ in range(2))
+                for _ in range(layers)
+            ]
+            fns: dict[str, Callable[[], None]] = {
+                name: functools.partial(_attend_layers, backend, pools, q, rows, out)
+                for name, backend in builds.items()
+            }
+            fns["plain read (torch.sum)"] = functools.partial(_read_layers, pools)
+            runs = _alternating(list(fns.values()), args.repeat, f"attention kernel, {dtype}")
+            times = [statistics.median(t) for t in runs]
+            nbytes = 2 * layers * kv_heads * b * n * d * pools[0][0].element_size()
+            print(
+                f"attention kernel: {layers} layers x {b} rows of {nq} queries x {n} keys, "
+                f"{dtype}: {nbytes / 1e6:.0f} MB of K/V"
+            )
+            for name, t in zip(fns, times, strict=True):
+                print(f"  {name:24s} {t * 1000:7.1f} ms  {nbytes / t / 1e9:5.1f} GB/s")
 
 
 def _attend_layers(
@@ -864,6 +872,18 @@ def main() -> None:
     p.add_argument("--decode-batch", type=int, default=32)
     p.add_argument("--decode-context", type=int, default=512)
     p.add_argument("--decode-steps", type=int, default=10)
+    p.add_argument(
+        "--attention-queries",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1],
+        help="attention-kernel: queries per row (1: decode; more: a verified draft)",
+    )
+    p.add_argument(
+        "--kernel-lib",
+        action="append",
+        default=[],
+        help="attention-kernel: another kernels build (.so) to time alongside this one's",
+    )
     p.add_argument(
         "--pass-batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 32]
     )

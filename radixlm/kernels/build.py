@@ -134,11 +134,17 @@ def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
             for stale in path.parent.glob(f"{_STEM}-{variant}-*.so"):
                 if stale != path:
                     stale.unlink(missing_ok=True)
-        lib = ctypes.CDLL(str(path))
+        return open_kernels(path)
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or e
         logger.warning("CPU kernels failed to build, using the torch path: %s", detail)
         return None
+
+
+def open_kernels(path: Path) -> ctypes.CDLL:
+    """A built kernels library (`load_kernels` builds one; benchmarks may open another
+    checkout's build from its cache to compare), its functions typed."""
+    lib = ctypes.CDLL(str(path))
     for name, argtypes in _ARGTYPES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None

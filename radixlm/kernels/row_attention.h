@@ -39,6 +39,15 @@ inline void block_rows(const KV* base, const int64_t* slots, int64_t n, int64_t 
     for (int64_t j = n; j % 16; ++j) rows[j] = rows[0];
 }
 
+// Asks for a K or V row of d values ahead of its use, one cache line at a time. A step's K/V is
+// read once (hundreds of MB at a large batch, far beyond the caches): without this a block's
+// dot products wait on each row's arrival instead of running under the next rows' reads.
+template <typename KV>
+inline void prefetch_row(const KV* row, int64_t d) {
+    const char* p = reinterpret_cast<const char*>(row);
+    for (int64_t b = 0; b < d * int64_t(sizeof(KV)); b += 64) __builtin_prefetch(p + b);
+}
+
 // s[j] = q . rows[j] for j < n: the portable loop (see tile_block for AVX-512).
 template <typename KV>
 inline void block_scores(const float* __restrict q, const KV* const* rows, int64_t n,
@@ -114,6 +123,7 @@ inline float softmax_block(float* __restrict s, int64_t n, int64_t lo, int64_t h
 struct Simd {
     using V = __m512;
     static constexpr int64_t kWidth = 16;
+    static constexpr int64_t kRegs = 32;
     static V load(const float* p) { return _mm512_loadu_ps(p); }
     static V load(const uint16_t* p) {
         const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
@@ -140,6 +150,7 @@ struct Simd {
 struct Simd {
     using V = __m256;
     static constexpr int64_t kWidth = 8;
+    static constexpr int64_t kRegs = 16;
     static V load(const float* p) { return _mm256_loadu_ps(p); }
     static V load(const uint16_t* p) {
         const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
@@ -163,6 +174,7 @@ struct Simd {
     typedef uint16_t Half __attribute__((vector_size(8)));
     typedef uint32_t Wide __attribute__((vector_size(16)));
     static constexpr int64_t kWidth = 4;
+    static constexpr int64_t kRegs = 16;  // SSE's 16; NEON has 32
     static V load(const float* p) {
         V v;
         std::memcpy(&v, p, sizeof v);
@@ -187,20 +199,39 @@ struct Simd {
 #endif
 
 #if defined(RADIXLM_TILES)
+// The most vectors of a row (a divisor of C) whose MT x CG accumulators, CG values and one
+// probability fit the CPU's vector registers (Simd::kRegs).
+constexpr int64_t value_group(int64_t mt, int64_t c) {
+    int64_t best = 1;
+    for (int64_t g = 1; g <= c; ++g)
+        if (c % g == 0 && mt * g + g + 1 <= Simd::kRegs) best = g;
+    return best;
+}
+
 // One block of keys for MT queries at once (the heads of a GQA group share their K/V): each K
 // and V row is loaded and widened once for all MT. q holds MT scaled queries of D floats; s is
 // scratch of MT x kBlock; m0 is the first query's index m in its row.
-template <typename KV, int64_t D, int64_t MT>
+//
+// The first pass over a block (kFirst) brings it from memory: it prefetches the block's V rows
+// while it scores the K rows, and the next block's K rows (k_next, nb_next of them) while it
+// sums the V rows, and it reads the V rows in order, a whole row at a time (read any other way
+// the rows arriving from memory stall it). A later pass (the queries of a row beyond the first
+// MT) finds the block in L1 and takes its values a group of CG vectors at a time, so that its
+// MT x CG accumulators, CG vectors of a row and a probability stay in registers (with 16
+// vector registers a whole row's accumulators spill); each V vector is still read (and widened)
+// once for all MT queries.
+template <typename KV, int64_t D, int64_t MT, bool kFirst>
 void tile_block(const float* __restrict q, int64_t m0, int64_t group, int64_t last_visible,
                 int64_t window, int64_t j0, const KV* const* k_rows, const KV* const* v_rows,
-                int64_t nb, float* __restrict s, float* __restrict acc,
-                float* __restrict row_max, float* __restrict row_sum) {
+                int64_t nb, const KV* const* k_next, int64_t nb_next, float* __restrict s,
+                float* __restrict acc, float* __restrict row_max, float* __restrict row_sum) {
     using V = Simd::V;
     constexpr int64_t W = Simd::kWidth, C = D / W;
     V qv[MT][C];
     for (int64_t i = 0; i < MT; ++i)
         for (int64_t c = 0; c < C; ++c) qv[i][c] = Simd::load(q + i * D + W * c);
     for (int64_t j = 0; j < nb; j += 4) {  // rows are padded to a multiple of 16
+        for (int64_t jj = 0; kFirst && jj < 4 && j + jj < nb; ++jj) prefetch_row(v_rows[j + jj], D);
         V dot[MT][4];
         for (int64_t jj = 0; jj < 4; ++jj) {
             V k[C];
@@ -214,23 +245,30 @@ void tile_block(const float* __restrict q, int64_t m0, int64_t group, int64_t la
         for (int64_t i = 0; i < MT; ++i)
             Simd::store_sum4(s + i * kBlock + j, dot[i][0], dot[i][1], dot[i][2], dot[i][3]);
     }
-    V out[MT][C];
+    float corr[MT];
     for (int64_t i = 0; i < MT; ++i) {
         int64_t lo, hi;
         visible_keys(last_visible, m0 + i, group, window, j0, nb, lo, hi);
-        const V corr = Simd::set1(softmax_block(s + i * kBlock, nb, lo, hi, row_max[i], row_sum[i]));
-        for (int64_t c = 0; c < C; ++c) out[i][c] = Simd::mul(Simd::load(acc + i * D + W * c), corr);
+        corr[i] = softmax_block(s + i * kBlock, nb, lo, hi, row_max[i], row_sum[i]);
     }
-    for (int64_t j = 0; j < nb; ++j) {
-        V v[C];
-        for (int64_t c = 0; c < C; ++c) v[c] = Simd::load(v_rows[j] + W * c);
-        for (int64_t i = 0; i < MT; ++i) {
-            const V p = Simd::set1(s[i * kBlock + j]);
-            for (int64_t c = 0; c < C; ++c) out[i][c] = Simd::fmadd(p, v[c], out[i][c]);
+    constexpr int64_t CG = kFirst ? C : value_group(MT, C);
+    for (int64_t c0 = 0; c0 < C; c0 += CG) {
+        V out[MT][CG];
+        for (int64_t i = 0; i < MT; ++i)
+            for (int64_t c = 0; c < CG; ++c)
+                out[i][c] = Simd::mul(Simd::load(acc + i * D + W * (c0 + c)), Simd::set1(corr[i]));
+        for (int64_t j = 0; j < nb; ++j) {
+            if (kFirst && j < nb_next) prefetch_row(k_next[j], D);
+            V v[CG];
+            for (int64_t c = 0; c < CG; ++c) v[c] = Simd::load(v_rows[j] + W * (c0 + c));
+            for (int64_t i = 0; i < MT; ++i) {
+                const V p = Simd::set1(s[i * kBlock + j]);
+                for (int64_t c = 0; c < CG; ++c) out[i][c] = Simd::fmadd(p, v[c], out[i][c]);
+            }
         }
+        for (int64_t i = 0; i < MT; ++i)
+            for (int64_t c = 0; c < CG; ++c) Simd::store(acc + i * D + W * (c0 + c), out[i][c]);
     }
-    for (int64_t i = 0; i < MT; ++i)
-        for (int64_t c = 0; c < C; ++c) Simd::store(acc + i * D + W * c, out[i][c]);
 }
 #endif
 
@@ -243,7 +281,7 @@ void attend_row(const float* __restrict qs, int64_t m_count, int64_t group, int6
                 const KV* v_head, int64_t d_runtime, float* __restrict acc,
                 float* __restrict row_max, float* __restrict row_sum) {
     const int64_t d = D > 0 ? D : d_runtime;
-    const KV* k_rows[kBlock];
+    const KV* k_rows[2][kBlock];
     const KV* v_rows[kBlock];
     alignas(64) float s[kTile * kBlock];
     for (int64_t m = 0; m < m_count; ++m) {
@@ -254,9 +292,14 @@ void attend_row(const float* __restrict qs, int64_t m_count, int64_t group, int6
     // The row's first query sits at position len - nq; the first key it sees starts the blocks.
     const int64_t last_visible = len - nq;
     const int64_t first_key = window > 0 ? std::max(int64_t(0), last_visible + 1 - window) : 0;
-    for (int64_t j0 = first_key; j0 < len; j0 += kBlock) {
+    // The tiles read this block's K rows (k_rows[cur]) while the next block's are prefetched.
+    int cur = 0;
+    if (first_key < len)
+        block_rows(k_head, slots + first_key, std::min(kBlock, len - first_key), d, k_rows[0]);
+    for (int64_t j0 = first_key; j0 < len; j0 += kBlock, cur = 1 - cur) {
         const int64_t nb = std::min(kBlock, len - j0);
-        block_rows(k_head, slots + j0, nb, d, k_rows);
+        const int64_t nb_next = std::clamp(len - j0 - kBlock, int64_t(0), kBlock);
+        if (nb_next > 0) block_rows(k_head, slots + j0 + kBlock, nb_next, d, k_rows[1 - cur]);
         block_rows(v_head, slots + j0, nb, d, v_rows);
 #if defined(RADIXLM_TILES)
         if constexpr (D > 0 && D % 16 == 0) {
@@ -264,18 +307,22 @@ void attend_row(const float* __restrict qs, int64_t m_count, int64_t group, int6
             static_assert(kMt <= kTile);
             for (int64_t m0 = 0; m0 < m_count; m0 += kMt) {
                 const int64_t mt = std::min(kMt, m_count - m0);
-                auto tile = mt == 4   ? tile_block<KV, D, 4>
-                            : mt == 3 ? tile_block<KV, D, 3>
-                            : mt == 2 ? tile_block<KV, D, 2>
-                                      : tile_block<KV, D, 1>;
-                tile(qs + m0 * D, m0, group, last_visible, window, j0, k_rows, v_rows, nb, s,
-                     acc + m0 * D, row_max + m0, row_sum + m0);
+                auto tile = m0 == 0 ? (mt == 4   ? tile_block<KV, D, 4, true>
+                                       : mt == 3 ? tile_block<KV, D, 3, true>
+                                       : mt == 2 ? tile_block<KV, D, 2, true>
+                                                 : tile_block<KV, D, 1, true>)
+                                    : (mt == 4   ? tile_block<KV, D, 4, false>
+                                       : mt == 3 ? tile_block<KV, D, 3, false>
+                                       : mt == 2 ? tile_block<KV, D, 2, false>
+                                                 : tile_block<KV, D, 1, false>);
+                tile(qs + m0 * D, m0, group, last_visible, window, j0, k_rows[cur], v_rows, nb,
+                     k_rows[1 - cur], nb_next, s, acc + m0 * D, row_max + m0, row_sum + m0);
             }
             continue;
         }
 #endif
         for (int64_t m = 0; m < m_count; ++m) {
-            block_scores(qs + m * d, k_rows, nb, d, s);
+            block_scores(qs + m * d, k_rows[cur], nb, d, s);
             int64_t lo, hi;
             visible_keys(last_visible, m, group, window, j0, nb, lo, hi);
             const float correction = softmax_block(s, nb, lo, hi, row_max[m], row_sum[m]);
