@@ -409,20 +409,32 @@ def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
         return out
 
     core.runner.forward = timed_forward  # type: ignore[method-assign]
+    model, runner = core.runner.model, core.runner
+    weights = [p for n, p in model.named_parameters() if "proj" in n] + [model.lm_head.weight]
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+
+    flat = torch.ones(weight_bytes // 4)  # as many bytes in one tensor: torch.sum's bandwidth
+
+    def read_weights() -> None:
+        for w in weights:
+            w.sum()
+
     # Each decode step is followed by the same GEMMs alone, as the step runs them (the chosen
     # GEMM: the decode pass's split, or the backend's `linear`) and as float32 F.linear runs
-    # them. Medians of each.
+    # them, and by a plain read of the weights (torch.sum: the memory-bandwidth floor of a
+    # small batch). Medians of each.
     baselines = {
         "as the step runs them": chosen_matmuls(core, b, short_rows=True),
         "float32 F.linear": weight_matmuls(core, b, b),
     }
-    step_times, *mm_times = _alternating(
-        [core.step, *baselines.values()], args.decode_steps, "decode"
+    step_times, read_times, flat_times, *mm_times = _alternating(
+        [core.step, read_weights, flat.sum, *baselines.values()], args.decode_steps, "decode"
     )
     assert len(sched.running) == b, "every request must still be decoding"
     step = statistics.median(step_times)
     fwd = statistics.median(forward_times[1:])  # the first is the untimed turn's
     mm, ref = (statistics.median(ts) for ts in mm_times)
+    read, flat_read = statistics.median(read_times), statistics.median(flat_times)
     print(
         f"decode: batch {b}, {ctx}-token contexts, {args.decode_steps} steps, KV cache {kv_dtype}"
     )
@@ -437,10 +449,11 @@ def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
     print(f"  step / matmuls = {step / mm:.2f}  (target <= 1.3)")
     print(f"  matmuls vs F.linear = {ref / mm:.2f}x throughput  (target >= 1.6)")
     print(f"  time outside the forward = {(step - fwd) / step:.1%} of a step  (target <= 10%)")
-    model, runner = core.runner.model, core.runner
-    weight_bytes = (
-        sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "proj" in n)
-        + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    print(
+        f"  step / one read of the weights' bytes = {step / flat_read:.2f} as one tensor "
+        f"(torch.sum {flat_read * 1000:.1f} ms, {weight_bytes / flat_read / 1e9:.1f} GB/s; "
+        f"target at batch 1 <= 1.2), {step / read:.2f} tensor by tensor "
+        f"({read * 1000:.1f} ms, {weight_bytes / read / 1e9:.1f} GB/s)"
     )
     kv = runner.pool.k[0]
     kv_bytes = 2 * len(runner.pool.k) * kv.shape[0] * kv.shape[2] * kv.element_size() * b * ctx

@@ -1,5 +1,6 @@
 """Speculative decoding without a draft model: decode tokens/s with vs without drafts, as ratios
-measured in one run (the two engines alternate), with acceptance lengths.
+measured in one run (runs with and without drafts alternate on one engine), with acceptance
+lengths and what the measured step cost makes of the two runs.
 
 python benchmarks/bench_speculative.py                       # cases (a)-(d), --algorithm both
 python benchmarks/bench_speculative.py --algorithm ngram     # one draft source only
@@ -20,6 +21,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass, replace
 
 import radixlm  # noqa: F401  (first: its OpenMP defaults apply only before torch loads)
 
@@ -32,6 +34,8 @@ from radixlm.core.params import SamplingParams
 from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
+from radixlm.speculative.cost import StepCost
+from radixlm.speculative.speculator import Speculator
 from radixlm.utils import progress
 
 GROUNDED = [
@@ -97,17 +101,19 @@ def free(core: EngineCore, n: int, offset: int = 0) -> list[list[int]]:
     return out
 
 
-def decode(core: EngineCore, prompts: list[list[int]], max_new: int) -> tuple[int, float]:
+def decode(core: EngineCore, prompts: list[list[int]], max_new: int) -> tuple[int, float, int]:
     """Run prompts greedily to the end; (tokens generated after each request's first, seconds
-    from the step after the last first token to the end): decode throughput, prefill left out."""
+    and steps from the step after the last first token to the end): decode throughput, prefill
+    left out."""
     for i, ids in enumerate(prompts):
         params = SamplingParams(temperature=0.0, max_new_tokens=max_new)
         core.add(GenerateRequest(rid=f"q{i}", input_ids=ids, params=params))
     started: set[str] = set()
-    tokens, t0 = 0, 0.0
+    tokens, t0, steps = 0, 0.0, 0
     with torch.inference_mode():
         while core.has_work:
             outs = core.step()
+            steps += bool(t0)
             for o in outs:
                 if o.rid in started:
                     tokens += len(o.new_ids)
@@ -117,20 +123,68 @@ def decode(core: EngineCore, prompts: list[list[int]], max_new: int) -> tuple[in
             if len(started) == len(prompts) and not t0:
                 t0, tokens = time.perf_counter(), 0
     core.check_invariant()
-    return tokens, time.perf_counter() - t0
+    return tokens, time.perf_counter() - t0, steps
 
 
-def spec_delta(before: dict[str, SpecCounters], after: dict[str, SpecCounters]) -> str:
-    """Drafted / accepted tokens and acceptance length per source between two stats."""
-    parts = []
+def drafting(core: EngineCore, speculator: Speculator, on: bool) -> None:
+    """Turn core's speculative decoding on or off between runs: its scheduler proposes drafts
+    and the radix tree indexes its new leaves for them (the suffix index) only while on."""
+    core.scheduler.speculator = speculator if on else None
+    index = speculator.suffix
+    core.cache.on_new_leaf = index.add if on and index is not None else None
+
+
+def spec_delta(
+    before: dict[str, SpecCounters], after: dict[str, SpecCounters]
+) -> dict[str, SpecCounters]:
+    """The counters per draft source between two stats."""
+    out = {}
     for name, c in after.items():
         b = before.get(name, SpecCounters())
-        d = SpecCounters(c.drafted - b.drafted, c.accepted - b.accepted, c.verified - b.verified)
-        if d.verified:
-            parts.append(
-                f"{name}: {d.accepted}/{d.drafted} accepted, accept length {d.accept_length:.2f}"
-            )
+        out[name] = SpecCounters(
+            c.drafted - b.drafted, c.accepted - b.accepted, c.verified - b.verified
+        )
+    return out
+
+
+def describe(delta: dict[str, SpecCounters]) -> str:
+    """Drafted / accepted tokens and acceptance length per source."""
+    parts = [
+        f"{name}: {d.accepted}/{d.drafted} accepted, accept length {d.accept_length:.2f}"
+        for name, d in delta.items()
+        if d.verified
+    ]
     return "; ".join(parts) or "no drafts"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One decode run: tokens after each request's first, seconds and steps (decode()), and
+    the draft tokens it rejected."""
+
+    tokens: int
+    seconds: float
+    steps: int
+    rejected: int = 0
+
+
+def modelled(cost: StepCost, off: Run, on: Run) -> str:
+    """What the measured step cost (a line: seconds = a + b x rows) says of the two runs: the
+    on / off ratio it predicts, and the ratio of the same on run without its rejected draft
+    rows, whose steps (at least the least draftable request's) and accepted tokens stay. A
+    closed batch cannot beat that second figure by drafting the others better; only fewer
+    steps for its slowest request can."""
+    b = (cost(cost.max_rows) - cost(1)) / max(1, cost.max_rows - 1)
+    a = cost(1) - b
+
+    def time(run: Run, rows: int) -> float:
+        return run.steps * a + rows * b
+
+    off_time = time(off, off.tokens)
+    return (
+        f"step cost model: on / off {off_time / time(on, on.tokens + on.rejected):.2f}x, "
+        f"without the rejected draft rows {off_time / time(on, on.tokens):.2f}x"
+    )
 
 
 def row_costs(core: EngineCore, shapes: list[tuple[int, int]], reps: int) -> None:
@@ -181,39 +235,39 @@ def main() -> None:
     )
     args = p.parse_args()
 
-    common = {
-        "model_path": args.model_path,
-        "max_total_tokens": args.max_total_tokens,
-        "random_seed": 0,
-    }
-    off = EngineCore(EngineArgs(**common))
-    on = EngineCore(
+    core = EngineCore(
         EngineArgs(
-            **common,
+            model_path=args.model_path,
+            max_total_tokens=args.max_total_tokens,
+            random_seed=0,
             speculative_algorithm=args.algorithm,
             speculative_num_draft_tokens=args.num_draft_tokens,
         )
     )
+    # One engine, with drafting on or off (`drafting`): both run on the same weights, pool and
+    # kernels (two engines in one process differed by a few percent on their own, by where
+    # their memory landed).
+    speculator = core.speculator
+    assert speculator is not None
     batches = [int(b) for b in args.batches.split(",")]
     cases: list[tuple[str, int]] = [(c, b) for c in "abc" if c in args.cases for b in batches]
     if "d" in args.cases:
         cases.append(("d", args.large_batch))
-    print(f"model {on.model_path}, algorithm {args.algorithm}, {args.rounds} rounds")
-    assert on.speculator is not None
-    print(f"step cost measured at start, ms by rows: {on.speculator.cost.describe()}")
+    print(f"model {core.model_path}, algorithm {args.algorithm}, {args.rounds} rounds")
+    print(f"step cost measured at start, ms by rows: {speculator.cost.describe()}")
     shapes = [(1, 2), (1, 4), (1, 5), (1, 8), (4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (16, 1)]
     if args.row_reps:
-        row_costs(off, shapes, args.row_reps)
+        row_costs(core, shapes, args.row_reps)
     with progress(len(cases) * args.rounds * 2, "drafts off / on", "run") as bar:
         for case, batch in cases:
             ratios: list[float] = []
             rates: list[tuple[float, float]] = []
             accept = ""
             for r in range(args.rounds):
-                for core in (off, on) if r % 2 == 0 else (on, off):
+                runs: dict[bool, Run] = {}
+                for drafts in (False, True) if r % 2 == 0 else (True, False):
                     core.scheduler.flush_cache()
-                result: dict[int, float] = {}
-                for core in (off, on) if r % 2 == 0 else (on, off):
+                    drafting(core, speculator, drafts)
                     if case == "a":
                         prompts = grounded(core, batch)
                     elif case == "b":
@@ -222,21 +276,28 @@ def main() -> None:
                     else:
                         prompts = free(core, batch, offset=r)
                     before = core.stats().spec
-                    tokens, seconds = decode(core, prompts, args.max_new_tokens)
-                    result[id(core)] = tokens / seconds
-                    if core is on:
-                        accept = spec_delta(before, core.stats().spec)
+                    run = Run(*decode(core, prompts, args.max_new_tokens))
+                    if drafts:
+                        delta = spec_delta(before, core.stats().spec)
+                        accept = describe(delta)
+                        rejected = sum(d.drafted - d.accepted for d in delta.values())
+                        run = replace(run, rejected=rejected)
+                    runs[drafts] = run
                     bar.update()
-                rates.append((result[id(off)], result[id(on)]))
-                ratios.append(result[id(on)] / result[id(off)])
+                off_run, on_run = runs[False], runs[True]
+                rates.append((off_run.tokens / off_run.seconds, on_run.tokens / on_run.seconds))
+                ratios.append(rates[-1][1] / rates[-1][0])
             off_rate = statistics.median(x for x, _ in rates)
             on_rate = statistics.median(y for _, y in rates)
             bar.write(
                 f"({case}) batch {batch:2d}: off {off_rate:6.1f} tok/s, on {on_rate:6.1f} tok/s, "
                 f"on / off = {statistics.median(ratios):.2f}x "
-                f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}); last round {accept}"
+                f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}); last round {accept}; "
+                f"decode steps off {off_run.steps}, on {on_run.steps}; "
+                f"{modelled(speculator.cost, off_run, on_run)}"
             )
             sys.stdout.flush()
+    drafting(core, speculator, True)
 
 
 if __name__ == "__main__":

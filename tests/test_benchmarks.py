@@ -36,10 +36,11 @@ CASES = [
             rf"matmuls vs F.linear = {RATIO}x throughput",
             rf"step / matmuls = {RATIO}",
             rf"time outside the forward = {RATIO}% of a step",
+            rf"step / one read of the weights' bytes = {RATIO} as one tensor .* {RATIO} tensor by",
             rf"decode pass: batch 2 x 16: .* layers / pass = {RATIO}",
             rf"decode pass next to a busy process: .* layers / pass = {RATIO}",
             rf"cached / uncached = {RATIO}",
-            rf"native +{RATIO} ms",
+            rf"2 rows of 1 queries x 16 keys, torch.float32: .*\n +native +{RATIO} ms",
             rf"plain read \(torch.sum\) +{RATIO} ms",
             rf"bfloat16 vs F.linear = {RATIO}x throughput",
             rf"forward: bfloat16 .* bfloat16 / float32 = {RATIO}x throughput",
@@ -153,6 +154,8 @@ CASES = [
             rf"\(b\) batch  1: .* on / off = {RATIO}x .* radix: [0-9]+/[0-9]+ accepted, "
             rf"accept length {RATIO}",
             rf"\(d\) batch  2: .* on / off = {RATIO}x",
+            rf"decode steps off [0-9]+, on [0-9]+; step cost model: on / off {RATIO}x, "
+            rf"without the rejected draft rows {RATIO}x",
         ],
         [],
         id="speculative",
