@@ -171,19 +171,19 @@ class Run:
 def modelled(cost: StepCost, off: Run, on: Run) -> str:
     """What the measured step cost (a line: seconds = a + b x rows) says of the two runs: the
     on / off ratio it predicts, and the ratio of the same on run without its rejected draft
-    rows, whose steps (at least the least draftable request's) and accepted tokens stay. A
-    closed batch cannot beat that second figure by drafting the others better; only fewer
-    steps for its slowest request can."""
+    rows (its steps and accepted tokens kept). A closed batch lasts at least as many steps as
+    its least draftable request needs, so better drafts for the others cannot beat that
+    second figure; only fewer steps for that request can."""
     b = (cost(cost.max_rows) - cost(1)) / max(1, cost.max_rows - 1)
     a = cost(1) - b
 
-    def time(run: Run, rows: int) -> float:
+    def seconds(run: Run, rows: int) -> float:
         return run.steps * a + rows * b
 
-    off_time = time(off, off.tokens)
+    off_time = seconds(off, off.tokens)
     return (
-        f"step cost model: on / off {off_time / time(on, on.tokens + on.rejected):.2f}x, "
-        f"without the rejected draft rows {off_time / time(on, on.tokens):.2f}x"
+        f"step cost model: on / off {off_time / seconds(on, on.tokens + on.rejected):.2f}x, "
+        f"without the rejected draft rows {off_time / seconds(on, on.tokens):.2f}x"
     )
 
 
