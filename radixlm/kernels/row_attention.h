@@ -270,6 +270,15 @@ void tile_block(const float* __restrict q, int64_t m0, int64_t group, int64_t la
             for (int64_t c = 0; c < CG; ++c) Simd::store(acc + i * D + W * (c0 + c), out[i][c]);
     }
 }
+
+// tile_block for mt (1 to 4) queries.
+template <typename KV, int64_t D, bool kFirst>
+auto tile_for(int64_t mt) {
+    return mt == 4   ? tile_block<KV, D, 4, kFirst>
+           : mt == 3 ? tile_block<KV, D, 3, kFirst>
+           : mt == 2 ? tile_block<KV, D, 2, kFirst>
+                     : tile_block<KV, D, 1, kFirst>;
+}
 #endif
 
 // One row's queries of one KV head (m = query * group + head in group) over its keys, block by
@@ -307,14 +316,7 @@ void attend_row(const float* __restrict qs, int64_t m_count, int64_t group, int6
             static_assert(kMt <= kTile);
             for (int64_t m0 = 0; m0 < m_count; m0 += kMt) {
                 const int64_t mt = std::min(kMt, m_count - m0);
-                auto tile = m0 == 0 ? (mt == 4   ? tile_block<KV, D, 4, true>
-                                       : mt == 3 ? tile_block<KV, D, 3, true>
-                                       : mt == 2 ? tile_block<KV, D, 2, true>
-                                                 : tile_block<KV, D, 1, true>)
-                                    : (mt == 4   ? tile_block<KV, D, 4, false>
-                                       : mt == 3 ? tile_block<KV, D, 3, false>
-                                       : mt == 2 ? tile_block<KV, D, 2, false>
-                                                 : tile_block<KV, D, 1, false>);
+                auto tile = m0 == 0 ? tile_for<KV, D, true>(mt) : tile_for<KV, D, false>(mt);
                 tile(qs + m0 * D, m0, group, last_visible, window, j0, k_rows[cur], v_rows, nb,
                      k_rows[1 - cur], nb_next, s, acc + m0 * D, row_max + m0, row_sum + m0);
             }
