@@ -415,10 +415,6 @@ def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
 
     flat = torch.ones(weight_bytes // 4)  # as many bytes in one tensor: torch.sum's bandwidth
 
-    def read_weights() -> None:
-        for w in weights:
-            w.sum()
-
     # Each decode step is followed by the same GEMMs alone, as the step runs them (the chosen
     # GEMM: the decode pass's split, or the backend's `linear`) and as float32 F.linear runs
     # them, and by a plain read of the weights (torch.sum: the memory-bandwidth floor of a
@@ -428,7 +424,9 @@ def _bench_decode(args: argparse.Namespace, kv_dtype: str) -> None:
         "float32 F.linear": weight_matmuls(core, b, b),
     }
     step_times, read_times, flat_times, *mm_times = _alternating(
-        [core.step, read_weights, flat.sum, *baselines.values()], args.decode_steps, "decode"
+        [core.step, functools.partial(_read, weights), flat.sum, *baselines.values()],
+        args.decode_steps,
+        "decode",
     )
     assert len(sched.running) == b, "every request must still be decoding"
     step = statistics.median(step_times)
@@ -748,7 +746,9 @@ def bench_attention_kernel(args: argparse.Namespace) -> None:
                 name: functools.partial(_attend_layers, backend, pools, q, rows, out)
                 for name, backend in builds.items()
             }
-            fns["plain read (torch.sum)"] = functools.partial(_read_layers, pools)
+            fns["plain read (torch.sum)"] = functools.partial(
+                _read, [t for kv in pools for t in kv]
+            )
             runs = _alternating(list(fns.values()), args.repeat, f"attention kernel, {dtype}")
             times = [statistics.median(t) for t in runs]
             nbytes = 2 * layers * kv_heads * b * n * d * pools[0][0].element_size()
@@ -772,10 +772,10 @@ def _attend_layers(
         backend.row_attention(q, k, v, rows, q.shape[-1] ** -0.5, out)
 
 
-def _read_layers(pools: list[tuple[torch.Tensor, ...]]) -> None:
-    for k, v in pools:
-        k.sum()
-        v.sum()
+def _read(tensors: list[torch.Tensor]) -> None:
+    """A plain read of every tensor (torch.sum): the memory-bandwidth floor."""
+    for t in tensors:
+        t.sum()
 
 
 def bench_bf16(args: argparse.Namespace) -> None:

@@ -213,7 +213,8 @@ constexpr int64_t value_group(int64_t mt, int64_t c) {
 // scratch of MT x kBlock; m0 is the first query's index m in its row.
 //
 // The first pass over a block (kFirst) brings it from memory: it prefetches the block's V rows
-// while it scores the K rows, and the next block's K rows (k_next, nb_next of them) while it
+// while it scores the K rows, and the next block's K rows (next_slots, nb_next of them, in
+// k_head) while it
 // sums the V rows, and it reads the V rows in order, a whole row at a time (read any other way
 // the rows arriving from memory stall it). A later pass (the queries of a row beyond the first
 // MT) finds the block in L1 and takes its values a group of CG vectors at a time, so that its
@@ -223,8 +224,9 @@ constexpr int64_t value_group(int64_t mt, int64_t c) {
 template <typename KV, int64_t D, int64_t MT, bool kFirst>
 void tile_block(const float* __restrict q, int64_t m0, int64_t group, int64_t last_visible,
                 int64_t window, int64_t j0, const KV* const* k_rows, const KV* const* v_rows,
-                int64_t nb, const KV* const* k_next, int64_t nb_next, float* __restrict s,
-                float* __restrict acc, float* __restrict row_max, float* __restrict row_sum) {
+                int64_t nb, const KV* k_head, const int64_t* next_slots, int64_t nb_next,
+                float* __restrict s, float* __restrict acc, float* __restrict row_max,
+                float* __restrict row_sum) {
     using V = Simd::V;
     constexpr int64_t W = Simd::kWidth, C = D / W;
     V qv[MT][C];
@@ -258,7 +260,7 @@ void tile_block(const float* __restrict q, int64_t m0, int64_t group, int64_t la
             for (int64_t c = 0; c < CG; ++c)
                 out[i][c] = Simd::mul(Simd::load(acc + i * D + W * (c0 + c)), Simd::set1(corr[i]));
         for (int64_t j = 0; j < nb; ++j) {
-            if (kFirst && j < nb_next) prefetch_row(k_next[j], D);
+            if (kFirst && j < nb_next) prefetch_row(k_head + next_slots[j] * D, D);
             V v[CG];
             for (int64_t c = 0; c < CG; ++c) v[c] = Simd::load(v_rows[j] + W * (c0 + c));
             for (int64_t i = 0; i < MT; ++i) {
@@ -290,7 +292,7 @@ void attend_row(const float* __restrict qs, int64_t m_count, int64_t group, int6
                 const KV* v_head, int64_t d_runtime, float* __restrict acc,
                 float* __restrict row_max, float* __restrict row_sum) {
     const int64_t d = D > 0 ? D : d_runtime;
-    const KV* k_rows[2][kBlock];
+    const KV* k_rows[kBlock];
     const KV* v_rows[kBlock];
     alignas(64) float s[kTile * kBlock];
     for (int64_t m = 0; m < m_count; ++m) {
@@ -301,30 +303,26 @@ void attend_row(const float* __restrict qs, int64_t m_count, int64_t group, int6
     // The row's first query sits at position len - nq; the first key it sees starts the blocks.
     const int64_t last_visible = len - nq;
     const int64_t first_key = window > 0 ? std::max(int64_t(0), last_visible + 1 - window) : 0;
-    // The tiles read this block's K rows (k_rows[cur]) while the next block's are prefetched.
-    int cur = 0;
-    if (first_key < len)
-        block_rows(k_head, slots + first_key, std::min(kBlock, len - first_key), d, k_rows[0]);
-    for (int64_t j0 = first_key; j0 < len; j0 += kBlock, cur = 1 - cur) {
+    for (int64_t j0 = first_key; j0 < len; j0 += kBlock) {
         const int64_t nb = std::min(kBlock, len - j0);
-        const int64_t nb_next = std::clamp(len - j0 - kBlock, int64_t(0), kBlock);
-        if (nb_next > 0) block_rows(k_head, slots + j0 + kBlock, nb_next, d, k_rows[1 - cur]);
+        block_rows(k_head, slots + j0, nb, d, k_rows);
         block_rows(v_head, slots + j0, nb, d, v_rows);
 #if defined(RADIXLM_TILES)
         if constexpr (D > 0 && D % 16 == 0) {
             constexpr int64_t kMt = D <= 64 ? 4 : 2;  // heads a pass: 4 x 64 floats of queries
             static_assert(kMt <= kTile);
+            const int64_t nb_next = std::clamp(len - j0 - kBlock, int64_t(0), kBlock);
             for (int64_t m0 = 0; m0 < m_count; m0 += kMt) {
                 const int64_t mt = std::min(kMt, m_count - m0);
                 auto tile = m0 == 0 ? tile_for<KV, D, true>(mt) : tile_for<KV, D, false>(mt);
-                tile(qs + m0 * D, m0, group, last_visible, window, j0, k_rows[cur], v_rows, nb,
-                     k_rows[1 - cur], nb_next, s, acc + m0 * D, row_max + m0, row_sum + m0);
+                tile(qs + m0 * D, m0, group, last_visible, window, j0, k_rows, v_rows, nb, k_head,
+                     slots + j0 + kBlock, nb_next, s, acc + m0 * D, row_max + m0, row_sum + m0);
             }
             continue;
         }
 #endif
         for (int64_t m = 0; m < m_count; ++m) {
-            block_scores(qs + m * d, k_rows[cur], nb, d, s);
+            block_scores(qs + m * d, k_rows, nb, d, s);
             int64_t lo, hi;
             visible_keys(last_visible, m, group, window, j0, nb, lo, hi);
             const float correction = softmax_block(s, nb, lo, hi, row_max[m], row_sum[m]);
