@@ -14,6 +14,8 @@ python benchmarks/bench_engine.py attention-kernel  # the CPU decode attention k
 python benchmarks/bench_engine.py bf16           # bfloat16 weights vs float32: prefill GEMMs, decode
 python benchmarks/bench_engine.py mixed          # a prefill chunk + decodes: one forward vs two
 python benchmarks/bench_engine.py bursts         # TTFT / ITL under bursts: adaptive vs fixed chunks
+python benchmarks/bench_engine.py forward-share  # a shared-prefix run's time: forwards, tokens computed
+python benchmarks/bench_engine.py extend-attention  # an extend over a cached prefix: split vs masked
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from radixlm.engine.core import EngineCore
 from radixlm.engine.engine import Engine
 from radixlm.kernels.build import isa_variants, load_kernels, open_kernels
 from radixlm.kernels.cpu import CpuKernelBackend
+from radixlm.models import layers
 from radixlm.models.llama import LlamaForCausalLM
 from radixlm.models.loader import load_model_files
 from radixlm.runner.runner import build_model
@@ -309,6 +312,7 @@ def bench_gemm(args: argparse.Namespace) -> None:
     weights = core.runner.model.linear_weights()
     flops_per_row = 2 * sum(w.numel() for w in weights)
     candidates = backend.gemm_candidates()
+    has_peak = backend.fma_peak(1) > 0  # this build has a vector path to time it with
     for rows in args.gemm_rows:
         inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
         # Each candidate over the model's own weights, prepared as it needs them.
@@ -316,10 +320,14 @@ def bench_gemm(args: argparse.Namespace) -> None:
         for name, make in candidates.items():
             gemms = [(make(w), inputs[w.shape[1]]) for w in weights]
             runs[name] = functools.partial(_run_all, gemms)
-        times = _alternating(list(runs.values()), args.repeat, f"gemm {rows} rows")
+        # The cores' FMA peak is timed between the candidates, as one of them, so that a
+        # neighbour's load falls on it alike: the best of its rounds.
+        peaks: list[float] = []
+        probe = [functools.partial(_append_fma_peak, backend, peaks)] if has_peak else []
+        times = _alternating([*runs.values(), *probe], args.repeat, f"gemm {rows} rows")
         speed = {
             name: flops_per_row * rows / statistics.median(t) / 1e9
-            for name, t in zip(runs, times, strict=True)
+            for name, t in zip(runs, times[: len(runs)], strict=True)
         }
         chosen = backend.gemm_choice.for_rows(rows)
         figures = ", ".join(
@@ -329,6 +337,14 @@ def bench_gemm(args: argparse.Namespace) -> None:
             f"  M = {rows:5d}: GFLOP/s {figures}; chosen / F.linear = "
             f"{speed[chosen] / speed['mkl']:.2f}"
         )
+        if peaks:
+            peak = max(peaks)
+            shares = ", ".join(f"{name} {v / peak:.0%}" for name, v in speed.items())
+            print(f"           FMA peak {peak:6.1f} GFLOP/s (registers only); of it: {shares}")
+
+
+def _append_fma_peak(backend: CpuKernelBackend, peaks: list[float]) -> None:
+    peaks.append(backend.fma_peak())
 
 
 def _run_all(gemms: list[tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]]) -> None:
@@ -845,6 +861,123 @@ def bench_bf16(args: argparse.Namespace) -> None:
         )
 
 
+def bench_forward_share(args: argparse.Namespace) -> None:
+    """Where the time of a generated-shared-prefix workload goes (bench_serving.py's dataset,
+    in process, every request added at once): the share of the wall time spent in forward
+    passes, by kind of step, and the prompt tokens computed against the fewest a prefix cache
+    can compute (each prefix once, then each question). With the forward at ~100% and the
+    tokens at the minimum, only a faster forward makes such a run faster."""
+    core = EngineCore(EngineArgs(args.model_path, max_total_tokens=args.max_total_tokens))
+    gen = torch.Generator().manual_seed(5)
+    per_group = max(1, args.questions // args.groups)
+    prompts = []
+    for _ in range(args.groups):
+        prefix = random_ids(args.prefix_len, gen)
+        prompts += [prefix + random_ids(args.question_len, gen) for _ in range(per_group)]
+    order = torch.randperm(len(prompts), generator=gen).tolist()
+    kinds: dict[str, list[float]] = {}  # kind -> [forwards, seconds, prompt tokens, decode rows]
+    inner = core.runner.forward
+
+    def timed_forward(seqs: list[ScheduledSeq]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = inner(seqs)
+        seconds = time.perf_counter() - t0
+        # A decode feeds one token after its prompt; everything else is prompt (extend) work.
+        decodes = sum(1 for s in seqs if len(s.new_ids) == 1 and s.start > 0)
+        prompt = sum(len(s.new_ids) for s in seqs) - decodes
+        kind = "decode-only" if not prompt else "mixed" if decodes else "prompt-only"
+        row = kinds.setdefault(kind, [0, 0.0, 0, 0])
+        row[0] += 1
+        row[1] += seconds
+        row[2] += prompt
+        row[3] += decodes
+        return out
+
+    core.runner.forward = timed_forward  # type: ignore[method-assign]
+    params = SamplingParams(max_new_tokens=args.shared_output_len, temperature=0, ignore_eos=True)
+    for i in order:
+        core.add(GenerateRequest(f"q{i}", prompts[i], params))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        while core.has_work:
+            core.step()
+    wall = time.perf_counter() - t0
+    core.check_invariant()
+    forward = sum(row[1] for row in kinds.values())
+    computed = sum(int(row[2]) for row in kinds.values())
+    fewest = args.groups * args.prefix_len + len(prompts) * args.question_len
+    print(
+        f"forward share: {args.groups} groups x {per_group} prompts, {args.prefix_len}-token "
+        f"prefix + {args.question_len}-token question, {args.shared_output_len} out, all at once"
+    )
+    print(f"  wall {wall:.2f} s, in forward passes {forward:.2f} s ({forward / wall:.1%})")
+    for kind, (n, seconds, prompt, decodes) in kinds.items():
+        print(
+            f"  {kind:11s}: {int(n):4d} forwards, {seconds:7.2f} s, prompt tokens {int(prompt):6d}, "
+            f"decode rows {int(decodes):5d}"
+        )
+    print(
+        f"  prompt tokens computed {computed} (the fewest a prefix cache can: {fewest}); "
+        f"{computed / max(1e-9, forward - kinds.get('decode-only', [0, 0.0])[1]):.0f} per "
+        "second of the forwards that carried them"
+    )
+
+
+def _extend_attention(
+    outs: dict[str, torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: int,
+    name: str,
+    *,
+    split: bool,
+) -> None:
+    """outs[name] = extend_attention over the prefix, split as the CPU does or masked."""
+    saved = layers._FLASH_CPU
+    layers._FLASH_CPU = saved if split else None
+    try:
+        outs[name] = layers.extend_attention(q, k, v, prefix, q.shape[-1] ** -0.5)
+    finally:
+        layers._FLASH_CPU = saved
+
+
+def bench_extend_attention(args: argparse.Namespace) -> None:
+    """Attention of an extend over a cached prefix (queries x prefix keys, 9 / 3 heads of 64, as
+    the default model), the way the CPU takes it (`extend_attention`) against the masked calls
+    it replaces from `_SPLIT_QUERIES` queries and `_SPLIT_KEYS` keys (the way other devices
+    take it), alternating; medians, and each one's largest error against float64."""
+    h, kvh, d = 9, 3, 64
+    gen = torch.Generator().manual_seed(4)
+    print(f"extend attention over a cached prefix, {h} / {kvh} heads of {d}: as the CPU takes it")
+    for t, prefix in args.extend_shapes:
+        q = torch.randn(t, h, d, generator=gen)
+        k = torch.randn(kvh, prefix + t, d, generator=gen)
+        v = torch.randn(kvh, prefix + t, d, generator=gen)
+        g = h // kvh
+        scores = q.double().transpose(0, 1) @ k.double().repeat_interleave(g, 0).mT * d**-0.5
+        hidden = torch.ones(t, prefix + t, dtype=torch.bool).tril(prefix).logical_not()
+        probs = scores.masked_fill(hidden, float("-inf")).softmax(-1)
+        ref = (probs @ v.double().repeat_interleave(g, 0)).transpose(0, 1)
+        outs: dict[str, torch.Tensor] = {}
+        run = functools.partial(_extend_attention, outs, q, k, v, prefix)
+        times = _alternating(
+            [
+                functools.partial(run, "cpu", split=True),
+                functools.partial(run, "masked", split=False),
+            ],
+            args.repeat,
+            f"extend {t} x {prefix}",
+        )
+        cpu, masked = (statistics.median(ts) for ts in times)
+        errors = {name: (o.double() - ref).abs().max().item() for name, o in outs.items()}
+        print(
+            f"  {t:5d} queries x {prefix:5d} prefix keys: this way {cpu * 1000:7.2f} ms, masked "
+            f"{masked * 1000:7.2f} ms, masked / this = {masked / cpu:.2f} (max error "
+            f"{errors['cpu']:.1e} / {errors['masked']:.1e})"
+        )
+
+
 SCENARIOS = {
     "shared-prefix": bench_shared_prefix,
     "no-sharing": bench_no_sharing,
@@ -858,6 +991,8 @@ SCENARIOS = {
     "bf16": bench_bf16,
     "mixed": bench_mixed,
     "bursts": bench_bursts,
+    "forward-share": bench_forward_share,
+    "extend-attention": bench_extend_attention,
 }
 
 
@@ -871,6 +1006,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of cache on/off")
     p.add_argument("--questions", type=int, default=128)
+    p.add_argument("--groups", type=int, default=8, help="forward-share: prefixes")
     p.add_argument("--prefix-len", type=int, default=1200)
     p.add_argument("--question-len", type=int, default=60)
     p.add_argument("--shared-output-len", type=int, default=4)
@@ -907,6 +1043,13 @@ def main() -> None:
         help="decode-pass: also run next to a busy process",
     )
     ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
+    shapes = lambda v: [tuple(int(n) for n in x.split("x")) for x in v.split(",")]  # noqa: E731
+    p.add_argument(
+        "--extend-shapes",
+        type=shapes,
+        default=[(60, 1200), (256, 512), (256, 2048), (512, 1536), (1024, 1024), (2048, 2048)],
+        help="extend-attention: QUERIESxPREFIX,...",
+    )
     p.add_argument("--mixed-chunks", type=ints, default=[512, 2048], help="mixed: chunk sizes")
     p.add_argument("--mixed-batches", type=ints, default=[8, 32], help="mixed: decode rows")
     p.add_argument(

@@ -23,7 +23,7 @@ CASES = [
         " --decode-context 16 --decode-steps 2 --pass-batches 2 --max-total-tokens 4096"
         " --gemm-rows 70,1 --mixed-chunks 24 --mixed-batches 2 --bursts 1 --burst-size 2"
         " --burst-prompt-len 32 --burst-output-len 2 --burst-decoders 2 --burst-decode-len 4"
-        " --burst-interval 0.2",
+        " --burst-interval 0.2 --extend-shapes 300x2000",
         [
             rf"throughput cache on / off = {RATIO}x",
             rf"throughput cache on / off = {RATIO}  ",
@@ -32,6 +32,7 @@ CASES = [
             rf"match_prefix per call: .*\(salted / unsalted = {RATIO}\)",
             rf"M = +70: GFLOP/s .*\*.*; chosen / F.linear = {RATIO}",
             rf"M = +1: GFLOP/s .*\*.*; chosen / F.linear = {RATIO}",
+            rf"FMA peak +{RATIO} GFLOP/s \(registers only\); of it: mkl [0-9]+%, stream [0-9]+%",
             rf"forward / matmuls = {RATIO}",
             rf"matmuls vs F.linear = {RATIO}x throughput",
             rf"step / matmuls = {RATIO}",
@@ -47,6 +48,9 @@ CASES = [
             rf"bf16 decode: batch 2 x 16: .* float32 / bfloat16 = {RATIO}",
             rf"chunk +24 \+ +2 decodes: one forward .*\n +one / two forwards = {RATIO}",
             rf"adaptive / fixed: TTFT p50 {RATIO}, p99 {RATIO}; ITL p50 {RATIO}, p99 {RATIO}",
+            rf"in forward passes {RATIO} s \({RATIO}%\)",
+            r"prompt tokens computed [0-9]+ \(the fewest a prefix cache can: [0-9]+\)",
+            rf"  +300 queries x  2000 prefix keys: .* masked / this = {RATIO} \(max error",
         ],
         ["radix_shared_prefix", "radix_no_sharing", "decode_step_vs_batch"],
         id="engine",

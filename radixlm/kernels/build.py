@@ -149,6 +149,8 @@ def open_kernels(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
     lib.radixlm_native_bf16_dot.argtypes, lib.radixlm_native_bf16_dot.restype = [], ctypes.c_int
+    lib.radixlm_fma_peak.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.radixlm_fma_peak.restype = ctypes.c_double
     return lib
 
 

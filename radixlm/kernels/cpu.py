@@ -80,6 +80,11 @@ class CpuKernelBackend:
         widened path's speed from a few rows up) rather than widening them to float32."""
         return bool(self.lib.radixlm_native_bf16_dot())
 
+    def fma_peak(self, iters: int = 10_000_000) -> float:
+        """GFLOP/s of float32 vector FMAs on every thread with nothing but registers: the ceiling
+        benchmarks set a GEMM's speed against (0 where this build has no vector path)."""
+        return float(self.lib.radixlm_fma_peak(torch.get_num_threads(), iters))
+
     @staticmethod
     def covers(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
         """Whether every op runs here for a model of `dtype` and a pool of `kv_dtype`."""

@@ -467,6 +467,39 @@ void radixlm_linear_bf16(const float* x, int64_t m, int64_t k, const uint16_t* w
     linear(x, m, k, w, n, y, sgemm, num_threads);
 }
 
+// GFLOP/s of num_threads threads doing only independent vector FMAs in registers, `iters` rounds
+// each: the cores' float32 peak, which benchmarks set a GEMM's speed against; 0 where the
+// kernels have no vector path.
+double radixlm_fma_peak(int num_threads, int64_t iters) {
+#if defined(RADIXLM_TILES)
+    constexpr int kChains = 12;  // independent accumulators: more than FMA latency x pipes
+    static volatile float sink;  // keeps the sums, so that the loop is not optimised away
+    int used = 1;
+    const double start = omp_get_wtime();
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp single nowait
+        used = omp_get_num_threads();
+        Simd::V acc[kChains];
+        const Simd::V mul = Simd::set1(0.999999f), add = Simd::set1(1e-7f);
+        for (int i = 0; i < kChains; ++i) acc[i] = Simd::set1(float(i + omp_get_thread_num()));
+        for (int64_t it = 0; it < iters; ++it)
+            for (int i = 0; i < kChains; ++i) acc[i] = Simd::fmadd(acc[i], mul, add);
+        float lanes[Simd::kWidth], total = 0.0f;
+        for (int i = 0; i < kChains; ++i) {
+            Simd::store(lanes, acc[i]);
+            total += lanes[0];
+        }
+        sink = total;
+    }
+    const double seconds = omp_get_wtime() - start;
+    return 2.0 * Simd::kWidth * kChains * double(iters) * used / seconds / 1e9;
+#else
+    (void)num_threads, (void)iters;
+    return 0.0;
+#endif
+}
+
 // 1 where bfloat16 weights are multiplied natively (AVX512-BF16: x rounded to bfloat16), 0 where
 // they are widened to float32.
 int radixlm_native_bf16_dot() {

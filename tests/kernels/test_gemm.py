@@ -4,6 +4,7 @@ model's logits and an engine's greedy tokens under each equal the torch backend'
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.engine import Engine
 from radixlm.kernels.backend import choose_backend
-from radixlm.kernels.build import load_kernels
+from radixlm.kernels.build import isa_variants, load_kernels
 from radixlm.kernels.cpu import CpuKernelBackend
 from radixlm.kernels.gemm import (
     FEW_ROWS,
@@ -256,3 +257,28 @@ def test_an_engine_decodes_the_torch_tokens_with_each_gemm(
                 outputs[name] = [o["output_ids"] for o in outs]
                 engine.check_invariant()
     assert outputs[gemm] == outputs["torch"]
+
+
+@pytest.mark.parametrize(
+    "flags", list(isa_variants().values()), ids=lambda f: " ".join(f) or "native"
+)
+def test_fma_peak_bounds_a_gemm(flags: tuple[str, ...]) -> None:
+    """The cores' FMA peak that `bench_engine.py gemm` sets each GEMM against is a real ceiling:
+    positive on every vector build, and on this CPU's own build not outrun by a float32 GEMM
+    at prefill size (MKL), beyond a shared machine's drift between the two timings."""
+    lib = load_kernels(flags)
+    assert lib is not None
+    peak = max(CpuKernelBackend(lib).fma_peak() for _ in range(3))
+    assert peak > 0
+    if flags:
+        return  # the path another CPU takes: its peak is not this CPU's
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(512, 576, generator=gen), torch.randn(1536, 576, generator=gen)
+    F.linear(x, w)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        F.linear(x, w)
+        best = min(best, time.perf_counter() - start)
+    gemm = 2 * x.shape[0] * w.shape[0] * w.shape[1] / best / 1e9
+    assert gemm < 1.5 * peak, (gemm, peak)
