@@ -385,6 +385,45 @@ def bench_prefill(args: argparse.Namespace) -> None:
     )
     print(f"  forward / matmuls = {fwd / mm:.2f}  (target <= 1.2)")
     print(f"  matmuls vs F.linear = {ref / mm:.2f}x throughput  (target >= 1.5)")
+    if args.prefill_prefix:
+        _prefill_after_prefix(args)
+
+
+def _prefill_after_prefix(args: argparse.Namespace) -> None:
+    """The same prompts as new tokens after `--prefill-prefix` cached tokens each: the forward
+    with the CPU's extend attention (split from the prefix where it is long enough) against
+    the masked calls, alternating."""
+    n, p = args.prefill_len, args.prefill_prefix
+    core = EngineCore(EngineArgs(args.model_path, max_total_tokens=args.batch * (p + n) + 64))
+    gen = torch.Generator().manual_seed(3)
+    slots = core.allocator.alloc(args.batch * (p + n))
+    assert slots is not None
+    rows = [slots[i * (p + n) : (i + 1) * (p + n)] for i in range(args.batch)]
+    prefixes = [ScheduledSeq(random_ids(p, gen), 0, r[:p], p - 1) for r in rows]
+    core.runner.forward(prefixes)  # the prefixes' K/V into the pool
+    seqs = [ScheduledSeq(random_ids(n, gen), p, r, p + n - 1) for r in rows]
+    outs: dict[str, torch.Tensor] = {}
+
+    def forward(name: str, split: bool) -> None:
+        saved = layers._FLASH_CPU
+        layers._FLASH_CPU = saved if split else None
+        try:
+            outs[name] = core.runner.forward(seqs)
+        finally:
+            layers._FLASH_CPU = saved
+
+    times = _alternating(
+        [functools.partial(forward, "cpu", True), functools.partial(forward, "masked", False)],
+        args.repeat,
+        "prefill after a prefix",
+    )
+    cpu, masked = (statistics.median(t) for t in times)
+    diff = (outs["cpu"] - outs["masked"]).abs().max().item()
+    print(
+        f"prefill: {args.batch} x {n} new tokens after {p} cached each: forward {cpu * 1000:8.1f} "
+        f"ms, with the masked extend attention {masked * 1000:8.1f} ms: masked / this = "
+        f"{masked / cpu:.2f} (logits differ by at most {diff:.1e})"
+    )
 
 
 def bench_decode(args: argparse.Namespace) -> None:
@@ -971,8 +1010,10 @@ def bench_extend_attention(args: argparse.Namespace) -> None:
         )
         cpu, masked = (statistics.median(ts) for ts in times)
         errors = {name: (o.double() - ref).abs().max().item() for name, o in outs.items()}
+        split = t >= layers._SPLIT_QUERIES and prefix + t >= layers._SPLIT_KEYS
         print(
-            f"  {t:5d} queries x {prefix:5d} prefix keys: this way {cpu * 1000:7.2f} ms, masked "
+            f"  {t:5d} queries x {prefix:5d} prefix keys: this way ({'split' if split else 'masked'}"
+            f") {cpu * 1000:7.2f} ms, masked "
             f"{masked * 1000:7.2f} ms, masked / this = {masked / cpu:.2f} (max error "
             f"{errors['cpu']:.1e} / {errors['masked']:.1e})"
         )
@@ -1018,6 +1059,9 @@ def main() -> None:
     )
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prefill-len", type=int, default=1024)
+    p.add_argument(
+        "--prefill-prefix", type=int, default=0, help="prefill: also after this many cached tokens"
+    )
     p.add_argument("--decode-batch", type=int, default=32)
     p.add_argument("--decode-context", type=int, default=512)
     p.add_argument("--decode-steps", type=int, default=10)
