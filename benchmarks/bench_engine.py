@@ -21,13 +21,14 @@ python benchmarks/bench_engine.py extend-attention  # an extend over a cached pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -405,12 +406,8 @@ def _prefill_after_prefix(args: argparse.Namespace) -> None:
     outs: dict[str, torch.Tensor] = {}
 
     def forward(name: str, split: bool) -> None:
-        saved = layers._FLASH_CPU
-        layers._FLASH_CPU = saved if split else None
-        try:
+        with _extend_attention_way(split):
             outs[name] = core.runner.forward(seqs)
-        finally:
-            layers._FLASH_CPU = saved
 
     times = _alternating(
         [functools.partial(forward, "cpu", True), functools.partial(forward, "masked", False)],
@@ -973,10 +970,18 @@ def _extend_attention(
     split: bool,
 ) -> None:
     """outs[name] = extend_attention over the prefix, split as the CPU does or masked."""
+    with _extend_attention_way(split):
+        outs[name] = layers.extend_attention(q, k, v, prefix, q.shape[-1] ** -0.5)
+
+
+@contextlib.contextmanager
+def _extend_attention_way(split: bool) -> Iterator[None]:
+    """Extends over a cached prefix take the CPU's way (split from the prefix where it is long
+    enough) or, with split False, the masked calls other devices take."""
     saved = layers._FLASH_CPU
     layers._FLASH_CPU = saved if split else None
     try:
-        outs[name] = layers.extend_attention(q, k, v, prefix, q.shape[-1] ** -0.5)
+        yield
     finally:
         layers._FLASH_CPU = saved
 
