@@ -15,8 +15,9 @@ import pytest
 import torch
 from hf_reference import hf_logprobs, load_hf_smollm2
 
-from radixlm.core.plan import ScheduledSeq
+from radixlm.core.plan import MAX_ROW_QUERIES, ScheduledSeq
 from radixlm.engine.engine import Engine
+from radixlm.models import layers
 
 pytestmark = pytest.mark.slow
 
@@ -201,6 +202,35 @@ def test_chunked_prefill_equals_transformers(
     assert max(n for c in calls for _, n in c) <= 16
     assert sum(1 for c in calls if any(n > 1 for _, n in c)) >= 4  # the long prompt took chunks
     assert any(is_mixed(c) for c in calls), calls
+
+
+def test_split_extend_attention_equals_transformers(
+    hf: Any, smollm2_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every extend after a cached prefix (the later chunks of a long prompt, longer than the
+    short rows the compiled kernel takes) split from its prefix as the CPU does for long ones:
+    greedy tokens and prompt logprobs as transformers'."""
+    monkeypatch.setattr(layers, "_SPLIT_QUERIES", 1)
+    monkeypatch.setattr(layers, "_SPLIT_KEYS", 1)
+    with Engine(smollm2_path, max_total_tokens=512, chunked_prefill_size=20) as engine:
+        calls = spy_forward(monkeypatch, engine)
+        prompt_ids = engine.tokenizer.encode(FEW_SHOT + "Q: What is the largest planet? A:")
+        out = engine.generate(
+            input_ids=prompt_ids,
+            sampling_params=greedy(),
+            return_logprob=True,
+            logprob_start_len=0,
+        )
+        assert (
+            sum(1 for c in calls if any(start > 0 and n > MAX_ROW_QUERIES for start, n in c)) >= 2
+        )
+        assert_reference_greedy(hf, engine, prompt_ids, out, NEW_TOKENS)
+        engine.check_invariant()
+    got = out["meta_info"]["input_token_logprobs"]
+    ref = hf_logprobs(hf, prompt_ids)[:-1].gather(1, torch.tensor(prompt_ids[1:])[:, None])
+    torch.testing.assert_close(
+        torch.tensor([v for v, _, _ in got[1:]]), ref[:, 0], atol=LOGPROB_ATOL, rtol=0
+    )
 
 
 def test_retraction_keeps_greedy_output(hf: Any, small_engine: Engine) -> None:
