@@ -475,8 +475,9 @@ double radixlm_fma_peak(int num_threads, int64_t iters) {
     constexpr int kChains = 12;  // independent accumulators: more than FMA latency x pipes
     static volatile float sink;  // keeps the sums, so that the loop is not optimised away
     int used = 1;
+    float total = 0.0f;
     const double start = omp_get_wtime();
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(num_threads) reduction(+ : total)
     {
 #pragma omp single nowait
         used = omp_get_num_threads();
@@ -485,14 +486,14 @@ double radixlm_fma_peak(int num_threads, int64_t iters) {
         for (int i = 0; i < kChains; ++i) acc[i] = Simd::set1(float(i + omp_get_thread_num()));
         for (int64_t it = 0; it < iters; ++it)
             for (int i = 0; i < kChains; ++i) acc[i] = Simd::fmadd(acc[i], mul, add);
-        float lanes[Simd::kWidth], total = 0.0f;
+        float lanes[Simd::kWidth];
         for (int i = 0; i < kChains; ++i) {
             Simd::store(lanes, acc[i]);
             total += lanes[0];
         }
-        sink = total;
     }
     const double seconds = omp_get_wtime() - start;
+    sink = total;
     return 2.0 * Simd::kWidth * kChains * double(iters) * used / seconds / 1e9;
 #else
     (void)num_threads, (void)iters;

@@ -151,7 +151,8 @@ def extend_attention(
 
     torch's fused attention (flash attention on the CPU too) with grouped-query heads; after a
     cached prefix the causal diagonal is offset (and a window adds a second one), so a mask
-    carries it, query block by block.
+    carries it, query block by block; on the CPU a long extend without a window over a long
+    prefix takes `_prefix_then_own` instead, without a mask.
     """
     t = q.shape[0]
     if window is not None and prefix_len + t <= window:
