@@ -77,13 +77,21 @@ def test_engine_death_fails_in_flight_requests_and_health(doomed: ServerProcess)
 
     def chat_stream() -> None:
         chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1800, "stream": True}
+        events = []
         with doomed.client() as c, c.stream("POST", "/v1/chat/completions", json=chat) as r:
-            results["chat"] = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    first_chat_event.set()
+        results["chat"] = events
 
+    first_chat_event = threading.Event()
     threads = [threading.Thread(target=f) for f in (streaming, waiting, chat_stream)]
     for t in threads:
         t.start()
-    assert first_event.wait(60)
+    # Both streams in flight before the engine dies (a request that arrives after it gets a
+    # plain 503, tested below).
+    assert first_event.wait(60) and first_chat_event.wait(60)
     with doomed.client() as c:
         assert c.get("/health").status_code == 200
     engine = doomed.engine_pid()
