@@ -355,9 +355,10 @@ def _run_all(gemms: list[tuple[Callable[[torch.Tensor], torch.Tensor], torch.Ten
 
 
 def bench_prefill(args: argparse.Namespace) -> None:
-    core = EngineCore(
-        EngineArgs(args.model_path, max_total_tokens=args.batch * args.prefill_len + 64)
-    )
+    # Room for the uncached prompts, and for the prompts after prefixes (`_prefill_after_prefix`).
+    after = args.prefill_prefix + args.prefill_len if args.prefill_prefix else 0
+    slots_needed = args.batch * (args.prefill_len + after) + 64
+    core = EngineCore(EngineArgs(args.model_path, max_total_tokens=slots_needed))
     gen = torch.Generator().manual_seed(2)
     prompts = [random_ids(args.prefill_len, gen) for _ in range(args.batch)]
     slots = core.allocator.alloc(args.batch * args.prefill_len)
@@ -387,15 +388,14 @@ def bench_prefill(args: argparse.Namespace) -> None:
     print(f"  forward / matmuls = {fwd / mm:.2f}  (target <= 1.2)")
     print(f"  matmuls vs F.linear = {ref / mm:.2f}x throughput  (target >= 1.5)")
     if args.prefill_prefix:
-        _prefill_after_prefix(args)
+        _prefill_after_prefix(args, core)
 
 
-def _prefill_after_prefix(args: argparse.Namespace) -> None:
-    """The same prompts as new tokens after `--prefill-prefix` cached tokens each: the forward
-    with the CPU's extend attention (split from the prefix where it is long enough) against
-    the masked calls, alternating."""
+def _prefill_after_prefix(args: argparse.Namespace, core: EngineCore) -> None:
+    """New prompts after `--prefill-prefix` cached tokens each, on core's free slots: the
+    forward with the CPU's extend attention (split from the prefix where it is long enough)
+    against the masked calls, alternating."""
     n, p = args.prefill_len, args.prefill_prefix
-    core = EngineCore(EngineArgs(args.model_path, max_total_tokens=args.batch * (p + n) + 64))
     gen = torch.Generator().manual_seed(3)
     slots = core.allocator.alloc(args.batch * (p + n))
     assert slots is not None
