@@ -189,17 +189,21 @@ def modelled(cost: StepCost, off: Run, on: Run) -> str:
 
 def row_costs(core: EngineCore, shapes: list[tuple[int, int]], reps: int) -> None:
     """Forward time of decode steps of `batch` rows of `tokens` each (a 200-token context),
-    each relative to one row of one token; shapes alternate, the minimum of reps is kept."""
+    each relative to one row of one token; shapes alternate, the minimum of reps is kept. The
+    rows' slots are the pool's (taken from the allocator, given back at the end)."""
     ctx = 200
+    most_rows, most_tokens = max(b for b, _ in shapes), max(t for _, t in shapes)
+    slots = core.allocator.alloc(most_rows * (ctx + most_tokens))
+    if slots is None:
+        raise SystemExit(
+            f"--max-total-tokens holds {core.allocator.num_free} free slots; the row costs "
+            f"need {most_rows * (ctx + most_tokens)}"
+        )
+    rows = slots.view(most_rows, ctx + most_tokens)
 
     def seqs(batch: int, tokens: int) -> list[ScheduledSeq]:
         return [
-            ScheduledSeq(
-                list(range(100, 100 + tokens)),
-                ctx,
-                torch.arange(i * 512, i * 512 + ctx + tokens),
-                ctx,
-            )
+            ScheduledSeq(list(range(100, 100 + tokens)), ctx, rows[i, : ctx + tokens], ctx)
             for i in range(batch)
         ]
 
@@ -215,6 +219,7 @@ def row_costs(core: EngineCore, shapes: list[tuple[int, int]], reps: int) -> Non
     one = min(times[(1, 1)])
     print(f"decode step, 1 row: {one * 1000:.1f} ms; relative cost by batch x tokens:")
     print("  " + ", ".join(f"{b}x{t} {min(times[(b, t)]) / one:.2f}" for b, t in shapes))
+    core.allocator.free(slots)
 
 
 def main() -> None:

@@ -150,7 +150,7 @@ CASES = [
     pytest.param(
         "bench_speculative.py",
         "--rounds 1 --max-new-tokens 6 --batches 1 --large-batch 2 --row-reps 1"
-        " --max-total-tokens 2048",
+        " --max-total-tokens 4096",
         [
             rf"step cost measured at start, ms by rows: 1: {RATIO}, 2: {RATIO}",
             rf"decode step, 1 row: {RATIO} ms",

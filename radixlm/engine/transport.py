@@ -98,21 +98,30 @@ class ProcessTransport:
             try:
                 self.engine.send(cast("Message", msg))
             except (OSError, ValueError):
-                on_exit(EngineDeadError("the engine process is gone"))
+                on_exit(self._death())
                 return
 
     def _read_loop(self, on_outputs: OnOutputs, on_exit: OnExit) -> None:
-        reason = "the engine process is gone"
         try:
             while True:
                 on_outputs(self.engine.recv())
         except (EOFError, OSError):
-            self.engine.process.join(timeout=1)
-            reason = f"the engine process exited (exit code {self.engine.process.exitcode})"
-            if not self._closing:
-                logger.error("%s", reason)
+            pass
         finally:  # whatever ended the loop, every waiter must hear of it
-            on_exit(EngineDeadError(reason))
+            death = self._death()
+            if not self._closing:
+                logger.error("%s", death)
+            on_exit(death)
+
+    def _death(self) -> EngineDeadError:
+        """Why the core is gone, the same whichever thread notices first (a send into the
+        closed pipe can come before the read of its end): the exit code once the process has
+        ended (waiting a second for it)."""
+        self.engine.process.join(timeout=1)
+        code = self.engine.process.exitcode
+        if code is None:
+            return EngineDeadError("the engine process is gone")
+        return EngineDeadError(f"the engine process exited (exit code {code})")
 
     def close(self) -> None:
         """Stop the sender, then the core process (killed if it does not stop in time)."""

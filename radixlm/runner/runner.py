@@ -156,7 +156,11 @@ class ModelRunner:
         """
         order = sorted(range(len(seqs)), key=lambda i: is_short_row(seqs[i]))
         batch = build_batch(
-            [seqs[i] for i in order], self.backend, self.device, self.config.sliding_window
+            [seqs[i] for i in order],
+            self.backend,
+            self.device,
+            self.config.sliding_window,
+            num_slots=self.pool.num_slots,
         )
         logits = self.model(batch, self.pool.k, self.pool.v)
         if order == sorted(order):
@@ -173,14 +177,27 @@ class ModelRunner:
         """Release what the runner holds besides memory (a tensor-parallel runner's ranks)."""
 
 
+def check_slots(slots: torch.Tensor, num_slots: int) -> None:
+    """Raise ValueError unless every slot id is in 0 .. num_slots (a pool's ids; 0 pads)."""
+    if slots.numel() == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(slots))
+    if lo < 0 or hi > num_slots:
+        raise ValueError(f"KV slot ids {lo} .. {hi} outside the pool's 0 .. {num_slots}")
+
+
 def build_batch(
     seqs: list[ScheduledSeq],
     backend: Backend,
     device: torch.device,
     window: int | None = None,
+    *,
+    num_slots: int | None = None,
 ) -> ForwardBatch:
     """Flatten scheduled sequences (extends first) into the tensors the model reads; the short
-    rows' attention metadata is `backend`'s. `window`: the model's sliding window, if any."""
+    rows' attention metadata is `backend`'s. `window`: the model's sliding window, if any.
+    With `num_slots` (the pool's), every slot a sequence reads or writes must be one of the
+    pool's (1 .. num_slots; 0 pads): compiled kernels index the pool unchecked."""
     ids: list[int] = []
     positions: list[int] = []
     out_slots: list[torch.Tensor] = []
@@ -201,11 +218,15 @@ def build_batch(
             rows.append(seq)
             continue
         assert not rows, "extends must come before short rows"
+        if num_slots is not None:
+            check_slots(seq.kv_slots, num_slots)
         extends.append(ExtendSeq(q_start, q_len, seq.start, seq.kv_slots.to(device)))
         num_extend += q_len
     layout = None
     if rows:
         kv = torch.nn.utils.rnn.pad_sequence([s.kv_slots for s in rows], batch_first=True)
+        if num_slots is not None:
+            check_slots(kv, num_slots)
         starts = torch.tensor([s.start for s in rows], device=device)
         lens = torch.tensor([len(s.new_ids) for s in rows], device=device)
         layout = backend.row_layout(kv.to(device), starts, lens, window)

@@ -1,5 +1,5 @@
 """KV pool sizing: mem_fraction_static is the share of the available memory that the weights and
-the pool take together."""
+the pool take together; a forward's slots must be the pool's."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from radixlm.core.plan import ScheduledSeq, is_short_row
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.runner.runner import MIN_POOL_SLOTS, available_memory, pool_slots
@@ -49,3 +50,30 @@ def test_a_smaller_fraction_gives_the_engine_a_smaller_pool(tiny_model_dir: Path
     assert large == pytest.approx(80e6 / per_slot, rel=0.1)
     # An explicit pool size wins.
     assert _pool_size(tiny_model_dir, mem_fraction_static=0.9, max_total_tokens=300) == 300
+
+
+@pytest.mark.parametrize("bad", [-1, 33])
+@pytest.mark.parametrize("where", ["extend", "row"])
+def test_a_slot_outside_the_pool_is_refused_before_any_kernel_runs(
+    tiny_model_dir: Path, bad: int, where: str
+) -> None:
+    """The compiled kernels write and read the pool at whatever slot ids they are given: a
+    forward whose sequence names a slot outside the pool (here a pool of 32) is refused with a
+    ValueError, and the pool is left as it was."""
+    core = EngineCore(EngineArgs(model_path=str(tiny_model_dir), max_total_tokens=32))
+    runner = core.runner
+    good = ScheduledSeq([5, 6, 7, 8], 0, torch.arange(1, 5), 3)
+    runner.forward([good])
+    # As bytes: the pool's unwritten slots are uninitialised memory (NaN is not equal to itself).
+    before = [t.clone().view(torch.int32) for t in (*runner.pool.k, *runner.pool.v)]
+    if where == "extend":
+        seq = ScheduledSeq([9] * 20, 0, torch.tensor([bad, *range(1, 20)]), 19)
+    else:  # one new token after the 4 cached: a short row
+        seq = ScheduledSeq([9], 4, torch.tensor([1, 2, 3, 4, bad]), 4)
+    assert is_short_row(seq) == (where == "row")
+    with pytest.raises(ValueError, match=rf"KV slot ids .*{bad}.* outside the pool's 0 \.\. 32"):
+        runner.forward([good, seq])
+    after = [t.view(torch.int32) for t in (*runner.pool.k, *runner.pool.v)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    # Every slot of the pool is still usable.
+    runner.forward([ScheduledSeq([9] * 32, 0, torch.arange(1, 33), 31)])
