@@ -214,6 +214,7 @@ def overhead(a: argparse.Namespace) -> None:
     router = ServerProcess.start(
         ["--worker-urls", *urls, "--policy", a.policy, "--log-level", "warning"],
         command="router",
+        die_with_parent=True,
     )
     try:
         while not httpx.get(router.url + "/get_server_info").json()["router"]["tokenizer_ready"]:
@@ -385,7 +386,8 @@ def cache(a: argparse.Namespace) -> None:
 
     def start(*extra: str, command: str = "serve") -> ServerProcess:
         server = ServerProcess.start([*flags, *extra] if command == "serve" else list(extra),
-                                     env=env, timeout=600.0, command=command)  # fmt: skip
+                                     env=env, timeout=600.0, command=command,
+                                     die_with_parent=True)  # fmt: skip
         started.append(server)
         return server
 

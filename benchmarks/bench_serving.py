@@ -10,6 +10,12 @@ python benchmarks/bench_serving.py --compare-engine   # served / in-process thro
 python benchmarks/bench_serving.py --ttft-cached      # TTFT, cached / uncached prefix (<= 0.25)
 python benchmarks/bench_serving.py --peer-llama-server F32 --plot  # radixlm vs llama-server, 3 datasets
 python benchmarks/bench_serving.py --peer-url http://host:8080     # vs any OpenAI-compatible server
+python benchmarks/bench_serving.py --peer-llama-server F32 --datasets prefill  # one prompt at a time
+
+Datasets: generated-shared-prefix (SGLang's: groups of questions after a shared system prompt),
+random (nothing shared), multiturn (chats whose turns resend the history), and prefill: distinct
+prompts of --prefill-len tokens and 1 output token, sent one at a time (its prompt tokens/s is
+single-request prefill speed).
 
 Prompts are random whole words of the model's vocabulary, so that their text re-tokenizes to the
 intended token count; --token-ids sends the same prompts as token ids instead.
@@ -40,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from plots import add_plot_arg, bar_charts  # benchmarks/plots.py
 
-from radixlm.server.child_process import ServerProcess
+from radixlm.server.child_process import ServerProcess, kill_when_parent_exits
 from radixlm.tokenizer import Tokenizer
 from radixlm.utils import progress
 
@@ -553,7 +559,8 @@ def launched_server(args: argparse.Namespace) -> Iterator[str]:
     if args.disable_radix_cache:
         flags.append("--disable-radix-cache")
     flags += shlex.split(args.server_args)
-    server = ServerProcess.start(flags, timeout=SERVER_START_TIMEOUT_S)
+    # Started by the main thread, so it goes when the benchmark does, however that ends.
+    server = ServerProcess.start(flags, timeout=SERVER_START_TIMEOUT_S, die_with_parent=True)
     try:
         with server:
             print(
@@ -587,7 +594,9 @@ def launched_llama_server(weights: str, threads: int) -> Iterator[str]:
     cmd += ["-np", "32", "-c", "65536", "-t", str(threads), "--metrics"]
     log = LLAMA_HOME / "bench-llama-server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=kill_when_parent_exits
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
@@ -694,6 +703,8 @@ def build_workload(
         requests = random_prompts(
             maker, args.num_prompts, args.random_input_len, args.random_output_len
         )
+    elif args.dataset_name == "prefill":
+        requests = random_prompts(maker, args.prefill_prompts, args.prefill_len, 1)
     else:
         requests = generated_shared_prefix(
             maker,
@@ -719,6 +730,9 @@ def describe(args: argparse.Namespace, workload: Workload) -> dict[str, object]:
     elif args.dataset_name == "random":
         data = f"random: {args.num_prompts} prompts x {args.random_input_len} tokens"
         out = args.random_output_len
+    elif args.dataset_name == "prefill":
+        data = f"prefill: {args.prefill_prompts} prompts x {args.prefill_len} tokens, one at a time"
+        out = 1
     else:
         data = (
             f"generated-shared-prefix: {args.gsp_num_groups} groups x "
@@ -842,6 +856,8 @@ def mode_peer(args: argparse.Namespace, url: str, peer_url: str, tokenizer: Toke
     rows: list[tuple[str, RunMetrics, RunMetrics]] = []
     for dataset in args.datasets:
         d = argparse.Namespace(**{**vars(args), "dataset_name": dataset, "backend": "openai"})
+        if dataset == "prefill":
+            d.max_concurrency, d.request_rate = 1, math.inf
         best: dict[str, RunMetrics] = {}
         with progress(2 * args.rounds, f"{dataset}: radixlm and {peer}", "run") as bar:
             for r in range(args.rounds):
@@ -869,6 +885,14 @@ def mode_peer(args: argparse.Namespace, url: str, peer_url: str, tokenizer: Toke
         p50 = f"{ours.ttft_ms[1]:.0f} / {theirs.ttft_ms[1]:.0f}"
         p99 = f"{ours.ttft_ms[2]:.0f} / {theirs.ttft_ms[2]:.0f}"
         print(f"{dataset:<26}{ratio:>11.2f}x{p50:>20}{p99:>20}")
+    for dataset, ours, theirs in rows:
+        if dataset == "prefill":
+            # One request at a time, one output token: the prompt tokens over the TTFTs.
+            rates = [args.prefill_len * 1000 / m.ttft_ms[1] for m in (ours, theirs)]
+            print(
+                f"single-request prefill, {args.prefill_len} tokens (TTFT p50): radixlm "
+                f"{rates[0]:.0f} tok/s, {peer} {rates[1]:.0f} tok/s, ratio {rates[0] / rates[1]:.2f}x"
+            )
     print("=" * 60)
     if args.plot:
         names = [d for d, _, _ in rows]
@@ -962,7 +986,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--dataset-name",
-        choices=["generated-shared-prefix", "random", "multiturn"],
+        choices=["generated-shared-prefix", "random", "multiturn", "prefill"],
         default="generated-shared-prefix",
     )
     p.add_argument("--gsp-num-groups", type=int, default=4, help="distinct system prompts")
@@ -975,6 +999,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=32, help="random dataset: prompts")
     p.add_argument("--random-input-len", type=int, default=512, help="random dataset: tokens")
     p.add_argument("--random-output-len", type=int, default=16, help="random dataset: tokens")
+    p.add_argument("--prefill-prompts", type=int, default=4, help="prefill dataset: prompts")
+    p.add_argument("--prefill-len", type=int, default=1024, help="prefill dataset: tokens")
     p.add_argument("--mt-conversations", type=int, default=16, help="multiturn: conversations")
     p.add_argument("--mt-turns", type=int, default=4, help="multiturn: user turns each")
     p.add_argument("--mt-question-len", type=int, default=128, help="multiturn: tokens a message")
@@ -993,6 +1019,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_plot_arg(p)
     args = p.parse_args(argv)
     args.peer_name = "llama-server" if args.peer_llama_server else "peer"
+    if args.dataset_name == "prefill":
+        args.max_concurrency = 1
     return args
 
 

@@ -216,16 +216,26 @@ def test_benchmark_runs(
 @pytest.mark.slow
 def test_serving_against_a_peer(tmp_path: Path) -> None:
     """The peer mode runs every dataset against radixlm and an OpenAI-compatible peer (here a
-    second radixlm server), prints one ratio row per dataset and draws them."""
+    second radixlm server), prints one ratio row per dataset and draws them; the prefill
+    dataset also prints each side's single-request prefill speed."""
     with ServerProcess.start([]) as peer:
         out = run_benchmark(
             "bench_serving.py",
             f"--peer-url {peer.url} --rounds 1 --gsp-num-groups 2 --gsp-prompts-per-group 2"
             " --gsp-system-prompt-len 40 --gsp-question-len 8 --gsp-output-len 2 --num-prompts 2"
             " --random-input-len 16 --random-output-len 2 --mt-conversations 2 --mt-turns 2"
-            f" --mt-question-len 8 --mt-output-len 2 --plot {tmp_path}".split(),
+            " --mt-question-len 8 --mt-output-len 2 --prefill-prompts 2 --prefill-len 24"
+            " --datasets generated-shared-prefix,random,multiturn,prefill"
+            f" --plot {tmp_path}".split(),
         )
-    for dataset, requests in (("generated-shared-prefix", 4), ("random", 2), ("multiturn", 4)):
+    assert re.search(
+        rf"single-request prefill, 24 tokens \(TTFT p50\): radixlm [0-9]+ tok/s, peer [0-9]+ "
+        rf"tok/s, ratio {RATIO}x",
+        out,
+    ), out
+    assert "prefill: 2 prompts x 24 tokens, one at a time" in out, out
+    datasets = (("generated-shared-prefix", 4), ("random", 2), ("multiturn", 4), ("prefill", 2))
+    for dataset, requests in datasets:
         assert re.search(rf"{dataset} +{RATIO}x +[0-9]+ / [0-9]+ +[0-9]+ / [0-9]+", out), out
         # both servers' summary blocks, each with every request of the dataset served
         blocks = re.findall(rf" {dataset}: .*\n(?:.*\n)*?Successful requests: +([0-9]+)", out)

@@ -46,8 +46,9 @@ def serve_argv(engine_args: EngineArgs, server_args: ServerArgs) -> list[str]:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the forked child: ask the kernel for SIGKILL when the parent goes."""
+def kill_when_parent_exits() -> None:
+    """In a forked child (a Popen's preexec_fn, Linux): ask the kernel for SIGKILL when the
+    thread that started it ends, even by SIGKILL or an abort that skips every cleanup."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
@@ -86,7 +87,7 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                preexec_fn=_die_with_parent if die_with_parent else None,
+                preexec_fn=kill_when_parent_exits if die_with_parent else None,
             )
         server = cls(proc, Path(log_path))
         try:

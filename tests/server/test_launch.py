@@ -107,3 +107,27 @@ def test_accepted_connections_have_nagle_off() -> None:
         conn, _ = listener.accept()
         with conn:
             assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_a_server_started_to_die_with_its_parent_goes_when_the_parent_aborts(
+    tiny_server_model: Path, tmp_path: Path
+) -> None:
+    """die_with_parent (what the benchmarks start their servers with): a parent that aborts,
+    skipping every cleanup, takes its server with it; without it the server would live on."""
+    script = (
+        "import os\n"
+        "from radixlm.server.child_process import ServerProcess\n"
+        f"args = ['--model-path', {str(tiny_server_model)!r}, '--max-total-tokens', '64']\n"
+        f"srv = ServerProcess.start(args, {str(tmp_path / 'server.log')!r}, die_with_parent=True)\n"
+        "print(srv.proc.pid, flush=True)\n"
+        "os.abort()\n"
+    )
+    parent = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert parent.returncode == -signal.SIGABRT, parent.stderr
+    server_pid = int(parent.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while pid_alive(server_pid):
+        assert time.monotonic() < deadline, "the server outlived its parent"
+        time.sleep(0.1)
