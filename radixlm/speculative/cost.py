@@ -90,7 +90,7 @@ def measure_step_cost(
     counts = [r for r in COST_ROWS if r <= max_rows]
     with torch.inference_mode():
         # The context the timed rows attend to, computed once (the pool holds no garbage).
-        forward([ScheduledSeq(list(range(100, 100 + context)), 0, torch.arange(context), context)])
+        forward([ScheduledSeq(list(range(100, 100 + context)), 0, _slots(0, context), context)])
         first = forward(_rows(1, context))[0]
         exact = counts
         for i, rows in enumerate(counts[1:], start=1):  # also warms threads and caches
@@ -123,6 +123,11 @@ def fit_line(rows: Sequence[int], seconds: Sequence[float]) -> tuple[float, ...]
     return tuple(max(mean_s + slope * (r - mean_r), floor) for r in rows)
 
 
+def _slots(start: int, end: int) -> torch.Tensor:
+    """The pool's slots of positions start .. end - 1 of the timed steps (slot 0 pads)."""
+    return torch.arange(start + 1, end + 1)
+
+
 def _rows(rows: int, context: int) -> list[ScheduledSeq]:
     """A decode step of `rows` new tokens: one decode, then sequences of up to 4 (drafts), all
     attending to the same `context` slots and writing their own after them (the first row is
@@ -130,7 +135,7 @@ def _rows(rows: int, context: int) -> list[ScheduledSeq]:
     seqs, start = [], context
     while start < context + rows:
         n = 1 if start == context else min(4, context + rows - start, MAX_ROW_QUERIES)
-        slots = torch.cat([torch.arange(context), torch.arange(start, start + n)])
+        slots = torch.cat([_slots(0, context), _slots(start, start + n)])
         seqs.append(ScheduledSeq(list(range(200, 200 + n)), context, slots, context))
         start += n
     return seqs

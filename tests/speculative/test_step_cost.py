@@ -113,8 +113,11 @@ def test_measured_cost_on_the_tiny_model(tiny_model_dir: Path) -> None:
         assert cost.max_rows == STREAM_ROWS
     assert all(s > 0 for s in cost.seconds)
     assert list(cost.seconds) == sorted(cost.seconds)
-    # The timed steps wrote into free slots only: the pool is whole and serves as before.
+    # The timed steps wrote into free slots only: the pool is whole and serves as before,
+    # its padding slot (0) still zero.
     core.check_invariant()
+    pool = core.runner.pool
+    assert all(not t[:, 0].any() for t in (*pool.k, *pool.v))
     assert core.allocator.num_free == core.allocator.num_slots
     with torch.inference_mode():
         assert measure_step_cost(core.runner.forward, 8).rows == (1, 2, 4)
