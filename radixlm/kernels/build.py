@@ -56,6 +56,15 @@ _ARGTYPES: dict[str, list[type]] = {
 }
 
 
+def sanitize_flags() -> tuple[str, ...]:
+    """The compiler flags of `RADIXLM_SANITIZE` (e.g. `address`): the kernels built with that
+    sanitizer, so that a native read or write out of bounds stops the process with a report.
+    Such a library loads only into a process started with the sanitizer's runtime preloaded:
+    `scripts/sanitize.sh` runs a command so."""
+    mode = os.environ.get("RADIXLM_SANITIZE")
+    return (f"-fsanitize={mode}", "-fno-omit-frame-pointer", "-g") if mode else ()
+
+
 def cpu_flags() -> str:
     """The CPU's feature flags: -march=native output is only valid on a CPU that has them."""
     try:
@@ -92,10 +101,14 @@ def isa_variants() -> dict[str, tuple[str, ...]]:
 def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """The compiled kernels, built once per source, compiler, flags and CPU; None if they cannot
     be built. extra_flags (e.g. `-mno-avx512f`) build a variant, as tests do for the paths
-    other CPUs take."""
-    flags = [*_FLAGS, *extra_flags]
+    other CPUs take. Under `RADIXLM_SANITIZE` a build or load that fails raises instead: a run
+    meant to check the kernels must not fall back to torch."""
+    sanitize = sanitize_flags()
+    flags = [*_FLAGS, *sanitize, *extra_flags]
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
+        if sanitize:
+            raise RuntimeError("RADIXLM_SANITIZE is set but no C++ compiler was found")
         logger.warning("no C++ compiler found: the CPU kernels fall back to torch")
         return None
     try:
@@ -112,7 +125,7 @@ def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
                 ]
             ).encode()
         ).hexdigest()[:16]
-        variant = hashlib.sha256(" ".join(extra_flags).encode()).hexdigest()[:6]
+        variant = hashlib.sha256(" ".join((*sanitize, *extra_flags)).encode()).hexdigest()[:6]
         path = cache_dir() / "kernels" / f"{_STEM}-{variant}-{key}.so"
         if not path.exists():
 
@@ -137,6 +150,8 @@ def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         return open_kernels(path)
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or e
+        if sanitize:
+            raise RuntimeError(f"the {' '.join(sanitize)} kernels: {detail}") from e
         logger.warning("CPU kernels failed to build, using the torch path: %s", detail)
         return None
 
