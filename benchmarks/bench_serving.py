@@ -850,18 +850,19 @@ def mode_ttft_cached(args: argparse.Namespace, url: str, tokenizer: Tokenizer) -
 
 def mode_peer(args: argparse.Namespace, url: str, peer_url: str, tokenizer: Tokenizer) -> None:
     """Each dataset of --datasets against radixlm and the peer, over the same OpenAI API with
-    the same text prompts; the two take turns, round by round (fresh prompts each round, so
-    neither finds the other round's prefixes), and each keeps its best round."""
+    the same text prompts; the two take turns, round by round (fresh prompts each round and
+    each dataset, so that neither finds another round's or dataset's prefixes: only radixlm's
+    cache is flushed between runs), and each keeps its best round."""
     peer = args.peer_name
     rows: list[tuple[str, RunMetrics, RunMetrics]] = []
-    for dataset in args.datasets:
+    for i, dataset in enumerate(args.datasets):
         d = argparse.Namespace(**{**vars(args), "dataset_name": dataset, "backend": "openai"})
         if dataset == "prefill":
             d.max_concurrency, d.request_rate = 1, math.inf
         best: dict[str, RunMetrics] = {}
         with progress(2 * args.rounds, f"{dataset}: radixlm and {peer}", "run") as bar:
             for r in range(args.rounds):
-                workload = build_workload(d, tokenizer, seed=args.seed + r)
+                workload = build_workload(d, tokenizer, seed=args.seed + r + 1000 * i)
                 order = [("radixlm", url), (peer, peer_url)]
                 for name, base in order if r % 2 == 0 else order[::-1]:
                     # Both sides alike: a connection per request (see _session).

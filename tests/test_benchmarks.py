@@ -234,6 +234,10 @@ def test_serving_against_a_peer(tmp_path: Path) -> None:
         out,
     ), out
     assert "prefill: 2 prompts x 24 tokens, one at a time" in out, out
+    # The peer's cache is not flushed between datasets: their prompts must not overlap (the
+    # prefill prompts would start with the random ones, drawn from the same seed).
+    hits = re.search(r" prefill: peer .*\n(?:.*\n)*?Cache hit rate.*: +([0-9.]+)%", out)
+    assert hits is not None and float(hits.group(1)) < 10, out
     datasets = (("generated-shared-prefix", 4), ("random", 2), ("multiturn", 4), ("prefill", 2))
     for dataset, requests in datasets:
         assert re.search(rf"{dataset} +{RATIO}x +[0-9]+ / [0-9]+ +[0-9]+ / [0-9]+", out), out
