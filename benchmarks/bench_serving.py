@@ -856,9 +856,7 @@ def mode_peer(args: argparse.Namespace, url: str, peer_url: str, tokenizer: Toke
     peer = args.peer_name
     rows: list[tuple[str, RunMetrics, RunMetrics]] = []
     for i, dataset in enumerate(args.datasets):
-        d = argparse.Namespace(**{**vars(args), "dataset_name": dataset, "backend": "openai"})
-        if dataset == "prefill":
-            d.max_concurrency, d.request_rate = 1, math.inf
+        d = pace(argparse.Namespace(**{**vars(args), "dataset_name": dataset, "backend": "openai"}))
         best: dict[str, RunMetrics] = {}
         with progress(2 * args.rounds, f"{dataset}: radixlm and {peer}", "run") as bar:
             for r in range(args.rounds):
@@ -1020,8 +1018,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_plot_arg(p)
     args = p.parse_args(argv)
     args.peer_name = "llama-server" if args.peer_llama_server else "peer"
+    return pace(args)
+
+
+def pace(args: argparse.Namespace) -> argparse.Namespace:
+    """args with the request pacing its dataset needs: the prefill dataset's prompts go one at a
+    time, all sent as soon as the one before is answered (its TTFT is then prefill alone)."""
     if args.dataset_name == "prefill":
-        args.max_concurrency = 1
+        args.max_concurrency, args.request_rate = 1, math.inf
     return args
 
 
