@@ -218,7 +218,7 @@ def test_serving_against_a_peer(tmp_path: Path) -> None:
     """The peer mode runs every dataset against radixlm and an OpenAI-compatible peer (here a
     second radixlm server), prints one ratio row per dataset and draws them; the prefill
     dataset also prints each side's single-request prefill speed."""
-    with ServerProcess.start([]) as peer:
+    with ServerProcess.start([], die_with_parent=True) as peer:
         out = run_benchmark(
             "bench_serving.py",
             f"--peer-url {peer.url} --rounds 1 --gsp-num-groups 2 --gsp-prompts-per-group 2"

@@ -44,12 +44,16 @@ def serve_argv(engine_args: EngineArgs, server_args: ServerArgs) -> list[str]:
 
 
 _PR_SET_PDEATHSIG = 1
+# Looked up here, not in the forked child: loading a library there could wait forever on a lock
+# that another of the parent's threads held at the fork.
+_prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
 
 
 def kill_when_parent_exits() -> None:
     """In a forked child (a Popen's preexec_fn, Linux): ask the kernel for SIGKILL when the
     thread that started it ends, even by SIGKILL or an abort that skips every cleanup."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass

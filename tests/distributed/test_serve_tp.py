@@ -58,7 +58,7 @@ def expected_ids(tiny_model_dir: Path) -> list[list[int]]:
 
 def start(model: Path, log: Path, *flags: str) -> ServerProcess:
     args = [*flags, "--model-path", str(model), "--max-total-tokens", "2000"]
-    return ServerProcess.start(args, log, ENV, 300.0)
+    return ServerProcess.start(args, log, ENV, 300.0, die_with_parent=True)
 
 
 def generate(http: httpx.Client) -> list[list[int]]:

@@ -35,7 +35,9 @@ def server(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """A SmolLM2 server on a free port; a server that cannot start fails the tests that need it."""
     log_path = tmp_path_factory.mktemp("lang-server") / "server.log"
     args = ["--model-path", smollm2_path, "--random-seed", "0"]
-    with ServerProcess.start(args, log_path, timeout=SERVER_START_TIMEOUT_S) as srv:
+    with ServerProcess.start(
+        args, log_path, timeout=SERVER_START_TIMEOUT_S, die_with_parent=True
+    ) as srv:
         with urllib.request.urlopen(srv.url + "/v1/models", timeout=10) as resp:
             model = re.search(rb'"id"\s*:\s*"([^"]+)"', resp.read())
         assert model is not None

@@ -40,7 +40,7 @@ def start_worker(
         log = tmp_path_factory.mktemp("worker") / "worker.log"
         args = ["--model-path", str(router_model), "--max-total-tokens", "3000"]
         args += ["--random-seed", "0", "--api-key", API_KEY, *flags]
-        return ServerProcess.start(args, log, ENV, 300.0)
+        return ServerProcess.start(args, log, ENV, 300.0, die_with_parent=True)
 
     return start
 
@@ -53,7 +53,7 @@ def start_router(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Serv
     def start(workers: list[ServerProcess], *flags: str) -> ServerProcess:
         log = tmp_path_factory.mktemp("router") / "router.log"
         args = ["--worker-urls", *[w.url for w in workers], "--api-key", API_KEY, *flags]
-        router = ServerProcess.start(args, log, ENV, 120.0, command="router")
+        router = ServerProcess.start(args, log, ENV, 120.0, command="router", die_with_parent=True)
         deadline = time.monotonic() + 60
         with client(router) as http:
             while True:

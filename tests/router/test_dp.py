@@ -17,7 +17,7 @@ from radixlm.server.child_process import ServerProcess
 def test_serve_dp_2(router_model: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["--dp", "2", "--model-path", str(router_model), "--max-total-tokens", "3000"]
-    server = ServerProcess.start(args, tmp_path / "dp.log", env, 300.0)
+    server = ServerProcess.start(args, tmp_path / "dp.log", env, 300.0, die_with_parent=True)
     try:
         with httpx.Client(base_url=server.url, timeout=120) as http:
             info = http.get("/get_server_info").json()
@@ -53,7 +53,7 @@ def _children(pid: int) -> list[int]:
 def test_serve_dp_restarts_a_dead_replica(router_model: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["--dp", "2", "--model-path", str(router_model), "--max-total-tokens", "3000"]
-    server = ServerProcess.start(args, tmp_path / "dp.log", env, 300.0)
+    server = ServerProcess.start(args, tmp_path / "dp.log", env, 300.0, die_with_parent=True)
     body = {"text": "a b c", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
     try:
         with httpx.Client(base_url=server.url, timeout=120) as http:

@@ -58,7 +58,7 @@ def test_ray_replica_killed_and_restarted(
 ) -> None:
     args = ["--dp", "2", "--ray", "--ray-address", ray_address, "--ray-num-cpus", "1"]
     args += ["--model-path", str(router_model), "--max-total-tokens", "3000"]
-    server = ServerProcess.start(args, tmp_path / "ray.log", RAY_ENV, 300.0)
+    server = ServerProcess.start(args, tmp_path / "ray.log", RAY_ENV, 300.0, die_with_parent=True)
     try:
         with httpx.Client(base_url=server.url, timeout=120) as http:
             info = http.get("/get_server_info").json()

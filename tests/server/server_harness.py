@@ -37,7 +37,7 @@ class ServerProcess(child_process.ServerProcess):
         # One intra-op thread: on a shared CPU-only test machine, two OpenMP threads per forward
         # stall on each other whenever another process takes a core (each step 10-20x slower).
         env = {"OMP_NUM_THREADS": "1", **os.environ}
-        server = super().start(args, log_path, env, START_TIMEOUT_S)
+        server = super().start(args, log_path, env, START_TIMEOUT_S, die_with_parent=True)
         assert isinstance(server, ServerProcess)
         server.api_key = api_key
         return server

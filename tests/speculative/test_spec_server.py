@@ -23,6 +23,7 @@ def test_served_counters(tiny_model_dir: Path, tmp_path: Path) -> None:
             "3",
         ],
         tmp_path / "serve.log",
+        die_with_parent=True,
     )
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
