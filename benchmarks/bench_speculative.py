@@ -169,7 +169,7 @@ class Run:
 
 
 def modelled(cost: StepCost, off: Run, on: Run) -> str:
-    """What the measured step cost (a line: seconds = a + b x rows) says of the two runs: the
+    """What the step cost (a line: seconds = a + b x rows, as refit so far) says of the runs: the
     on / off ratio it predicts, and the ratio of the same on run without its rejected draft
     rows (its steps and accepted tokens kept). A closed batch lasts at least as many steps as
     its least draftable request needs, so better drafts for the others cannot beat that
@@ -303,6 +303,11 @@ def main() -> None:
             )
             sys.stdout.flush()
     drafting(core, speculator, True)
+    if speculator.cost_fit is not None:
+        print(
+            f"step cost refit from {speculator.cost_fit.observed} decode steps with drafting on, "
+            f"ms by rows: {speculator.cost.describe()}"
+        )
 
 
 if __name__ == "__main__":

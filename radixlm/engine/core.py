@@ -151,7 +151,7 @@ class EngineCore:
             t0 = time.perf_counter()
             logits = self.runner.forward(plan.seqs)
             self.scheduler.update(plan, self._sample(plan, logits))
-            self.scheduler.prefill_budget.observe(time.perf_counter() - t0)
+            self.scheduler.observe_step(time.perf_counter() - t0)
         return self.scheduler.take_outputs()
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor) -> list[SampledReq]:

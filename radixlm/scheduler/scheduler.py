@@ -67,6 +67,7 @@ class Scheduler:
         self.admission = Admission(self.table, policy, config.max_running_requests)
         self.retraction = Retraction(self.table)
         self.speculator = speculator  # None: no speculative decoding
+        self._decode_rows = 0  # rows of the step last scheduled if it only decodes, else 0
         self.prefill_budget = PrefillBudget(config.chunked_prefill_size, config.target_itl_s)
         self.num_forward_passes = 0
 
@@ -173,7 +174,15 @@ class Scheduler:
         batch.sort(key=lambda s: is_short_row(s.seq))
         prefill = sum(len(b.seq.new_ids) for b in batch) - decode_tokens
         self.prefill_budget.plan(prefill, decoding=bool(decodes))
+        self._decode_rows = decode_tokens if prefill == 0 else 0
         return StepPlan(batch)
+
+    def observe_step(self, seconds: float) -> None:
+        """Take in the wall time of the step last scheduled (its forward and sampling): the
+        prefill budget's and the speculator's step costs follow it."""
+        self.prefill_budget.observe(seconds)
+        if self._decode_rows and self.speculator is not None:
+            self.speculator.observe_step(self._decode_rows, seconds)
 
     def _expire(self, timeout_s: float) -> None:
         """End the requests that have been in the engine longer than timeout_s."""

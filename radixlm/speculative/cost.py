@@ -1,5 +1,6 @@
-"""What a decode step costs by the rows it feeds, measured on the machine at start, and the
-draft lengths that make a step give the most tokens per second.
+"""What a decode step costs by the rows it feeds, measured on the machine at start and refit
+from the decode steps the engine runs, and the draft lengths that make a step give the most
+tokens per second.
 
 A draft row is worth its expected accepted tokens; what it costs depends on the machine. On a
 CPU a step of a few rows streams the weights once (rows nearly free) and a larger one is
@@ -114,13 +115,96 @@ def measure_step_cost(
 def fit_line(rows: Sequence[int], seconds: Sequence[float]) -> tuple[float, ...]:
     """The least-squares line through (rows, seconds) at each row count, with a slope of at
     least 0 and no value under half the fastest time."""
-    n = len(rows)
-    mean_r, mean_s = sum(rows) / n, sum(seconds) / n
-    spread = sum((r - mean_r) ** 2 for r in rows)
-    slope = sum((r - mean_r) * (s - mean_s) for r, s in zip(rows, seconds, strict=True))
-    slope = max(slope / spread, 0.0) if spread else 0.0
-    floor = min(seconds) / 2
-    return tuple(max(mean_s + slope * (r - mean_r), floor) for r in rows)
+    line = _Line()
+    for r, s in zip(rows, seconds, strict=True):
+        line.add(r, s, 1.0)
+    return line.at(rows, min(seconds) / 2)
+
+
+@dataclass(slots=True)
+class _Line:
+    """Weighted sums of (rows, seconds) points, and the least-squares line through them."""
+
+    w: float = 0.0
+    wr: float = 0.0
+    wrr: float = 0.0
+    ws: float = 0.0
+    wrs: float = 0.0
+
+    def add(self, rows: float, seconds: float, weight: float) -> None:
+        self.w += weight
+        self.wr += weight * rows
+        self.wrr += weight * rows * rows
+        self.ws += weight * seconds
+        self.wrs += weight * rows * seconds
+
+    def scale(self, factor: float) -> None:
+        self.w, self.wr, self.wrr, self.ws, self.wrs = (
+            v * factor for v in (self.w, self.wr, self.wrr, self.ws, self.wrs)
+        )
+
+    def plus(self, other: _Line) -> _Line:
+        return _Line(
+            self.w + other.w,
+            self.wr + other.wr,
+            self.wrr + other.wrr,
+            self.ws + other.ws,
+            self.wrs + other.wrs,
+        )
+
+    def at(self, rows: Sequence[int], floor: float) -> tuple[float, ...]:
+        """The line's value at each row count (a slope of at least 0, values of at least floor)."""
+        mean_r, mean_s = self.wr / self.w, self.ws / self.w
+        spread = self.wrr - self.w * mean_r * mean_r
+        slope = (self.wrs - self.w * mean_r * mean_s) / spread if spread > 1e-12 * self.w else 0.0
+        return tuple(max(mean_s + max(slope, 0.0) * (r - mean_r), floor) for r in rows)
+
+
+# The step cost follows the decode steps the engine runs: each row count timed at start weighs
+# as much as PRIOR_WEIGHT observed steps (the timed counts reach the most rows, so they keep a
+# slope while every step seen has had about the same rows), an observed step's weight fades by
+# OBSERVED_FADE a step (the line follows the last few hundred), and the line is refit every
+# REFIT_STEPS observed steps.
+PRIOR_WEIGHT = 1.0
+OBSERVED_FADE = 0.995
+REFIT_STEPS = 16
+# An observed step counts as at most this many times the line's estimate for its rows: a pause
+# of the whole process (a neighbour's burst, a page fault storm) says nothing about rows.
+MAX_OVER = 2.0
+
+
+class StepCostFit:
+    """The step cost measured at start, refit from the wall times of the decode steps the
+    engine runs (forward and sampling: what a draft row really adds), so that drafting follows
+    the machine's speed and the workload's contexts rather than one timing at start."""
+
+    def __init__(self, measured: StepCost) -> None:
+        self.measured = measured
+        self.cost = measured
+        self.observed = 0  # decode steps taken in
+        self._prior = _Line()
+        for r, s in zip(measured.rows, measured.seconds, strict=True):
+            self._prior.add(r, s, PRIOR_WEIGHT)
+        self._seen = _Line()
+        self._pending = 0
+        self._fastest = min(measured.seconds)
+
+    def observe(self, rows: int, seconds: float) -> StepCost:
+        """Take in a decode step of `rows` rows (decodes and draft tokens, no prefill) that took
+        `seconds`; returns the cost to allot by from now on."""
+        if not 1 <= rows <= self.cost.max_rows or seconds <= 0:
+            return self.cost
+        self._seen.scale(OBSERVED_FADE)
+        self._seen.add(rows, min(seconds, MAX_OVER * self.cost(rows)), 1.0)
+        self._fastest = min(self._fastest, seconds)
+        self.observed += 1
+        self._pending += 1
+        if self._pending >= REFIT_STEPS:
+            self._pending = 0
+            line = self._prior.plus(self._seen)
+            fitted = line.at(self.measured.rows, self._fastest / 2)
+            self.cost = StepCost(self.measured.rows, fitted)
+        return self.cost
 
 
 def _slots(start: int, end: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from radixlm.core.draft import DraftState
 from radixlm.core.messages import SpecCounters
 from radixlm.core.request import Req
 from radixlm.speculative.config import SpecConfig
-from radixlm.speculative.cost import StepCost, allot
+from radixlm.speculative.cost import StepCost, StepCostFit, allot
 from radixlm.speculative.lookup import lookup_draft
 from radixlm.speculative.tree import SuffixIndex, cached_continuation
 
@@ -62,7 +62,9 @@ class Speculator:
 
     def __init__(self, config: SpecConfig, cache: RadixCache, cost: StepCost) -> None:
         self.config = config
-        self.cost = cost
+        self.cost = cost  # what propose allots by
+        # Refits cost from the decode steps run (None: cost stays as set).
+        self.cost_fit: StepCostFit | None = StepCostFit(cost)
         self.counters: dict[str, SpecCounters] = {}
         self.acceptance: dict[str, Acceptance] = {}
         self.suffix: SuffixIndex | None = None  # radix drafts from suffix matches
@@ -139,6 +141,11 @@ class Speculator:
             if draft:
                 return "radix", draft
         return "", []
+
+    def observe_step(self, rows: int, seconds: float) -> None:
+        """Take in the wall time of a decode step (no prefill) of `rows` rows."""
+        if self.cost_fit is not None:
+            self.cost = self.cost_fit.observe(rows, seconds)
 
     def verify(self, req: Req, sampled: list[int]) -> int:
         """Keep the accepted part of req's draft (sampled: the model's token at each draft

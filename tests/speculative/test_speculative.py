@@ -47,7 +47,8 @@ def make(tiny_model_dir: Path) -> Callable[..., EngineCore]:
         cost: StepCost | None = FLAT,
         **args: Any,
     ) -> EngineCore:
-        """cost: the speculator's step cost; None keeps the one measured at start."""
+        """cost: the speculator's step cost, held fixed; None keeps the one measured at start,
+        refit from the steps run."""
         core = EngineCore(
             EngineArgs(
                 model_path=str(tiny_model_dir),
@@ -59,6 +60,7 @@ def make(tiny_model_dir: Path) -> Callable[..., EngineCore]:
         )
         if core.speculator is not None and cost is not None:
             core.speculator.cost = cost
+            core.speculator.cost_fit = None
         return core
 
     return build

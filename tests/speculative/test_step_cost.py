@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from radixlm.core.messages import GenerateRequest
+from radixlm.core.params import SamplingParams
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.kernels.decode import STREAM_ROWS
 from radixlm.speculative.cost import (
     COST_ROWS,
+    MAX_OVER,
     MIN_GAIN,
     StepCost,
+    StepCostFit,
     allot,
     fit_line,
     measure_step_cost,
@@ -121,3 +126,71 @@ def test_measured_cost_on_the_tiny_model(tiny_model_dir: Path) -> None:
     assert core.allocator.num_free == core.allocator.num_slots
     with torch.inference_mode():
         assert measure_step_cost(core.runner.forward, 8).rows == (1, 2, 4)
+
+
+def line(a: float, b: float) -> Callable[[int], float]:
+    return lambda rows: a + b * rows
+
+
+def test_cost_fit_follows_the_steps_run() -> None:
+    """A start-time cost from a slow spell (a large fixed part) moves to the line the steps
+    run show, most of the way; with no steps seen it stays as measured."""
+    measured = StepCost(COST_ROWS, tuple(line(0.030, 0.001)(r) for r in COST_ROWS))
+    fit = StepCostFit(measured)
+    assert fit.cost == measured
+    true = line(0.010, 0.003)
+    rng = random.Random(0)
+    for _ in range(1000):
+        rows = rng.choice([1, 2, 5, 9, 16, 40])
+        fit.observe(rows, true(rows) * rng.uniform(0.95, 1.05))
+    assert fit.observed == 1000
+    for rows in (1, 8, 32, 64):
+        before, after = abs(measured(rows) - true(rows)), abs(fit.cost(rows) - true(rows))
+        assert after < 0.3 * before, rows
+    assert fit.cost.rows == measured.rows  # the batch-invariant bound stays
+
+
+def test_cost_fit_at_one_row_count_keeps_the_slope() -> None:
+    """Steps that all have the same rows move the line to them there; the counts timed at start
+    keep a slope (the least-squares line through both)."""
+    measured = StepCost((1, 16, 64), (0.010, 0.025, 0.073))
+    fit = StepCostFit(measured)
+    for _ in range(2000):
+        fit.observe(4, 0.026)  # twice the measured time at 4 rows
+    slope = (fit.cost(64) - fit.cost(1)) / 63
+    assert 0.0005 < slope < 0.0015
+    assert fit.cost(4) == pytest.approx(0.026, rel=0.05)
+
+
+def test_cost_fit_ignores_what_is_no_decode_step() -> None:
+    measured = StepCost((1, 64), (0.010, 0.073))
+    fit = StepCostFit(measured)
+    for _ in range(100):
+        fit.observe(65, 1.0)  # past the rows a step with drafts may have
+        fit.observe(0, 1.0)
+        fit.observe(4, -1.0)
+    assert fit.observed == 0 and fit.cost == measured
+    # A pause of the whole process counts as at most MAX_OVER times the estimate.
+    for _ in range(16):
+        fit.observe(1, 100.0)
+    assert fit.cost(1) <= MAX_OVER * measured(1)
+
+
+def test_engine_refits_from_its_decode_steps(tiny_model_dir: Path) -> None:
+    """The engine feeds the speculator every decode step and no step with a prefill."""
+    core = EngineCore(
+        EngineArgs(
+            model_path=str(tiny_model_dir),
+            max_total_tokens=1024,
+            speculative_algorithm="ngram",
+        )
+    )
+    spec = core.speculator
+    assert spec is not None and spec.cost_fit is not None
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    core.add(GenerateRequest(rid="a", input_ids=[5, 6, 7, 8] * 6, params=params))
+    while core.has_work:
+        core.step()
+    # One step prefilled the prompt (and sampled the first token); every other only decoded.
+    assert spec.cost_fit.observed == core.scheduler.num_forward_passes - 1 > 0
+    core.check_invariant()
