@@ -54,6 +54,8 @@ class MatchResult:
     # int64, one slot per matched token; may share memory with the tree, so read only.
     slots: torch.Tensor
     node: TreeNode  # deepest matched node; the root when nothing matched
+    # Tokens after the match that disk-only nodes hold (load_prefix brings them back).
+    on_disk: int = 0
 
 
 def common_prefix_len(key: list[int], ids: list[int], start: int, end: int | None = None) -> int:
@@ -169,8 +171,11 @@ class RadixCache:
             else:
                 key, end = namespace_key(ids, pos, salt, public_len)
             child = node.children.get(key)
-            if child is None or not child.in_pool:
+            if child is None:
                 break
+            if not child.in_pool:
+                on_disk = _disk_len(child, ids, pos, salt, public_len)
+                return MatchResult(_cat(values, self._empty), node, on_disk)
             m = common_prefix_len(child.key, ids, pos, end)
             if m < len(child.key):
                 # The upper half has one child, whose first token differs from ids[pos + m]:
@@ -579,6 +584,21 @@ def namespace_key(
     if pos < public_len:
         return ids[pos], min(public_len, len(ids))
     return (salt, ids[pos]), len(ids)
+
+
+def _disk_len(node: TreeNode, ids: list[int], pos: int, salt: str | None, public_len: int) -> int:
+    """How many of ids[pos:] the disk-only path from node (whose key continues ids at pos)
+    holds; read only (nothing split, no LRU touched). A disk-only node's children are too."""
+    start = pos
+    child: TreeNode | None = node
+    while child is not None:
+        _, end = namespace_key(ids, pos, salt, public_len)
+        m = common_prefix_len(child.key, ids, pos, end)
+        pos += m
+        if m < len(child.key) or pos >= len(ids):
+            break
+        child = child.children.get(namespace_key(ids, pos, salt, public_len)[0])
+    return pos - start
 
 
 def _pool_children(node: TreeNode) -> bool:

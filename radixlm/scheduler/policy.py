@@ -38,10 +38,15 @@ class SchedulePolicy:
             for r in rest
         }
         if self.name == "lpm":
-            rest.sort(key=lambda r: (-len(matches[id(r)].slots), r.arrival))
+            # A prefix on disk is loaded, not computed: it counts as cached.
+            rest.sort(key=lambda r: (-_cached_len(matches[id(r)]), r.arrival))
         else:
             rest = _dfs_weight_order(rest, matches)
         return starved + rest, matches
+
+
+def _cached_len(match: MatchResult) -> int:
+    return len(match.slots) + match.on_disk
 
 
 def _dfs_weight_order(reqs: list[Req], matches: dict[int, MatchResult]) -> list[Req]:

@@ -14,7 +14,11 @@ import torch
 from radixlm.cache import KVPool, RadixCache, SlotAllocator, TreeNode
 from radixlm.cache.disk import DiskDirInUse, DiskStore
 from radixlm.cache.disk_tier import DiskTier
+from radixlm.core.messages import GenerateRequest
+from radixlm.core.params import SamplingParams
+from radixlm.core.request import Req
 from radixlm.engine.cache_events import CacheEventLog
+from radixlm.scheduler.policy import SchedulePolicy
 
 LAYERS, HEADS, DIM = 2, 2, 4
 TOKEN_BYTES = LAYERS * 2 * HEADS * DIM * 4
@@ -376,3 +380,32 @@ def test_a_salted_prefix_comes_back_only_to_its_salt(tmp_path: Path) -> None:
     assert serve(h2, "tenant-b") == 10  # the public part only
     assert serve(h2, "tenant-a") == 30
     h2.close()
+
+
+def test_lpm_counts_a_prefix_on_disk_as_cached(tmp_path: Path) -> None:
+    """The longest-prefix-first order ranks a request whose prefix lies on disk (loaded, not
+    computed) with the cached ones; matching reads the disk path without changing it."""
+    h = Harness(tmp_path)
+    on_disk, in_pool = prompt(0, 40), prompt(1, 20)
+    h.serve(on_disk)
+    h.evict_all()
+    h.serve(in_pool)
+    params = SamplingParams(max_new_tokens=1)
+
+    def req(rid: str, ids: list[int]) -> Req:
+        return Req.from_message(GenerateRequest(rid=rid, input_ids=ids, params=params), [])
+
+    # Arrival order: cold, the pool hit (20 tokens), the disk hit (30 of 40 tokens, then new).
+    cold = req("cold", prompt(2, 50))
+    pool_hit = req("pool", in_pool + prompt(3, 10))
+    disk_hit = req("disk", on_disk[:30] + prompt(4, 10))
+    before = [(n.key, n.in_pool) for n in h.nodes()]
+    match = h.cache.match_prefix(disk_hit.fill_ids)
+    assert match.slots.numel() == 0 and match.on_disk == 30
+    assert h.cache.match_prefix(on_disk + [7]).on_disk == 40
+    assert h.cache.match_prefix(pool_hit.fill_ids).on_disk == 0
+    ordered, _ = SchedulePolicy("lpm", h.cache).order([cold, pool_hit, disk_hit])
+    assert [r.rid for r in ordered] == ["disk", "pool", "cold"]
+    assert [(n.key, n.in_pool) for n in h.nodes()] == before  # nothing split or loaded
+    assert h.serve(disk_hit.fill_ids) == 30
+    h.close()
