@@ -419,18 +419,35 @@ class RadixCache:
         return (n for n in self._nodes() if n.disk is not None)
 
     def flush(self) -> bool:
-        """Drop the whole tree, returning its slots to the allocator; False, with nothing changed, if any node is locked."""
+        """Return every slot of the tree to the allocator; False, with nothing changed, if any
+        node is locked. Without a tier the tree is dropped; with one, every node is evicted as
+        under memory pressure, so what the tier holds stays, disk-only (its blocks outlive a
+        flush, as SGLang's storage tier does; `clear_tier` deletes them)."""
         if self._protected_size > 0:
             return False
+        if self.tier is not None:
+            self.evict(self._evictable_size)
+            return True
         self.allocator.free(self.all_slots())
         if self.on_change is not None and self.root.children:
             self.on_change("remove", [], 0)
         for node in self._nodes():
             node.parent = None  # handles still held by callers now read as evicted
-            if node.disk is not None and self.tier is not None:
-                self.tier.drop(node)
         self._reset()
         return True
+
+    def clear_tier(self) -> None:
+        """Delete every disk copy: disk-only nodes leave the tree with their subtrees (all
+        disk-only), pool nodes keep their slots."""
+        if self.tier is None:
+            return
+        for node in list(self._nodes()):
+            if node.parent is None or node.disk is None:
+                continue  # removed with an ancestor just now, or in the pool alone
+            if node.in_pool:
+                self.tier.drop(node)
+            else:
+                self.remove(node)
 
     def snapshot(self) -> list[tuple[int, list[int]]]:
         """The shared namespace's shape as (parent index or -1 for the root, key) in preorder:

@@ -37,7 +37,14 @@ class AbortRequest:
 
 @dataclass(frozen=True, slots=True)
 class FlushCache:
-    """Empty the radix cache; answered with False (nothing changed) while requests run."""
+    """Empty the radix cache (what the disk tier holds stays); answered with False (nothing
+    changed) while requests run."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClearDiskCache:
+    """Delete every block of the disk KV tier (a flush keeps them); answered with the tokens
+    they held, or None without a tier."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +105,7 @@ class ReadCacheTree:
 
 ControlCall = (
     FlushCache
+    | ClearDiskCache
     | GetStats
     | CheckInvariant
     | DrainCacheEvents

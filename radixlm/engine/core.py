@@ -17,6 +17,7 @@ from radixlm.core.finish import FinishReason
 from radixlm.core.messages import (
     AbortRequest,
     CheckInvariant,
+    ClearDiskCache,
     ControlCall,
     ControlReply,
     ControlRequest,
@@ -239,12 +240,19 @@ class EngineCore:
         return None
 
     def control(self, call: ControlCall) -> object:
-        """Synchronous calls: cache flush, statistics, cache events, the slot invariant check."""
+        """Synchronous calls: cache flush, disk tier clear, statistics, cache events, the slot
+        invariant check."""
         self.tenancy.pins.expire()
         if isinstance(call, FlushCache):
             if not (self.scheduler.running or self.scheduler.waiting):
                 self.tenancy.pins.clear()  # an admin's flush ends every pin
             return self.scheduler.flush_cache()
+        if isinstance(call, ClearDiskCache):
+            if self.disk_tier is None:
+                return None
+            held = self.disk_tier.disk_tokens
+            self.cache.clear_tier()
+            return held
         if isinstance(call, GetStats):
             return self.stats()
         if isinstance(call, DrainCacheEvents):

@@ -12,6 +12,7 @@ from typing import Any
 from radixlm.core.messages import (
     AddPublicPrefix,
     CheckInvariant,
+    ClearDiskCache,
     CoreStats,
     FlushCache,
     GetStats,
@@ -193,8 +194,15 @@ class Engine:
         self._client.abort(rid)
 
     def flush_cache(self) -> bool:
-        """Drop the radix cache; False (nothing changes) while requests are running."""
+        """Drop the radix cache (what the disk tier holds stays); False (nothing changes) while
+        requests are running."""
         return bool(self._client.control(FlushCache()))
+
+    def clear_hicache_storage(self) -> int | None:
+        """Delete every block of the disk KV tier; the tokens they held, None without a tier."""
+        held = self._client.control(ClearDiskCache())
+        assert held is None or isinstance(held, int)
+        return held
 
     def add_public_prefix(
         self, text: str | None = None, input_ids: list[int] | None = None

@@ -27,6 +27,7 @@ from radixlm.router.workers import WorkerPool
 from radixlm.server.app import ApiKeyMiddleware
 from radixlm.server.errors import ApiError, EngineUnavailable, error_body
 from radixlm.server.http import json_response, read_json
+from radixlm.server.native_api import CLEAR_STORAGE_ROUTES, STORAGE_CLEARED
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +199,16 @@ def create_router_app(args: RouterArgs, replicas: ReplicaSet | None = None) -> A
             if a.status_code != 200:
                 return Response(a.content, a.status_code, {"content-type": "application/json"})
         return PlainTextResponse(f"Cache flushed on {len(answers)} workers.\n")
+
+    async def clear_hicache_storage(request: Request) -> Response:
+        answers = await router.fan_out("POST", request.url.path)
+        for a in answers:
+            if a.status_code != 200:
+                return Response(a.content, a.status_code, {"content-type": "application/json"})
+        return json_response(STORAGE_CLEARED)
+
+    for method, path in CLEAR_STORAGE_ROUTES:
+        app.add_api_route(path, clear_hicache_storage, methods=[method])
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:

@@ -46,6 +46,14 @@ from radixlm.server.tokenizer_manager import TokenizerManager
 
 HEALTH_GENERATE_TIMEOUT_S = 30.0
 
+# SGLang's routes that delete its storage tier's K/V (the newer one, and the deprecated one).
+CLEAR_STORAGE_ROUTES = (
+    ("POST", "/hicache/storage-backend/clear"),
+    ("GET", "/clear_hicache_storage_backend"),
+    ("POST", "/clear_hicache_storage_backend"),
+)
+STORAGE_CLEARED = "Hierarchical cache storage backend cleared."
+
 
 async def _stream_events(group: RequestGroup) -> AsyncGenerator[bytes, None]:
     """Cumulative events (SGLang's client slices off the text it has seen), then [DONE]."""
@@ -163,7 +171,7 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
     )
     async def flush_cache(request: Request) -> Response:
         """Empty the radix cache and end every pin (admins only); refused (400) while requests
-        run."""
+        run. What the disk KV tier holds stays (`/clear_hicache_storage_backend` deletes it)."""
         require_admin(request)
         flushed = await manager.flush_cache()
         if not flushed:
@@ -171,6 +179,24 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
                 400, f"cannot flush the cache while {manager.num_running} requests are running"
             )
         return PlainTextResponse("Cache flushed.\n")
+
+    async def clear_hicache_storage(request: Request) -> Response:
+        """Delete every block of the disk KV tier (admins only; SGLang's HiCache storage clear):
+        later requests find only what the pool holds. 400 without a tier (`--kv-cache-dir`)."""
+        require_admin(request)
+        if await manager.clear_hicache_storage() is None:
+            raise ApiError(400, "this server has no disk KV tier (--kv-cache-dir)")
+        return json_response(STORAGE_CLEARED)
+
+    for method, path in CLEAR_STORAGE_ROUTES:
+        router.add_api_route(
+            path,
+            clear_hicache_storage,
+            methods=[method],
+            operation_id=f"clear_hicache_storage_{method.lower()}{path.replace('/', '_')}",
+            response_model=str,
+            responses=error_responses(400, 403, 503),
+        )
 
     @router.post(
         "/abort_request",

@@ -26,6 +26,7 @@ from radixlm.core.finish import FinishReason
 from radixlm.core.messages import (
     AbortRequest,
     CheckInvariant,
+    ClearDiskCache,
     ControlCall,
     CoreInfo,
     CoreStats,
@@ -416,6 +417,12 @@ class TokenizerManager:
         if self.num_running:
             return False
         return bool(await self.control(FlushCache()))
+
+    async def clear_hicache_storage(self) -> int | None:
+        """Delete every block of the disk KV tier; the tokens they held, None without a tier."""
+        held = await self.control(ClearDiskCache())
+        assert held is None or isinstance(held, int)
+        return held
 
     async def stats(self) -> dict[str, Any]:
         """Scheduler and cache numbers."""

@@ -327,7 +327,8 @@ def test_a_prefetched_block_is_read_ahead_and_still_checked(tmp_path: Path) -> N
 @pytest.mark.parametrize("policy", ["selective", "write_through"])
 def test_random_traffic_never_returns_wrong_kv(tmp_path: Path, policy: str) -> None:
     """Prompts branching off a few shared stems, a pool and a disk bound both far smaller than
-    them, restarts in between: every hit's K/V is checked, and the invariants after each request."""
+    them, restarts, flushes and tier clears in between: every hit's K/V is checked, and the
+    invariants after each request."""
     rng = torch.Generator().manual_seed(0)
     stems = [prompt(100 + i, 24) for i in range(4)]
 
@@ -347,6 +348,12 @@ def test_random_traffic_never_returns_wrong_kv(tmp_path: Path, policy: str) -> N
             h = Harness(tmp_path, slots=48, capacity_tokens=120, policy=policy)
         elif step % 7 == 0:
             h.evict_all()
+        elif step % 11 == 0:
+            assert h.cache.flush()
+            h.check()
+        elif step % 23 == 0:
+            h.cache.clear_tier()
+            h.check()
         assert h.tier.store.used_bytes <= h.tier.store.capacity_bytes
     assert hits > 0 and loaded > 0
     h.close()
@@ -408,4 +415,42 @@ def test_lpm_counts_a_prefix_on_disk_as_cached(tmp_path: Path) -> None:
     assert [r.rid for r in ordered] == ["disk", "pool", "cold"]
     assert [(n.key, n.in_pool) for n in h.nodes()] == before  # nothing split or loaded
     assert h.serve(disk_hit.fill_ids) == 30
+    h.close()
+
+
+def test_a_flush_keeps_what_the_tier_holds(tmp_path: Path) -> None:
+    """A flush empties the pool; the nodes the tier keeps stay disk-only and hit afterwards, as
+    after a restart (write_through writes each one on the way out)."""
+    h = Harness(tmp_path)
+    a, b = prompt(0, 30), prompt(1, 20)
+    h.serve(a)
+    h.serve(a[:10] + b)
+    assert h.cache.flush()
+    h.check()
+    assert h.alloc.num_free == h.alloc.num_slots and h.cache.total_size() == 0
+    assert h.nodes() and all(not n.in_pool for n in h.nodes())
+    assert h.serve(a[:10] + b) == 30
+    assert h.serve(a) == 30
+    h.close()
+
+
+def test_clearing_the_tier_deletes_every_block_and_keeps_the_pool(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    a, b, c = prompt(0, 30), prompt(1, 20), prompt(2, 20)
+    h.serve(a)
+    h.serve(b)
+    h.evict_all()  # both on disk
+    assert h.serve(a) == 30  # a back in the pool, its disk copy kept
+    h.serve(a + c)  # a leaf only in the pool, under a
+    assert h.tier.store.wait_idle(10.0) and len(blocks(tmp_path)) == 2
+    lock = h.cache.match_prefix(a).node
+    h.cache.lock(lock)  # a running request's path: clearing the tier leaves it alone
+    h.cache.clear_tier()
+    h.check()
+    assert h.tier.disk_tokens == 0 and not any(n.disk is not None for n in h.nodes())
+    assert all(n.in_pool for n in h.nodes())  # b (disk-only) left the tree
+    assert h.tier.store.wait_idle(10.0) and blocks(tmp_path) == []
+    h.cache.unlock(lock)
+    assert h.serve(a + c) == 50  # the pool's copy still serves
+    assert h.serve(b) == 0
     h.close()

@@ -29,6 +29,7 @@ from radixlm.core.finish import FinishReason
 from radixlm.core.messages import (
     AbortRequest,
     CheckInvariant,
+    ClearDiskCache,
     ControlReply,
     ControlRequest,
     FlushCache,
@@ -200,7 +201,7 @@ class Chaos:
         assert self.core.handle(AbortRequest(planned.msg.rid, "chaos abort")) is None
 
     def control(self) -> None:
-        call = self.rng.choice([FlushCache(), GetStats(), CheckInvariant()])
+        call = self.rng.choice([FlushCache(), ClearDiskCache(), GetStats(), CheckInvariant()])
         reply = self.core.handle(ControlRequest(0, call))
         assert isinstance(reply, ControlReply)
         assert not isinstance(reply.value, BaseException), reply.value

@@ -129,6 +129,29 @@ def test_a_graceful_shutdown_writes_what_the_policy_keeps(
     c.close()
 
 
+def test_engine_flush_keeps_the_tier_and_clearing_it_deletes(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    long = prompt(0, 300)
+    params = {"max_new_tokens": 2, "temperature": 0}
+    with Engine(model_path=str(tiny_model_dir), kv_cache_dir=str(tmp_path)) as engine:
+        first = engine.generate(input_ids=long, sampling_params=params)
+        assert engine.flush_cache()  # evicts: the long prompt goes to disk
+        again = engine.generate(input_ids=long, sampling_params=params)
+        assert again["meta_info"]["cached_tokens"] == 299
+        assert again["output_ids"] == first["output_ids"]
+        assert engine.flush_cache()
+        held = engine.clear_hicache_storage()  # the tokens the tier held: the prompt and more
+        assert held is not None and held >= len(long) - 1
+        assert (
+            engine.generate(input_ids=long, sampling_params=params)["meta_info"]["cached_tokens"]
+            == 0
+        )
+        engine.check_invariant()
+    with Engine(model_path=str(tiny_model_dir)) as engine:
+        assert engine.clear_hicache_storage() is None  # no tier
+
+
 def test_a_second_engine_on_the_directory_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     first = core(tiny_model_dir, kv_cache_dir=str(tmp_path))
     with pytest.raises(DiskDirInUse, match="in use by another process"):

@@ -11,6 +11,7 @@ import pytest
 from conftest import client
 
 from radixlm.server.child_process import ServerProcess
+from radixlm.server.native_api import CLEAR_STORAGE_ROUTES
 
 GREEDY = {"max_new_tokens": 8, "temperature": 0}
 
@@ -89,6 +90,9 @@ def test_control_routes_fan_out(router: ServerProcess, workers: list[ServerProce
         assert http.post("/abort_request", json={"rid": "nothing"}).json() == {"aborted": 0}
         flushed = http.post("/flush_cache")
         assert flushed.status_code == 200, flushed.text
+        for method, path in CLEAR_STORAGE_ROUTES:  # the workers have no disk tier to clear
+            cleared = http.request(method, path)
+            assert cleared.status_code == 400 and "no disk KV tier" in cleared.text, path
         deadline = time.monotonic() + 10
         while any(w["cached_tokens"] for w in http.get("/workers").json()):
             assert time.monotonic() < deadline

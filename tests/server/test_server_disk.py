@@ -4,6 +4,7 @@ and a second server on the same directory is refused with a clear error."""
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,3 +44,39 @@ def test_sigterm_writes_the_tier_and_a_restarted_server_hits(
         assert metric(samples, "radixlm:cache_hit_tokens_disk_total") == len(ids) - 1
     finally:
         assert again.stop() in (0, -signal.SIGTERM), again.log()
+
+
+def test_a_flush_keeps_the_tier_and_the_storage_clear_deletes_it(
+    start_tiny_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """/flush_cache empties the pool but not the disk tier (as SGLang's flush leaves its storage
+    tier); /clear_hicache_storage_backend deletes the tier's blocks (SGLang's answer)."""
+    ids = torch.randint(3, 49_000, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    srv = start_tiny_server("--random-seed", "0", "--kv-cache-dir", str(tmp_path))
+    try:
+        first = generate(srv, ids)
+        with srv.client() as client:
+            # The selective policy writes a long prompt as the flush evicts it.
+            assert client.post("/flush_cache").status_code == 200
+            again = generate(srv, ids)
+            assert again["meta_info"]["cached_tokens"] == len(ids) - 1  # from disk
+            assert again["output_ids"] == first["output_ids"]
+            assert client.post("/flush_cache").status_code == 200
+            r = client.post("/hicache/storage-backend/clear")
+            assert r.status_code == 200, r.text
+            assert r.json() == "Hierarchical cache storage backend cleared."
+            deadline = time.monotonic() + 10
+            while list(tmp_path.rglob("*.kv")):
+                assert time.monotonic() < deadline, "blocks left after the clear"
+                time.sleep(0.05)
+            cold = generate(srv, ids)
+            assert cold["meta_info"]["cached_tokens"] == 0
+            assert cold["output_ids"] == first["output_ids"]
+            r = client.get("/clear_hicache_storage_backend")  # SGLang's older route
+            assert (
+                r.status_code == 200 and r.json() == "Hierarchical cache storage backend cleared."
+            )
+            assert generate(srv, ids)["meta_info"]["cached_tokens"] == len(ids) - 1  # the pool's
+            assert client.get("/internal/check_invariant").status_code == 200
+    finally:
+        assert srv.stop() in (0, -signal.SIGTERM), srv.log()
