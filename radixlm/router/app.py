@@ -82,6 +82,14 @@ class Router:
         return [a for a in answers if a is not None]
 
 
+def _first_failure(answers: list[httpx.Response]) -> Response | None:
+    """The first worker answer of a fan-out that is not a 200, passed on as it came."""
+    bad = next((a for a in answers if a.status_code != 200), None)
+    if bad is None:
+        return None
+    return Response(bad.content, bad.status_code, {"content-type": "application/json"})
+
+
 # The routes forwarded to the worker the policy picks, and the kind of prompt each carries.
 ROUTED = {"/generate": "generate", "/v1/completions": "completion", "/v1/chat/completions": "chat"}
 # The routes any worker answers.
@@ -195,16 +203,14 @@ def create_router_app(args: RouterArgs, replicas: ReplicaSet | None = None) -> A
     @app.post("/flush_cache")
     async def flush_cache() -> Response:
         answers = await router.fan_out("POST", "/flush_cache")
-        for a in answers:
-            if a.status_code != 200:
-                return Response(a.content, a.status_code, {"content-type": "application/json"})
+        if (failed := _first_failure(answers)) is not None:
+            return failed
         return PlainTextResponse(f"Cache flushed on {len(answers)} workers.\n")
 
     async def clear_hicache_storage(request: Request) -> Response:
         answers = await router.fan_out("POST", request.url.path)
-        for a in answers:
-            if a.status_code != 200:
-                return Response(a.content, a.status_code, {"content-type": "application/json"})
+        if (failed := _first_failure(answers)) is not None:
+            return failed
         return json_response(STORAGE_CLEARED)
 
     for method, path in CLEAR_STORAGE_ROUTES:
@@ -213,11 +219,9 @@ def create_router_app(args: RouterArgs, replicas: ReplicaSet | None = None) -> A
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:
         answers = await router.fan_out("POST", "/abort_request", await request.body())
-        aborted = 0
-        for a in answers:
-            if a.status_code != 200:
-                return Response(a.content, a.status_code, {"content-type": "application/json"})
-            aborted += int(a.json().get("aborted", 0))
+        if (failed := _first_failure(answers)) is not None:
+            return failed
+        aborted = sum(int(a.json().get("aborted", 0)) for a in answers)
         return json_response({"aborted": aborted})
 
     @app.get("/server_info")
