@@ -196,8 +196,9 @@ def build_batch(
 ) -> ForwardBatch:
     """Flatten scheduled sequences (extends first) into the tensors the model reads; the short
     rows' attention metadata is `backend`'s. `window`: the model's sliding window, if any.
-    With `num_slots` (the pool's), every slot a sequence reads or writes must be one of the
-    pool's (1 .. num_slots; 0 pads): compiled kernels index the pool unchecked."""
+    Each sequence needs one slot per position (ValueError otherwise); with `num_slots` (the
+    pool's), every slot a sequence reads or writes must be one of the pool's (1 .. num_slots;
+    0 pads): compiled kernels index the pool unchecked."""
     ids: list[int] = []
     positions: list[int] = []
     out_slots: list[torch.Tensor] = []
@@ -207,6 +208,11 @@ def build_batch(
     rows: list[ScheduledSeq] = []
     num_extend = 0
     for seq in seqs:
+        if len(seq.kv_slots) != seq.end:  # the kernels would index past its slots
+            raise ValueError(
+                f"a sequence of {seq.end} positions ({seq.start} cached) has "
+                f"{len(seq.kv_slots)} KV slots"
+            )
         q_start, q_len = len(ids), len(seq.new_ids)
         ids.extend(seq.new_ids)
         positions.extend(range(seq.start, seq.end))

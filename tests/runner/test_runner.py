@@ -77,3 +77,22 @@ def test_a_slot_outside_the_pool_is_refused_before_any_kernel_runs(
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     # Every slot of the pool is still usable.
     runner.forward([ScheduledSeq([9] * 32, 0, torch.arange(1, 33), 31)])
+
+
+@pytest.mark.parametrize("where", ["extend", "row"])
+def test_a_sequence_with_too_few_slots_is_refused(tiny_model_dir: Path, where: str) -> None:
+    """A sequence must name a slot for each of its positions: one naming fewer (here its new
+    tokens counted twice) is refused with a ValueError before any kernel runs (the kernels
+    would read past its slots: a crash of the engine process, checked) and the pool serves on."""
+    core = EngineCore(EngineArgs(model_path=str(tiny_model_dir), max_total_tokens=64))
+    runner = core.runner
+    runner.forward([ScheduledSeq(list(range(5, 25)), 0, torch.arange(1, 21), 19)])
+    n = 30 if where == "extend" else 3
+    seq = ScheduledSeq([9] * n, 20, torch.arange(1, 21 + n - 1), 20)  # one slot short
+    assert is_short_row(seq) == (where == "row")
+    with pytest.raises(
+        ValueError, match=rf"{20 + n} positions \(20 cached\) has {19 + n} KV slots"
+    ):
+        runner.forward([seq])
+    runner.forward([ScheduledSeq([9] * n, 20, torch.arange(1, 21 + n), 20)])
+    core.check_invariant()
