@@ -47,6 +47,7 @@ from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.engine.engine import Engine
+from radixlm.kernels.backend import Backend, choose_backend
 from radixlm.kernels.build import isa_variants, load_kernels, open_kernels
 from radixlm.kernels.cpu import CpuKernelBackend
 from radixlm.models import layers
@@ -370,16 +371,24 @@ def bench_prefill(args: argparse.Namespace) -> None:
         for i, p in enumerate(prompts)
     ]
     tokens = args.batch * args.prefill_len
-    fwd_times, mm_times, torch_times = _alternating(
+
+    def torch_attention_forward() -> None:
+        with _attention_way(core.runner.backend, "split"):
+            core.runner.forward(seqs)
+
+    fwd_times, mm_times, torch_times, split_times = _alternating(
         [
             lambda: core.runner.forward(seqs),
             chosen_matmuls(core, tokens, short_rows=False),
             weight_matmuls(core, tokens, 0),
+            torch_attention_forward,
         ],
         args.repeat,
         "prefill",
     )
-    fwd, mm, ref = (statistics.median(t) for t in (fwd_times, mm_times, torch_times))
+    fwd, mm, ref, split = (
+        statistics.median(t) for t in (fwd_times, mm_times, torch_times, split_times)
+    )
     print(f"prefill: {args.batch} x {args.prefill_len} uncached tokens (medians)")
     print(
         f"  forward {fwd * 1000:8.1f} ms ({tokens / fwd:7.0f} tok/s); its weight matmuls alone "
@@ -387,14 +396,17 @@ def bench_prefill(args: argparse.Namespace) -> None:
     )
     print(f"  forward / matmuls = {fwd / mm:.2f}  (target <= 1.2)")
     print(f"  matmuls vs F.linear = {ref / mm:.2f}x throughput  (target >= 1.5)")
+    print(
+        f"  forward with torch's fused attention {split * 1000:8.1f} ms: torch's / this = "
+        f"{split / fwd:.3f}"
+    )
     if args.prefill_prefix:
         _prefill_after_prefix(args, core)
 
 
 def _prefill_after_prefix(args: argparse.Namespace, core: EngineCore) -> None:
     """New prompts after `--prefill-prefix` cached tokens each, on core's free slots: the
-    forward with the CPU's extend attention (split from the prefix where it is long enough)
-    against the masked calls, alternating."""
+    forward with the CPU's extend attention against the masked calls, alternating."""
     n, p = args.prefill_len, args.prefill_prefix
     gen = torch.Generator().manual_seed(3)
     slots = core.allocator.alloc(args.batch * (p + n))
@@ -405,12 +417,12 @@ def _prefill_after_prefix(args: argparse.Namespace, core: EngineCore) -> None:
     seqs = [ScheduledSeq(random_ids(n, gen), p, r, p + n - 1) for r in rows]
     outs: dict[str, torch.Tensor] = {}
 
-    def forward(name: str, split: bool) -> None:
-        with _extend_attention_way(split):
-            outs[name] = core.runner.forward(seqs)
+    def forward(way: str) -> None:
+        with _attention_way(core.runner.backend, way):
+            outs[way] = core.runner.forward(seqs)
 
     times = _alternating(
-        [functools.partial(forward, "cpu", True), functools.partial(forward, "masked", False)],
+        [functools.partial(forward, "cpu"), functools.partial(forward, "masked")],
         args.repeat,
         "prefill after a prefix",
     )
@@ -967,33 +979,49 @@ def _extend_attention(
     prefix: int,
     name: str,
     *,
-    split: bool,
+    way: str,
+    backend: Backend,
 ) -> None:
-    """outs[name] = extend_attention over the prefix, split as the CPU does or masked."""
-    with _extend_attention_way(split):
-        outs[name] = layers.extend_attention(q, k, v, prefix, q.shape[-1] ** -0.5)
+    """outs[name] = the extend's attention over its prefix, taken `way` (see _attention_way)."""
+    scale = q.shape[-1] ** -0.5
+    with _attention_way(backend, way):
+        out = torch.empty_like(q)
+        if not backend.extend_attention(q, k, v, prefix, scale, out):
+            out = layers.extend_attention(q, k, v, prefix, scale)
+        outs[name] = out
 
 
 @contextlib.contextmanager
-def _extend_attention_way(split: bool) -> Iterator[None]:
-    """Extends over a cached prefix take the CPU's way (split from the prefix where it is long
-    enough) or, with split False, the masked calls other devices take."""
+def _attention_way(backend: Backend, way: str) -> Iterator[None]:
+    """Extends attend `way`: "cpu" as the CPU does now (the kernels' extend attention where the
+    backend has it, else torch's fused attention split from a long prefix), "split" in torch's
+    fused attention as the CPU did before the kernel, or "masked" in the masked calls other
+    devices take."""
     saved = layers._FLASH_CPU
-    layers._FLASH_CPU = saved if split else None
+    if way != "cpu":
+        backend.extend_attention = _no_kernel  # type: ignore[method-assign]
+    if way == "masked":
+        layers._FLASH_CPU = None
     try:
         yield
     finally:
         layers._FLASH_CPU = saved
+        vars(backend).pop("extend_attention", None)
+
+
+def _no_kernel(*args: object) -> bool:
+    return False
 
 
 def bench_extend_attention(args: argparse.Namespace) -> None:
     """Attention of an extend over a cached prefix (queries x prefix keys, 9 / 3 heads of 64, as
-    the default model), the way the CPU takes it (`extend_attention`) against the masked calls
-    it replaces from `_SPLIT_QUERIES` queries and `_SPLIT_KEYS` keys (the way other devices
-    take it), alternating; medians, and each one's largest error against float64."""
+    the default model), the way the CPU takes it (the kernels' extend attention) against torch's
+    fused attention split from the prefix as the CPU took it before, and the masked calls other
+    devices take, alternating; medians, and each one's largest error against float64."""
     h, kvh, d = 9, 3, 64
+    backend = choose_backend(torch.device("cpu"), torch.float32, torch.float32)
     gen = torch.Generator().manual_seed(4)
-    print(f"extend attention over a cached prefix, {h} / {kvh} heads of {d}: as the CPU takes it")
+    print(f"extend attention over a cached prefix, {h} / {kvh} heads of {d} ({backend.name})")
     for t, prefix in args.extend_shapes:
         q = torch.randn(t, h, d, generator=gen)
         k = torch.randn(kvh, prefix + t, d, generator=gen)
@@ -1004,23 +1032,20 @@ def bench_extend_attention(args: argparse.Namespace) -> None:
         probs = scores.masked_fill(hidden, float("-inf")).softmax(-1)
         ref = (probs @ v.double().repeat_interleave(g, 0)).transpose(0, 1)
         outs: dict[str, torch.Tensor] = {}
-        run = functools.partial(_extend_attention, outs, q, k, v, prefix)
+        run = functools.partial(_extend_attention, outs, q, k, v, prefix, backend=backend)
+        ways = ("cpu", "split", "masked")
         times = _alternating(
-            [
-                functools.partial(run, "cpu", split=True),
-                functools.partial(run, "masked", split=False),
-            ],
+            [functools.partial(run, way, way=way) for way in ways],
             args.repeat,
             f"extend {t} x {prefix}",
         )
-        cpu, masked = (statistics.median(ts) for ts in times)
+        cpu, split, masked = (statistics.median(ts) for ts in times)
         errors = {name: (o.double() - ref).abs().max().item() for name, o in outs.items()}
-        split = t >= layers._SPLIT_QUERIES and prefix + t >= layers._SPLIT_KEYS
         print(
-            f"  {t:5d} queries x {prefix:5d} prefix keys: this way ({'split' if split else 'masked'}"
-            f") {cpu * 1000:7.2f} ms, masked "
-            f"{masked * 1000:7.2f} ms, masked / this = {masked / cpu:.2f} (max error "
-            f"{errors['cpu']:.1e} / {errors['masked']:.1e})"
+            f"  {t:5d} queries x {prefix:5d} prefix keys: this way {cpu * 1000:7.2f} ms, torch "
+            f"split {split * 1000:7.2f} ms, masked {masked * 1000:7.2f} ms: split / this = "
+            f"{split / cpu:.2f}, masked / this = {masked / cpu:.2f} (max error "
+            f"{errors['cpu']:.1e} / {errors['split']:.1e} / {errors['masked']:.1e})"
         )
 
 

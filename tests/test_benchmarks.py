@@ -35,6 +35,7 @@ CASES = [
             rf"FMA peak +{RATIO} GFLOP/s \(registers only\); of it: mkl [0-9]+%, stream [0-9]+%",
             rf"forward / matmuls = {RATIO}",
             rf"matmuls vs F.linear = {RATIO}x throughput",
+            rf"forward with torch's fused attention .* ms: torch's / this = {RATIO}",
             rf"1 x 32 new tokens after 16 cached each: .* masked / this = {RATIO} \(logits differ",
             rf"step / matmuls = {RATIO}",
             rf"time outside the forward = {RATIO}% of a step",
@@ -51,7 +52,8 @@ CASES = [
             rf"adaptive / fixed: TTFT p50 {RATIO}, p99 {RATIO}; ITL p50 {RATIO}, p99 {RATIO}",
             rf"in forward passes {RATIO} s \({RATIO}%\)",
             r"prompt tokens computed [0-9]+ \(the fewest a prefix cache can: [0-9]+\)",
-            rf"  +300 queries x  2000 prefix keys: .* masked / this = {RATIO} \(max error",
+            rf"  +300 queries x  2000 prefix keys: .* split / this = {RATIO}, masked / this = "
+            rf"{RATIO} \(max error",
         ],
         ["radix_shared_prefix", "radix_no_sharing", "decode_step_vs_batch"],
         id="engine",

@@ -88,6 +88,20 @@ class Backend(Protocol):
         slots of the head-major caches; q [T, H, D] holds the rows' queries, row by row."""
         ...
 
+    def extend_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        prefix_len: int,
+        scale: float,
+        out: torch.Tensor,
+    ) -> bool:
+        """Fill out [T, H, D] with the causal attention of q [T, H, D] (positions prefix_len ..)
+        over k, v [KVH, prefix_len + T, D]; False, with out untouched, where the backend has no
+        kernel for these (the caller runs torch's)."""
+        ...
+
     @property
     def gemm(self) -> str:
         """The linear layers' GEMM, for logs and /server_info."""

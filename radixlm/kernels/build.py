@@ -20,7 +20,8 @@ from radixlm.utils import atomic_write, cache_dir
 logger = logging.getLogger(__name__)
 
 _SOURCES = [
-    Path(__file__).with_name(n) for n in ("row_attention.cpp", "layer_ops.cpp", "decode_layers.cpp")
+    Path(__file__).with_name(n)
+    for n in ("row_attention.cpp", "extend_attention.cpp", "layer_ops.cpp", "decode_layers.cpp")
 ]
 _HEADERS = [Path(__file__).with_name(n) for n in ("cpu_math.h", "layer_ops.h", "row_attention.h")]
 _STEM = "cpu_kernels"
@@ -164,6 +165,9 @@ def open_kernels(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
     lib.radixlm_native_bf16_dot.argtypes, lib.radixlm_native_bf16_dot.restype = [], ctypes.c_int
+    fn = lib.radixlm_extend_attention_f32
+    fn.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _P, ctypes.c_int]
+    fn.restype = ctypes.c_int
     lib.radixlm_fma_peak.argtypes = [ctypes.c_int, ctypes.c_int64]
     lib.radixlm_fma_peak.restype = ctypes.c_double
     return lib

@@ -240,6 +240,41 @@ class CpuKernelBackend:
             torch.get_num_threads(),
         )
 
+    def extend_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        prefix_len: int,
+        scale: float,
+        out: torch.Tensor,
+    ) -> bool:
+        """Fill out [T, H, D] with the causal attention of q [T, H, D] (positions prefix_len ..)
+        over k, v [KVH, prefix_len + T, D] (rows contiguous, one stride between heads), all
+        float32: the kernel's flash attention, 1.1-2x torch's fused attention on this machine's
+        shapes (docs/benchmarks.md). False for a head size other than 64 or 128."""
+        t, h, d = q.shape
+        if d not in (64, 128) or not (q.dtype == k.dtype == v.dtype == out.dtype == torch.float32):
+            return False
+        assert k.shape == v.shape == (k.shape[0], prefix_len + t, d) and k.stride() == v.stride()
+        assert k.stride(1) == d and k.stride(2) == 1 and out.is_contiguous()
+        q = q.contiguous()
+        done = self.lib.radixlm_extend_attention_f32(
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            k.stride(0),
+            t,
+            prefix_len,
+            h,
+            k.shape[0],
+            d,
+            scale,
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return done == 0
+
     @property
     def gemm(self) -> str:
         """The linear layers' GEMM by row count, and how it was chosen."""

@@ -124,6 +124,18 @@ class TorchBackend:
         o = torch.bmm(probs, vd).view(kvh, b, nq, g, d).permute(1, 2, 0, 3, 4)
         out.copy_(o.reshape(b, nq, h, d)[rows.valid])
 
+    def extend_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        prefix_len: int,
+        scale: float,
+        out: torch.Tensor,
+    ) -> bool:
+        """False: torch's fused attention (the caller's) is this backend's."""
+        return False
+
     gemm = "F.linear"
 
     def prepare(self, weights: Sequence[torch.Tensor]) -> None:

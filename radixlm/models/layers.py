@@ -86,7 +86,8 @@ def paged_attention(
 
     q [T, H, D]; kh/vh [KVH, T, D] are this step's K/V (what a prefill without a cached prefix
     attends over); the caches are head-major [KVH, num_slots + 1, D]. Extends attend one by
-    one in torch's fused attention, the short rows together in the backend's row attention;
+    one in the backend's extend attention (else torch's fused attention), the short rows together
+    in the backend's row attention;
     with a sliding window (`batch.window`) each token sees only the keys within it.
     Returns [T, H, D].
     """
@@ -103,6 +104,10 @@ def paged_attention(
             ks = k_cache.index_select(1, slots).to(q.dtype)
             vs = v_cache.index_select(1, slots).to(q.dtype)
             prefix_len = seq.prefix_len - first
+        if window is None and backend.extend_attention(
+            q[lo:hi], ks, vs, prefix_len, scale, out[lo:hi]
+        ):
+            continue
         out[lo:hi] = extend_attention(q[lo:hi], ks, vs, prefix_len, scale, window)
     if batch.rows is not None:
         start = batch.num_extend_tokens

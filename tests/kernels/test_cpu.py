@@ -12,7 +12,7 @@ from radixlm.kernels.build import isa_variants, load_kernels, mkl_sgemm
 from radixlm.kernels.cpu import CpuKernelBackend
 from radixlm.kernels.decode import STREAM_ROWS
 from radixlm.kernels.torch_backend import TorchBackend, apply_rope
-from radixlm.models.layers import RotaryEmbedding
+from radixlm.models.layers import RotaryEmbedding, extend_attention
 from radixlm.runner.runner import build_batch
 
 pytestmark = pytest.mark.skipif(
@@ -101,6 +101,47 @@ def test_kernel_equals_dense_attention(kv_dtype, h, kvh, d, lengths, flags) -> N
         want = torch.empty_like(q)
         torch_backend.row_attention(q, k_cache, v_cache, padded, scale, want)
         torch.testing.assert_close(out, want)
+
+
+EXTEND_CASES = [
+    # heads, kv heads, head dim, new tokens, cached tokens before them
+    (9, 3, 64, 1, 0),
+    (9, 3, 64, 5, 7),  # a block whose first keys some queries do not see yet
+    (9, 3, 64, 97, 0),  # a tile and a part of one
+    (9, 3, 64, 300, 33),
+    (8, 2, 128, 70, 1200),
+    (4, 4, 64, 200, 0),
+    (6, 1, 128, 3, 400),
+]
+
+
+@pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
+@pytest.mark.parametrize(("h", "kvh", "d", "t", "prefix"), EXTEND_CASES)
+def test_extend_attention_equals_dense_attention(h, kvh, d, t, prefix, flags) -> None:
+    """An extend's causal attention over its cached prefix and itself, the K/V given as a slice
+    of a longer head-major tensor (as the runner hands this step's own K/V over)."""
+    gen = torch.Generator().manual_seed(t + prefix + d)
+    k = torch.randn(kvh, prefix + t + 9, d, generator=gen)[:, : prefix + t]
+    v = torch.randn(kvh, prefix + t + 9, d, generator=gen)[:, : prefix + t]
+    q = torch.randn(t, h, d, generator=gen) * 3
+    scale = d**-0.5
+    out = torch.full((t + 2, h, d), float("nan"))
+    assert _backend(flags).extend_attention(q, k, v, prefix, scale, out[1 : t + 1])
+    assert out[0].isnan().all() and out[t + 1].isnan().all()  # nothing written around it
+    seq = ScheduledSeq([1] * t, prefix, torch.arange(prefix + t), prefix)
+    ref = _dense(q, k, v, [seq], scale)
+    torch.testing.assert_close(out[1 : t + 1].double(), ref, atol=1e-5, rtol=1e-5)
+    # At least as close to float64 as the fallback it replaces (torch's fused attention).
+    fallback = extend_attention(q, k, v, prefix, scale)
+    error = (out[1 : t + 1].double() - ref).abs().max().item()
+    assert error <= max(2 * (fallback.double() - ref).abs().max().item(), 2e-6)
+
+
+def test_extend_attention_leaves_other_head_sizes_to_torch() -> None:
+    q, k = torch.randn(4, 2, 24), torch.randn(2, 4, 24)
+    out = torch.full_like(q, float("nan"))
+    assert not _backend().extend_attention(q, k, k, 0, 0.2, out)
+    assert out.isnan().all()
 
 
 WINDOW_CASES = [
