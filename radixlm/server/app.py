@@ -12,6 +12,8 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import Scope
 
 import radixlm
 from radixlm.server.auth import ApiKeyMiddleware, KeyTable, is_open
@@ -27,6 +29,20 @@ from radixlm.server.tokenizer_manager import TokenizerManager
 __all__ = ["ApiKeyMiddleware", "create_app", "is_open"]
 
 logger = logging.getLogger(__name__)
+
+
+# The methods a 405's Allow header may name.
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """The methods some route of app serves at the request's path (each one asked whether it
+    would take the request with that method)."""
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in app.routes)
+    ]
 
 
 def create_app(
@@ -68,9 +84,13 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        # Keeps Starlette's headers: a 405 must say which methods are allowed (RFC 9110).
+        # Keeps Starlette's headers: a 405 must say which methods are allowed (RFC 9110), all of
+        # them where several routes share the path (Starlette names the first one's only).
+        headers = exc.headers
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request.scope))}
         body = error_body(exc.status_code, str(exc.detail))
-        return json_response(body, exc.status_code, exc.headers)
+        return json_response(body, exc.status_code, headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:

@@ -141,6 +141,9 @@ def test_wrong_method_is_405_with_allow(http: httpx.Client) -> None:
     r = http.delete(G)
     assert r.status_code == 405 and r.json()["error"]["code"] == 405
     assert r.headers["allow"] == "POST"  # RFC 9110; the error handler used to drop it
+    # A path that two routes serve (one method each) names both methods.
+    r = http.request("OPTIONS", "/clear_hicache_storage_backend")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
 
 
 def generated_tokens(http: httpx.Client) -> float:
