@@ -1,6 +1,6 @@
 """Building and loading the CPU kernels: the C++ sources next to this file, compiled with the
 system compiler into the radixlm cache (keyed by source, compiler, flags and CPU) and loaded
-through ctypes; and MKL's `sgemm`, which the GEMMs of the decode pass call."""
+through ctypes; and the BLAS `sgemm` (OpenBLAS or MKL) that their GEMMs call beyond a few rows."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -173,12 +174,73 @@ def open_kernels(path: Path) -> ctypes.CDLL:
     return lib
 
 
-@functools.cache
-def mkl_sgemm() -> int | None:
-    """The address of the BLAS `sgemm_` torch links (MKL), or None. Only MKL is used: it runs
-    single-threaded inside another OpenMP region, where a BLAS with its own threads would not."""
+# The BLAS libraries whose `sgemm` the kernels can call, best first: OpenBLAS from the
+# `scipy-openblas32` wheel (32-bit integers, its kernels chosen at run time for the CPU: on Zen 3
+# 1.2-1.3x the throughput of MKL, which runs its generic AVX2 code on AMD; docs/benchmarks.md),
+# then the MKL that torch links. `RADIXLM_BLAS=openblas|mkl` picks one.
+BLAS = ("openblas", "mkl")
+
+
+@dataclass(frozen=True, slots=True)
+class Sgemm:
+    """A BLAS `sgemm_` (Fortran convention, 32-bit integers) that runs single-threaded on the
+    thread that calls it: the kernels call it on each thread's share of a GEMM's columns."""
+
+    name: str  # for the startup log and /server_info, e.g. "OpenBLAS 0.3.34 (Haswell)"
+    address: int
+
+
+def _openblas() -> Sgemm | None:
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return None
+    try:
+        lib = ctypes.CDLL(str(Path(scipy_openblas32.get_lib_dir()) / "libscipy_openblas.so"))
+        address = ctypes.cast(lib.scipy_sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+    # One thread a call: its own thread pool would contend with torch's OpenMP threads.
+    lib.scipy_openblas_set_num_threads(1)
+    lib.scipy_openblas_get_corename.restype = ctypes.c_char_p
+    core = lib.scipy_openblas_get_corename().decode()
+    version = getattr(scipy_openblas32, "__version__", "")
+    version = ".".join(version.split(".")[:3])
+    return None if address is None else Sgemm(f"OpenBLAS {version} ({core})".strip(), address)
+
+
+def _mkl() -> Sgemm | None:
     if not torch.backends.mkl.is_available():
         return None
+    for lib_path in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
+        try:
+            fn = ctypes.CDLL(str(lib_path)).sgemm_
+        except (OSError, AttributeError):
+            continue
+        address = ctypes.cast(fn, ctypes.c_void_p).value
+        return None if address is None else Sgemm("MKL", address)
+    return None
+
+
+@functools.cache
+def _find_blas(name: str) -> Sgemm | None:
+    return {"openblas": _openblas, "mkl": _mkl}[name]()
+
+
+def blas_sgemm(which: str | None = None) -> Sgemm | None:
+    """The `sgemm` the kernels call, or None without a BLAS they can: `which` (one of `BLAS`),
+    else `RADIXLM_BLAS` from the environment, else the first of `BLAS` this install has. A BLAS
+    with threads of its own would not do (the calls come from inside an OpenMP region), so
+    OpenBLAS is set to one thread, and torch's MKL runs single-threaded there already."""
+    which = which or os.environ.get("RADIXLM_BLAS") or None
+    if which is not None and which not in BLAS:
+        raise ValueError(f"RADIXLM_BLAS must be one of {', '.join(BLAS)}; got {which!r}")
+    for name in (which,) if which else BLAS:
+        found = _find_blas(name)
+        if found is not None:
+            return found
+    return None
+
     for lib_path in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
         try:
             fn = ctypes.CDLL(str(lib_path)).sgemm_

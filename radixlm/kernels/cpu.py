@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from radixlm.core.forward import KernelRowLayout, RowLayout
-from radixlm.kernels.build import SUFFIX, mkl_sgemm, native_bf16
+from radixlm.kernels.build import SUFFIX, blas_sgemm, native_bf16
 from radixlm.kernels.decode import STREAM_ROWS, DecodePass, DecodeShape
 from radixlm.kernels.gemm import (
     FEW_ROWS,
-    FIXED,
     Gemm,
     GemmChoice,
     bf16_rule,
     choose_gemm,
+    fixed_rule,
     onednn_available,
     onednn_linear,
     onednn_pack,
@@ -41,21 +41,28 @@ class CpuKernelBackend:
     kernels widen bfloat16 weights as they read them, or multiply them with AVX512-BF16's dot
     products (`native_bf16_dot`), and accumulate in float32.
 
-    `gemm` is the float32 linear layers' GEMM: "fixed" (`gemm.FIXED`: streamed up to 64 rows,
-    MKL beyond), "auto" times the candidates on the model's shapes when `prepare` is given its
-    weights (see `radixlm.kernels.gemm`), or one of `GEMMS` for every row count. bfloat16
-    weights take `bf16_rule` (`gemm.bf16_rule` for this CPU) whatever `gemm` says."""
+    `blas` names the BLAS whose single-threaded `sgemm` the kernels call on each thread's
+    share of a GEMM over more than 64 rows (`build.BLAS`; by default OpenBLAS where installed,
+    else MKL: `build.blas_sgemm`). `gemm` is the float32 linear layers' GEMM: "fixed"
+    (`gemm.fixed_rule`: streamed up to 64 rows; beyond, that per-thread `sgemm` when it is
+    OpenBLAS, else MKL's `F.linear`), "auto" times the candidates on the model's shapes when
+    `prepare` is given its weights (see `radixlm.kernels.gemm`), or one of `GEMMS` for every
+    row count. bfloat16 weights take `bf16_rule` (`gemm.bf16_rule` for this CPU) whatever
+    `gemm` says."""
 
     name = "cpu-kernels"
 
-    def __init__(self, lib: ctypes.CDLL, gemm: str = "fixed") -> None:
+    def __init__(self, lib: ctypes.CDLL, gemm: str = "fixed", blas: str | None = None) -> None:
         self.lib = lib
-        self.sgemm = mkl_sgemm()  # None without MKL: no decode pass, no streamed GEMMs
+        self.blas = blas_sgemm(blas)
+        # None without a BLAS: no decode pass, no streamed GEMMs
+        self.sgemm = None if self.blas is None else self.blas.address
+        self._fixed = fixed_rule(None if self.blas is None else self.blas.name)
         self._forced_gemm = gemm
         if gemm not in ("auto", "fixed") and gemm not in self.gemm_candidates():
             raise ValueError(f"GEMM {gemm!r} is not available here")
         # Until `prepare`: the weight streamed for a few rows, the decode pass's GEMM up to 64.
-        self.gemm_choice = GemmChoice.forced(gemm) if gemm not in ("auto", "fixed") else FIXED
+        self.gemm_choice = GemmChoice.forced(gemm) if gemm not in ("auto", "fixed") else self._fixed
         self.bf16_rule = bf16_rule(native_bf16())
         # id(weight) -> (weight, its version when prepared, its oneDNN copy if oneDNN won)
         self._prepared: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
@@ -277,8 +284,9 @@ class CpuKernelBackend:
 
     @property
     def gemm(self) -> str:
-        """The linear layers' GEMM by row count, and how it was chosen."""
-        return self.gemm_choice.describe()
+        """The linear layers' GEMM by row count, how it was chosen, and the kernels' BLAS."""
+        blas = "none" if self.blas is None else self.blas.name
+        return f"{self.gemm_choice.describe()}; sgemm: {blas}"
 
     def gemm_candidates(self) -> dict[str, Callable[[torch.Tensor], Gemm]]:
         """The GEMMs this build and this torch can run: name -> (weight -> its GEMM)."""
@@ -303,6 +311,8 @@ class CpuKernelBackend:
                 self.gemm_candidates(),
                 [(w.shape[0], w.shape[1]) for w in weights],
                 self._forced_gemm,
+                fixed=self._fixed,
+                blas="" if self.blas is None else self.blas.name,
             )
         packs = self.gemm_choice.packs
         self._prepared = {
@@ -365,8 +375,12 @@ class CpuKernelBackend:
         if gemm == "stream" and (self.sgemm is not None or weight.dtype == torch.bfloat16):
             y = self.stream_linear(x, weight)
             return y if bias is None else y.add_(bias)
-        if gemm == "widen":  # bfloat16 weights on a CPU without native bfloat16: MKL
-            return F.linear(x, weight.float(), None if bias is None else bias.float())
+        if gemm == "widen":  # bfloat16 weights on a CPU without native bfloat16: float32's
+            widened, bias = weight.float(), None if bias is None else bias.float()
+            if self._fixed.prefill == "stream":  # the kernels' per-thread OpenBLAS
+                y = self.stream_linear(x, widened)
+                return y if bias is None else y.add_(bias)
+            return F.linear(x, widened, bias)
         if weight.dtype != x.dtype:  # bfloat16 weights: torch's bfloat16 GEMM (oneDNN)
             return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
         return F.linear(x, weight, bias)

@@ -39,7 +39,7 @@ _PROBE_FLOPS = 4e9
 # Per range: seconds of timed rounds, and the fewest and most rounds. Few rows are cheap to
 # time, so they get many rounds, which a shared machine's noise needs.
 _BUDGETS = {"few": (0.15, (5, 40)), "decode": (0.15, (5, 40)), "prefill": (0.5, (2, 5))}
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 Gemm = Callable[[torch.Tensor], torch.Tensor]
 
@@ -107,14 +107,24 @@ class GemmChoice:
 
 
 # The rule without timing: a few rows to a decode batch stream the weight (the decode pass's
-# GEMM), prefill chunks take MKL.
+# GEMM); prefill chunks take the kernels' per-thread OpenBLAS where it is installed (1.16-1.23x
+# MKL's threaded `F.linear` on Zen 3's prefill shapes, docs/benchmarks.md), else MKL.
 FIXED = GemmChoice("stream", "stream", "mkl", "fixed")
+FIXED_OPENBLAS = GemmChoice("stream", "stream", "stream", "fixed")
+
+
+def fixed_rule(blas: str | None) -> GemmChoice:
+    """The GEMMs by row count without timing, where the kernels call this BLAS's `sgemm`
+    ("OpenBLAS ..." or "MKL", `build.Sgemm.name`; None without one)."""
+    return FIXED_OPENBLAS if blas is not None and blas.startswith("OpenBLAS") else FIXED
+
+
 # bfloat16 weights: streamed (widened to float32 in registers, or native dot products) up to
 # 64 rows, so that a decode step reads half the bytes of float32. Beyond, on a CPU with native
 # bfloat16, torch's bfloat16 GEMM (oneDNN: 3x float32 MKL on Zen 4); on one without, torch
 # emulates it at a sixth of float32's speed, so each weight is widened to float32 for the call
-# and MKL multiplies ("widen": 0.8-1.0x float32 weights from 128 rows on Zen 3,
-# docs/benchmarks.md). Nothing is timed: the rule follows the CPU's flags.
+# and float32's prefill GEMM multiplies ("widen": with MKL 0.8-1.0x float32 weights from 128
+# rows on Zen 3, docs/benchmarks.md). Nothing is timed: the rule follows the CPU's flags.
 BF16 = GemmChoice("stream", "stream", "torch", "bfloat16 weights")
 BF16_WIDENED = GemmChoice("stream", "stream", "widen", "bfloat16 weights, no native bfloat16")
 
@@ -191,13 +201,17 @@ def choose_gemm(
     shapes: Sequence[tuple[int, int]],
     forced: str = "auto",
     busy: Callable[[], bool] = machine_busy,
+    fixed: GemmChoice = FIXED,
+    blas: str = "",
 ) -> GemmChoice:
     """The GEMM per range for a model whose linear layers have these weight shapes [n, k]:
     `forced` ("auto" to choose by timing, else one of `candidates` for every row count), or a
     decision cached by an earlier start with the same CPU, torch, threads and shapes, or a new
-    measurement (then cached, unless `busy()` says the machine was busier than its cores)."""
+    measurement (then cached, unless `busy()` says the machine was busier than its cores);
+    "fixed" is the rule `fixed` without timing. `blas` names the `sgemm` the candidates call
+    (part of the cache key)."""
     if forced == "fixed":
-        return FIXED
+        return fixed
     if forced != "auto":
         if forced not in candidates:
             raise ValueError(
@@ -213,6 +227,7 @@ def choose_gemm(
                 torch.__version__,
                 torch.get_num_threads(),
                 sorted(candidates),
+                blas,
                 distinct,
             ]
         ).encode()
@@ -246,8 +261,8 @@ def choose_gemm(
 
 def forced_gemm() -> str:
     """`RADIXLM_GEMM` from the environment: fixed (the default: the weight streamed up to 64
-    rows, MKL beyond, nothing timed or packed), auto (timed at start, see `choose_gemm`), or
-    one GEMM for all rows.
+    rows, per-thread OpenBLAS or else MKL beyond, nothing timed or packed: `fixed_rule`),
+    auto (timed at start, see `choose_gemm`), or one GEMM for all rows.
 
     The timed choice is opt-in until a measurement on a quiet machine shows it faster end to
     end: on a shared machine its timings disagreed from start to start, its oneDNN copies cost

@@ -295,8 +295,9 @@ class ServerInfo(TypedDict):
     version: str
     internal_states: list[InternalState]
     # The linear layers' GEMM by row count and how it was chosen (measured at start, cached
-    # from an earlier start, forced by RADIXLM_GEMM), e.g. "stream (1-4 rows), stream (-64),
-    # onednn (65+); measured"; "F.linear" off the CPU kernels.
+    # from an earlier start, forced by RADIXLM_GEMM) and the BLAS the kernels call, e.g.
+    # "stream (1-16 rows), stream (-64), stream (65+); fixed; sgemm: OpenBLAS 0.3.34
+    # (Haswell)"; "F.linear" off the CPU kernels.
     gemm: NotRequired[str]
 
 

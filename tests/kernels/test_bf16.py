@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.engine import Engine
 from radixlm.kernels.backend import choose_backend
-from radixlm.kernels.build import isa_variants, load_kernels, native_bf16
+from radixlm.kernels.build import BLAS, blas_sgemm, isa_variants, load_kernels, native_bf16
 from radixlm.kernels.cpu import CpuKernelBackend
 from radixlm.kernels.gemm import BF16, BF16_WIDENED, bf16_rule
 from radixlm.kernels.torch_backend import TorchBackend
@@ -81,7 +81,7 @@ def test_a_streamed_bfloat16_weight_equals_float32_math(
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
     # The op a model calls on its layers' weights: streamed up to 64 rows; beyond, torch's
     # bfloat16 GEMM where the CPU has native bfloat16 (its inputs rounded to bfloat16: a
-    # bfloat16 tolerance), the weight widened for MKL where it has not (float32 math).
+    # bfloat16 tolerance), the weight widened to float32 where it has not (float32 math).
     backend.prepare([w])
     op = backend.linear(x, w, bias)
     assert op.dtype == torch.float32
@@ -91,17 +91,19 @@ def test_a_streamed_bfloat16_weight_equals_float32_math(
     torch.testing.assert_close(op.double(), exact, atol=tol, rtol=1e-2)
 
 
+@pytest.mark.parametrize("blas", [b for b in BLAS if blas_sgemm(b) is not None])
 @pytest.mark.parametrize("native", [True, False], ids=["native", "widened"])
 @pytest.mark.parametrize("rows", [8, 65, 300])
 def test_bfloat16_prefill_gemms_follow_the_cpu(
-    native: bool, rows: int, monkeypatch: pytest.MonkeyPatch
+    native: bool, rows: int, blas: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past 64 rows a bfloat16 weight takes torch's bfloat16 GEMM on a CPU with native
-    bfloat16 (x rounded to bfloat16), and on one without is widened to float32 for MKL
-    (torch would emulate bfloat16 products at a sixth of float32's speed): float32 math on
-    the bfloat16 weight, for prepared weights and others (the LM head) alike."""
+    bfloat16 (x rounded to bfloat16), and on one without is widened to float32 for float32's
+    prefill GEMM (the kernels' per-thread OpenBLAS, or MKL; torch would emulate bfloat16
+    products at a sixth of float32's speed): float32 math on the bfloat16 weight, for
+    prepared weights and others (the LM head) alike."""
     monkeypatch.setattr("radixlm.kernels.cpu.native_bf16", lambda: native)
-    backend = CpuKernelBackend(load_kernels(_widening_flags()))
+    backend = CpuKernelBackend(load_kernels(_widening_flags()), blas=blas)
     assert backend.bf16_rule == (BF16 if native else BF16_WIDENED)
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 96, generator=gen)
@@ -249,8 +251,10 @@ def test_the_bfloat16_gemm_is_logged_and_says_where_it_is_slower(
         runner = ModelRunner(config, weights, CPU, BF, 64)
     assert isinstance(runner.backend, CpuKernelBackend)
     rule = bf16_rule(native_bf16())
-    assert runner.backend.gemm == rule.describe()
+    assert runner.backend.blas is not None
+    described = f"{rule.describe()}; sgemm: {runner.backend.blas.name}"
+    assert runner.backend.gemm == described
     messages = [r.getMessage() for r in caplog.records]
-    assert f"GEMM: {rule.describe()}" in messages
+    assert f"GEMM: {described}" in messages
     assert any("RADIXLM_GEMM=mkl applies to float32 weights" in m for m in messages)
     assert any("without native bfloat16" in m for m in messages) == (not native_bf16())

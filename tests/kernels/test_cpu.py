@@ -8,7 +8,7 @@ import torch
 
 from radixlm.core.forward import KernelRowLayout
 from radixlm.core.plan import ScheduledSeq
-from radixlm.kernels.build import isa_variants, load_kernels, mkl_sgemm
+from radixlm.kernels.build import BLAS, blas_sgemm, isa_variants, load_kernels
 from radixlm.kernels.cpu import CpuKernelBackend
 from radixlm.kernels.decode import STREAM_ROWS
 from radixlm.kernels.torch_backend import TorchBackend, apply_rope
@@ -22,11 +22,15 @@ pytestmark = pytest.mark.skipif(
 CPU = torch.device("cpu")
 
 
-def _backend(flags: tuple[str, ...] = ()) -> CpuKernelBackend:
-    """The kernels built with these extra flags, as a backend."""
+def _backend(flags: tuple[str, ...] = (), blas: str | None = None) -> CpuKernelBackend:
+    """The kernels built with these extra flags, as a backend (calling this BLAS's sgemm)."""
     lib = load_kernels(flags)
     assert lib is not None
-    return CpuKernelBackend(lib)
+    return CpuKernelBackend(lib, blas=blas)
+
+
+# The BLAS libraries this install has for the kernels' sgemm (OpenBLAS and torch's MKL).
+HERE_BLAS = [name for name in BLAS if blas_sgemm(name) is not None]
 
 
 def _rows(
@@ -261,20 +265,21 @@ def test_rope_store_equals_the_torch_backend(t, h, kvh, d, kv_dtype, flags) -> N
     torch.testing.assert_close(apply_rope(q, cos, sin).double(), ref, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.skipif(mkl_sgemm() is None, reason="torch without MKL")
+@pytest.mark.skipif(not HERE_BLAS, reason="no BLAS sgemm here")
+@pytest.mark.parametrize("blas", HERE_BLAS)
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 13, 16, 17, 40, 64, 65])
-def test_linear_equals_torch(rows: int, threads: int, flags: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 13, 16, 17, 40, 64, 65, 300])
+def test_linear_equals_torch(rows: int, threads: int, flags: tuple[str, ...], blas: str) -> None:
     """Up to 64 rows stream the weight four output columns at a time (here with a tail of 3
     columns and threads' shares of uneven size), in tiles of 3 or 4 rows (one tile up to 4
-    rows, a shorter last one); more rows go to sgemm.
+    rows, a shorter last one); more rows go to the BLAS's sgemm, each thread on its columns.
     Both equal F.linear, and no rows give an empty result. `linear`, the op a model calls,
     equals it too. A streamed row's result is the same bits as that row alone."""
     gen = torch.Generator().manual_seed(rows * 10 + threads)
     x = torch.randn(rows, 96, generator=gen)
     w = torch.randn(203, 96, generator=gen)
-    backend = _backend(flags)
+    backend = _backend(flags, blas)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -15,14 +15,16 @@ import torch.nn.functional as F
 from radixlm.core.plan import ScheduledSeq
 from radixlm.engine.engine import Engine
 from radixlm.kernels.backend import choose_backend
-from radixlm.kernels.build import isa_variants, load_kernels
+from radixlm.kernels.build import blas_sgemm, isa_variants, load_kernels
 from radixlm.kernels.cpu import CpuKernelBackend
 from radixlm.kernels.gemm import (
     FEW_ROWS,
     FIXED,
+    FIXED_OPENBLAS,
     Gemm,
     GemmChoice,
     choose_gemm,
+    fixed_rule,
     measure,
     onednn_available,
 )
@@ -181,18 +183,47 @@ def test_the_environment_forces_the_gemm(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_without_the_environment_nothing_is_timed_or_packed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The default is the fixed rule (streamed up to 64 rows, MKL beyond): prepare times
-    nothing and keeps no second copy of the weights."""
+    """The default is the fixed rule (streamed up to 64 rows; beyond, the kernels' per-thread
+    OpenBLAS where installed, else MKL): prepare times nothing and keeps no second copy of the
+    weights."""
     monkeypatch.delenv("RADIXLM_GEMM", raising=False)
+    monkeypatch.delenv("RADIXLM_BLAS", raising=False)
     backend = choose_backend(CPU, torch.float32, torch.float32)
-    assert isinstance(backend, CpuKernelBackend)
+    assert isinstance(backend, CpuKernelBackend) and backend.blas is not None
     weights = [torch.randn(64, 32), torch.randn(32, 64)]
     with monkeypatch.context() as m:
         m.setattr("radixlm.kernels.gemm.measure", lambda *a: pytest.fail("timed"))
         backend.prepare(weights)
-    assert backend.gemm_choice == FIXED
-    assert backend.gemm.startswith(f"stream (1-{FEW_ROWS} rows), stream (-64), mkl (65+); fixed")
+    openblas = backend.blas.name.startswith("OpenBLAS")
+    assert backend.gemm_choice == (FIXED_OPENBLAS if openblas else FIXED)
+    beyond = "stream" if openblas else "mkl"
+    assert backend.gemm == (
+        f"stream (1-{FEW_ROWS} rows), stream (-64), {beyond} (65+); fixed; "
+        f"sgemm: {backend.blas.name}"
+    )
     assert all(packed is None for _, _, packed in backend._prepared.values())
+
+
+def test_the_kernels_blas_is_openblas_where_installed_and_the_environment_picks_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OpenBLAS (the scipy-openblas32 wheel, a dependency) comes first; `RADIXLM_BLAS=mkl`
+    takes torch's MKL and its fixed rule (MKL's F.linear beyond 64 rows); an unknown name is
+    refused. OpenBLAS runs one thread a call, on the kernels' threads."""
+    monkeypatch.delenv("RADIXLM_BLAS", raising=False)
+    openblas = blas_sgemm("openblas")
+    if openblas is None:
+        pytest.skip("scipy-openblas32 is not installed")
+    assert blas_sgemm() == openblas and openblas.name.startswith("OpenBLAS 0.3.")
+    assert fixed_rule(openblas.name) == FIXED_OPENBLAS
+    monkeypatch.setenv("RADIXLM_BLAS", "mkl")
+    backend = choose_backend(CPU, torch.float32, torch.float32)
+    assert isinstance(backend, CpuKernelBackend) and backend.blas is not None
+    assert backend.blas.name == "MKL" and backend.gemm_choice == FIXED
+    assert fixed_rule(None) == FIXED
+    monkeypatch.setenv("RADIXLM_BLAS", "atlas")
+    with pytest.raises(ValueError, match="RADIXLM_BLAS must be one of openblas, mkl"):
+        choose_backend(CPU, torch.float32, torch.float32)
 
 
 def _forward_steps(runner: ModelRunner) -> list[torch.Tensor]:
