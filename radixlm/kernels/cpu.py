@@ -345,8 +345,8 @@ class CpuKernelBackend:
         if self.bf16_rule.prefill == "widen":
             logger.warning(
                 "bfloat16 weights on a CPU without native bfloat16 (avx512_bf16 / AMX): "
-                "prefill GEMMs widen each weight to float32 for the call, a little slower "
-                "than float32 weights here; decodes read half the bytes"
+                "prefill GEMMs widen each weight to float32 for the call, no faster than "
+                "float32 weights here; decodes read half the bytes"
             )
         return self.bf16_rule
 

@@ -107,7 +107,7 @@ class GemmChoice:
 
 
 # The rule without timing: a few rows to a decode batch stream the weight (the decode pass's
-# GEMM); prefill chunks take the kernels' per-thread OpenBLAS where it is installed (1.16-1.23x
+# GEMM); prefill chunks take the kernels' per-thread OpenBLAS where it is installed (1.07-1.20x
 # MKL's threaded `F.linear` on Zen 3's prefill shapes, docs/benchmarks.md), else MKL.
 FIXED = GemmChoice("stream", "stream", "mkl", "fixed")
 FIXED_OPENBLAS = GemmChoice("stream", "stream", "stream", "fixed")
