@@ -176,7 +176,7 @@ def open_kernels(path: Path) -> ctypes.CDLL:
 
 # The BLAS libraries whose `sgemm` the kernels can call, best first: OpenBLAS from the
 # `scipy-openblas32` wheel (32-bit integers, its kernels chosen at run time for the CPU: on Zen 3
-# 1.2-1.3x the throughput of MKL, which runs its generic AVX2 code on AMD; docs/benchmarks.md),
+# 1.07-1.20x the throughput of MKL's prefill GEMMs, split the same way; docs/benchmarks.md),
 # then the MKL that torch links. `RADIXLM_BLAS=openblas|mkl` picks one.
 BLAS = ("openblas", "mkl")
 
@@ -239,12 +239,4 @@ def blas_sgemm(which: str | None = None) -> Sgemm | None:
         found = _find_blas(name)
         if found is not None:
             return found
-    return None
-
-    for lib_path in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
-        try:
-            fn = ctypes.CDLL(str(lib_path)).sgemm_
-        except (OSError, AttributeError):
-            continue
-        return ctypes.cast(fn, ctypes.c_void_p).value
     return None
