@@ -15,7 +15,7 @@ python benchmarks/bench_engine.py bf16           # bfloat16 weights vs float32: 
 python benchmarks/bench_engine.py mixed          # a prefill chunk + decodes: one forward vs two
 python benchmarks/bench_engine.py bursts         # TTFT / ITL under bursts: adaptive vs fixed chunks
 python benchmarks/bench_engine.py forward-share  # a shared-prefix run's time: forwards, tokens computed
-python benchmarks/bench_engine.py extend-attention  # an extend over a cached prefix: split vs masked
+python benchmarks/bench_engine.py extend-attention  # extends over a cached prefix: the kernel vs torch
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from plots import add_plot_arg, bar_charts, line_chart  # benchmarks/plots.py
 
-from radixlm.core.forward import KernelRowLayout
+from radixlm.core.forward import ExtendSeq, KernelRowLayout
 from radixlm.core.messages import GenerateRequest
 from radixlm.core.params import SamplingParams
 from radixlm.core.plan import ScheduledSeq
@@ -976,18 +976,24 @@ def _extend_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    prefix: int,
+    extends: list[ExtendSeq],
     name: str,
     *,
     way: str,
     backend: Backend,
 ) -> None:
-    """outs[name] = the extend's attention over its prefix, taken `way` (see _attention_way)."""
+    """outs[name] = the extends' attention (k, v the pool, and this step's K/V for an extend
+    with no prefix), taken `way` (see _attention_way): the kernels' in one call, torch's one
+    extend at a time over its gathered K/V."""
     scale = q.shape[-1] ** -0.5
     with _attention_way(backend, way):
+        layout = backend.extend_layout(extends, None)
         out = torch.empty_like(q)
-        if not backend.extend_attention(q, k, v, prefix, scale, out):
-            out = layers.extend_attention(q, k, v, prefix, scale)
+        if layout is None or not backend.extend_attention(q, k, v, k, v, layout, scale, out):
+            for e in extends:
+                rows = slice(e.q_start, e.q_start + e.q_len)
+                own = k[:, rows], v[:, rows]
+                out[rows] = layers._torch_extend(q[rows], *own, k, v, e, scale, None)
         outs[name] = out
 
 
@@ -1014,25 +1020,45 @@ def _no_kernel(*args: object) -> bool:
 
 
 def bench_extend_attention(args: argparse.Namespace) -> None:
-    """Attention of an extend over a cached prefix (queries x prefix keys, 9 / 3 heads of 64, as
-    the default model), the way the CPU takes it (the kernels' extend attention) against torch's
-    fused attention split from the prefix as the CPU took it before, and the masked calls other
-    devices take, alternating; medians, and each one's largest error against float64."""
+    """Attention of `--extend-group` extends over one cached prefix (queries x prefix keys each,
+    9 / 3 heads of 64, as the default model), the way the CPU takes them (the kernels' extend
+    attention: all in one call, the prefix gathered once) against torch's fused attention split
+    from the prefix as the CPU took it before, and the masked calls other devices take (one
+    extend at a time, each over its gathered K/V), alternating; medians, and each one's largest
+    error against float64."""
     h, kvh, d = 9, 3, 64
+    n = args.extend_group
     backend = choose_backend(torch.device("cpu"), torch.float32, torch.float32)
     gen = torch.Generator().manual_seed(4)
-    print(f"extend attention over a cached prefix, {h} / {kvh} heads of {d} ({backend.name})")
+    print(
+        f"extend attention over a cached prefix, {h} / {kvh} heads of {d} ({backend.name}), "
+        f"{n} extend(s) a step over the same prefix"
+    )
     for t, prefix in args.extend_shapes:
-        q = torch.randn(t, h, d, generator=gen)
-        k = torch.randn(kvh, prefix + t, d, generator=gen)
-        v = torch.randn(kvh, prefix + t, d, generator=gen)
+        q = torch.randn(n * t, h, d, generator=gen)
+        k = torch.randn(kvh, prefix + n * t, d, generator=gen)
+        v = torch.randn(kvh, prefix + n * t, d, generator=gen)
+        extends = [
+            ExtendSeq(
+                i * t,
+                t,
+                prefix,
+                torch.cat([torch.arange(prefix), prefix + i * t + torch.arange(t)]),
+            )
+            for i in range(n)
+        ]
         g = h // kvh
-        scores = q.double().transpose(0, 1) @ k.double().repeat_interleave(g, 0).mT * d**-0.5
         hidden = torch.ones(t, prefix + t, dtype=torch.bool).tril(prefix).logical_not()
-        probs = scores.masked_fill(hidden, float("-inf")).softmax(-1)
-        ref = (probs @ v.double().repeat_interleave(g, 0)).transpose(0, 1)
+        refs = []
+        for e in extends:
+            ke, ve = (x[:, e.kv_slots].double().repeat_interleave(g, 0) for x in (k, v))
+            qe = q[e.q_start : e.q_start + t].double().transpose(0, 1)
+            scores = qe @ ke.mT * d**-0.5
+            probs = scores.masked_fill(hidden, float("-inf")).softmax(-1)
+            refs.append((probs @ ve).transpose(0, 1))
+        ref = torch.cat(refs)
         outs: dict[str, torch.Tensor] = {}
-        run = functools.partial(_extend_attention, outs, q, k, v, prefix, backend=backend)
+        run = functools.partial(_extend_attention, outs, q, k, v, extends, backend=backend)
         ways = ("cpu", "split", "masked")
         times = _alternating(
             [functools.partial(run, way, way=way) for way in ways],
@@ -1041,11 +1067,13 @@ def bench_extend_attention(args: argparse.Namespace) -> None:
         )
         cpu, split, masked = (statistics.median(ts) for ts in times)
         errors = {name: (o.double() - ref).abs().max().item() for name, o in outs.items()}
+        flops = n * 4 * h * d * (t * prefix + t * (t + 1) // 2)
         print(
-            f"  {t:5d} queries x {prefix:5d} prefix keys: this way {cpu * 1000:7.2f} ms, torch "
-            f"split {split * 1000:7.2f} ms, masked {masked * 1000:7.2f} ms: split / this = "
-            f"{split / cpu:.2f}, masked / this = {masked / cpu:.2f} (max error "
-            f"{errors['cpu']:.1e} / {errors['split']:.1e} / {errors['masked']:.1e})"
+            f"  {t:5d} queries x {prefix:5d} prefix keys: this way {cpu * 1000:7.2f} ms "
+            f"({flops / cpu / 1e9:5.1f} GFLOP/s), torch split {split * 1000:7.2f} ms, masked "
+            f"{masked * 1000:7.2f} ms: split / this = {split / cpu:.2f}, masked / this = "
+            f"{masked / cpu:.2f} (max error {errors['cpu']:.1e} / {errors['split']:.1e} / "
+            f"{errors['masked']:.1e})"
         )
 
 
@@ -1123,6 +1151,9 @@ def main() -> None:
         type=shapes,
         default=[(60, 1200), (256, 512), (256, 2048), (512, 1536), (1024, 1024), (2048, 2048)],
         help="extend-attention: QUERIESxPREFIX,...",
+    )
+    p.add_argument(
+        "--extend-group", type=int, default=1, help="extend-attention: extends a step, one prefix"
     )
     p.add_argument("--mixed-chunks", type=ints, default=[512, 2048], help="mixed: chunk sizes")
     p.add_argument("--mixed-batches", type=ints, default=[8, 32], help="mixed: decode rows")

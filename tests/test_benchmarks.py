@@ -23,7 +23,7 @@ CASES = [
         " --decode-context 16 --decode-steps 2 --pass-batches 2 --max-total-tokens 4096"
         " --gemm-rows 70,1 --mixed-chunks 24 --mixed-batches 2 --bursts 1 --burst-size 2"
         " --burst-prompt-len 32 --burst-output-len 2 --burst-decoders 2 --burst-decode-len 4"
-        " --burst-interval 0.2 --extend-shapes 300x2000",
+        " --burst-interval 0.2 --extend-shapes 300x2000 --extend-group 2",
         [
             rf"throughput cache on / off = {RATIO}x",
             rf"throughput cache on / off = {RATIO}  ",

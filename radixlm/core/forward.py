@@ -47,6 +47,26 @@ RowLayout = TorchRowLayout | KernelRowLayout
 
 
 @dataclass(slots=True)
+class KernelExtends:
+    """Extends as the compiled CPU kernels' extend attention reads them: int64 [N, 4] rows of
+    (first token among the step's, new tokens, cached prefix, offset of its first slot in
+    `slots`), and the rows of K/V those slots name, prefix and new tokens in order."""
+
+    seqs: torch.Tensor
+    slots: torch.Tensor
+
+
+@dataclass(slots=True)
+class KernelExtendLayout:
+    """The extends in the compiled CPU kernels' layout, in two calls: those with no cached
+    prefix attend over this step's K/V (their slots are the step's token indices), the others
+    over the pool."""
+
+    fresh: KernelExtends | None
+    cached: KernelExtends | None
+
+
+@dataclass(slots=True)
 class ForwardBatch:
     """A mixed batch: extend sequences first, then short rows (decodes among them), in one flat
     token list.
@@ -67,6 +87,8 @@ class ForwardBatch:
     window: int | None = None
     # Image positions among the flat tokens, and which rows of which image's features they take.
     images: list[ImageFill] = field(default_factory=list)
+    # The extends in the backend's own layout, where its extend attention takes them all.
+    extend_layout: KernelExtendLayout | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from radixlm.core.forward import RowLayout
+from radixlm.core.forward import ExtendSeq, KernelExtendLayout, RowLayout
 from radixlm.kernels.build import load_kernels
 from radixlm.kernels.cpu import CpuKernelBackend
 from radixlm.kernels.decode import DecodePass, DecodeShape
@@ -88,18 +88,29 @@ class Backend(Protocol):
         slots of the head-major caches; q [T, H, D] holds the rows' queries, row by row."""
         ...
 
+    def extend_layout(
+        self, extends: list[ExtendSeq], window: int | None
+    ) -> KernelExtendLayout | None:
+        """The extends (all of a batch's, in order) in the layout of this backend's extend
+        attention, built once a batch; None where it has none for them (torch's fused
+        attention then takes each extend)."""
+        ...
+
     def extend_attention(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        prefix_len: int,
+        kh: torch.Tensor,
+        vh: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        layout: KernelExtendLayout,
         scale: float,
         out: torch.Tensor,
     ) -> bool:
-        """Fill out [T, H, D] with the causal attention of q [T, H, D] (positions prefix_len ..)
-        over k, v [KVH, prefix_len + T, D]; False, with out untouched, where the backend has no
-        kernel for these (the caller runs torch's)."""
+        """Fill out [T, H, D] (contiguous) with each extend's causal attention (its rows of q
+        [T, H, D]): over this step's kh/vh [KVH, T, D] where it has no cached prefix, else over
+        its slots of the head-major caches; False, with out untouched, where the backend has
+        no kernel for these (the caller runs torch's)."""
         ...
 
     @property

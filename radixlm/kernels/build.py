@@ -166,9 +166,10 @@ def open_kernels(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
     lib.radixlm_native_bf16_dot.argtypes, lib.radixlm_native_bf16_dot.restype = [], ctypes.c_int
-    fn = lib.radixlm_extend_attention_f32
-    fn.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _P, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    for suffix in SUFFIX.values():
+        fn = getattr(lib, f"radixlm_extend_attention_{suffix}")
+        fn.argtypes = [_P, _P, _P, _I64, _P, _P, *[_I64] * 4, ctypes.c_float, _P, ctypes.c_int]
+        fn.restype = ctypes.c_int
     lib.radixlm_fma_peak.argtypes = [ctypes.c_int, ctypes.c_int64]
     lib.radixlm_fma_peak.restype = ctypes.c_double
     return lib

@@ -12,7 +12,13 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from radixlm.core.forward import KernelRowLayout, RowLayout
+from radixlm.core.forward import (
+    ExtendSeq,
+    KernelExtendLayout,
+    KernelExtends,
+    KernelRowLayout,
+    RowLayout,
+)
 from radixlm.kernels.build import SUFFIX, blas_sgemm, native_bf16
 from radixlm.kernels.decode import STREAM_ROWS, DecodePass, DecodeShape
 from radixlm.kernels.gemm import (
@@ -68,6 +74,10 @@ class CpuKernelBackend:
         self._prepared: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
         self._row_attention = {
             dtype: getattr(lib, f"radixlm_row_attention_{suffix}")
+            for dtype, suffix in SUFFIX.items()
+        }
+        self._extend_attention = {
+            dtype: getattr(lib, f"radixlm_extend_attention_{suffix}")
             for dtype, suffix in SUFFIX.items()
         }
         self._rope_store = {
@@ -247,40 +257,69 @@ class CpuKernelBackend:
             torch.get_num_threads(),
         )
 
+    def extend_layout(
+        self, extends: list[ExtendSeq], window: int | None
+    ) -> KernelExtendLayout | None:
+        """The extends as `extend_attention` reads them; None with a sliding window (torch's
+        fused attention takes those) or no extends."""
+        if window is not None or not extends:
+            return None
+        fresh = [(e.q_start, e.q_len, 0, e.q_start) for e in extends if e.prefix_len == 0]
+        rows, slots, offset = [], [], 0
+        for e in extends:
+            if e.prefix_len > 0:
+                rows.append((e.q_start, e.q_len, e.prefix_len, offset))
+                slots.append(e.kv_slots)
+                offset += len(e.kv_slots)
+        num_tokens = extends[-1].q_start + extends[-1].q_len
+        return KernelExtendLayout(
+            fresh=KernelExtends(torch.tensor(fresh), torch.arange(num_tokens)) if fresh else None,
+            cached=KernelExtends(torch.tensor(rows), torch.cat(slots)) if rows else None,
+        )
+
     def extend_attention(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        prefix_len: int,
+        kh: torch.Tensor,
+        vh: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        layout: KernelExtendLayout,
         scale: float,
         out: torch.Tensor,
     ) -> bool:
-        """Fill out [T, H, D] with the causal attention of q [T, H, D] (positions prefix_len ..)
-        over k, v [KVH, prefix_len + T, D] (rows contiguous, one stride between heads), all
-        float32: the kernel's flash attention, 1.1-2x torch's fused attention on this machine's
-        shapes (docs/benchmarks.md). False for a head size other than 64 or 128."""
+        """Fill out [T, H, D] (contiguous) with each extend's causal attention, in one parallel
+        region per group of `layout`: the kernel's flash attention, the K/V read through the
+        extends' slots and a cached prefix they share gathered once (1.1-2x torch's fused
+        attention on this machine's shapes: docs/benchmarks.md). q [T, H, D], this step's
+        kh/vh [KVH, T, D] (float32), the head-major pool [KVH, S, D]. False, with out untouched,
+        for a head size other than 64 or 128."""
         t, h, d = q.shape
-        if d not in (64, 128) or not (q.dtype == k.dtype == v.dtype == out.dtype == torch.float32):
+        if d not in (64, 128):
             return False
-        assert k.shape == v.shape == (k.shape[0], prefix_len + t, d) and k.stride() == v.stride()
-        assert k.stride(1) == d and k.stride(2) == 1 and out.is_contiguous()
         q = q.contiguous()
-        done = self.lib.radixlm_extend_attention_f32(
-            q.data_ptr(),
-            k.data_ptr(),
-            v.data_ptr(),
-            k.stride(0),
-            t,
-            prefix_len,
-            h,
-            k.shape[0],
-            d,
-            scale,
-            out.data_ptr(),
-            torch.get_num_threads(),
-        )
-        return done == 0
+        assert out.is_contiguous() and q.dtype == kh.dtype == vh.dtype == out.dtype == torch.float32
+        assert kh.is_contiguous() and vh.is_contiguous() and k_cache.is_contiguous()
+        for group, k, v in ((layout.fresh, kh, vh), (layout.cached, k_cache, v_cache)):
+            if group is None:
+                continue
+            done = self._extend_attention[k.dtype](
+                q.data_ptr(),
+                k.data_ptr(),
+                v.data_ptr(),
+                k.stride(0),
+                group.slots.data_ptr(),
+                group.seqs.data_ptr(),
+                group.seqs.shape[0],
+                h,
+                k.shape[0],
+                d,
+                scale,
+                out.data_ptr(),
+                torch.get_num_threads(),
+            )
+            assert done == 0
+        return True
 
     @property
     def gemm(self) -> str:

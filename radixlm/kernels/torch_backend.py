@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from radixlm.core.forward import RowLayout, TorchRowLayout
+from radixlm.core.forward import ExtendSeq, KernelExtendLayout, RowLayout, TorchRowLayout
 from radixlm.kernels.decode import DecodePass, DecodeShape
 
 
@@ -124,12 +124,20 @@ class TorchBackend:
         o = torch.bmm(probs, vd).view(kvh, b, nq, g, d).permute(1, 2, 0, 3, 4)
         out.copy_(o.reshape(b, nq, h, d)[rows.valid])
 
+    def extend_layout(
+        self, extends: list[ExtendSeq], window: int | None
+    ) -> KernelExtendLayout | None:
+        """None: torch's fused attention (the caller's) takes each extend."""
+        return None
+
     def extend_attention(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        prefix_len: int,
+        kh: torch.Tensor,
+        vh: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        layout: KernelExtendLayout,
         scale: float,
         out: torch.Tensor,
     ) -> bool:

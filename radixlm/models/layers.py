@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixlm.core.forward import ForwardBatch
+from radixlm.core.forward import ExtendSeq, ForwardBatch
 from radixlm.kernels.backend import Backend
 from radixlm.models.rope import rope_inv_freq
 
@@ -85,34 +85,48 @@ def paged_attention(
     """Attend each token over its request's slots, this step's K/V already in the pool.
 
     q [T, H, D]; kh/vh [KVH, T, D] are this step's K/V (what a prefill without a cached prefix
-    attends over); the caches are head-major [KVH, num_slots + 1, D]. Extends attend one by
-    one in the backend's extend attention (else torch's fused attention), the short rows together
-    in the backend's row attention;
-    with a sliding window (`batch.window`) each token sees only the keys within it.
+    attends over); the caches are head-major [KVH, num_slots + 1, D]. The extends attend
+    together in the backend's extend attention where it takes them (`batch.extend_layout`),
+    else one by one in torch's fused attention; the short rows together in the backend's row
+    attention. With a sliding window (`batch.window`) each token sees only the keys within it.
     Returns [T, H, D].
     """
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, for the kernel
-    window = batch.window
-    for seq in batch.extends:
-        lo, hi = seq.q_start, seq.q_start + seq.q_len
-        if seq.prefix_len == 0:
-            ks, vs, prefix_len = kh[:, lo:hi], vh[:, lo:hi], 0
-        else:
-            # The prefix's keys that some query's window still reaches.
-            first = 0 if window is None else max(0, seq.prefix_len + 1 - window)
-            slots = seq.kv_slots[first:]
-            ks = k_cache.index_select(1, slots).to(q.dtype)
-            vs = v_cache.index_select(1, slots).to(q.dtype)
-            prefix_len = seq.prefix_len - first
-        if window is None and backend.extend_attention(
-            q[lo:hi], ks, vs, prefix_len, scale, out[lo:hi]
-        ):
-            continue
-        out[lo:hi] = extend_attention(q[lo:hi], ks, vs, prefix_len, scale, window)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, for the kernels
+    layout = batch.extend_layout
+    if layout is None or not backend.extend_attention(
+        q, kh, vh, k_cache, v_cache, layout, scale, out
+    ):
+        for seq in batch.extends:
+            lo, hi = seq.q_start, seq.q_start + seq.q_len
+            out[lo:hi] = _torch_extend(
+                q[lo:hi], kh[:, lo:hi], vh[:, lo:hi], k_cache, v_cache, seq, scale, batch.window
+            )
     if batch.rows is not None:
         start = batch.num_extend_tokens
         backend.row_attention(q[start:], k_cache, v_cache, batch.rows, scale, out[start:])
     return out
+
+
+def _torch_extend(
+    q: torch.Tensor,
+    kh: torch.Tensor,
+    vh: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq: ExtendSeq,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """One extend's attention in torch's fused attention: over its own K/V kh/vh [KVH, T, D]
+    where it has no cached prefix, else over its slots of the caches (gathered)."""
+    if seq.prefix_len == 0:
+        return extend_attention(q, kh, vh, 0, scale, window)
+    # The prefix's keys that some query's window still reaches.
+    first = 0 if window is None else max(0, seq.prefix_len + 1 - window)
+    slots = seq.kv_slots[first:]
+    ks = k_cache.index_select(1, slots).to(q.dtype)
+    vs = v_cache.index_select(1, slots).to(q.dtype)
+    return extend_attention(q, ks, vs, seq.prefix_len - first, scale, window)
 
 
 def _prefix_then_own(

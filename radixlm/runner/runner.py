@@ -246,4 +246,5 @@ def build_batch(
         logits_index=torch.tensor(logits_index, dtype=torch.int64, device=device),
         window=window,
         images=images,
+        extend_layout=backend.extend_layout(extends, window),
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radixlm.core.forward import KernelRowLayout
+from radixlm.core.forward import ExtendSeq, KernelRowLayout
 from radixlm.core.plan import ScheduledSeq
 from radixlm.kernels.build import BLAS, blas_sgemm, isa_variants, load_kernels
 from radixlm.kernels.cpu import CpuKernelBackend
@@ -108,43 +108,135 @@ def test_kernel_equals_dense_attention(kv_dtype, h, kvh, d, lengths, flags) -> N
 
 
 EXTEND_CASES = [
-    # heads, kv heads, head dim, new tokens, cached tokens before them
-    (9, 3, 64, 1, 0),
-    (9, 3, 64, 5, 7),  # a block whose first keys some queries do not see yet
-    (9, 3, 64, 97, 0),  # a tile and a part of one
-    (9, 3, 64, 300, 33),
-    (8, 2, 128, 70, 1200),
-    (4, 4, 64, 200, 0),
-    (6, 1, 128, 3, 400),
+    # heads, kv heads, head dim, extends as (cached tokens, new tokens, leading slots shared with
+    # the last extend before it that has a cached prefix, a shared slot then made its own)
+    (9, 3, 64, [(0, 1, 0, None)]),
+    (9, 3, 64, [(7, 5, 0, None)]),  # a block whose first keys some queries do not see yet
+    (9, 3, 64, [(0, 97, 0, None)]),  # a tile and a part of one
+    (9, 3, 64, [(33, 300, 0, None)]),
+    (8, 2, 128, [(1200, 70, 0, None)]),
+    (4, 4, 64, [(0, 200, 0, None)]),
+    (6, 1, 128, [(400, 3, 0, None)]),
+    # A few-shot step: fresh prompts and questions after one cached prefix, whole or in part
+    (
+        9,
+        3,
+        64,
+        [
+            (0, 40, 0, None),
+            (1200, 60, 0, None),
+            (1200, 60, 1200, None),
+            (0, 17, 0, None),
+            (1100, 20, 1100, None),  # 34 blocks and a part of one shared
+            (1250, 33, 1100, None),  # the prefix shared, then its own
+        ],
+    ),
+    (9, 3, 64, [(96, 20, 0, None), (96, 20, 96, 40)]),  # equal first slots, a block apart
 ]
 
 
+def _extends(specs, num_slots, gen):
+    """ExtendSeqs after `cached` tokens each, on scattered slots; an extend's first `shared`
+    slots are the last cached extend's before it (one of them, `alter`, replaced)."""
+    free = iter((torch.randperm(num_slots, generator=gen) + 1).tolist())
+    extends, last, q_start = [], None, 0
+    for prefix, t, shared, alter in specs:
+        slots = torch.tensor([next(free) for _ in range(prefix + t)])
+        if shared:
+            slots[:shared] = last.kv_slots[:shared]
+        if alter is not None:
+            slots[alter] = next(free)
+        extends.append(ExtendSeq(q_start, t, prefix, slots))
+        q_start += t
+        if prefix:
+            last = extends[-1]
+    return extends
+
+
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
-@pytest.mark.parametrize(("h", "kvh", "d", "t", "prefix"), EXTEND_CASES)
-def test_extend_attention_equals_dense_attention(h, kvh, d, t, prefix, flags) -> None:
-    """An extend's causal attention over its cached prefix and itself, the K/V given as a slice
-    of a longer head-major tensor (as the runner hands this step's own K/V over)."""
-    gen = torch.Generator().manual_seed(t + prefix + d)
-    k = torch.randn(kvh, prefix + t + 9, d, generator=gen)[:, : prefix + t]
-    v = torch.randn(kvh, prefix + t + 9, d, generator=gen)[:, : prefix + t]
-    q = torch.randn(t, h, d, generator=gen) * 3
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("h", "kvh", "d", "specs"), EXTEND_CASES)
+def test_extend_attention_equals_dense_attention(kv_dtype, h, kvh, d, specs, flags) -> None:
+    """A step's extends in one call: a fresh one over this step's K/V, one after a cached prefix
+    over its slots of the pool (the prefix blocks extends share gathered once), each against
+    float64 and within 3x torch's fused attention's error (float32 sums in another order)."""
+    gen = torch.Generator().manual_seed(len(specs) * d + specs[0][1])
+    num_slots = 6000
+    k_cache = torch.randn(kvh, num_slots + 1, d, generator=gen).to(kv_dtype)
+    v_cache = torch.randn(kvh, num_slots + 1, d, generator=gen).to(kv_dtype)
+    extends = _extends(specs, num_slots, gen)
+    t = sum(e.q_len for e in extends)
+    q = torch.randn(t + 3, h, d, generator=gen) * 3  # 3 more tokens: not the extends'
+    kh, vh = (torch.randn(kvh, t + 3, d, generator=gen) for _ in range(2))
     scale = d**-0.5
-    out = torch.full((t + 2, h, d), float("nan"))
-    assert _backend(flags).extend_attention(q, k, v, prefix, scale, out[1 : t + 1])
-    assert out[0].isnan().all() and out[t + 1].isnan().all()  # nothing written around it
-    seq = ScheduledSeq([1] * t, prefix, torch.arange(prefix + t), prefix)
-    ref = _dense(q, k, v, [seq], scale)
-    torch.testing.assert_close(out[1 : t + 1].double(), ref, atol=1e-5, rtol=1e-5)
-    # At least as close to float64 as the fallback it replaces (torch's fused attention).
-    fallback = extend_attention(q, k, v, prefix, scale)
-    error = (out[1 : t + 1].double() - ref).abs().max().item()
-    assert error <= max(2 * (fallback.double() - ref).abs().max().item(), 2e-6)
+    backend = _backend(flags)
+    layout = backend.extend_layout(extends, None)
+    assert layout is not None
+    out = torch.full_like(q, float("nan"))
+    assert backend.extend_attention(q, kh, vh, k_cache, v_cache, layout, scale, out)
+    assert out[t:].isnan().all()  # nothing written past the extends' rows
+    for e in extends:
+        rows = slice(e.q_start, e.q_start + e.q_len)
+        if e.prefix_len == 0:
+            k, v = kh[:, rows], vh[:, rows]
+        else:
+            k, v = k_cache[:, e.kv_slots].float(), v_cache[:, e.kv_slots].float()
+        seq = ScheduledSeq([1] * e.q_len, e.prefix_len, torch.arange(e.prefix_len + e.q_len), 0)
+        ref = _dense(q[rows], k, v, [seq], scale)
+        torch.testing.assert_close(out[rows].double(), ref, atol=1e-5, rtol=1e-5)
+        fallback = extend_attention(q[rows], k, v, e.prefix_len, scale)
+        error = (out[rows].double() - ref).abs().max().item()
+        assert error <= max(3 * (fallback.double() - ref).abs().max().item(), 2e-6)
+
+
+def test_extend_attention_in_groups_that_fit_its_scratch() -> None:
+    """A step whose gathered K/V would overflow the kernel's scratch goes through in groups of
+    extends, with the same result: in a build whose scratch holds 45 blocks of 32 keys (3 KV
+    heads of 64), the few-shot case's cached extends go one by one, its fresh ones together."""
+    h, kvh, d, specs = EXTEND_CASES[-2]
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache = (torch.randn(kvh, 6001, d, generator=gen) for _ in range(2))
+    extends = _extends(specs, 6000, gen)
+    t = sum(e.q_len for e in extends)
+    q = torch.randn(t, h, d, generator=gen)
+    kh, vh = (torch.randn(kvh, t, d, generator=gen) for _ in range(2))
+    outs = []
+    for flags in [(), (f"-DRADIXLM_EXTEND_SCRATCH_FLOATS={45 * 2 * 32 * 64 * kvh}",)]:
+        backend = _backend(flags)
+        layout = backend.extend_layout(extends, None)
+        assert layout is not None
+        outs.append(torch.full_like(q, float("nan")))
+        assert backend.extend_attention(q, kh, vh, k_cache, v_cache, layout, d**-0.5, outs[-1])
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_extend_layout_groups_fresh_and_cached_extends() -> None:
+    """Fresh extends read this step's K/V at their own tokens, cached ones their slots in turn;
+    a sliding window leaves every extend to torch."""
+    gen = torch.Generator().manual_seed(0)
+    extends = _extends(
+        [(0, 4, 0, None), (5, 3, 0, None), (0, 2, 0, None), (2, 6, 0, None)], 99, gen
+    )
+    layout = _backend().extend_layout(extends, None)
+    assert layout is not None and layout.fresh is not None and layout.cached is not None
+    assert layout.fresh.seqs.tolist() == [[0, 4, 0, 0], [7, 2, 0, 7]]
+    assert layout.fresh.slots.tolist() == list(range(15))
+    assert layout.cached.seqs.tolist() == [[4, 3, 5, 0], [9, 6, 2, 8]]
+    want = torch.cat([extends[1].kv_slots, extends[3].kv_slots])
+    assert layout.cached.slots.tolist() == want.tolist()
+    assert _backend().extend_layout(extends, 4096) is None
+    assert TorchBackend().extend_layout(extends, None) is None
 
 
 def test_extend_attention_leaves_other_head_sizes_to_torch() -> None:
+    gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(4, 2, 24), torch.randn(2, 4, 24)
+    backend = _backend()
+    layout = backend.extend_layout(_extends([(0, 4, 0, None)], 9, gen), None)
+    assert layout is not None
     out = torch.full_like(q, float("nan"))
-    assert not _backend().extend_attention(q, k, k, 0, 0.2, out)
+    assert not backend.extend_attention(q, k, k, k, k, layout, 0.2, out)
     assert out.isnan().all()
 
 
