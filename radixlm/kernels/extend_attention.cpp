@@ -9,7 +9,7 @@
 // sets), the values as rows. A block the extends' slots share (a cached prefix common to
 // several, e.g. a few-shot prompt's) is gathered once and read by all of them.
 //
-// Each task is then a tile of QT queries of one head of one extend; every block of keys is read
+// Each task is then a tile of up to QT queries of one head of one extend; every block of keys is read
 // once for the tile and stays in L1 while the tile's queries go through it NQ at a time: a
 // block's scores are vector FMAs over its keys, then the softmax update (in vectors) and the
 // value rows. Built with the other kernels (build.py) and called through ctypes (cpu.py).
@@ -24,13 +24,19 @@
 
 namespace extend_attention {
 
+// Floats a vector: AVX-512's 16, else AVX2's 8 (vectors of the compiler's extensions, so a
+// CPU without them runs narrower instructions; tests build the 16-lane code on any CPU).
+#ifndef RADIXLM_EXTEND_WIDTH
 #if defined(__AVX512F__)
-constexpr int W = 16;  // floats a vector
-constexpr int NQ = 8;  // queries a pass over a block: NQ x 2 accumulators stay in registers
+#define RADIXLM_EXTEND_WIDTH 16
 #else
-constexpr int W = 8;
-constexpr int NQ = 6;
+#define RADIXLM_EXTEND_WIDTH 8
 #endif
+#endif
+constexpr int W = RADIXLM_EXTEND_WIDTH;
+// Queries a pass over a block: NQ x 2 accumulators stay in the registers (32 or 16 of them).
+constexpr int NQ = W == 16 ? 8 : 6;
+static_assert(W == 8 || W == 16, "RADIXLM_EXTEND_WIDTH is 8 or 16");
 constexpr int BK = 2 * W;        // keys a pass of the score loop
 constexpr int64_t QT = NQ * 16;  // queries a task
 constexpr int64_t KB = 32;       // keys a block: its transposed K and its V rows (8 KB each at D = 64)
@@ -127,11 +133,17 @@ void gather_block(const Args<KV>& a, const Seq* seqs, const Blocks& b, int64_t u
     }
 }
 
-// out[r] = op over the lanes of v[r], for 8 vectors (their lanes reduced pairwise in a
-// transpose: 7 ops and 14 shuffles where one reduction at a time takes 8 dependent ops each).
+// out[r] = op over the lanes of v[r], for 8 vectors, their lanes reduced pairwise in a
+// transpose (at 8 lanes 7 ops and 14 shuffles, where one reduction at a time takes 7 dependent
+// ops each); a loop where the compiler has no __builtin_shufflevector (before GCC 12).
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define RADIXLM_SHUFFLES 1
+#endif
+#endif
 template <typename Op>
 inline vec reduce_lanes(const vec* v, Op op) {
-#if !defined(__has_builtin) || !__has_builtin(__builtin_shufflevector)  // before GCC 12
+#if !defined(RADIXLM_SHUFFLES)
     vec out = v[0];
     for (int r = 0; r < 8; ++r) {
         float x = v[r][0];
@@ -139,7 +151,7 @@ inline vec reduce_lanes(const vec* v, Op op) {
         out[r] = x;
     }
     return out;
-#elif defined(__AVX512F__)
+#elif RADIXLM_EXTEND_WIDTH == 16
     vec b[4], c[2];
     for (int i = 0; i < 4; ++i)
         b[i] = op(__builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 16, 2, 18, 4, 20, 6, 22, 8,
@@ -230,7 +242,8 @@ void attend_tile(const Args<KV>& a, const Seq& seq, int64_t hq, int64_t i0, int6
     alignas(64) float o[QT][D];
     alignas(64) float s[NQ][KB];
     float m[QT], l[QT];
-    for (int64_t r = 0; r < QT; ++r) {  // rows past nt repeat the last query (never stored)
+    // Rows past nt, to the end of the last pass of NQ, repeat the last query (never stored).
+    for (int64_t r = 0; r < (nt + NQ - 1) / NQ * NQ; ++r) {
         const float* src = a.q + ((seq.q_start + i0 + std::min(r, nt - 1)) * a.h + hq) * D;
         for (int x = 0; x < D; ++x) qs[r][x] = src[x] * a.scale;
         std::fill(o[r], o[r] + D, 0.0f);
@@ -320,18 +333,29 @@ void run_group(const Args<KV>& a, const Seq* seqs, int64_t n, std::vector<float>
     const size_t want = size_t(unique * a.kvh * block_floats);
     if (scratch.size() < want) scratch = std::vector<float>(want);
     float* data = scratch.data();
+    // Queries a task: QT, or fewer (a multiple of NQ) where that leaves too few tasks to keep
+    // every thread busy to the end (one 60-token extend: 9 tasks, one a head).
+    const auto tiles = [&](int64_t size) {
+        int64_t count = 0;
+        for (int64_t i = 0; i < n; ++i) count += (seqs[i].t + size - 1) / size * a.h;
+        return count;
+    };
+    int64_t qt = QT;
+    while (qt > NQ && tiles(qt) < 8 * num_threads) qt -= NQ;
     // Tasks, the costliest (most queries times keys) first, so that the short ones fill in at
-    // the end: extend, head, first query.
+    // the end: extend, head, first query, queries.
     struct Task {
-        int64_t cost, seq, hq, i0;
+        int64_t cost, seq, hq, i0, nt;
     };
     std::vector<Task> tasks;
     for (int64_t i = 0; i < n; ++i) {
         const Seq& s = seqs[i];
-        for (int64_t i0 = 0; i0 < s.t; i0 += QT) {
-            const int64_t nt = std::min(QT, s.t - i0);
+        const int64_t count = (s.t + qt - 1) / qt;  // its tiles, of equal size to NQ
+        const int64_t size = ((s.t + count - 1) / count + NQ - 1) / NQ * NQ;
+        for (int64_t i0 = 0; i0 < s.t; i0 += size) {
+            const int64_t nt = std::min(size, s.t - i0);
             for (int64_t hq = 0; hq < a.h; ++hq)
-                tasks.push_back({nt * (s.prefix + i0 + nt), i, hq, i0});
+                tasks.push_back({nt * (s.prefix + i0 + nt), i, hq, i0, nt});
         }
     }
     std::stable_sort(tasks.begin(), tasks.end(),
@@ -351,7 +375,7 @@ void run_group(const Args<KV>& a, const Seq* seqs, int64_t n, std::vector<float>
             auto block = [&](int64_t j0) {
                 return data + (ids[j0 / KB] * a.kvh + g) * block_floats;
             };
-            attend_tile<D>(a, seq, tk.hq, tk.i0, std::min(QT, seq.t - tk.i0), block);
+            attend_tile<D>(a, seq, tk.hq, tk.i0, tk.nt, block);
         }
     }
 }
