@@ -9,10 +9,10 @@
 // sets), the values as rows. A block the extends' slots share (a cached prefix common to
 // several, e.g. a few-shot prompt's) is gathered once and read by all of them.
 //
-// Each task is then a tile of up to QT queries of one head of one extend; every block of keys is read
-// once for the tile and stays in L1 while the tile's queries go through it NQ at a time: a
-// block's scores are vector FMAs over its keys, then the softmax update (in vectors) and the
-// value rows. Built with the other kernels (build.py) and called through ctypes (cpu.py).
+// Each task is then a tile of up to QT queries of one head of one extend; every block of keys
+// is read once for the tile and stays in L1 while the tile's queries go through it NQ at a
+// time: a block's scores are vector FMAs over its keys, then the softmax update (in vectors)
+// and the value rows. Built with the other kernels (build.py) and called through ctypes (cpu.py).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -34,12 +34,13 @@ namespace extend_attention {
 #endif
 #endif
 constexpr int W = RADIXLM_EXTEND_WIDTH;
-// Queries a pass over a block: NQ x 2 accumulators stay in the registers (32 or 16 of them).
+// Queries a pass over a block: their NQ x 2 accumulators stay in registers (AVX-512 has 32,
+// AVX2 16).
 constexpr int NQ = W == 16 ? 8 : 6;
 static_assert(W == 8 || W == 16, "RADIXLM_EXTEND_WIDTH is 8 or 16");
 constexpr int BK = 2 * W;        // keys a pass of the score loop
-constexpr int64_t QT = NQ * 16;  // queries a task
-constexpr int64_t KB = 32;       // keys a block: its transposed K and its V rows (8 KB each at D = 64)
+constexpr int64_t QT = NQ * 16;  // queries a task, at most
+constexpr int64_t KB = 32;  // keys a block: its transposed K, its V rows (8 KB each at D = 64)
 constexpr float kNoScore = -1.0e30f;  // finite "minus infinity": exp of a difference stays 0
 static_assert(KB % BK == 0 && KB % W == 0 && QT % NQ == 0, "blocks must tile");
 
@@ -92,7 +93,8 @@ inline Blocks plan_blocks(const int64_t* slots, const Seq* seqs, int64_t n) {
                 if (found != by_first_slot.end()) {
                     const int64_t u = found->second;
                     const int64_t* other = slots + seqs[b.source_seq[u]].slot0 + b.source_j0[u];
-                    if (b.source_j0[u] == j0 && std::memcmp(own, other, KB * sizeof(int64_t)) == 0) {
+                    const bool same = std::memcmp(own, other, KB * sizeof(int64_t)) == 0;
+                    if (b.source_j0[u] == j0 && same) {
                         b.ids.push_back(u);
                         continue;
                     }
@@ -279,7 +281,8 @@ void attend_tile(const Args<KV>& a, const Seq& seq, int64_t hq, int64_t i0, int6
             int64_t seen = 0;  // keys the sub-block's queries see, at most
             for (int r = 0; r < NQ; ++r) {
                 const int64_t qr = r0 + r;
-                visible[r] = qr < nt ? std::clamp<int64_t>(seq.prefix + i0 + qr + 1 - j0, 0, nk) : 0;
+                const int64_t own = seq.prefix + i0 + qr + 1 - j0;  // keys up to its own
+                visible[r] = qr < nt ? std::clamp<int64_t>(own, 0, nk) : 0;
                 seen = std::max(seen, visible[r]);
             }
             float correction[NQ];
