@@ -183,37 +183,51 @@ constexpr int64_t kTileRows = 3;
 // this many bytes, so that both blocks fit in L1 (at 1 row on Zen 3 the MLP's down projection,
 // 1,536-float rows, ran 22% slower with it).
 constexpr int64_t kPrefetchRowBytes = 3072;
+// A weight row longer than this many floats is taken in chunks of at most it, each chunk's
+// partial sums added into y: a block's 4 weight rows and a tile's rows of x then stay in L1
+// together (at 1,536, the MLP's down projection, they did not).
+constexpr int64_t kChunk = 768;
 
-// y[0..R, 0..4] = x[0..R] @ w0[0..4]^T, four weight rows of k from w0 (k a multiple of the
-// vector width; w float32 or bfloat16, widened as it is loaded), while `lines` cache lines from
+// y[0..R, 0..4] = x[0..R] @ w0[0..4]^T over len floats of each row (len a multiple of the vector
+// width; rows of x and w0 k apart; w float32 or bfloat16, widened as it is loaded), written to
+// y or, with add, added to it (a later chunk of the rows), while `lines` cache lines from
 // `ahead` (the next block's weight rows) are prefetched, two an iteration: without it the first
 // tile of each block waits on memory while the FMA units idle (1.3x at 8-32 rows, Zen 3).
 template <int64_t R, typename Wt>
-void stream_tile(const float* __restrict x, int64_t k, const Wt* __restrict w0,
-                 float* __restrict y, int64_t ldy, const char* ahead, int64_t lines) {
+void stream_tile(const float* __restrict x, int64_t k, int64_t len, const Wt* __restrict w0,
+                 float* __restrict y, int64_t ldy, bool add, const char* ahead, int64_t lines) {
     using V = Simd::V;
     constexpr int64_t W = Simd::kWidth;
     V acc[R][4];
     for (int64_t r = 0; r < R; ++r)
         for (int64_t j = 0; j < 4; ++j) acc[r][j] = Simd::set1(0.0f);
     int64_t line = 0;
-    for (int64_t i = 0; i < k; i += W) {
+    for (int64_t i = 0; i < len; i += W) {
         for (int p = 0; p < 2 && line < lines; ++p, ++line)
             __builtin_prefetch(ahead + 64 * line);
         V xv[R];
-        for (int64_t r = 0; r < R; ++r) xv[r] = Simd::load(x + r * k + i);
+        for (int64_t r = 0; r < R; ++r) {
+            xv[r] = Simd::load(x + r * k + i);
+            Simd::keep(xv[r]);
+        }
         for (int64_t j = 0; j < 4; ++j) {
-            const V wv = Simd::load(w0 + j * k + i);
+            V wv = Simd::load(w0 + j * k + i);
+            Simd::keep(wv);
             for (int64_t r = 0; r < R; ++r) acc[r][j] = Simd::fmadd(xv[r], wv, acc[r][j]);
         }
     }
     for (; line < lines; ++line) __builtin_prefetch(ahead + 64 * line);
-    for (int64_t r = 0; r < R; ++r)
-        Simd::store_sum4(y + r * ldy, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    for (int64_t r = 0; r < R; ++r) {
+        float sums[4];
+        Simd::store_sum4(sums, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+        float* out = y + r * ldy;
+        for (int64_t j = 0; j < 4; ++j) out[j] = add ? out[j] + sums[j] : sums[j];
+    }
 }
 
-// y[:, cols] = x @ w[cols]^T for m rows of x: per block of 4 weight rows, tiles of kTileRows
-// rows (fewer in the last), which share the prefetch of the next block between them. Up to 4
+// y[:, cols] = x @ w[cols]^T for m rows of x: per block of 4 weight rows, per chunk of at most
+// kChunk floats of them, tiles of kTileRows rows (fewer in the last), which share the prefetch
+// of the next block between them. Up to 4
 // rows make one tile: a single pass over the weight (on AVX2 a few accumulators spill, which
 // costs less than a second pass at these memory-bound sizes).
 template <typename Wt>
@@ -222,18 +236,24 @@ void stream_cols(const float* __restrict x, int64_t m, int64_t k, const Wt* __re
     const int64_t tile_rows = m <= 4 ? m : kTileRows, tiles = (m + tile_rows - 1) / tile_rows;
     const int64_t row_bytes = k * int64_t(sizeof(Wt));
     const int64_t block_lines = m > 1 || row_bytes <= kPrefetchRowBytes ? 4 * row_bytes / 64 : 0;
+    const int64_t chunks = (k + kChunk - 1) / kChunk, units = chunks * tiles;
     int64_t c = cols.lo;
     for (; c + 4 <= cols.hi; c += 4) {
         const char* ahead = reinterpret_cast<const char*>(w + (c + 4) * k);
         const int64_t lines = c + 8 <= cols.hi ? block_lines : 0;
-        for (int64_t t = 0; t < tiles; ++t) {
-            const int64_t r = t * tile_rows, rows = std::min(tile_rows, m - r);
-            const int64_t a = lines * t / tiles, b = lines * (t + 1) / tiles;
-            const auto tile = rows == 1   ? stream_tile<1, Wt>
-                              : rows == 2 ? stream_tile<2, Wt>
-                              : rows == 3 ? stream_tile<3, Wt>
-                                          : stream_tile<4, Wt>;
-            tile(x + r * k, k, w + c * k, y + r * ldy + c, ldy, ahead + 64 * a, b - a);
+        for (int64_t ch = 0; ch < chunks; ++ch) {
+            const Range part = share(k, int(ch), int(chunks), Simd::kWidth);
+            for (int64_t t = 0; t < tiles; ++t) {
+                const int64_t r = t * tile_rows, rows = std::min(tile_rows, m - r);
+                const int64_t u = ch * tiles + t;
+                const int64_t a = lines * u / units, b = lines * (u + 1) / units;
+                const auto tile = rows == 1   ? stream_tile<1, Wt>
+                                  : rows == 2 ? stream_tile<2, Wt>
+                                  : rows == 3 ? stream_tile<3, Wt>
+                                              : stream_tile<4, Wt>;
+                tile(x + r * k + part.lo, k, part.hi - part.lo, w + c * k + part.lo,
+                     y + r * ldy + c, ldy, ch > 0, ahead + 64 * a, b - a);
+            }
         }
     }
     for (; c < cols.hi; ++c)

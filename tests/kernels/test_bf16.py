@@ -58,13 +58,16 @@ def test_a_bfloat16_model_on_the_cpu_gets_the_kernels(monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize(("rows", "k"), [(1, 96), (3, 96), (17, 96), (70, 96), (5, 40)])
+@pytest.mark.parametrize(
+    ("rows", "k"), [(1, 96), (3, 96), (17, 96), (70, 96), (5, 40), (1, 1552), (17, 1552)]
+)
 def test_a_streamed_bfloat16_weight_equals_float32_math(
     rows: int, k: int, threads: int, flags: tuple[str, ...]
 ) -> None:
     """Any number of rows streams a bfloat16 weight (widened, or with AVX512-BF16 multiplied
     natively after rounding x to bfloat16; float32 sums), with a tail of columns, uneven thread
-    shares, and k not a multiple of 32 or of the vector width (plain loop)."""
+    shares, k not a multiple of 32 or of the vector width (plain loop), and rows longer than the
+    768 floats taken at once (in chunks)."""
     gen = torch.Generator().manual_seed(rows + k)
     x = torch.randn(rows, k, generator=gen)
     w = torch.randn(203, k, generator=gen).to(BF)

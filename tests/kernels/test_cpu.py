@@ -365,16 +365,23 @@ def test_rope_store_equals_the_torch_backend(t, h, kvh, d, kv_dtype, flags) -> N
 @pytest.mark.parametrize("blas", HERE_BLAS)
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 13, 16, 17, 40, 64, 65, 300])
-def test_linear_equals_torch(rows: int, threads: int, flags: tuple[str, ...], blas: str) -> None:
+@pytest.mark.parametrize(
+    ("rows", "k"),
+    [(r, 96) for r in (0, 1, 2, 3, 4, 5, 6, 13, 16, 17, 40, 64, 65, 300)]
+    + [(r, 1552) for r in (1, 4, 13, 64, 65)],
+)
+def test_linear_equals_torch(
+    rows: int, k: int, threads: int, flags: tuple[str, ...], blas: str
+) -> None:
     """Up to 64 rows stream the weight four output columns at a time (here with a tail of 3
     columns and threads' shares of uneven size), in tiles of 3 or 4 rows (one tile up to 4
-    rows, a shorter last one); more rows go to the BLAS's sgemm, each thread on its columns.
-    Both equal F.linear, and no rows give an empty result. `linear`, the op a model calls,
+    rows, a shorter last one), a row longer than 768 floats in chunks whose sums are added;
+    more rows go to the BLAS's sgemm, each thread on its columns. Both equal the float64 product
+    within float32's rounding, and no rows give an empty result. `linear`, the op a model calls,
     equals it too. A streamed row's result is the same bits as that row alone."""
-    gen = torch.Generator().manual_seed(rows * 10 + threads)
-    x = torch.randn(rows, 96, generator=gen)
-    w = torch.randn(203, 96, generator=gen)
+    gen = torch.Generator().manual_seed(rows * 10 + threads + k)
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randn(203, k, generator=gen)
     backend = _backend(flags, blas)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -383,9 +390,10 @@ def test_linear_equals_torch(rows: int, threads: int, flags: tuple[str, ...], bl
         op = backend.linear(x, w)
     finally:
         torch.set_num_threads(saved)
-    want = torch.nn.functional.linear(x, w)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(op, want, atol=1e-5, rtol=1e-5)
+    want = torch.nn.functional.linear(x.double(), w.double()).float()
+    tol = 1e-5 * k / 96  # float32 sums of k products
+    torch.testing.assert_close(got, want, atol=tol, rtol=1e-5)
+    torch.testing.assert_close(op, want, atol=tol, rtol=1e-5)
     if 0 < rows <= STREAM_ROWS:
         alone = torch.cat([backend.stream_linear(x[i : i + 1], w) for i in range(rows)])
         assert torch.equal(got, alone)
