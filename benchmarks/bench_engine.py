@@ -231,17 +231,20 @@ def plot_cache_on_off(args: argparse.Namespace, name: str, title: str, r: dict[s
 
 def _alternating(fns: list[Callable[[], Any]], repeat: int, desc: str) -> list[list[float]]:
     """Each fn's wall times, the fns run in turn `repeat` times (after one untimed turn), so
-    that load drift on a shared machine hits all of them alike."""
+    that load drift on a shared machine hits all of them alike; each turn starts one fn later,
+    so that each follows every other equally often (a fn can leave the caches or the sleeping
+    threads in a state that helps or hurts the next)."""
     with progress((repeat + 1) * len(fns), desc, "run") as bar:
         for fn in fns:
             fn()
             bar.update()
         times: list[list[float]] = [[] for _ in fns]
-        for _ in range(repeat):
-            for fn, ts in zip(fns, times, strict=True):
+        for turn in range(repeat):
+            for i in range(len(fns)):
+                j = (turn + i) % len(fns)
                 t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
+                fns[j]()
+                times[j].append(time.perf_counter() - t0)
                 bar.update()
     return times
 
@@ -536,9 +539,12 @@ def bench_decode_pass(args: argparse.Namespace) -> None:
     """Decode steps with the CPU decode pass (every layer in one OpenMP region) against the
     layers one by one, alternating, at several batch sizes; then again next to a process that
     keeps one core busy (a shared machine). Both run on the same cores (the same requests and
-    pool): the layer-by-layer model is the same weights over a backend without the pass."""
+    pool): the layer-by-layer model is the same weights over a backend without the pass. Each
+    `--kernel-lib` build (e.g. another checkout's) runs the pass too, over the same weights,
+    alternating with this build's: the ratio of two builds within one process."""
     settings = [("", False)] + ([(" next to a busy process", True)] if args.pass_neighbour else [])
-    steps = len(settings) * 2 * (args.decode_steps + 1)  # both paths, one untimed turn each
+    paths = 2 + len(args.kernel_lib)
+    steps = len(settings) * paths * (args.decode_steps + 1)  # one untimed turn each
     ctx = args.decode_context
     cores = {b: _decoding(args.model_path, b, ctx, steps, "auto") for b in args.pass_batches}
     first = cores[args.pass_batches[0]]
@@ -550,6 +556,16 @@ def bench_decode_pass(args: argparse.Namespace) -> None:
     layers = build_model(
         first.model_config, weights, runner.device, runner.dtype, _LayerByLayer(runner.backend.lib)
     )
+    others = {
+        path: build_model(
+            first.model_config,
+            weights,
+            runner.device,
+            runner.dtype,
+            CpuKernelBackend(open_kernels(Path(path))),
+        )
+        for path in args.kernel_lib
+    }
     del weights
     fused_models = {b: core.runner.model for b, core in cores.items()}
 
@@ -565,8 +581,12 @@ def bench_decode_pass(args: argparse.Namespace) -> None:
         neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
         try:
             for b, core in cores.items():
-                fused, layered = _alternating(
-                    [step(core, fused_models[b]), step(core, layers)],
+                fused, layered, *other = _alternating(
+                    [
+                        step(core, fused_models[b]),
+                        step(core, layers),
+                        *(step(core, model) for model in others.values()),
+                    ],
                     args.decode_steps,
                     f"decode pass, batch {b}{label}",
                 )
@@ -577,6 +597,9 @@ def bench_decode_pass(args: argparse.Namespace) -> None:
                     f"decode pass{label}: batch {b} x {ctx}: pass {f * 1000:7.1f} ms, "
                     f"layer by layer {lay * 1000:7.1f} ms: layers / pass = {lay / f:.2f}"
                 )
+                for path, times in zip(others, other, strict=True):
+                    o = statistics.median(times)
+                    print(f"  {path}: pass {o * 1000:7.1f} ms: that build / this = {o / f:.3f}")
         finally:
             if neighbour is not None:
                 neighbour.kill()
@@ -1133,7 +1156,8 @@ def main() -> None:
         "--kernel-lib",
         action="append",
         default=[],
-        help="attention-kernel: another kernels build (.so) to time alongside this one's",
+        help="attention-kernel, decode-pass: another kernels build (.so) to time alongside "
+        "this one's",
     )
     p.add_argument(
         "--pass-batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 32]
