@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from radixlm.kernels.build import load_kernels
 from radixlm.server.child_process import ServerProcess
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
@@ -213,6 +214,21 @@ def test_benchmark_runs(
     for figure in figures:
         assert re.search(figure, out), f"{figure!r} not in:\n{out}"
     assert_pngs(tmp_path, pngs)
+
+
+def test_decode_pass_against_another_build() -> None:
+    """`decode-pass --kernel-lib` runs another kernels build's pass in the same engine (here
+    the 128-bit build, which other CPUs take) and prints its time against this build's."""
+    other = load_kernels(("-mno-avx512f", "-mno-avx2"))
+    if other is None:
+        pytest.skip("no compiler for the kernels here")
+    out = run_benchmark(
+        "bench_engine.py",
+        "decode-pass --pass-batches 2 --decode-context 16 --decode-steps 2 --no-pass-neighbour"
+        f" --kernel-lib {other._name}".split(),
+    )
+    assert re.search(rf"decode pass: batch 2 x 16: .* layers / pass = {RATIO}", out), out
+    assert re.search(rf"{re.escape(other._name)}: pass .* that build / this = {RATIO}", out), out
 
 
 @pytest.mark.slow
