@@ -99,6 +99,12 @@ def isa_variants() -> dict[str, tuple[str, ...]]:
     return variants
 
 
+def unity_source() -> str:
+    """The kernels' sources as one translation unit (compiled from stdin with `-x c++ -`): the
+    attention tiles are compiled once for the standalone kernel and the decode pass."""
+    return "".join(f'#include "{source}"\n' for source in _SOURCES)
+
+
 @functools.cache
 def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """The compiled kernels, built once per source, compiler, flags and CPU; None if they cannot
@@ -132,12 +138,9 @@ def load_kernels(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         if not path.exists():
 
             def build(tmp: Path) -> None:
-                # One translation unit: the attention tiles are compiled once for the
-                # standalone kernel and the decode pass.
-                unity = "".join(f'#include "{source}"\n' for source in _SOURCES)
                 subprocess.run(
                     [compiler, *flags, "-x", "c++", "-", "-o", str(tmp)],
-                    input=unity,
+                    input=unity_source(),
                     capture_output=True,
                     text=True,
                     check=True,

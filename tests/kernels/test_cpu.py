@@ -3,12 +3,17 @@ for this CPU's build and the builds other CPUs run."""
 
 from __future__ import annotations
 
+import os
+import platform
+import shutil
+import subprocess
+
 import pytest
 import torch
 
 from radixlm.core.forward import ExtendSeq, KernelRowLayout
 from radixlm.core.plan import ScheduledSeq
-from radixlm.kernels.build import BLAS, blas_sgemm, isa_variants, load_kernels
+from radixlm.kernels.build import BLAS, blas_sgemm, isa_variants, load_kernels, unity_source
 from radixlm.kernels.cpu import CpuKernelBackend
 from radixlm.kernels.decode import STREAM_ROWS
 from radixlm.kernels.torch_backend import TorchBackend, apply_rope
@@ -81,6 +86,28 @@ CASES = [
 
 # The build for this CPU, and those of the paths other CPUs take (AVX2, 128-bit vectors).
 VARIANTS = list(isa_variants().values())
+COMPILER = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+@pytest.mark.skipif(
+    COMPILER is None or platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 compiler"
+)
+@pytest.mark.parametrize("march", ["sapphirerapids", "x86-64-v3", "x86-64-v2"])
+def test_kernels_compile_for_other_x86_cpus(march: str) -> None:
+    """The kernels compile to machine code for x86 CPUs other than this one, which no build
+    here can run: AVX-512 with AVX512-BF16 (the 16-lane tiles, native bfloat16 dot products,
+    the vectors kept in AVX-512's registers), AVX2 + FMA, and SSE's 128-bit vectors. A wrong
+    asm constraint or an intrinsic of the wrong width fails here, not on a user's machine."""
+    assert COMPILER is not None
+    built = subprocess.run(
+        [COMPILER, "-O2", f"-march={march}", "-fopenmp", "-std=c++17"]
+        + ["-x", "c++", "-", "-S", "-o", os.devnull],
+        input=unity_source(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-4000:]
 
 
 @pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: " ".join(f) or "native")
