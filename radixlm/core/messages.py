@@ -165,6 +165,8 @@ class CoreInfo:
     load_seconds: float
     image: ImageSpec | None = None  # how the model takes images; None for text-only models
     gemm: str = "F.linear"  # the linear layers' GEMM by row count, and how it was chosen
+    # Objects the engine's process froze after start (gc.freeze: no collection walks them)
+    gc_frozen_objects: int = 0
 
 
 @dataclass(slots=True)
