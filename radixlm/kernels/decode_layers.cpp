@@ -183,9 +183,9 @@ constexpr int64_t kTileRows = 3;
 // this many bytes, so that both blocks fit in L1 (at 1 row on Zen 3 the MLP's down projection,
 // 1,536-float rows, ran 22% slower with it).
 constexpr int64_t kPrefetchRowBytes = 3072;
-// A weight row longer than this many floats is taken in chunks of at most it, each chunk's
-// partial sums added into y: a block's 4 weight rows and a tile's rows of x then stay in L1
-// together (at 1,536, the MLP's down projection, they did not).
+// A weight row longer than this many floats is taken in ceil(k / kChunk) equal chunks (whole
+// vectors), each chunk's partial sums added into y: a block's 4 weight rows and a tile's rows
+// of x then stay in L1 together (at 1,536, the MLP's down projection, they did not).
 constexpr int64_t kChunk = 768;
 
 // y[0..R, 0..4] = x[0..R] @ w0[0..4]^T over len floats of each row (len a multiple of the vector
@@ -225,11 +225,10 @@ void stream_tile(const float* __restrict x, int64_t k, int64_t len, const Wt* __
     }
 }
 
-// y[:, cols] = x @ w[cols]^T for m rows of x: per block of 4 weight rows, per chunk of at most
-// kChunk floats of them, tiles of kTileRows rows (fewer in the last), which share the prefetch
-// of the next block between them. Up to 4
-// rows make one tile: a single pass over the weight (on AVX2 a few accumulators spill, which
-// costs less than a second pass at these memory-bound sizes).
+// y[:, cols] = x @ w[cols]^T for m rows of x: per block of 4 weight rows, per chunk of them
+// (kChunk), tiles of kTileRows rows (fewer in the last), which share the prefetch of the next
+// block between them. Up to 4 rows make one tile: a single pass over the weight (on AVX2 a
+// few accumulators spill, which costs less than a second pass at these memory-bound sizes).
 template <typename Wt>
 void stream_cols(const float* __restrict x, int64_t m, int64_t k, const Wt* __restrict w,
                  Range cols, float* __restrict y, int64_t ldy) {
