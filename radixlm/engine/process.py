@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import logging
 import multiprocessing as mp
 import os
@@ -14,6 +13,7 @@ from typing import Any
 
 from radixlm.core.messages import CoreInfo, Message
 from radixlm.engine.args import EngineArgs
+from radixlm.utils import freeze_heap
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,8 @@ def _engine_main(
     # the process: out of the cyclic GC's reach, a full collection no longer walks it (it took
     # ~130 ms, a stall of every running request, on the default model). What serving creates
     # is collected as before.
-    gc.collect()
-    gc.freeze()
-    outbox.send(
-        ("ready", dataclasses.replace(core.info(), gc_frozen_objects=gc.get_freeze_count()))
-    )
+    frozen = freeze_heap()
+    outbox.send(("ready", dataclasses.replace(core.info(), gc_frozen_objects=frozen)))
 
     def receive(block: bool) -> list[Message]:
         msgs: list[Message] = []

@@ -58,6 +58,7 @@ def serve(engine_args: EngineArgs, server_args: ServerArgs | None = None) -> int
     port = sock.getsockname()[1]
     args = dataclasses.replace(args, port=port)
     manager = TokenizerManager(engine_args, args)
+    manager.freeze_heap_at_start = True
     try:
         keys = KeyTable.from_file(args.api_key_file) if args.api_key_file else None
     except ValueError as e:

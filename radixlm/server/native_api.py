@@ -153,6 +153,7 @@ def native_router(manager: TokenizerManager, server_args: Mapping[str, Any]) -> 
             "model_path": manager.model_path,
             "served_model_name": manager.served_model_name,
             "version": radixlm.__version__,
+            "server_gc_frozen_objects": manager.gc_frozen_objects,
             **(dataclasses.asdict(manager.info) if manager.info is not None else {}),
         }
         stats: dict[str, Any] = {}

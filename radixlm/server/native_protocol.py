@@ -294,6 +294,9 @@ class ServerInfo(TypedDict):
     served_model_name: str
     version: str
     internal_states: list[InternalState]
+    # Objects the server's process froze once its first engine was up (gc.freeze); the
+    # engine process's own count is gc_frozen_objects.
+    server_gc_frozen_objects: int
     # The linear layers' GEMM by row count and how it was chosen (measured at start, cached
     # from an earlier start, forced by RADIXLM_GEMM) and the BLAS the kernels call, e.g.
     # "stream (1-16 rows), stream (-64), stream (65+); fixed; sgemm: OpenBLAS 0.3.34

@@ -51,6 +51,7 @@ from radixlm.server.engine_launch import Launch, RestartBudget, launch_process
 from radixlm.server.errors import EngineUnavailable, Overloaded, RequestFailed
 from radixlm.server.metrics import ServerMetrics
 from radixlm.tokenizer import Tokenizer
+from radixlm.utils import freeze_heap
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,12 @@ class TokenizerManager:
         self.failure: str | None = None
         # Called (on the loop) if the engine fails to start; the launcher then stops the server.
         self.on_start_failure: Callable[[str], None] | None = None
+        # Set by the server's own process: freeze its start-up heap (the app, the tokenizer)
+        # once the first engine is up, so that a full collection, a stall of every stream and
+        # of request intake (~50 ms over ~75,000 objects with the default model), no longer
+        # walks it. The number frozen, for /server_info.
+        self.freeze_heap_at_start = False
+        self.gc_frozen_objects = 0
         self._launch = launch or launch_process(args)
         self._restarts = RestartBudget(
             self.server_args.max_engine_restarts, self.server_args.engine_restart_window_s
@@ -164,6 +171,8 @@ class TokenizerManager:
         inbox = self._inbox
         self.client = EngineClient(transport, lambda error: inbox.post(self._engine_lost, error))
         self.tokenizer, self.info = tokenizer, info
+        if self.freeze_heap_at_start and not self.gc_frozen_objects:
+            self.gc_frozen_objects = freeze_heap()
         logger.info(
             "serving model %r from %s (%d KV slots, context %d, %s %s)",
             self.served_model_name, info.model_path, info.max_total_num_tokens,

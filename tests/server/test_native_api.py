@@ -181,6 +181,7 @@ def test_info_routes(http: httpx.Client, server: ServerProcess) -> None:
         assert info["gemm"] == "F.linear" or info["gemm"].startswith(("stream", "mkl", "onednn"))
         assert info["port"] == int(server.url.rsplit(":", 1)[1])
         assert info["gc_frozen_objects"] > 10_000  # the engine process froze its start-up heap
+        assert info["server_gc_frozen_objects"] > 10_000  # and the server's process its own
         assert "version" in info and "num_running_reqs" in info["internal_states"][0]
         assert "api_key" not in json.dumps(info)
     models = http.get("/v1/models").json()
