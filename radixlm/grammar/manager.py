@@ -184,7 +184,9 @@ class GrammarManager:
         if all(r.num_samples == 1 for r in sampled):
             return after
         drafted = [
-            (r.req, s) for r, s in zip(sampled, states, strict=True) if s and r.num_samples > 1
+            (r.req, s)
+            for r, s in zip(sampled, states, strict=True)
+            if s is not None and r.num_samples > 1
         ]
         before = iter(self._masks_before_drafts(drafted))
         parts: list[torch.Tensor] = []
@@ -200,7 +202,7 @@ class GrammarManager:
     ) -> list[torch.Tensor]:
         """Each request's masks at its draft positions, [num_draft, V]: each matcher steps back
         over its request's draft, then accepts it again one token at a time, between batched
-        fills (microseconds each)."""
+        fills (microseconds each). None may have drafted: only requests without a grammar."""
         rows: list[list[torch.Tensor]] = [[] for _ in drafted]
         redone = [0] * len(drafted)  # draft tokens each matcher has accepted again
         rolled = 0
@@ -208,7 +210,7 @@ class GrammarManager:
             for req, state in drafted:
                 state.matcher.rollback(req.num_draft)
                 rolled += 1
-            for j in range(max(req.num_draft for req, _ in drafted)):
+            for j in range(max((req.num_draft for req, _ in drafted), default=0)):
                 active = [i for i, (req, _) in enumerate(drafted) if req.num_draft > j]
                 masks = self.backend.fill_masks([drafted[i][1].matcher for i in active])
                 for k, i in enumerate(active):

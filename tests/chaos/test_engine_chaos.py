@@ -43,6 +43,7 @@ from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.engine.engine import Engine
 from radixlm.engine.frontend import RequestState
+from radixlm.speculative.cost import StepCost
 
 pytestmark = pytest.mark.chaos
 
@@ -55,6 +56,9 @@ TIE = 1e-4
 
 PHRASE = " is one of the letters, "
 CLIENT_ABORT = AbortRequest("").message  # what an abort says when its caller gives no reason
+# A step cost that makes every draft token worth its row: with speculation on, every request
+# with a draft verifies it (grammars, logprobs, sampling, retraction and aborts included).
+FLAT = StepCost((1, 64), (1.0, 1.0))
 
 
 @dataclass
@@ -100,6 +104,8 @@ class Chaos:
             (self.bad_grammar, 1),
             (self.impossible_grammar, 1),
         ]
+        if core.speculator is not None:
+            self.kinds.append((self.repeats, 4))
 
     def ids(self, n: int) -> list[int]:
         return [self.rng.randrange(3, 49000) for _ in range(n)]
@@ -123,6 +129,12 @@ class Chaos:
     def greedy(self, rid: str) -> Planned:
         msg = self.request(rid, self.prompt(self.rng.randint(4, 40)), max_new_tokens=self.n(40))
         return Planned(msg, "greedy")
+
+    def repeats(self, rid: str) -> Planned:
+        """A prompt that repeats a phrase: prompt lookup drafts its continuation."""
+        phrase = self.ids(self.rng.randint(3, 8))
+        prompt = (phrase * 8)[: self.rng.randint(2 * len(phrase), 48)]
+        return Planned(self.request(rid, prompt, max_new_tokens=self.n(40)), "greedy")
 
     def sampled(self, rid: str) -> Planned:
         p = {"temperature": 1.0, "sampling_seed": self.rng.randrange(1 << 30), "ignore_eos": False}
@@ -218,6 +230,8 @@ def step(core: EngineCore) -> list[TokenOutput]:
     with torch.inference_mode():
         outs = core.step()
     core.check_invariant()
+    for req in core.scheduler.running:
+        assert req.spec_draft == 0 and req.kv_len < req.seq_len, "a draft outlived its step"
     return outs
 
 
@@ -265,10 +279,14 @@ def live_reqs(prefix: str) -> list[Req]:
     return [o for o in gc.get_objects() if type(o) is Req and o.rid.startswith(prefix)]
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize(
+    "seed, speculative", [(1, None), (2, None), (3, None), (4, "both"), (5, "both")]
+)
 def test_random_adds_aborts_and_calls_between_every_step(
-    tiny_model_dir: Path, chaos_seed: Callable[[int], int], seed: int
+    tiny_model_dir: Path, chaos_seed: Callable[[int], int], seed: int, speculative: str | None
 ) -> None:
+    """The same chaos with speculative decoding on (seeds 4 and 5): drafts verified in steps
+    that retract, abort, chunk and constrain, with the greedy outputs of a run without them."""
     seed = chaos_seed(seed)
     core = EngineCore(
         EngineArgs(
@@ -276,11 +294,14 @@ def test_random_adds_aborts_and_calls_between_every_step(
             max_total_tokens=POOL,
             chunked_prefill_size=CHUNK,
             random_seed=seed,
+            speculative_algorithm=speculative,
         )
     )
+    if core.speculator is not None:
+        core.speculator.cost, core.speculator.cost_fit = FLAT, None
     chaos = run_chaos(core, seed)
     planned = list(chaos.planned.values())
-    why = f"seed {seed}"
+    why = f"seed {seed}, speculative {speculative}"
 
     # Every request ended exactly once, and as the test expected.
     for p in planned:
@@ -310,6 +331,9 @@ def test_random_adds_aborts_and_calls_between_every_step(
     assert core.scheduler.num_retractions > 0, why
     assert any(p.aborted_by_test and p.finish and p.finish.is_abort for p in planned), why
     assert any(p.jumped for p in planned), why
+    if core.speculator is not None:  # drafts were verified, and some held
+        counters = core.speculator.counters.values()
+        assert sum(c.accepted for c in counters) > 0, why
 
     # Greedy tokens are those of a calm run (up to a near-tie, where rounding may pick either).
     greedy = [p for p in planned if p.kind == "greedy" and not p.aborted_by_test]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -418,6 +419,24 @@ def test_grammar_requests_draft_within_their_grammar(make: Make) -> None:
             assert [t for o in got[rid] for t in o.new_ids] == [t for o in outs for t in o.new_ids]
             assert got[rid][-1].finish_reason == outs[-1].finish_reason
     assert accepted(spec) >= 5
+    assert_pool_clean(spec)
+
+
+def test_a_grammar_beside_drafts_of_free_text(make: Make, caplog: pytest.LogCaptureFixture) -> None:
+    """Steps where requests without a grammar verify drafts while a grammar request samples one
+    row: its mask, and theirs (every token), in one batched sample (no failure, no retry)."""
+    base, spec = make(None), make("both")
+    reqs = [
+        request("free", repetitive(1, 3)[0], max_new_tokens=30),
+        request("regex", [1, 520, 9531, 198], regex="[a-z]{3}[0-9]{3}[a-z ]{10,30}"),
+    ]
+    want = run(base, reqs)
+    run(spec, reqs[:1])  # the free text's continuation, in the tree to draft from
+    before = accepted(spec)
+    with caplog.at_level(logging.ERROR):
+        assert run(spec, reqs) == want
+    assert accepted(spec) > before
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert_pool_clean(spec)
 
 
