@@ -280,28 +280,44 @@ def live_reqs(prefix: str) -> list[Req]:
 
 
 @pytest.mark.parametrize(
-    "seed, speculative", [(1, None), (2, None), (3, None), (4, "both"), (5, "both")]
+    "seed, extra",
+    [
+        (1, {}),
+        (2, {}),
+        (3, {}),
+        (4, {"speculative_algorithm": "both"}),
+        (5, {"speculative_algorithm": "both", "kv_cache_dir": "disk"}),
+        (6, {"disable_radix_cache": True, "target_itl_ms": 20.0}),
+    ],
 )
 def test_random_adds_aborts_and_calls_between_every_step(
-    tiny_model_dir: Path, chaos_seed: Callable[[int], int], seed: int, speculative: str | None
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    chaos_seed: Callable[[int], int],
+    seed: int,
+    extra: dict[str, Any],
 ) -> None:
-    """The same chaos with speculative decoding on (seeds 4 and 5): drafts verified in steps
-    that retract, abort, chunk and constrain, with the greedy outputs of a run without them."""
+    """The same chaos over engine options: speculative decoding (drafts verified in steps that
+    retract, abort, chunk and constrain), a disk tier under the tree (evictions written, hits
+    loaded back, the tier cleared mid-run), no radix cache with an adaptive prefill budget.
+    Greedy outputs are those of a calm run without any of them."""
     seed = chaos_seed(seed)
+    if "kv_cache_dir" in extra:
+        extra = {**extra, "kv_cache_dir": str(tmp_path / extra["kv_cache_dir"])}
     core = EngineCore(
         EngineArgs(
             model_path=str(tiny_model_dir),
             max_total_tokens=POOL,
             chunked_prefill_size=CHUNK,
             random_seed=seed,
-            speculative_algorithm=speculative,
+            **extra,
         )
     )
     if core.speculator is not None:
         core.speculator.cost, core.speculator.cost_fit = FLAT, None
     chaos = run_chaos(core, seed)
     planned = list(chaos.planned.values())
-    why = f"seed {seed}, speculative {speculative}"
+    why = f"seed {seed}, {extra}"
 
     # Every request ended exactly once, and as the test expected.
     for p in planned:
@@ -334,6 +350,8 @@ def test_random_adds_aborts_and_calls_between_every_step(
     if core.speculator is not None:  # drafts were verified, and some held
         counters = core.speculator.counters.values()
         assert sum(c.accepted for c in counters) > 0, why
+    if core.disk_tier is not None:  # evicted prefixes went to disk, and hits came back from it
+        assert core.disk_tier.loaded_tokens > 0, why
 
     # Greedy tokens are those of a calm run (up to a near-tie, where rounding may pick either).
     greedy = [p for p in planned if p.kind == "greedy" and not p.aborted_by_test]
