@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from chaos_harness import (
     CHAT,
@@ -44,11 +45,29 @@ LONG = 2000
 WORDS = ["the", "radix", "tree", "keeps", "every", "prefix", "requests", "share", "least", "used"]
 
 
-@pytest.fixture(scope="module")
-def server(start_server: Callable[..., ServerProcess]) -> Iterator[ServerProcess]:
-    srv = start_server("--max-total-tokens", str(TINY_POOL), "--max-running-requests", "12")
+@pytest.fixture(
+    scope="module",
+    params=[(), ("--speculative-algorithm", "both")],
+    ids=["plain", "speculative"],
+)
+def server(
+    start_server: Callable[..., ServerProcess], request: pytest.FixtureRequest
+) -> Iterator[ServerProcess]:
+    """The server, plain and with speculative decoding (drafts verified while streams are
+    aborted and left: the same outcomes, no slot left behind)."""
+    flags = ("--max-total-tokens", str(TINY_POOL), "--max-running-requests", "12")
+    srv = start_server(*flags, *request.param)
     yield srv
     assert srv.stop() in (0, -signal.SIGTERM), srv.log()
+
+
+def drafts_accepted(http: httpx.Client) -> int | None:
+    """Draft tokens the server's engine has accepted, over every draft source; None when it
+    does not speculate."""
+    info = http.get("/server_info").json()
+    if info["speculative_algorithm"] is None:
+        return None
+    return sum(c["accepted"] for c in info["internal_states"][0]["spec"].values())
 
 
 def plan(rng: random.Random, tag: str) -> list[Call]:
@@ -128,6 +147,8 @@ def test_streams_with_aborts_and_disconnects(
             check_recovered(http, TINY_POOL)
             rss.append((rss_kib(server.proc.pid), rss_kib(engine_pid)))
             print(f"round {tag}: {left} tokens after leaving, rss {rss[-1]}")
+        accepted = drafts_accepted(http)
+        assert accepted is None or accepted > 0, "no draft was accepted: speculation did not run"
     check_rss_flat([r[0] for r in rss], WARMUP_ROUNDS, SERVER_RSS_TOLERANCE_KIB, "the server")
     check_rss_flat([r[1] for r in rss], WARMUP_ROUNDS, ENGINE_RSS_TOLERANCE_KIB, "the engine")
 
