@@ -106,6 +106,8 @@ class Chaos:
         ]
         if core.speculator is not None:
             self.kinds.append((self.repeats, 4))
+        if core.speculator is not None or core.disk_tier is not None:
+            self.kinds.append((self.salted, 3))
 
     def ids(self, n: int) -> list[int]:
         return [self.rng.randrange(3, 49000) for _ in range(n)]
@@ -135,6 +137,14 @@ class Chaos:
         phrase = self.ids(self.rng.randint(3, 8))
         prompt = (phrase * 8)[: self.rng.randint(2 * len(phrase), 48)]
         return Planned(self.request(rid, prompt, max_new_tokens=self.n(40)), "greedy")
+
+    def salted(self, rid: str) -> Planned:
+        """A tenant's request (its own cache namespace past the public prefix), greedy: over a
+        shared prefix, or the same prompt as another tenant's."""
+        prompt = self.prompt(self.rng.randint(4, 40))
+        msg = self.request(rid, prompt, max_new_tokens=self.n(40))
+        salt = self.rng.choice(["tenant-a", "tenant-b"])
+        return Planned(GenerateRequest(rid, msg.input_ids, msg.params, cache_salt=salt), "greedy")
 
     def sampled(self, rid: str) -> Planned:
         p = {"temperature": 1.0, "sampling_seed": self.rng.randrange(1 << 30), "ignore_eos": False}
