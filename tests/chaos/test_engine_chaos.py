@@ -290,28 +290,35 @@ def live_reqs(prefix: str) -> list[Req]:
 
 
 @pytest.mark.parametrize(
-    "seed, extra",
+    "seed, extra, torch_backend",
     [
-        (1, {}),
-        (2, {}),
-        (3, {}),
-        (4, {"speculative_algorithm": "both"}),
-        (5, {"speculative_algorithm": "both", "kv_cache_dir": "disk"}),
-        (6, {"disable_radix_cache": True, "target_itl_ms": 20.0}),
+        (1, {}, False),
+        (2, {}, False),
+        (3, {}, False),
+        (4, {"speculative_algorithm": "both"}, False),
+        (5, {"speculative_algorithm": "both", "kv_cache_dir": "disk"}, False),
+        (6, {"disable_radix_cache": True, "target_itl_ms": 20.0}, False),
+        (7, {"speculative_algorithm": "both"}, True),
+        (8, {"tp_size": 2}, False),
     ],
 )
 def test_random_adds_aborts_and_calls_between_every_step(
     tiny_model_dir: Path,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     chaos_seed: Callable[[int], int],
     seed: int,
     extra: dict[str, Any],
+    torch_backend: bool,
 ) -> None:
     """The same chaos over engine options: speculative decoding (drafts verified in steps that
     retract, abort, chunk and constrain), a disk tier under the tree (evictions written, hits
-    loaded back, the tier cleared mid-run), no radix cache with an adaptive prefill budget.
-    Greedy outputs are those of a calm run without any of them."""
+    loaded back, the tier cleared mid-run), no radix cache with an adaptive prefill budget, the
+    torch kernel backend (what runs on a GPU), two tensor-parallel ranks. Greedy outputs are
+    those of a calm run without any of them."""
     seed = chaos_seed(seed)
+    if torch_backend:
+        monkeypatch.setenv("RADIXLM_CPU_KERNELS", "0")
     if "kv_cache_dir" in extra:
         extra = {**extra, "kv_cache_dir": str(tmp_path / extra["kv_cache_dir"])}
     core = EngineCore(
@@ -323,8 +330,18 @@ def test_random_adds_aborts_and_calls_between_every_step(
             **extra,
         )
     )
+    assert (core.runner.backend.name == "torch") == torch_backend
     if core.speculator is not None:
         core.speculator.cost, core.speculator.cost_fit = FLAT, None
+    try:
+        check_chaos(tiny_model_dir, core, seed, extra)
+    finally:  # the other rank (and this process's threads), the disk tier's writer
+        core.runner.close()
+        core.close()
+
+
+def check_chaos(tiny_model_dir: Path, core: EngineCore, seed: int, extra: dict[str, Any]) -> None:
+    """Run the chaos on core, then check every request's end, the greedy tokens and memory."""
     chaos = run_chaos(core, seed)
     planned = list(chaos.planned.values())
     why = f"seed {seed}, {extra}"
