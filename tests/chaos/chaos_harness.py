@@ -365,6 +365,15 @@ def engine_stats(http: httpx.Client) -> dict[str, Any]:
     return stats
 
 
+def drafts_accepted(http: httpx.Client) -> int | None:
+    """Draft tokens the server's engine has accepted, over every draft source; None when it
+    does not speculate."""
+    info = http.get("/server_info").json()
+    if info["speculative_algorithm"] is None:
+        return None
+    return sum(c["accepted"] for c in info["internal_states"][0]["spec"].values())
+
+
 def generated_tokens(http: httpx.Client) -> int:
     """Tokens the engine generated so far, for every request (left or aborted ones too)."""
     return int(metric(parse_metrics(http.get("/metrics").text), "sglang:generation_tokens_total"))

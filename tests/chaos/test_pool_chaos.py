@@ -25,6 +25,7 @@ from chaos_harness import (
     Fate,
     check_recovered,
     check_results,
+    drafts_accepted,
     engine_stats,
     run_round,
     valid_json,
@@ -37,12 +38,19 @@ CHUNK = 16
 ROUNDS = 3
 
 
-@pytest.fixture(scope="module", params=[64, 320], ids=lambda pool: f"pool{pool}")
+@pytest.fixture(
+    scope="module",
+    params=[(64, ()), (320, ()), (320, ("--speculative-algorithm", "both"))],
+    ids=["pool64", "pool320", "pool320-speculative"],
+)
 def pool_server(
     request: pytest.FixtureRequest, start_server: Callable[..., ServerProcess]
 ) -> Iterator[tuple[ServerProcess, int]]:
-    pool: int = request.param
-    srv = start_server("--max-total-tokens", str(pool), "--chunked-prefill-size", str(CHUNK))
+    """A server with a small pool; the last also drafts (drafts need slots of their own)."""
+    pool, flags = request.param
+    srv = start_server(
+        "--max-total-tokens", str(pool), "--chunked-prefill-size", str(CHUNK), *flags
+    )
     yield srv, pool
     assert srv.stop() in (0, -signal.SIGTERM), srv.log()
 
@@ -154,4 +162,6 @@ def test_a_small_pool_retracts_and_aborts_nobody(
             now = engine_stats(http)["num_retractions"]
             print(f"round {tag}: {now - retractions} retractions")
             retractions = now
+        accepted = drafts_accepted(http)
     assert retractions > first, f"seed {seed}: the pool never ran short"
+    assert accepted is None or accepted > 0, "no draft was accepted: speculation did not run"

@@ -9,7 +9,6 @@ import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import pytest
 from chaos_harness import (
     CHAT,
@@ -20,6 +19,7 @@ from chaos_harness import (
     check_recovered,
     check_results,
     check_rss_flat,
+    drafts_accepted,
     generated_tokens,
     rss_kib,
     run_round,
@@ -59,15 +59,6 @@ def server(
     srv = start_server(*flags, *request.param)
     yield srv
     assert srv.stop() in (0, -signal.SIGTERM), srv.log()
-
-
-def drafts_accepted(http: httpx.Client) -> int | None:
-    """Draft tokens the server's engine has accepted, over every draft source; None when it
-    does not speculate."""
-    info = http.get("/server_info").json()
-    if info["speculative_algorithm"] is None:
-        return None
-    return sum(c["accepted"] for c in info["internal_states"][0]["spec"].values())
 
 
 def plan(rng: random.Random, tag: str) -> list[Call]:
