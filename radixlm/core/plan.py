@@ -10,8 +10,9 @@ from radixlm.core.images import ImageSpan
 from radixlm.core.messages import LogprobEntry
 from radixlm.core.request import Req
 
-# Sequences with a cached prefix and at most this many new tokens (decodes, jump-forward tails,
-# short turns after a cached prompt) attend together in one padded batch instead of one by one.
+# Sequences of at most this many new tokens (decodes, jump-forward tails, speculative drafts,
+# short turns after a cached prompt, short prompts) attend together in one padded batch instead
+# of one by one; a step of such rows alone runs the decode pass where the backend has one.
 MAX_ROW_QUERIES = 16
 
 
@@ -38,7 +39,7 @@ class ScheduledSeq:
 
 def is_short_row(seq: ScheduledSeq) -> bool:
     """Whether seq goes to the batched short-row attention (the runner puts these last)."""
-    return seq.start > 0 and len(seq.new_ids) <= MAX_ROW_QUERIES
+    return len(seq.new_ids) <= MAX_ROW_QUERIES
 
 
 @dataclass(slots=True)
