@@ -13,6 +13,7 @@ python benchmarks/bench_engine.py ttft           # time to first token, cached v
 python benchmarks/bench_engine.py attention-kernel  # the CPU decode attention kernel per ISA build
 python benchmarks/bench_engine.py bf16           # bfloat16 weights vs float32: prefill GEMMs, decode
 python benchmarks/bench_engine.py mixed          # a prefill chunk + decodes: one forward vs two
+python benchmarks/bench_engine.py short-rows     # a short extend + decodes: as a row vs as an extend
 python benchmarks/bench_engine.py bursts         # TTFT / ITL under bursts: adaptive vs fixed chunks
 python benchmarks/bench_engine.py forward-share  # a shared-prefix run's time: forwards, tokens computed
 python benchmarks/bench_engine.py extend-attention  # extends over a cached prefix: the kernel vs torch
@@ -43,7 +44,7 @@ from plots import add_plot_arg, bar_charts, line_chart  # benchmarks/plots.py
 from radixlm.core.forward import ExtendSeq, KernelRowLayout
 from radixlm.core.messages import GenerateRequest
 from radixlm.core.params import SamplingParams
-from radixlm.core.plan import ScheduledSeq
+from radixlm.core.plan import MAX_ROW_QUERIES, ScheduledSeq
 from radixlm.engine.args import EngineArgs
 from radixlm.engine.core import EngineCore
 from radixlm.engine.engine import Engine
@@ -692,6 +693,55 @@ def bench_mixed(args: argparse.Namespace) -> None:
         alloc.free(kv)
 
 
+def bench_short_rows(args: argparse.Namespace) -> None:
+    """Steps with one short extend (--row-prompts new tokens after --row-prefix cached ones: a
+    short turn, a tool's answer; 0: an uncached prompt) beside decode rows (--mixed-batches at
+    --decode-context keys), the extend as a short row (the backend's max_row_queries) against
+    as an extend (rows capped at MAX_ROW_QUERIES, the torch backend's), alternating, medians."""
+    core = EngineCore(EngineArgs(args.model_path, max_total_tokens=args.max_total_tokens))
+    runner, alloc = core.runner, core.allocator
+    backend = runner.backend
+    longest = backend.max_row_queries
+    gen = torch.Generator().manual_seed(6)
+    ctx, prefix = args.decode_context, args.row_prefix
+    decodes = []
+    for _ in range(max(args.mixed_batches)):
+        kv = alloc.alloc(ctx + 1)
+        assert kv is not None
+        decodes.append(ScheduledSeq(random_ids(1, gen), ctx, kv, ctx))
+
+    def capped(seqs: list[ScheduledSeq]) -> None:
+        backend.max_row_queries = MAX_ROW_QUERIES  # type: ignore[misc]  (this instance's)
+        try:
+            runner.forward(seqs)
+        finally:
+            del backend.max_row_queries  # type: ignore[misc]  (the class's again)
+
+    print(
+        f"short rows: {backend.name} takes rows of up to {longest} tokens; as extends: over "
+        f"{MAX_ROW_QUERIES} (medians)"
+    )
+    if longest <= MAX_ROW_QUERIES:
+        print("  nothing to compare on this backend")
+        return
+    for b in args.mixed_batches:
+        for n in args.row_prompts:
+            kv = alloc.alloc(prefix + n)
+            assert kv is not None
+            seqs = [ScheduledSeq(random_ids(n, gen), prefix, kv, prefix + n - 1), *decodes[:b]]
+            as_row, as_extend = _alternating(
+                [functools.partial(runner.forward, seqs), functools.partial(capped, seqs)],
+                args.repeat,
+                f"short rows, {n} + {b}",
+            )
+            r, e = (statistics.median(t) * 1000 for t in (as_row, as_extend))
+            print(
+                f"  {n:3d} new tokens after {prefix} cached + {b:3d} decodes: as a row "
+                f"{r:7.1f} ms, as an extend {e:7.1f} ms: extend / row = {e / r:.2f}"
+            )
+            alloc.free(kv)
+
+
 def _forwards(
     forward: Callable[[list[ScheduledSeq]], torch.Tensor], batches: list[list[ScheduledSeq]]
 ) -> None:
@@ -1112,6 +1162,7 @@ SCENARIOS = {
     "attention-kernel": bench_attention_kernel,
     "bf16": bench_bf16,
     "mixed": bench_mixed,
+    "short-rows": bench_short_rows,
     "bursts": bench_bursts,
     "forward-share": bench_forward_share,
     "extend-attention": bench_extend_attention,
@@ -1180,7 +1231,11 @@ def main() -> None:
         "--extend-group", type=int, default=1, help="extend-attention: extends a step, one prefix"
     )
     p.add_argument("--mixed-chunks", type=ints, default=[512, 2048], help="mixed: chunk sizes")
-    p.add_argument("--mixed-batches", type=ints, default=[8, 32], help="mixed: decode rows")
+    p.add_argument(
+        "--mixed-batches", type=ints, default=[8, 32], help="mixed, short-rows: decode rows"
+    )
+    p.add_argument("--row-prompts", type=ints, default=[17, 32, 60], help="short-rows: new tokens")
+    p.add_argument("--row-prefix", type=int, default=300, help="short-rows: cached tokens")
     p.add_argument(
         "--target-itl-ms",
         type=float,

@@ -24,7 +24,8 @@ CASES = [
         " --decode-context 16 --decode-steps 2 --pass-batches 2 --max-total-tokens 4096"
         " --gemm-rows 70,1 --mixed-chunks 24 --mixed-batches 2 --bursts 1 --burst-size 2"
         " --burst-prompt-len 32 --burst-output-len 2 --burst-decoders 2 --burst-decode-len 4"
-        " --burst-interval 0.2 --extend-shapes 300x2000 --extend-group 2",
+        " --burst-interval 0.2 --extend-shapes 300x2000 --extend-group 2 --row-prompts 20"
+        " --row-prefix 8",
         [
             rf"throughput cache on / off = {RATIO}x",
             rf"throughput cache on / off = {RATIO}  ",
@@ -50,6 +51,7 @@ CASES = [
             rf"forward: bfloat16 .* bfloat16 / float32 = {RATIO}x throughput",
             rf"bf16 decode: batch 2 x 16: .* float32 / bfloat16 = {RATIO}",
             rf"chunk +24 \+ +2 decodes: one forward .*\n +one / two forwards = {RATIO}",
+            rf" 20 new tokens after 8 cached \+ +2 decodes: as a row .* extend / row = {RATIO}",
             rf"adaptive / fixed: TTFT p50 {RATIO}, p99 {RATIO}; ITL p50 {RATIO}, p99 {RATIO}",
             rf"in forward passes {RATIO} s \({RATIO}%\)",
             r"prompt tokens computed [0-9]+ \(the fewest a prefix cache can: [0-9]+\)",

@@ -11,8 +11,10 @@ from radixlm.core.messages import LogprobEntry
 from radixlm.core.request import Req
 
 # Sequences of at most this many new tokens (decodes, jump-forward tails, speculative drafts,
-# short turns after a cached prompt, short prompts) attend together in one padded batch instead
-# of one by one; a step of such rows alone runs the decode pass where the backend has one.
+# short turns after a cached prompt, short prompts) attend together as short rows instead of one
+# by one; a step of such rows alone runs the decode pass where the backend has one. The torch
+# backend pads every row to the longest (so few); a backend may take longer rows
+# (`Backend.max_row_queries`: the compiled CPU kernels take up to a block of keys, 64).
 MAX_ROW_QUERIES = 16
 
 
@@ -37,9 +39,10 @@ class ScheduledSeq:
         return self.end - self.logit_from
 
 
-def is_short_row(seq: ScheduledSeq) -> bool:
-    """Whether seq goes to the batched short-row attention (the runner puts these last)."""
-    return len(seq.new_ids) <= MAX_ROW_QUERIES
+def is_short_row(seq: ScheduledSeq, max_queries: int = MAX_ROW_QUERIES) -> bool:
+    """Whether seq goes to the batched short-row attention of a backend that takes rows of up
+    to `max_queries` new tokens (the runner puts these last)."""
+    return len(seq.new_ids) <= max_queries
 
 
 @dataclass(slots=True)

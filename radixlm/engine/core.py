@@ -118,6 +118,7 @@ class EngineCore:
             max_wait_s=args.max_wait_s,
             request_timeout_s=args.request_timeout,
             target_itl_s=args.target_itl_ms / 1000 or None,
+            max_row_queries=self.runner.backend.max_row_queries,
         )
         self.speculator = None
         if spec is not None and step_cost is not None:

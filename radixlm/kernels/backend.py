@@ -27,6 +27,12 @@ class Backend(Protocol):
         """A short name for logs and reports."""
         ...
 
+    @property
+    def max_row_queries(self) -> int:
+        """The most new tokens a sequence may have to attend as a short row (`row_layout`,
+        `row_attention`, the decode pass); longer ones are extends."""
+        ...
+
     def covers(self, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
         """Whether every op runs here for a model of `dtype` and a pool of `kv_dtype`."""
         ...

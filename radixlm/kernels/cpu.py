@@ -35,6 +35,9 @@ from radixlm.kernels.gemm import (
 
 logger = logging.getLogger(__name__)
 
+# Keys per block of the row attention's online softmax (kBlock in row_attention.h).
+ROW_KEY_BLOCK = 64
+
 # The largest head the decode pass takes: its rotary + KV write rotates each key in a buffer of
 # this many floats on the stack (rope_store_token in layer_ops.h).
 _MAX_PASS_HEAD_DIM = 512
@@ -57,6 +60,11 @@ class CpuKernelBackend:
     `gemm` says."""
 
     name = "cpu-kernels"
+    # The row attention kernel starts a row's first block of keys (ROW_KEY_BLOCK, kBlock in
+    # row_attention.h) at its first query's first visible key: every query of a row of at most
+    # that many sees a key of it. Extends of 17-64 tokens (a short turn, a tool's answer) run
+    # 1.2-1.5x faster as rows than as extends (docs/benchmarks.md).
+    max_row_queries = ROW_KEY_BLOCK
 
     def __init__(self, lib: ctypes.CDLL, gemm: str = "fixed", blas: str | None = None) -> None:
         self.lib = lib

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from radixlm.core.forward import ExtendSeq, KernelExtendLayout, RowLayout, TorchRowLayout
+from radixlm.core.plan import MAX_ROW_QUERIES
 from radixlm.kernels.decode import DecodePass, DecodeShape
 
 
@@ -24,6 +25,7 @@ class TorchBackend:
     """The ops in torch: what the compiled CPU kernels compute, op by op."""
 
     name = "torch"
+    max_row_queries = MAX_ROW_QUERIES  # rows are padded to the longest: a few tokens each
 
     @staticmethod
     def covers(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:

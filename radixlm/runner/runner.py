@@ -154,7 +154,8 @@ class ModelRunner:
         The flat batch puts short rows (`is_short_row`) last; a caller that already orders them
         so (the scheduler does) saves a reordering of the logits.
         """
-        order = sorted(range(len(seqs)), key=lambda i: is_short_row(seqs[i]))
+        limit = self.backend.max_row_queries
+        order = sorted(range(len(seqs)), key=lambda i: is_short_row(seqs[i], limit))
         batch = build_batch(
             [seqs[i] for i in order],
             self.backend,
@@ -220,7 +221,7 @@ def build_batch(
         logits_index.extend(range(q_start + seq.logit_from - seq.start, q_start + q_len))
         if seq.images:
             images += image_fills(seq.images, seq.start, seq.end, q_start)
-        if is_short_row(seq):
+        if is_short_row(seq, backend.max_row_queries):
             rows.append(seq)
             continue
         assert not rows, "extends must come before short rows"

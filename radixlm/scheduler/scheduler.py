@@ -16,7 +16,13 @@ from radixlm.cache.radix import common_prefix_len
 from radixlm.core.finish import FinishReason
 from radixlm.core.limits import prompt_error
 from radixlm.core.messages import TokenOutput
-from radixlm.core.plan import SampledReq, ScheduledReq, StepPlan, is_short_row
+from radixlm.core.plan import (
+    MAX_ROW_QUERIES,
+    SampledReq,
+    ScheduledReq,
+    StepPlan,
+    is_short_row,
+)
 from radixlm.core.request import Req
 from radixlm.scheduler.admission import Admission, chunk_len
 from radixlm.scheduler.budget import PrefillBudget
@@ -32,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Scheduling knobs; every one is an Engine argument."""
+    """Scheduling knobs; every one is an Engine argument but the last, the runner's."""
 
     context_len: int
     chunked_prefill_size: int
@@ -43,6 +49,8 @@ class SchedulerConfig:
     # While requests decode, a step's prefill tokens are capped to stay near this step time
     # (seconds); None: whole chunks always.
     target_itl_s: float | None = None
+    # New tokens a sequence may have to be a short row of the runner's backend (put last).
+    max_row_queries: int = MAX_ROW_QUERIES
 
 
 class Scheduler:
@@ -171,7 +179,7 @@ class Scheduler:
             self.retraction.unstick()
             return self.schedule()
         # Extends first, short rows (decodes among them) last: the runner's flat layout.
-        batch.sort(key=lambda s: is_short_row(s.seq))
+        batch.sort(key=lambda s: is_short_row(s.seq, self.config.max_row_queries))
         prefill = sum(len(b.seq.new_ids) for b in batch) - decode_tokens
         self.prefill_budget.plan(prefill, decoding=bool(decodes))
         self._decode_rows = decode_tokens if prefill == 0 else 0

@@ -52,6 +52,15 @@ def _rows(
     return rows, seqs
 
 
+def _torch_rows(seqs, window=None):
+    """The rows as the torch backend pads them, however many queries each has (its runner
+    takes only rows of up to MAX_ROW_QUERIES: longer ones are extends there)."""
+    kv = torch.nn.utils.rnn.pad_sequence([s.kv_slots for s in seqs], batch_first=True)
+    starts = torch.tensor([s.start for s in seqs])
+    lens = torch.tensor([len(s.new_ids) for s in seqs])
+    return TorchBackend().row_layout(kv, starts, lens, window)
+
+
 def _dense(q, k_cache, v_cache, seqs, scale, window=None):
     """Each row's causal attention in float64 over its gathered K/V; with a sliding window, a
     query sees itself and the window - 1 keys before it."""
@@ -81,6 +90,9 @@ CASES = [
     (8, 2, 64, [(40, 3), (130, 1), (2, 3)]),  # query tiles of 4 and 2 heads
     (8, 2, 24, [(7, 2), (129, 16), (1, 1)]),  # a head size without a specialised path
     (6, 1, 32, [(300, 5)]),
+    # Rows up to a block of keys (the kernels' max_row_queries): short prompts, short turns.
+    (9, 3, 64, [(0, 64), (100, 40), (5, 17), (70, 1)]),
+    (8, 2, 128, [(0, 33), (63, 64), (1, 1)]),
 ]
 
 
@@ -127,8 +139,7 @@ def test_kernel_equals_dense_attention(kv_dtype, h, kvh, d, lengths, flags) -> N
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
     if kv_dtype == torch.float32:  # the torch backend computes in the KV dtype: compare in fp32
         torch_backend = TorchBackend()
-        padded = build_batch(seqs, torch_backend, CPU).rows
-        assert padded is not None
+        padded = _torch_rows(seqs)
         want = torch.empty_like(q)
         torch_backend.row_attention(q, k_cache, v_cache, padded, scale, want)
         torch.testing.assert_close(out, want)
@@ -277,6 +288,8 @@ WINDOW_CASES = [
     (8, 2, 64, 8, [(1, 1), (7, 1), (8, 1), (200, 1), (5, 16), (90, 16)]),
     (4, 4, 128, 100, [(99, 1), (100, 1), (163, 5), (300, 16), (30, 4)]),  # unaligned first key
     (8, 2, 24, 64, [(64, 1), (129, 16), (2, 3)]),  # a head size without a specialised path
+    (8, 2, 64, 8, [(0, 64), (30, 50), (9, 1)]),  # rows of up to a block of keys
+    (4, 4, 128, 100, [(10, 64), (200, 33)]),
 ]
 
 
@@ -299,8 +312,7 @@ def test_kernel_with_a_sliding_window_equals_dense_attention(
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
     if kv_dtype == torch.float32:
         torch_backend = TorchBackend()
-        padded = build_batch(seqs, torch_backend, CPU, window).rows
-        assert padded is not None
+        padded = _torch_rows(seqs, window)
         want = torch.empty_like(q)
         torch_backend.row_attention(q, k_cache, v_cache, padded, scale, want)
         torch.testing.assert_close(out, want)

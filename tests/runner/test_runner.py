@@ -52,31 +52,31 @@ def test_a_smaller_fraction_gives_the_engine_a_smaller_pool(tiny_model_dir: Path
     assert _pool_size(tiny_model_dir, mem_fraction_static=0.9, max_total_tokens=300) == 300
 
 
-@pytest.mark.parametrize("bad", [-1, 33])
+@pytest.mark.parametrize("bad", [-1, 97])
 @pytest.mark.parametrize("where", ["extend", "row"])
 def test_a_slot_outside_the_pool_is_refused_before_any_kernel_runs(
     tiny_model_dir: Path, bad: int, where: str
 ) -> None:
     """The compiled kernels write and read the pool at whatever slot ids they are given: a
-    forward whose sequence names a slot outside the pool (here a pool of 32) is refused with a
+    forward whose sequence names a slot outside the pool (here a pool of 96) is refused with a
     ValueError, and the pool is left as it was."""
-    core = EngineCore(EngineArgs(model_path=str(tiny_model_dir), max_total_tokens=32))
+    core = EngineCore(EngineArgs(model_path=str(tiny_model_dir), max_total_tokens=96))
     runner = core.runner
     good = ScheduledSeq([5, 6, 7, 8], 0, torch.arange(1, 5), 3)
     runner.forward([good])
     # As bytes: the pool's unwritten slots are uninitialised memory (NaN is not equal to itself).
     before = [t.clone().view(torch.int32) for t in (*runner.pool.k, *runner.pool.v)]
-    if where == "extend":
-        seq = ScheduledSeq([9] * 20, 0, torch.tensor([bad, *range(1, 20)]), 19)
+    if where == "extend":  # longer than any backend's short rows
+        seq = ScheduledSeq([9] * 70, 0, torch.tensor([bad, *range(1, 70)]), 69)
     else:  # one new token after the 4 cached: a short row
         seq = ScheduledSeq([9], 4, torch.tensor([1, 2, 3, 4, bad]), 4)
-    assert is_short_row(seq) == (where == "row")
-    with pytest.raises(ValueError, match=rf"KV slot ids .*{bad}.* outside the pool's 0 \.\. 32"):
+    assert is_short_row(seq, runner.backend.max_row_queries) == (where == "row")
+    with pytest.raises(ValueError, match=rf"KV slot ids .*{bad}.* outside the pool's 0 \.\. 96"):
         runner.forward([good, seq])
     after = [t.view(torch.int32) for t in (*runner.pool.k, *runner.pool.v)]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     # Every slot of the pool is still usable.
-    runner.forward([ScheduledSeq([9] * 32, 0, torch.arange(1, 33), 31)])
+    runner.forward([ScheduledSeq([9] * 96, 0, torch.arange(1, 97), 95)])
 
 
 @pytest.mark.parametrize("where", ["extend", "row"])
@@ -84,12 +84,12 @@ def test_a_sequence_with_too_few_slots_is_refused(tiny_model_dir: Path, where: s
     """A sequence must name a slot for each of its positions: one naming fewer (here its new
     tokens counted twice) is refused with a ValueError before any kernel runs (the kernels
     would read past its slots: a crash of the engine process, checked) and the pool serves on."""
-    core = EngineCore(EngineArgs(model_path=str(tiny_model_dir), max_total_tokens=64))
+    core = EngineCore(EngineArgs(model_path=str(tiny_model_dir), max_total_tokens=128))
     runner = core.runner
     runner.forward([ScheduledSeq(list(range(5, 25)), 0, torch.arange(1, 21), 19)])
-    n = 30 if where == "extend" else 3
+    n = 70 if where == "extend" else 3
     seq = ScheduledSeq([9] * n, 20, torch.arange(1, 21 + n - 1), 20)  # one slot short
-    assert is_short_row(seq) == (where == "row")
+    assert is_short_row(seq, runner.backend.max_row_queries) == (where == "row")
     with pytest.raises(
         ValueError, match=rf"{20 + n} positions \(20 cached\) has {19 + n} KV slots"
     ):
