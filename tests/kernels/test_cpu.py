@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from radixlm.core.forward import ExtendSeq, KernelRowLayout
+from radixlm.core.forward import ExtendSeq, KernelRowLayout, TorchRowLayout
 from radixlm.core.plan import ScheduledSeq
 from radixlm.kernels.build import BLAS, blas_sgemm, isa_variants, load_kernels, unity_source
 from radixlm.kernels.cpu import CpuKernelBackend
@@ -55,10 +55,11 @@ def _rows(
 def _torch_rows(seqs, window=None):
     """The rows as the torch backend pads them, however many queries each has (its runner
     takes only rows of up to MAX_ROW_QUERIES: longer ones are extends there)."""
-    kv = torch.nn.utils.rnn.pad_sequence([s.kv_slots for s in seqs], batch_first=True)
-    starts = torch.tensor([s.start for s in seqs])
-    lens = torch.tensor([len(s.new_ids) for s in seqs])
-    return TorchBackend().row_layout(kv, starts, lens, window)
+    backend = TorchBackend()
+    backend.max_row_queries = max(len(s.new_ids) for s in seqs)
+    rows = build_batch(seqs, backend, CPU, window).rows
+    assert isinstance(rows, TorchRowLayout)
+    return rows
 
 
 def _dense(q, k_cache, v_cache, seqs, scale, window=None):
