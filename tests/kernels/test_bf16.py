@@ -179,7 +179,7 @@ def test_bfloat16_kernels_compute_float32_math_on_the_bfloat16_weights(
         config, _rounded(weights), CPU, torch.float32, 1400, kv_dtype, backend=TorchBackend()
     )
     got, want = _steps(kernels, 60), _steps(ref, 60)
-    # With bfloat16 K/V, short rows (decodes, prompts of up to 16 tokens) read their keys back
+    # With bfloat16 K/V, short rows (decodes, prompts of up to 64 tokens) read their keys back
     # from the rounded pool, where each path rounds in its own order: up to ~2.2e-3 apart.
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=3e-3 if kv_dtype == BF else 1e-4, rtol=0)
